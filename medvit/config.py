@@ -1,0 +1,204 @@
+"""Typed, validated configuration read from YAML.
+
+One file describes one task/model pair: labels, how a volume is preprocessed, the net,
+training and inference settings. Unknown keys and values of the wrong type are refused
+with a one-line :class:`~medvit.errors.ConfigError` naming the file and the key.
+
+Example (see ``configs/``)::
+
+    labels: {0: background, 1: spleen}
+    preprocess:
+      orientation: RAS
+      spacing: [1.5, 1.5, 2.0]
+      intensity: {modality: ct, window: [-57, 164]}
+    model: {name: unetr, in_channels: 1, roi_size: [96, 96, 96]}
+    train: {datalist: ../data_manifests/msd_task09_spleen.json, epochs: 300}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medvit.errors import ConfigError
+
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IntensityConfig(_Strict):
+    """Intensity normalisation: CT windows HU to [0, 1]; MRI z-scores each channel."""
+
+    modality: Literal["ct", "mri"]
+    window: tuple[float, float] = (-1000.0, 1000.0)
+    """CT only: HU mapped to 0 and 1."""
+    clip: bool = True
+    """CT only: clip values outside the window."""
+    nonzero: bool = True
+    """MRI only: statistics over non-zero voxels (skull-stripped data)."""
+
+    @model_validator(mode="after")
+    def _window_order(self) -> IntensityConfig:
+        if self.window[1] <= self.window[0]:
+            raise ValueError(f"window must rise, got {list(self.window)}")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    orientation: str = "RAS"
+    spacing: Triple | None = None
+    """Target voxel spacing in mm; None keeps the input's."""
+    intensity: IntensityConfig = Field(default_factory=lambda: IntensityConfig(modality="ct"))
+    crop_foreground: bool = False
+    """Crop to the bounding box of voxels above ``foreground_threshold`` (after intensity)."""
+    foreground_threshold: float = 0.0
+    crop_margin: int = 8
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, v: str) -> str:
+        v = v.upper()
+        axes = sorted("RL AP SI".split().index(p) for c in v for p in ("RL", "AP", "SI") if c in p)
+        if len(v) != 3 or axes != [0, 1, 2]:
+            raise ValueError(f"orientation must be three axis codes naming each axis once (RAS, LPS, ...), got {v!r}")
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive(cls, v: Triple | None) -> Triple | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError(f"spacing must be positive, got {list(v)}")
+        return v
+
+
+class AugmentConfig(_Strict):
+    """Training-time augmentation, applied after preprocessing."""
+
+    num_samples: int = Field(2, ge=1)
+    """Patches cropped per volume by RandCropByPosNegLabeld."""
+    pos: float = Field(1.0, ge=0)
+    neg: float = Field(1.0, ge=0)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    rot90_prob: float = Field(0.2, ge=0, le=1)
+    shift_intensity: float = Field(0.1, ge=0)
+    shift_prob: float = Field(0.5, ge=0, le=1)
+    scale_intensity: float = Field(0.1, ge=0)
+    scale_prob: float = Field(0.2, ge=0, le=1)
+
+
+class ModelConfig(_Strict):
+    name: str
+    """A registered net: see ``medvit.nets.available()``."""
+    in_channels: int = Field(1, ge=1)
+    out_channels: int | None = Field(None, ge=2)
+    """Defaults to the number of labels (background included)."""
+    roi_size: IntTriple = (96, 96, 96)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the net's constructor (for example feature_size)."""
+
+
+class TrainConfig(_Strict):
+    datalist: Path
+    """MONAI datalist JSON: {"training": [{"image": ..., "label": ...}], "validation": [...]}."""
+    data_root: Path | None = None
+    """Base folder for relative paths in the datalist; default: the datalist's folder."""
+    output_dir: Path = Path("runs/default")
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(1, ge=1)
+    accumulate: int = Field(1, ge=1)
+    """Gradient accumulation steps per optimiser step."""
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    val_every: int = Field(1, ge=1)
+    amp: bool = True
+    """Autocast where the device supports it (CUDA); ignored on the CPU."""
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    cache: bool = True
+    """Cache preprocessed volumes in memory (MONAI CacheDataset)."""
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class InferConfig(_Strict):
+    overlap: float = Field(0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(4, ge=1)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+
+
+class Config(_Strict):
+    labels: dict[int, str]
+    """Label id -> name; 0 is background."""
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig
+    train: TrainConfig | None = None
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    @model_validator(mode="after")
+    def _labels(self) -> Config:
+        if 0 not in self.labels:
+            raise ValueError("labels must include 0 (background)")
+        if min(self.labels) < 0 or max(self.labels) > 65535:
+            raise ValueError("label ids must lie in 0..65535")
+        n = max(self.labels) + 1
+        if self.model.out_channels is None:
+            self.model.out_channels = n
+        elif self.model.out_channels < n:
+            raise ValueError(f"model.out_channels {self.model.out_channels} is less than the {n} label ids")
+        return self
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if first["type"] == "missing":
+        return f"missing key '{key}'"
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"key '{key}': {first['msg']}{got_s}"
+
+
+def parse_config(data: Any, source: str | Path = "<config>") -> Config:
+    """Validate a mapping into a :class:`Config`; relative paths resolve against ``source``'s folder."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+    if cfg.train is not None and isinstance(source, Path):
+        base = source.parent
+        if not cfg.train.datalist.is_absolute():
+            cfg.train.datalist = (base / cfg.train.datalist).resolve()
+        if cfg.train.data_root is not None and not cfg.train.data_root.is_absolute():
+            cfg.train.data_root = (base / cfg.train.data_root).resolve()
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_config(data, path)
+
+
+def dump_config(cfg: Config) -> dict[str, Any]:
+    """A JSON-ready mapping that :func:`parse_config` reads back to an equal config."""
+    return cfg.model_dump(mode="json")

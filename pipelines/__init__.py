@@ -1,0 +1,1 @@
+"""pipelines: applications over medvit and pointcloud (CLI, segment, train, evaluate, engine)."""

@@ -1,0 +1,1 @@
+"""pointcloud: the sparse-voxel branch (scan readers, voxelisation, point-cloud transformers)."""
