@@ -125,6 +125,9 @@ class TrainConfig(_Strict):
     cache: bool = True
     """Cache preprocessed volumes in memory (MONAI CacheDataset)."""
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    """Cap on batches per epoch (for quick runs); default: the whole training set."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Optimiser steps between resume checkpoints; default: once per epoch."""
 
 
 class InferConfig(_Strict):

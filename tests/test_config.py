@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from medvit.config import dump_config, load_config, parse_config
+from medvit.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = {"labels": {0: "background", 1: "liver"}, "model": {"name": "unetr"}}
+
+
+def test_defaults_fill_out_channels_from_labels():
+    cfg = parse_config({"labels": {0: "bg", 1: "a", 4: "b"}, "model": {"name": "unetr"}})
+    assert cfg.model.out_channels == 5
+    assert cfg.preprocess.orientation == "RAS"
+    assert cfg.infer.overlap == 0.5
+
+
+def test_round_trip_through_dump():
+    cfg = parse_config({**MINIMAL, "preprocess": {"spacing": [1, 1, 2], "intensity": {"modality": "mri"}}})
+    again = parse_config(dump_config(cfg))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "patch, key",
+    [
+        ({"foo": 1}, "unknown key 'foo'"),
+        ({"model": {"name": "unetr", "roi": [1, 2, 3]}}, "unknown key 'model.roi'"),
+        ({"model": {"name": "unetr", "roi_size": "big"}}, "model.roi_size"),
+        ({"preprocess": {"spacing": [1, 1, -2]}}, "preprocess.spacing"),
+        ({"preprocess": {"orientation": "RRS"}}, "preprocess.orientation"),
+        ({"preprocess": {"intensity": {"modality": "pet"}}}, "preprocess.intensity.modality"),
+        ({"preprocess": {"intensity": {"modality": "ct", "window": [300, -100]}}}, "preprocess.intensity"),
+        ({"train": {"datalist": "x.json", "epochs": "many"}}, "train.epochs"),
+        ({"infer": {"overlap": 1.0}}, "infer.overlap"),
+        ({"labels": {1: "liver"}}, "background"),
+        ({"model": {"name": "unetr", "out_channels": 1}}, "model.out_channels"),
+    ],
+)
+def test_bad_values_name_the_key(patch, key):
+    with pytest.raises(ConfigError) as e:
+        parse_config({**MINIMAL, **patch}, "cfg.yaml")
+    msg = str(e.value)
+    assert msg.startswith("cfg.yaml: ") and key in msg and "\n" not in msg
+
+
+def test_missing_model_named():
+    with pytest.raises(ConfigError, match="missing key 'model'"):
+        parse_config({"labels": {0: "bg"}}, "cfg.yaml")
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("labels: {0: bg\nmodel: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "none.yaml")
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_relative_datalist_resolves_against_config_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "c.yaml"
+    p.write_text("labels: {0: bg, 1: a}\nmodel: {name: unetr}\ntrain: {datalist: ../dl.json}\n")
+    assert load_config(p).train.datalist == (tmp_path / "dl.json").resolve()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.train is not None and cfg.train.datalist.is_file()

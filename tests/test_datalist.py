@@ -1,0 +1,74 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from medvit.data.datalist import read_datalist
+from medvit.data.manifest import build_datalist, read_manifest
+from medvit.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _touch(root: Path, rel: str) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(b"x")
+
+
+def test_read_datalist_resolves_and_checks(tmp_path):
+    _touch(tmp_path, "img/a.nii.gz")
+    _touch(tmp_path, "lab/a.nii.gz")
+    _touch(tmp_path, "img/b1.nii.gz")
+    _touch(tmp_path, "img/b2.nii.gz")
+    dl = tmp_path / "dl.json"
+    dl.write_text(json.dumps({"training": [{"image": "img/a.nii.gz", "label": "lab/a.nii.gz"},
+                                           {"image": ["img/b1.nii.gz", "img/b2.nii.gz"]}]}))
+    items = read_datalist(dl)
+    assert items[0]["image"] == str(tmp_path / "img/a.nii.gz")
+    assert items[1]["image"] == [str(tmp_path / "img/b1.nii.gz"), str(tmp_path / "img/b2.nii.gz")]
+    assert read_datalist(dl, "validation", required=False) == []
+    with pytest.raises(InputError, match="no 'validation' list"):
+        read_datalist(dl, "validation")
+
+
+def test_read_datalist_names_missing_file(tmp_path):
+    dl = tmp_path / "dl.json"
+    dl.write_text(json.dumps({"training": [{"image": "nope.nii.gz"}]}))
+    with pytest.raises(InputError, match="does not exist: .*nope.nii.gz"):
+        read_datalist(dl)
+    dl.write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_datalist(dl)
+
+
+@pytest.mark.parametrize("name", ["btcv.json", "msd_task09_spleen.json", "brats2021.json"])
+def test_manifests_are_datalists_with_labels_and_spacing(name):
+    m = read_manifest(REPO / "data_manifests" / name)
+    assert m["labels"]["0"] == "background"
+    assert len(m["spacing"]["target_mm"]) == 3
+    assert "training" in m and "validation" in m
+
+
+def test_spleen_manifest_split_and_build(tmp_path):
+    m = read_manifest(REPO / "data_manifests" / "msd_task09_spleen.json")
+    assert len(m["training"]) == 32 and len(m["validation"]) == 9
+    with pytest.raises(InputError, match="82 file"):
+        build_datalist(REPO / "data_manifests" / "msd_task09_spleen.json", tmp_path)
+    for e in m["training"] + m["validation"]:
+        _touch(tmp_path, e["image"])
+        _touch(tmp_path, e["label"])
+    dl = build_datalist(REPO / "data_manifests" / "msd_task09_spleen.json", tmp_path, sha256=True)
+    assert len(dl["training"]) == 32 and Path(dl["training"][0]["image"]).is_absolute()
+    assert len(dl["sha256"]) == 82
+
+
+def test_brats_manifest_finds_cases_by_glob(tmp_path):
+    for i in range(7):
+        case = f"BraTS2021_{i:05d}"
+        for suffix in ("flair", "t1", "t1ce", "t2", "seg"):
+            _touch(tmp_path, f"{case}/{case}_{suffix}.nii.gz")
+    dl = build_datalist(REPO / "data_manifests" / "brats2021.json", tmp_path, fold=1)
+    assert len(dl["training"]) == 5 and len(dl["validation"]) == 2
+    assert len(dl["validation"][0]["image"]) == 4 and dl["validation"][0]["image"][0].endswith("BraTS2021_00001_flair.nii.gz")
+    with pytest.raises(InputError, match="no case folders"):
+        build_datalist(REPO / "data_manifests" / "brats2021.json", tmp_path / "BraTS2021_00000")
