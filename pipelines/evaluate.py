@@ -1,0 +1,307 @@
+"""Per-label evaluation of a predicted label map against a reference on the same grid.
+
+Dice, 95th-percentile Hausdorff distance (mm) and surface Dice at a tolerance (mm), all
+computed by MONAI's metric functions. Each label is evaluated on its own: a binary
+``(1, 1, *box)`` mask cropped to the union of the label's bounding boxes in the two maps,
+so memory follows the size of one organ rather than ``labels x volume``.
+
+A result is a JSON-ready dict::
+
+    {"prediction": str | None, "reference": str | None, "spacing": [sx, sy, sz],
+     "tolerance_mm": float, "mean_dice": float | None, "n_reference_labels": int,
+     "labels": {key: {"id", "name", "status", "dice", "hd95_mm", "surface_dice",
+                      "voxels_prediction", "voxels_reference"}}}
+
+``labels`` is keyed by the label's name (its id as a string when it has none) and
+ordered by id. ``status`` is one of ``STATUS_OK``, ``STATUS_MISSING_PRED``,
+``STATUS_MISSING_REF`` or ``STATUS_ABSENT``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medvit.errors import InputError
+
+STATUS_OK = "ok"
+STATUS_MISSING_PRED = "missing in prediction"
+STATUS_MISSING_REF = "missing in reference"
+STATUS_ABSENT = "absent in both"
+
+GRID_TOLERANCE_MM = 1e-3
+
+__all__ = [
+    "evaluate_labels",
+    "evaluate_files",
+    "format_table",
+    "write_json",
+    "read_label_names",
+    "STATUS_OK",
+    "STATUS_MISSING_PRED",
+    "STATUS_MISSING_REF",
+    "STATUS_ABSENT",
+]
+
+
+def _as_label_array(a: Any, what: str) -> np.ndarray:
+    """A 3D non-negative integer array from an array, tensor or ``(1, X, Y, Z)`` map."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"{what} must be a 3D label map (X, Y, Z), got shape {a.shape}")
+    if a.dtype == bool:
+        return a.astype(np.uint8)
+    if not np.issubdtype(a.dtype, np.integer):
+        r = np.rint(a)
+        if not np.array_equal(r, a):
+            raise ValueError(f"{what} holds non-integer values; expected a label map")
+        a = r.astype(np.int64)
+    if a.size and a.min() < 0:
+        raise ValueError(f"{what} holds negative values; expected label ids >= 0")
+    return a
+
+
+def _objects(a: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """Bounding box of every non-zero label in one pass (scipy's find_objects)."""
+    boxes = ndimage.find_objects(a) if a.size else []
+    return {i + 1: b for i, b in enumerate(boxes) if b is not None}
+
+
+def _union_box(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Union of two boxes grown by one voxel (clamped), so surfaces inside stay surfaces."""
+    boxes = [x for x in (a, b) if x is not None]
+    return tuple(
+        slice(max(min(bx[d].start for bx in boxes) - 1, 0), min(max(bx[d].stop for bx in boxes) + 1, shape[d]))
+        for d in range(len(shape))
+    )
+
+
+def _label_key(name: str | None, lid: int, taken: set[str]) -> str:
+    key = name if name else str(lid)
+    if key in taken:  # two ids sharing a name: keep both rows apart
+        key = f"{key} ({lid})"
+    taken.add(key)
+    return key
+
+
+def evaluate_labels(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: tuple[float, float, float],
+    *,
+    labels: Mapping[int, str] | None = None,
+    tolerance_mm: float = 1.0,
+) -> dict:
+    """Dice, HD95 (mm) and surface Dice per label of ``pred`` against the reference ``gt``.
+
+    Args:
+        pred: predicted label map, integer ``(X, Y, Z)`` (or ``(1, X, Y, Z)``).
+        gt: reference label map of the same shape.
+        spacing: voxel size in mm along X, Y, Z.
+        labels: optional id -> name; listed ids are reported even when absent from both
+            maps (0, the background, is never evaluated).
+        tolerance_mm: surface Dice tolerance in mm.
+
+    Returns:
+        The result dict described in the module docstring (``prediction``/``reference`` None).
+        Labels in one map only get Dice 0, surface Dice 0 and HD95 None; labels in neither get
+        None for all three. ``mean_dice`` averages Dice over the labels in the reference.
+    """
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+    pred = _as_label_array(pred, "prediction")
+    gt = _as_label_array(gt, "reference")
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {gt.shape}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive numbers, got {spacing}")
+    if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
+        raise ValueError(f"tolerance_mm must be finite and >= 0, got {tolerance_mm}")
+    names = {int(k): str(v) for k, v in (labels or {}).items()}
+
+    box_p, box_g = _objects(pred), _objects(gt)
+    ids = sorted((set(box_p) | set(box_g) | set(names)) - {0})
+
+    rows: dict[str, dict] = {}
+    taken: set[str] = set()
+    dices_ref: list[float] = []
+    for lid in ids:
+        name = names.get(lid)
+        row: dict[str, Any] = {"id": lid, "name": name, "dice": None, "hd95_mm": None, "surface_dice": None,
+                               "voxels_prediction": 0, "voxels_reference": 0}
+        in_p, in_g = lid in box_p, lid in box_g
+        if in_p or in_g:
+            box = _union_box(box_p.get(lid), box_g.get(lid), pred.shape)
+            mp = pred[box] == lid
+            mg = gt[box] == lid
+            row["voxels_prediction"] = int(np.count_nonzero(mp))
+            row["voxels_reference"] = int(np.count_nonzero(mg))
+        if in_p and in_g:
+            # (batch, channel, *box) binary masks; include_background=True keeps the one channel.
+            yp = torch.from_numpy(mp)[None, None].float()
+            yg = torch.from_numpy(mg)[None, None].float()
+            row["status"] = STATUS_OK
+            row["dice"] = float(compute_dice(yp, yg, include_background=True)[0, 0])
+            with warnings.catch_warnings():
+                # MONAI's metrics call their own deprecated argument; not the user's concern.
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+                row["hd95_mm"] = float(
+                    compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=spacing)[0, 0]
+                )
+                row["surface_dice"] = float(
+                    compute_surface_dice(yp, yg, [float(tolerance_mm)], include_background=True, spacing=spacing)[0, 0]
+                )
+        elif in_p or in_g:
+            # One side empty: no overlap and no surface agreement; a distance to nothing is undefined.
+            row["status"] = STATUS_MISSING_REF if in_p else STATUS_MISSING_PRED
+            row["dice"] = 0.0
+            row["surface_dice"] = 0.0
+        else:
+            row["status"] = STATUS_ABSENT
+        if in_g:
+            dices_ref.append(row["dice"])
+        rows[_label_key(name, lid, taken)] = row
+
+    return {
+        "prediction": None,
+        "reference": None,
+        "spacing": list(spacing),
+        "tolerance_mm": float(tolerance_mm),
+        "mean_dice": float(np.mean(dices_ref)) if dices_ref else None,
+        "n_reference_labels": len(dices_ref),
+        "labels": rows,
+    }
+
+
+def _grid_difference(a_shape, a_affine: np.ndarray, b_shape, b_affine: np.ndarray) -> str | None:
+    """How two voxel grids differ (None when they match): shape, or the largest corner offset in mm."""
+    if tuple(a_shape) != tuple(b_shape):
+        fmt = lambda s: "x".join(str(int(n)) for n in s)  # noqa: E731
+        return f"shape {fmt(a_shape)} vs {fmt(b_shape)}"
+    # Compare where the two affines put the grid's corners: an error in mm, not in matrix entries.
+    corners = np.array(np.meshgrid(*[[0, max(int(n) - 1, 0)] for n in a_shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    off = np.linalg.norm((np.asarray(a_affine, float) @ corners - np.asarray(b_affine, float) @ corners)[:3], axis=0)
+    if not np.isfinite(off).all() or off.max() > GRID_TOLERANCE_MM:
+        return f"affine differs by up to {off.max():.4g} mm at the grid corners"
+    return None
+
+
+def evaluate_files(
+    pred_path: str | Path,
+    gt_path: str | Path,
+    *,
+    labels: Mapping[int, str] | None = None,
+    tolerance_mm: float = 1.0,
+) -> dict:
+    """Evaluate a predicted label map file against a reference file on the same grid.
+
+    Both are read with :func:`medvit.io.read_label`; their shapes must be equal and their
+    affines must place the grid within 1e-3 mm of each other, else :class:`InputError`
+    naming the prediction. Spacing is the affine's column norms. See :func:`evaluate_labels`.
+    """
+    from medvit.io import read_label
+
+    pred_m = read_label(pred_path)  # (1, X, Y, Z): read_label refuses several channels
+    gt_m = read_label(gt_path)
+    pred_aff = np.asarray(pred_m.affine, dtype=np.float64)
+    gt_aff = np.asarray(gt_m.affine, dtype=np.float64)
+    diff = _grid_difference(pred_m.shape[1:], pred_aff, gt_m.shape[1:], gt_aff)
+    if diff is not None:
+        raise InputError(pred_path, f"grid differs from the reference {gt_path}: {diff}")
+    spacing = tuple(float(s) for s in np.linalg.norm(gt_aff[:3, :3], axis=0))
+
+    pred = pred_m.as_tensor()[0].numpy()
+    gt = gt_m.as_tensor()[0].numpy()
+    for p, a in ((pred_path, pred), (gt_path, gt)):
+        if a.size and a.min() < 0:
+            raise InputError(p, f"label map holds negative values (minimum {a.min()})")
+    result = evaluate_labels(pred, gt, spacing, labels=labels, tolerance_mm=tolerance_mm)
+    result["prediction"] = str(pred_path)
+    result["reference"] = str(gt_path)
+    return result
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_table(result: dict) -> str:
+    """A fixed-width text table of a result: label id, name, Dice, HD95 mm, surface Dice, status."""
+    tol = result.get("tolerance_mm")
+    head = ["id", "name", "Dice", "HD95 mm", f"sDice@{_fmt(tol, 1)}mm" if tol is not None else "sDice", "status"]
+    body = [
+        [str(r["id"]), _fmt(r["name"]), _fmt(r["dice"]), _fmt(r["hd95_mm"], 2), _fmt(r["surface_dice"]), r["status"]]
+        for r in sorted(result["labels"].values(), key=lambda r: r["id"])
+    ]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    right = {0, 2, 3, 4}  # numbers align right
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [line(head), line(["-" * w for w in widths]), *map(line, body)]
+    n = result.get("n_reference_labels", 0)
+    out.append(f"mean Dice over {n} reference labels: {_fmt(result.get('mean_dice'))}")
+    return "\n".join(out)
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    """Write a result as JSON through a temporary file and a rename; returns the path."""
+    from medvit.io import atomic_path
+
+    path = Path(path)
+    text = json.dumps(result, indent=1, allow_nan=False)  # None, never NaN, for undefined metrics
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text + "\n")
+    return path
+
+
+def _id_names(obj: Any) -> dict[int, str] | None:
+    """``obj`` as id -> name when it is a non-empty mapping of integer keys to strings."""
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, str) for v in obj.values()):
+        return None
+    try:
+        return {int(k): v for k, v in obj.items()}
+    except ValueError:
+        return None
+
+
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """Label id -> name from a JSON file: ``{id: name}``, or a mapping holding it under ``labels``
+    (a checkpoint's ``.json`` sidecar, at the top level or under ``config``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(path, f"cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"not valid JSON (line {e.lineno})") from None
+    candidates = [data]
+    if isinstance(data, dict):
+        candidates.append(data.get("labels"))
+        if isinstance(data.get("config"), dict):
+            candidates.append(data["config"].get("labels"))
+    for c in candidates:
+        names = _id_names(c)
+        if names is not None:
+            return names
+    raise InputError(path, "expected a JSON object of label id -> name, or one with a 'labels' entry")
