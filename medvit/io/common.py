@@ -1,0 +1,52 @@
+"""What every format reader hands back, and the geometry helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""Left-multiplying an ITK/DICOM (LPS) voxel->world matrix by this gives nibabel's RAS one."""
+
+SUPPORTED = (
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
+    "DICOM (a folder holding a series, or one .dcm file)"
+)
+
+
+@dataclass
+class RawVolume:
+    """One file's (or DICOM series') voxels and geometry before they become a MetaTensor.
+
+    ``array`` is channel-first ``(C, X, Y, Z)`` in the file's own dtype (native byte order);
+    ``affine`` maps voxel indices to RAS mm, float64 ``(4, 4)``.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+    source: dict[str, str] = field(default_factory=dict)
+
+
+def source_info(fmt: str, series_uid: str = "", series_description: str = "") -> dict[str, str]:
+    """The ``meta["medvit_source"]`` mapping; the same keys for every format so batches collate."""
+    return {"format": fmt, "series_uid": series_uid, "series_description": series_description}
+
+
+def itk_affine(origin, spacing, direction) -> np.ndarray:
+    """RAS voxel->world ``(4, 4)`` from an ITK image's LPS origin, spacing and row-major direction."""
+    dim = len(origin)
+    lps = np.eye(4)
+    d = np.asarray(direction, dtype=np.float64).reshape(dim, dim)
+    lps[:dim, :dim] = d * np.asarray(spacing, dtype=np.float64)[None, :]
+    lps[:dim, 3] = origin
+    return LPS_TO_RAS @ lps
+
+
+def native(array: np.ndarray) -> np.ndarray:
+    """``array`` in native byte order (torch refuses big-endian buffers)."""
+    if array.dtype.byteorder not in ("=", "|"):
+        return array.astype(array.dtype.newbyteorder("="))
+    return array

@@ -1,0 +1,50 @@
+"""NIfTI-1/2 reading through nibabel, keeping the file's best affine exactly."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from medvit.errors import InputError
+from medvit.io.common import RawVolume, native, source_info
+
+# What nibabel raises on a damaged file: a bad header, a cut gzip stream, a short data block.
+_NIBABEL_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError)
+
+
+def is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def read_nifti(path: Path) -> RawVolume:
+    """Read a NIfTI file into ``(C, X, Y, Z)``: 3D gives one channel, a 4D ``(X, Y, Z, C)`` gives C.
+
+    The affine is nibabel's ``img.affine``: the sform when its code is set, else the qform.
+    ``scl_slope``/``scl_inter`` are applied (scaled data comes back float64).
+    """
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(path, f"is not a NIfTI file (nibabel reads it as {type(img).__name__})")
+        data = native(np.asanyarray(img.dataobj))
+    except _NIBABEL_ERRORS as e:
+        raise InputError(path, f"not a readable NIfTI file ({e})") from None
+    if data.ndim == 5 and data.shape[3] == 1:  # ITK writes vector images as (X, Y, Z, 1, C)
+        data = data[:, :, :, 0, :]
+    if data.ndim == 2:
+        data = data[None, :, :, None]
+    elif data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    else:
+        raise InputError(path, f"NIfTI with shape {tuple(data.shape)} is not supported "
+                               "(expected 3D, or 4D with channels last)")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return RawVolume(np.ascontiguousarray(data), affine, path, source_info("nifti"))

@@ -1,0 +1,182 @@
+"""``read_image`` / ``read_label``: any supported file or DICOM series to a RAS MetaTensor."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
+
+from medvit.errors import InputError
+from medvit.io.common import SUPPORTED, RawVolume
+from medvit.io.dicom import DICOM_SUFFIXES, read_dicom
+from medvit.io.itk_formats import itk_format, read_itk
+from medvit.io.nifti import is_nifti, read_nifti
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+GRID_ATOL = 1e-4
+"""Affines of the channels of one case may differ by this much (mm) and still share a grid."""
+
+# dtypes torch holds as they are; other integer types are widened for labels
+_TORCH_INT = (np.uint8, np.int8, np.int16, np.int32, np.int64)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def source_format(path: Path) -> str:
+    """``"nifti"``, ``"nrrd"``, ``"mha"`` or ``"dicom"`` for an existing path, else InputError."""
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_dir():
+        return "dicom"
+    if is_nifti(path):
+        return "nifti"
+    fmt = itk_format(path)
+    if fmt is not None:
+        return fmt
+    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path):
+        return "dicom"
+    raise InputError(path, f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
+
+
+def _read_raw(path: Path, fmt: str, series: str | None) -> RawVolume:
+    if fmt == "nifti":
+        return read_nifti(path)
+    if fmt == "dicom":
+        return read_dicom(path, series=series)
+    return read_itk(path)
+
+
+def _paths(path: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(path, (str, os.PathLike)):
+        return [Path(path)]
+    paths = [Path(p) for p in path]
+    if not paths:
+        raise InputError(None, "no input path given (an empty list)")
+    return paths
+
+
+def _formats(paths: list[Path], series: str | None) -> list[str]:
+    formats = [source_format(p) for p in paths]
+    if series is not None and "dicom" not in formats:
+        raise InputError(paths[0], f"a DICOM series ({series}) was chosen but the input is not DICOM")
+    return formats
+
+
+def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int) -> MetaTensor:
+    meta = {
+        ImageMetaKey.FILENAME_OR_OBJ: str(raw.path),
+        MetaKeys.ORIGINAL_AFFINE: raw.affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape[1:], dtype=np.int64),
+        MetaKeys.SPACE: SpaceKeys.RAS,
+        MetaKeys.ORIGINAL_CHANNEL_DIM: 0,  # already channel-first
+        "medvit_source": dict(raw.source),
+        "medvit_nonfinite_replaced": int(replaced),
+    }
+    affine = torch.as_tensor(raw.affine, dtype=torch.float64)
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine, meta=meta)
+
+
+def _fix_nonfinite(array: np.ndarray, path: Path, mode: str) -> int:
+    """Count NaN/inf voxels of a float ``array``; refuse them or replace them in place."""
+    bad = ~np.isfinite(array)
+    n = int(bad.sum())
+    if n == 0:
+        return 0
+    if mode == "error":
+        raise InputError(path, f"{n} voxels are NaN or infinite (read with nonfinite='replace' to set them to the minimum)")
+    if n == array.size:
+        raise InputError(path, "every voxel is NaN or infinite")
+    low = float(array[~bad].min())
+    array[bad] = low
+    logger.warning("%s: replaced %d NaN/infinite voxels by the minimum finite value %g", path, n, low)
+    return n
+
+
+def read_image(
+    path: PathLike | Sequence[PathLike],
+    *,
+    series: str | None = None,
+    nonfinite: Literal["error", "replace"] = "error",
+) -> MetaTensor:
+    """Read an image as a channel-first float32 MetaTensor ``(C, X, Y, Z)`` with a RAS affine.
+
+    Args:
+        path: a NIfTI/NRRD/MetaImage file, a DICOM folder or file, or a sequence of them that
+            make one case (their channels are stacked in order; all must share one grid).
+        series: SeriesInstanceUID to read when a DICOM folder holds several series.
+        nonfinite: NaN/inf voxels raise InputError ("error") or are set to the minimum finite
+            value with a logged warning ("replace"); ``meta["medvit_nonfinite_replaced"]`` counts them.
+
+    ``.affine`` is the voxel->world matrix in RAS mm (float64); ``.meta`` holds
+    ``filename_or_obj`` (the first path), ``original_affine``, ``spatial_shape``, ``space``
+    and ``medvit_source`` (format, DICOM series UID and description).
+    """
+    if nonfinite not in ("error", "replace"):
+        raise ValueError(f"nonfinite must be 'error' or 'replace', got {nonfinite!r}")
+    paths = _paths(path)
+    formats = _formats(paths, series)
+    raws = [_read_raw(p, f, series if f == "dicom" else None) for p, f in zip(paths, formats)]
+    first = raws[0]
+    for r in raws[1:]:
+        if r.array.shape[1:] != first.array.shape[1:]:
+            raise InputError(r.path, f"grid {tuple(r.array.shape[1:])} differs from "
+                                     f"{first.path}'s {tuple(first.array.shape[1:])}")
+        diff = float(np.abs(r.affine - first.affine).max())
+        if diff > GRID_ATOL:
+            raise InputError(r.path, f"affine differs from {first.path}'s by up to {diff:.4g} mm; "
+                                     "channels of one case must share a grid")
+    array = np.concatenate([r.array.astype(np.float32, copy=False) for r in raws], axis=0)
+    replaced = _fix_nonfinite(array, first.path, nonfinite)
+    return _to_metatensor(array, first, replaced)
+
+
+def _label_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+    """Integer labels: float files must hold whole finite numbers; odd int types are widened."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(path, "label map holds NaN or infinite values")
+        if not np.array_equal(array, np.round(array)):
+            raise InputError(path, "label map holds non-integer values (is it an image?)")
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        for dt in (np.uint8, np.int16, np.int32, np.int64):
+            if np.iinfo(dt).min <= low and high <= np.iinfo(dt).max:
+                return array.astype(dt)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InputError(path, f"label map has type {array.dtype}, expected integers")
+    if array.dtype.type in _TORCH_INT:
+        return array
+    if array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise InputError(path, "label values exceed the int64 range")
+    return array.astype(np.int32 if array.dtype.itemsize < 4 else np.int64)
+
+
+def read_label(path: PathLike, *, series: str | None = None) -> MetaTensor:
+    """Read a label map as an integer MetaTensor ``(1, X, Y, Z)`` with a RAS affine.
+
+    The dtype is the file's when torch holds it (uint8, int8, int16, int32, int64), else a wider
+    signed type; label files stored as floats must hold whole numbers.
+    """
+    p = Path(path)
+    (fmt,) = _formats([p], series)
+    raw = _read_raw(p, fmt, series)
+    if raw.array.shape[0] != 1:
+        raise InputError(p, f"label map has {raw.array.shape[0]} channels, expected 1")
+    return _to_metatensor(_label_dtype(raw.array, p), raw, 0)

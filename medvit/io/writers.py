@@ -1,0 +1,175 @@
+"""NIfTI writers that keep the affine exact, and the atomic-rename helper every output uses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from medvit.errors import InputError
+
+PathLike = str | os.PathLike
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _full_suffix(name: str) -> str:
+    """``.nii.gz`` for ``a.nii.gz``, ``.csv`` for ``a.csv``: what format sniffers look at."""
+    p = Path(name)
+    if p.suffix.lower() in _COMPRESSED and len(p.suffixes) >= 2:
+        return "".join(p.suffixes[-2:])
+    return p.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success, remove it on error.
+
+    The temporary name is hidden (leading dot) and keeps the suffix (``.nii.gz``, ``.png``...) so
+    writers that pick a format from the name still do. Missing parent folders are created.
+
+    Example::
+
+        with atomic_path(out / "stats.csv") as tmp:
+            frame.to_csv(tmp)
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder; expected a file name to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(path.parent, f"cannot create the output folder ({e.strerror})") from None
+    ext = _full_suffix(path.name)
+    tmp = path.with_name(f".{path.name[: len(path.name) - len(ext)]}.tmp-{secrets.token_hex(4)}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would resolve to
+        return a.resolve() == b.resolve()
+
+
+def refuse_protected(path: PathLike, protect: Sequence[PathLike]) -> None:
+    """InputError when ``path`` is (or resolves to) the same file as any path in ``protect``."""
+    path = Path(path)
+    for p in protect:
+        if _same_file(path, Path(p)):
+            raise InputError(path, f"refusing to overwrite the input file {p}")
+
+
+def _numpy(array, what: str) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if hasattr(array, "as_tensor"):
+            array = array.as_tensor()
+        return array.numpy()
+    if isinstance(array, np.ndarray):
+        return array
+    raise TypeError(f"{what} must be a numpy array or a torch tensor, got {type(array).__name__}")
+
+
+def _check_affine(affine) -> np.ndarray:
+    a = np.asarray(_numpy(affine, "affine") if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all() or not np.allclose(a[3], [0, 0, 0, 1]):
+        raise ValueError(f"affine must be a finite (4, 4) matrix with last row [0, 0, 0, 1], got shape {a.shape}")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ValueError("affine is singular")
+    return a
+
+
+def _check_target(path: Path, protect: Sequence[PathLike]) -> None:
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise InputError(path, "NIfTI output must be named .nii or .nii.gz")
+    refuse_protected(path, protect)
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write ``data`` (X, Y, Z[, C]) unscaled, with ``affine`` as both sform and qform (code 1)."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)  # nearest rigid+zoom form; the sform carries any shear exactly
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLike] = ()) -> Path:
+    """Write an integer label map ``(X, Y, Z)`` (or ``(1, X, Y, Z)``) as NIfTI, atomically.
+
+    Stored as uint8, or uint16 when a label exceeds 255; labels must lie in 0..65535. ``affine``
+    (4, 4) voxel->RAS mm goes to both sform and qform, so nibabel reads it back to float32
+    precision. Refuses (InputError) to write onto any file in ``protect``.
+    """
+    path = Path(path)
+    _check_target(path, protect)
+    data = _numpy(labels, "labels")
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"labels must be (X, Y, Z) or (1, X, Y, Z), got shape {tuple(data.shape)}")
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    if not np.issubdtype(data.dtype, np.integer):
+        raise TypeError(f"labels must have an integer dtype, got {data.dtype}")
+    low, high = (int(data.min()), int(data.max())) if data.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise ValueError(f"label values must lie in 0..65535 to be written, got {low}..{high}")
+    dtype = np.uint8 if high <= 255 else np.uint16
+    return _save_nifti(np.ascontiguousarray(data.astype(dtype)), _check_affine(affine), path)
+
+
+def _default_dtype(data: np.ndarray) -> np.dtype:
+    if data.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if np.issubdtype(data.dtype, np.floating):
+        return np.dtype(np.float32)
+    if data.dtype.itemsize == 8:  # NIfTI readers handle int64 poorly; narrow when it fits
+        return np.dtype(np.int32)
+    return data.dtype
+
+
+def write_image(array, affine, path: PathLike, *, dtype=None, protect: Sequence[PathLike] = ()) -> Path:
+    """Write an image ``(X, Y, Z)`` or multi-channel ``(C, X, Y, Z)`` (stored 4D, channels last) as NIfTI.
+
+    ``dtype`` defaults to float32 for floats, int32 for 64-bit integers, else the array's own.
+    Floats written to an integer dtype are rounded and must fit its range. No scaling is stored.
+    """
+    path = Path(path)
+    _check_target(path, protect)
+    data = _numpy(array, "array")
+    if data.ndim == 4:
+        data = np.moveaxis(data, 0, -1)
+    elif data.ndim != 3:
+        raise ValueError(f"array must be (X, Y, Z) or (C, X, Y, Z), got shape {tuple(data.shape)}")
+    target = np.dtype(dtype) if dtype is not None else _default_dtype(data)
+    if np.issubdtype(target, np.integer):
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.isfinite(data).all():
+                raise ValueError(f"cannot write NaN/inf voxels as {target}")
+            data = np.rint(data)
+        info = np.iinfo(target)
+        if data.size and (data.min() < info.min or data.max() > info.max):
+            raise ValueError(f"values {data.min()}..{data.max()} do not fit {target}")
+    return _save_nifti(np.ascontiguousarray(data.astype(target)), _check_affine(affine), path)
