@@ -57,9 +57,16 @@ class PreprocessConfig(_Strict):
     """Target voxel spacing in mm; None keeps the input's."""
     intensity: IntensityConfig = Field(default_factory=lambda: IntensityConfig(modality="ct"))
     crop_foreground: bool = False
-    """Crop to the bounding box of voxels above ``foreground_threshold`` (after intensity)."""
-    foreground_threshold: float = 0.0
-    crop_margin: int = 8
+    """Crop to the bounding box of voxels above ``foreground_threshold`` (before resampling)."""
+    foreground_threshold: float | None = None
+    """In the input's own units; default -500 HU for CT (the body, not the air), 0 for MRI."""
+    crop_margin: int = Field(8, ge=0)
+    """Voxels added on each side of the box, on the input grid."""
+
+    def crop_threshold(self) -> float:
+        if self.foreground_threshold is not None:
+            return self.foreground_threshold
+        return -500.0 if self.intensity.modality == "ct" else 0.0
 
     @field_validator("orientation")
     @classmethod

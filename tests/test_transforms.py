@@ -11,6 +11,7 @@ import pickle
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.transforms import Orientationd
 import torch
 from monai.data import MetaTensor
 from scipy import ndimage
@@ -215,22 +216,32 @@ def test_mri_zscore_is_per_channel_and_ignores_zeros():
 @pytest.mark.parametrize("codes", ["LPS", "RAS"])
 @pytest.mark.parametrize("modality", ["ct", "mri"])
 def test_crop_is_the_box_above_threshold_plus_margin(modality, codes):
-    spacing = spacing_for("RAS", COARSER_MM)
-    whole = infer_transforms(pre_cfg(modality, spacing=spacing), load=False)(case(modality, codes))["image"]
-    cut = infer_transforms(pre_cfg(modality, spacing=spacing, crop=True), load=False)(case(modality, codes))["image"]
+    """The crop runs on the reoriented input grid, with the threshold in the input's units."""
+    cfg = pre_cfg(modality)
+    whole = infer_transforms(cfg, load=False)(case(modality, codes))["image"]
+    cut = infer_transforms(pre_cfg(modality, crop=True), load=False)(case(modality, codes))["image"]
     # the crop is a sub-block of the uncropped grid, same spacing, offset by a whole voxel count
     off = voxel(whole.affine, cut.affine.numpy()[:3, 3])
     np.testing.assert_allclose(off, np.round(off), atol=1e-5)
     lo = np.round(off).astype(int)
     hi = lo + np.array(cut.shape[1:])
     np.testing.assert_allclose(cut.affine.numpy()[:3, :3], whole.affine.numpy()[:3, :3])
-    assert torch.equal(cut, whole[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
-    fg = np.argwhere((whole.numpy() > 0).any(0))
+    raw = Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(case(modality, codes))["image"]
+    fg = np.argwhere((raw.numpy() > cfg.crop_threshold()).any(0))
     expect_lo = np.maximum(fg.min(0) - 2, 0)
     expect_hi = np.minimum(fg.max(0) + 1 + 2, np.array(whole.shape[1:]))
     np.testing.assert_array_equal(lo, expect_lo)
     np.testing.assert_array_equal(hi, expect_hi)
-    assert np.prod(cut.shape[1:]) < np.prod(whole.shape[1:])
+    if modality == "ct":  # (the MRI tissue fills the volume to within the margin)
+        assert np.prod(cut.shape[1:]) < np.prod(whole.shape[1:])
+        # intensity scaling does not depend on the crop
+        assert torch.equal(cut, whole[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+
+
+def test_default_crop_thresholds_are_in_input_units():
+    assert pre_cfg("ct").crop_threshold() == -500.0
+    assert pre_cfg("mri").crop_threshold() == 0.0
+    assert pre_cfg("ct", foreground_threshold=-200.0).crop_threshold() == -200.0
 
 
 def test_crop_keeps_a_volume_with_nothing_above_threshold():
@@ -241,7 +252,7 @@ def test_crop_keeps_a_volume_with_nothing_above_threshold():
 
 def test_preprocess_list_order_and_spacing_skip():
     names = [type(t).__name__ for t in preprocess_transforms(pre_cfg("ct", spacing=(1.0, 1.0, 1.0), crop=True))]
-    assert names == ["Orientationd", "Spacingd", "ScaleIntensityRanged", "CropForegroundd", "EnsureTyped"]
+    assert names == ["Orientationd", "CropForegroundd", "Spacingd", "ScaleIntensityRanged", "EnsureTyped"]
     names = [type(t).__name__ for t in preprocess_transforms(pre_cfg("mri"), label_key="label")]
     assert names == ["Orientationd", "NormalizeIntensityd", "EnsureTyped"]
 
@@ -262,7 +273,9 @@ def test_chains_pickle():
 def test_inverted_label_matches_the_original(grid, modality, codes, crop):
     """Exact when the target spacing divides the input's (every input voxel centre is a grid
     point, and nearest resampling there and back copies it); otherwise the coarser grid cannot
-    hold every border voxel, so we ask ≥ 99 % agreement with mismatches only at label borders."""
+    hold every border voxel, so we ask that mismatches lie only at label borders (how many
+    there are depends on where the grid's phase falls: up to 2.2 % of these small blocks when
+    the crop box sets the origin of the coarser grid)."""
     mm = FINER_MM if grid == "finer" else COARSER_MM
     chain = val_transforms(full_cfg(pre_cfg(modality, spacing=spacing_for("RAS", mm), crop=crop)), load=False)
     data = case(modality, codes)
@@ -277,7 +290,7 @@ def test_inverted_label_matches_the_original(grid, modality, codes, crop):
         np.testing.assert_array_equal(got, orig_lab)
     else:
         bad = got[0] != orig_lab[0]
-        assert bad.mean() <= 0.01
+        assert bad.mean() <= 0.03
         assert not (bad & ~near_border(orig_lab[0])).any()
 
 

@@ -75,20 +75,17 @@ def preprocess_transforms(
 ) -> list[Transform]:
     """The deterministic steps shared by training, validation and inference.
 
-    In order: reorient to ``cfg.orientation``; resample to ``cfg.spacing`` mm (bilinear for the
-    image, nearest for the label; skipped when ``None``); intensity (CT: window
-    ``cfg.intensity.window`` mapped linearly to [0, 1], clipped when ``clip``; MRI: z-score per
-    channel, over non-zero voxels when ``nonzero``); optionally crop both to the bounding box of
-    image voxels above ``cfg.foreground_threshold`` plus ``cfg.crop_margin`` voxels (clamped to
-    the volume; the whole volume when no voxel is above); finally make sure the outputs are
-    ``MetaTensor``s (image float32, label float32).
+    In order: reorient to ``cfg.orientation``; optionally crop both to the bounding box of
+    image voxels above ``cfg.crop_threshold()`` (in the input's units: HU for CT, raw signal
+    for MRI) plus ``cfg.crop_margin`` voxels (clamped to the volume; the whole volume when no
+    voxel is above); resample to ``cfg.spacing`` mm (bilinear for the image, nearest for the
+    label; skipped when ``None``); intensity (CT: window ``cfg.intensity.window`` mapped
+    linearly to [0, 1], clipped when ``clip``; MRI: z-score per channel, over non-zero voxels
+    when ``nonzero``); finally make sure the outputs are ``MetaTensor``s (image float32,
+    label float32).
 
     Orientation, spacing and crop are invertible; the intensity steps are not (predictions
     never need them undone).
-
-    The crop threshold applies to normalised values: for CT, 0 is the bottom of the window;
-    for MRI z-scores with ``nonzero``, the background stays 0 but below-mean tissue is negative,
-    so a threshold of 0 boxes the above-mean voxels and relies on ``crop_margin`` for the rest.
 
     Args:
         cfg: the ``preprocess`` section of a config.
@@ -101,6 +98,18 @@ def preprocess_transforms(
     keys = [image_key] + ([label_key] if label_key is not None else [])
     modes = ["bilinear"] + (["nearest"] if label_key is not None else [])
     out: list[Transform] = [Orientationd(keys=keys, axcodes=cfg.orientation, labels=_RAS_LABELS)]
+    if cfg.crop_foreground:
+        # Before resampling and normalisation: the threshold is in the input's own units
+        # (HU, raw MRI signal), and resampling only the cropped box is cheaper.
+        out.append(
+            CropForegroundd(
+                keys=keys,
+                source_key=image_key,
+                select_fn=ForegroundAbove(cfg.crop_threshold()),
+                margin=cfg.crop_margin,
+                allow_smaller=True,
+            )
+        )
     if cfg.spacing is not None:
         # float32 grids: three times faster than MONAI's float64 default and exact enough for
         # millimetre geometry (the recorded affines stay float64).
@@ -111,16 +120,6 @@ def preprocess_transforms(
         out.append(ScaleIntensityRanged(keys=image_key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=icfg.clip))
     else:
         out.append(NormalizeIntensityd(keys=image_key, nonzero=icfg.nonzero, channel_wise=True))
-    if cfg.crop_foreground:
-        out.append(
-            CropForegroundd(
-                keys=keys,
-                source_key=image_key,
-                select_fn=ForegroundAbove(cfg.foreground_threshold),
-                margin=cfg.crop_margin,
-                allow_smaller=True,
-            )
-        )
     out.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
     return out
 
