@@ -1,0 +1,12 @@
+"""The net registry: ``build_net(ModelConfig)`` builds the net ``model.name`` names.
+
+Each architecture lives in its own module and configures one of MONAI's nets (never a copy):
+``unetr`` (:class:`monai.networks.nets.UNETR`), ``swin_unetr`` (:class:`monai.networks.nets.SwinUNETR`)
+and ``unet`` (:class:`monai.networks.nets.BasicUNet`, a small CNN baseline). Importing this package
+registers them all; :func:`register` adds more.
+"""
+
+from medvit.nets import swin_unetr, unet, unetr  # noqa: F401  (registers the builders)
+from medvit.nets.registry import available, build_net, register
+
+__all__ = ["available", "build_net", "register"]

@@ -1,0 +1,307 @@
+"""Checkpoints: our ``NAME.safetensors`` + ``NAME.json`` pairs, and MONAI bundle ``model.pt`` state dicts.
+
+Our checkpoint is two files. ``NAME.safetensors`` holds the weights (no pickle, so loading one runs no
+code); ``NAME.json``, the sidecar, says what they are for: the net's config, the label names, the
+preprocessing the net was trained with, the inference settings and the package version. The weights
+are written first and the sidecar last, each under a temporary name then renamed, so a sidecar on
+disk implies complete weights beside it.
+
+A ``.pt``/``.pth`` file (a MONAI bundle's ``models/model.pt``, or any ``torch.save`` of a state dict)
+is read with ``torch.load(weights_only=True)``, which refuses pickled code; it does not say which
+net it is for, so it needs a config.
+
+Every load checks keys and tensor shapes against the net before copying anything, and names the
+first key that does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+import medvit
+from medvit.config import Config, ModelConfig, dump_config, parse_config
+from medvit.errors import CheckpointError, ConfigError
+from medvit.io import atomic_path
+from medvit.nets import build_net
+
+FORMAT = "medvit-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_SUFFIX = ".safetensors"
+TORCH_SUFFIXES = (".pt", ".pth")
+STATE_DICT_WRAPPERS = ("state_dict", "model", "net")
+"""Keys under which training scripts (MONAI's CheckpointSaver among them) nest the state dict."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes added by DistributedDataParallel/DataParallel and torch.compile."""
+
+
+@dataclass
+class LoadedModel:
+    """A net ready for inference and the config it was built from.
+
+    ``net`` is in eval mode on the requested device; ``config`` is the full :class:`Config` (labels,
+    preprocessing, model, infer) to run it with; ``meta`` is the sidecar's content (our checkpoints)
+    or a description of the ``.pt`` file, with ``"checkpoint"`` holding the path read.
+    """
+
+    net: nn.Module
+    config: Config
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_sidecar(path: str | Path) -> Path:
+    """The JSON sidecar of the weights file ``path``: ``NAME.safetensors`` -> ``NAME.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def describe_net(model: ModelConfig) -> str:
+    """A short name for error messages, e.g. ``unetr(in_channels=1, out_channels=2)``."""
+    return f"{model.name}(in_channels={model.in_channels}, out_channels={model.out_channels})"
+
+
+def save_checkpoint(net: nn.Module, path: str | Path, *, config: Config, extra: dict | None = None) -> Path:
+    """Write ``net``'s weights to ``path`` (``.safetensors``) and the JSON sidecar beside it; returns ``path``.
+
+    ``config`` must be the config ``net`` was built from; its labels, preprocessing, model and infer
+    sections go to the sidecar so :func:`load_checkpoint` can rebuild both. ``extra`` (JSON-ready:
+    epoch, metric...) is stored under the sidecar's ``"extra"`` key.
+    """
+    path = Path(path)
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise CheckpointError(f"{path}: checkpoints are written as {WEIGHTS_SUFFIX} files")
+    dumped = dump_config(config)
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "medvit_version": medvit.__version__,
+        "net": dumped["model"],
+        "labels": dumped["labels"],
+        "preprocess": dumped["preprocess"],
+        "infer": dumped["infer"],
+        "extra": dict(extra or {}),
+    }
+    # serialise before touching the disk: a value JSON cannot hold fails here, leaving old files intact
+    text = json.dumps(sidecar, indent=2) + "\n"
+    tensors = _portable_state_dict(net)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_path(checkpoint_sidecar(path)) as tmp:
+        Path(tmp).write_text(text)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, *, config: Config | None = None, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Build the net a checkpoint is for, load its weights and return it in eval mode on ``device``.
+
+    ``.safetensors``: the net and config come from the sidecar; a ``config`` given as well must ask for
+    the same net (name, channels, roi size). ``.pt``/``.pth``: a state dict, bare or under
+    ``state_dict``/``model``/``net``, ``module.`` prefixes stripped; ``config`` says which net it is for.
+    Raises :class:`CheckpointError` for a missing, unreadable or unsafe file, a missing sidecar, or
+    weights that do not fit the net (naming the first key that does not).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == WEIGHTS_SUFFIX:
+        meta = _read_sidecar(path)
+        cfg = _config_from_sidecar(meta, checkpoint_sidecar(path))
+        if config is not None:
+            _check_same_net(path, cfg.model, config.model)
+        state = _read_safetensors(path)
+    elif path.suffix in TORCH_SUFFIXES:
+        if config is None:
+            raise CheckpointError(f"{path}: a .pt state dict does not say which net it is for; pass --config")
+        cfg = config
+        state, meta = _read_torch_state_dict(path)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {path.suffix!r}; expected {WEIGHTS_SUFFIX} (with its .json sidecar), "
+            f"or a .pt/.pth state dict"
+        )
+    meta = {**meta, "checkpoint": str(path)}
+
+    try:
+        net = build_net(cfg.model)
+    except ConfigError as e:
+        if config is not None and cfg is config:
+            raise  # the user's config is at fault, and the error already names its key
+        raise CheckpointError(f"{checkpoint_sidecar(path)}: {e}") from None
+    _check_fit(path, state, net, describe_net(cfg.model))
+    net.load_state_dict(state, strict=True)
+    return LoadedModel(net=net.to(device).eval(), config=cfg, meta=meta)
+
+
+def _portable_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors that each own their storage (safetensors refuses shared ones)."""
+    if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        net = net.module
+    net = getattr(net, "_orig_mod", net)  # torch.compile wraps the module; save the module's own keys
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in net.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        # tied weights and views share storage; a copy makes each tensor its own
+        if ptr and (ptr in seen or storage.nbytes() != t.nbytes):
+            t = t.clone()
+        else:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    sidecar = checkpoint_sidecar(path)
+    if not sidecar.is_file():
+        raise CheckpointError(
+            f"{path}: its sidecar {sidecar} is missing; a .safetensors checkpoint needs the .json written beside it"
+        )
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sidecar}: cannot read the checkpoint sidecar ({e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{sidecar}: not valid JSON (line {e.lineno})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar}: not a medvit checkpoint sidecar (no \"format\": \"{FORMAT}\")")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{sidecar}: checkpoint format_version {version!r} is newer than this medvit reads ({FORMAT_VERSION}); "
+            f"it was written by medvit {meta.get('medvit_version', '?')}"
+        )
+    for key in ("net", "labels"):
+        if key not in meta:
+            raise CheckpointError(f"{sidecar}: missing key '{key}'")
+    return meta
+
+
+def _config_from_sidecar(meta: dict[str, Any], sidecar: Path) -> Config:
+    raw = {"labels": meta["labels"], "model": meta["net"]}
+    raw.update({k: meta[k] for k in ("preprocess", "infer") if k in meta})
+    try:
+        return parse_config(raw, sidecar)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _check_same_net(path: Path, have: ModelConfig, want: ModelConfig) -> None:
+    if have.name != want.name:
+        raise CheckpointError(f"{path}: checkpoint is for net '{have.name}' but the config asks for '{want.name}'")
+    for key in ("in_channels", "out_channels", "roi_size"):
+        a, b = getattr(have, key), getattr(want, key)
+        if a != b:
+            fmt = (lambda v: list(v)) if key == "roi_size" else (lambda v: v)
+            raise CheckpointError(
+                f"{path}: checkpoint's {have.name} has model.{key} {fmt(a)} but the config asks for {fmt(b)}"
+            )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _read_torch_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {_unpickler_reason(e)}") from None
+    except (RuntimeError, OSError, EOFError, struct.error, ValueError, IndexError, KeyError, AssertionError) as e:
+        # what torch.load raised on truncated or damaged files in our trials: the zip reader raises
+        # RuntimeError or OSError (EINVAL); the unpickler EOFError, struct.error, UnicodeDecodeError,
+        # IndexError or a failed assertion, depending on which byte is wrong
+        first = (e.strerror if isinstance(e, OSError) else str(e).split(". ")[0]) or "unexpected end of data"
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+
+    meta: dict[str, Any] = {"format": "torch-state-dict", "wrapper": None, "stripped_prefix": None}
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in STATE_DICT_WRAPPERS:
+            if isinstance(obj.get(key), dict):
+                obj, meta["wrapper"] = obj[key], key
+                break
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        what = f"a dict with keys {_preview(obj)}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CheckpointError(
+            f"{path}: holds {what}, not a state dict (tensors by parameter name, "
+            f"bare or under one of {', '.join(STATE_DICT_WRAPPERS)})"
+        )
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            meta["stripped_prefix"] = prefix
+    return dict(obj), meta
+
+
+def _is_state_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _preview(obj: dict, n: int = 5) -> str:
+    keys = [repr(k) for k in list(obj)[:n]]
+    return "[" + ", ".join(keys) + (", ...]" if len(obj) > n else "]")
+
+
+SAFE_LOAD = "only tensors and plain containers are loaded, never pickled objects or code"
+
+
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """The line of torch's long weights_only message that says what was refused."""
+    marker = "WeightsUnpickler error:"
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    for line in str(e).splitlines():
+        line = line.split(marker, 1)[1] if marker in line else line
+        line = line.strip()
+        if line and not line.startswith(boilerplate):
+            return line.split(". Please")[0].rstrip(".") + f" ({SAFE_LOAD})"
+    return SAFE_LOAD
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _check_fit(path: Path, state: dict[str, torch.Tensor], net: nn.Module, net_desc: str) -> None:
+    """CheckpointError naming the first key whose presence or shape differs between ``state`` and ``net``."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    unexpected = [k for k in state if k not in expected]
+    if not (missing or reshaped or unexpected):
+        return
+    bad = set(missing) | set(reshaped)
+    first = next((k for k in expected if k in bad), None)
+    if first is None:
+        problem = f"key '{unexpected[0]}' is not a parameter of {net_desc}"
+    elif first in missing:
+        problem = f"key '{first}' is missing from the checkpoint"
+    else:
+        problem = (
+            f"key '{first}' has shape {_shape(state[first])} in the checkpoint "
+            f"but {_shape(expected[first])} in {net_desc}"
+        )
+    n_diff = len(bad) + len(unexpected)
+    counts = f"{len(missing)} missing, {len(reshaped)} of another shape, {len(unexpected)} unexpected"
+    if n_diff > max(len(expected), len(state)) / 2:
+        raise CheckpointError(
+            f"{path}: looks like a checkpoint for another net than {net_desc} "
+            f"({counts} of its {len(expected)} keys); first: {problem}"
+        )
+    more = f" ({counts} keys)" if n_diff > 1 else ""
+    raise CheckpointError(f"{path}: {problem}{more}")
