@@ -1,0 +1,186 @@
+"""The ``medvit`` command line.
+
+Errors the user caused (a bad file, folder, config or checkpoint) print one line on
+stderr and exit with status 2; anything else is a bug and keeps its traceback. Heavy
+imports happen inside the commands so ``medvit --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medvit.errors import MedvitError
+
+app = typer.Typer(
+    name="medvit",
+    help="Segment CT/MRI volumes with local/global-attention transformers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class NonFinite(str, Enum):
+    error = "error"
+    replace = "replace"
+
+
+class Resample(str, Enum):
+    auto = "auto"
+    probs = "probs"
+    labels = "labels"
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MedvitError(f"--device {device}: no CUDA device is available on this machine")
+    return device
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config with a 'train' section.")],
+    resume: Annotated[bool, typer.Option(help="Continue from the last resume checkpoint in the output folder.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default cuda when available.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Overrides train.output_dir.")] = None,
+    datalist: Annotated[Optional[Path], typer.Option(help="Overrides train.datalist.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a net from CONFIG; checkpoints and metrics.jsonl go to the output folder."""
+    from medvit.config import load_config
+    from pipelines.train import train as run_train
+
+    cfg = load_config(config)
+    if cfg.train is None:
+        raise MedvitError(f"{config}: no 'train' section")
+    if output_dir is not None:
+        cfg.train.output_dir = output_dir
+    if datalist is not None:
+        cfg.train.datalist = datalist
+    if data_root is not None:
+        cfg.train.data_root = data_root
+    res = run_train(cfg, device=_device(device), resume=resume, progress=progress)
+    best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
+    typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation mean Dice {best}")
+    typer.echo(f"checkpoints: {res.output_dir / 'best.safetensors'}, {res.output_dir / 'last.safetensors'}")
+
+
+@app.command()
+def segment(
+    inputs: Annotated[list[str], typer.Argument(help="NIfTI/NRRD/MHA files or DICOM folders; 'a.nii.gz,b.nii.gz' is one case with one channel per file.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
+    checkpoint: Annotated[Path, typer.Option(help="Our .safetensors (with its .json sidecar) or a MONAI bundle model.pt.")],
+    config: Annotated[Optional[Path], typer.Option(help="Config naming the net; required for a .pt state dict.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    overlap: Annotated[Optional[float], typer.Option(help="Window overlap in [0, 1); default from the checkpoint.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass.")] = None,
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID to read from a folder holding several.")] = None,
+    stats: Annotated[bool, typer.Option(help="Write per-label voxel count, volume (mm³) and mean intensity (CSV, JSON).")] = False,
+    preview: Annotated[bool, typer.Option(help="Write a PNG of three orthogonal slices with the labels.")] = False,
+    nonfinite: Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, or replace by the minimum and report.")] = NonFinite.error,
+    resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
+) -> None:
+    """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry."""
+    from medvit.checkpoint import load_checkpoint
+    from medvit.config import load_config
+    from pipelines.volume import segment_case, segment_inputs
+
+    if batch_size is not None and batch_size < 1:
+        raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
+    if overlap is not None and not 0 <= overlap < 1:
+        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
+    dev = _device(device)
+    cfg = load_config(config) if config is not None else None
+    model = load_checkpoint(checkpoint, config=cfg, device=dev)
+    kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
+              stats=stats, preview=preview, resample=resample.value)
+    single = [i for i in inputs if "," not in i]
+    results = segment_inputs(single, model, out, **kw)
+    for group in (i for i in inputs if "," in i):
+        results.append(segment_case(group.split(","), model, out, **kw))
+    for r in results:
+        extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])
+        typer.echo(f"{', '.join(r.input)} -> {r.labels_path}" + (f" ({', '.join(extra)})" if extra else ""))
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Predicted label map.")],
+    gt: Annotated[Path, typer.Argument(help="Reference label map on the same grid.")],
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the result as JSON here.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="JSON {id: name}, or a checkpoint's .json sidecar, for label names.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Surface Dice tolerance in mm.")] = 1.0,
+) -> None:
+    """Per-label Dice, HD95 and surface Dice of PRED against GT."""
+    from pipelines.evaluate import evaluate_files, format_table, read_label_names, write_json
+
+    names = read_label_names(labels) if labels is not None else None
+    result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance)
+    typer.echo(format_table(result))
+    if out is not None:
+        write_json(result, out)
+        typer.echo(f"written: {out}")
+
+
+@app.command()
+def series(folder: Annotated[Path, typer.Argument(help="A folder of DICOM files.")]) -> None:
+    """List the DICOM series in FOLDER (UID, description, slice count)."""
+    from medvit.io import list_dicom_series
+
+    for s in list_dicom_series(folder):
+        typer.echo(f"{s.uid}\t{s.modality}\t{s.n_files} files\t{s.description}")
+
+
+@app.command()
+def datalist(
+    manifest: Annotated[Path, typer.Argument(help="A file of data_manifests/, e.g. data_manifests/btcv.json.")],
+    root: Annotated[Path, typer.Argument(help="Your local copy of the dataset.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Datalist JSON to write.")],
+    fold: Annotated[int, typer.Option(help="Validation fold, for manifests split by folds.")] = 0,
+    sha256: Annotated[bool, typer.Option(help="Record each file's SHA-256.")] = False,
+) -> None:
+    """Build a MONAI datalist for a local copy of a public dataset, checking every file exists."""
+    import json
+
+    from medvit.data.manifest import build_datalist
+    from medvit.io import atomic_path
+
+    dl = build_datalist(manifest, root, fold=fold, sha256=sha256)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(dl, indent=1))
+    typer.echo(f"{out}: {len(dl['training'])} training and {len(dl['validation'])} validation cases of {dl['name']}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("demo_out"),
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the phantom set and the training run.")] = 0,
+) -> None:
+    """Make synthetic CT phantoms, train a small UNETR, segment held-out phantoms and a real CT."""
+    from pipelines.demo import run_demo
+
+    run_demo(out, device=_device(device), seed=seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors → one line on stderr and exit status 2."""
+    try:
+        app(args=argv, prog_name="medvit")
+    except MedvitError as e:
+        typer.echo(f"medvit: error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Segment volumes: read → preprocess → engine → invert → write (``medvit segment``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from medvit.checkpoint import LoadedModel
+from medvit.errors import InputError
+from medvit.io import LoadVolumed, write_label_map
+from medvit.transforms import infer_transforms, invert_prediction
+from pipelines.engine import sliding_window
+
+log = logging.getLogger(__name__)
+
+PROB_RESAMPLE_BUDGET = 2 << 30
+"""Bytes of float32 class scores on the input grid up to which scores, not labels, are resampled."""
+
+
+@dataclass
+class CaseResult:
+    input: list[str]
+    labels_path: Path
+    resampled: str
+    stats_paths: list[Path] = field(default_factory=list)
+    preview_path: Path | None = None
+
+
+def case_name(path: str | Path) -> str:
+    """Output stem for an input: the file name without image extensions, or the folder name."""
+    p = Path(path)
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _labels_from_logits(logits: torch.Tensor, data: dict, chain, in_grid_voxels: int, resample: str) -> tuple[np.ndarray, str]:
+    """Labels on the input grid: class scores resampled then argmax, or argmax labels resampled (nearest)."""
+    k = logits.shape[0]
+    if resample == "auto":
+        resample = "probs" if k * in_grid_voxels * 4 <= PROB_RESAMPLE_BUDGET else "labels"
+    if resample == "probs":
+        scores = torch.softmax(logits.float(), 0)
+        inv = invert_prediction(scores, data, chain, mode="bilinear")
+        labels = torch.as_tensor(inv).argmax(0)
+    else:
+        lab = logits.argmax(0, keepdim=True).to(torch.int32)
+        inv = invert_prediction(lab, data, chain, mode="nearest")
+        labels = torch.as_tensor(inv)[0].round()
+    return labels.cpu().numpy().astype(np.int32), resample
+
+
+def segment_case(
+    paths: list[str],
+    model: LoadedModel,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    device: str | torch.device = "cpu",
+    overlap: float | None = None,
+    batch_size: int | None = None,
+    series: str | None = None,
+    nonfinite: Literal["error", "replace"] = "error",
+    stats: bool = False,
+    preview: bool = False,
+    resample: Literal["auto", "probs", "labels"] = "auto",
+    progress: bool = False,
+    protect: list[str] | None = None,
+) -> CaseResult:
+    """Segment one case (one path, or one path per channel) and write its label map.
+
+    The label map is ``OUT_DIR/NAME_seg.nii.gz`` in the input's geometry; with ``stats``,
+    ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``.
+    """
+    cfg = model.config
+    name = name or case_name(paths[0])
+    key_in = paths if len(paths) > 1 else paths[0]
+    loaded = LoadVolumed(keys="image", series=series, nonfinite=nonfinite)({"image": key_in})
+    original = loaded["image"]
+    if original.shape[0] != cfg.model.in_channels:
+        raise InputError(
+            paths[0],
+            f"has {original.shape[0]} channel(s) but the checkpoint's {cfg.model.name} takes {cfg.model.in_channels}",
+        )
+    affine = np.asarray(original.affine, dtype=np.float64)
+    keep = original.clone() if (stats or preview) else None
+    chain = infer_transforms(cfg.preprocess, load=False)
+    data = chain(dict(loaded))
+    image = data["image"]
+
+    net = model.net
+    with torch.no_grad():
+        logits = sliding_window(
+            image.as_tensor()[None].to(device),
+            net,
+            roi_size=cfg.model.roi_size,
+            sw_batch_size=batch_size or cfg.infer.sw_batch_size,
+            overlap=cfg.infer.overlap if overlap is None else overlap,
+            mode=cfg.infer.mode,
+            progress=progress,
+        )[0].cpu()
+    if not torch.isfinite(logits).all():
+        raise InputError(paths[0], "the net produced NaN or inf scores on this input")
+    labels, how = _labels_from_logits(logits, data, chain, int(np.prod(original.shape[1:])), resample)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how)
+    write_label_map(labels, affine, result.labels_path, protect=list(paths) + list(protect or []))
+    if stats or preview:
+        from pipelines.report import label_stats, write_preview, write_stats
+
+        image0 = keep.as_tensor()[0].numpy()
+        if stats:
+            rows = label_stats(labels, image0, affine, names=cfg.labels)
+            result.stats_paths = [out_dir / f"{name}_stats.csv", out_dir / f"{name}_stats.json"]
+            write_stats(rows, *result.stats_paths)
+        if preview:
+            result.preview_path = out_dir / f"{name}_preview.png"
+            window = tuple(cfg.preprocess.intensity.window) if cfg.preprocess.intensity.modality == "ct" else None
+            write_preview(image0, labels, affine, result.preview_path, window=window)
+    return result
+
+
+def segment_inputs(
+    inputs: list[str],
+    model: LoadedModel,
+    out_dir: str | Path,
+    **kwargs,
+) -> list[CaseResult]:
+    """Segment each input in turn (a file, or a DICOM folder); see :func:`segment_case`."""
+    out_dir = Path(out_dir)
+    names: dict[str, str] = {}
+    resolved = {Path(p).resolve(): p for p in inputs}
+    for p in inputs:
+        if not Path(p).exists():
+            raise InputError(p, "no such file or folder")
+        n = case_name(p)
+        if n in names:
+            raise InputError(p, f"would write the same output name '{n}' as {names[n]}; segment them into separate folders")
+        names[n] = p
+        target = (out_dir / f"{n}_seg.nii.gz").resolve()
+        if target in resolved:
+            raise InputError(resolved[target], f"is an input and would be overwritten by the labels of {p}; choose another output folder")
+    return [segment_case([p], model, out_dir, protect=inputs, **kwargs) for p in inputs]

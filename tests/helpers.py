@@ -1,0 +1,49 @@
+"""Small phantom sets and tiny configs shared by the pipeline tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from medvit.data.phantom import LABELS, make_phantom
+
+TINY_UNETR = {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}
+
+
+def write_tiny_set(folder: Path, *, n_train: int = 4, n_val: int = 1, n_test: int = 1, seed: int = 0) -> Path:
+    """Coarse phantoms (about 40 voxels a side) as NIfTI plus a datalist; returns the datalist."""
+    from medvit.io import write_image, write_label_map
+
+    rng = np.random.default_rng(seed)
+    lists: dict[str, list] = {}
+    for split, n in (("training", n_train), ("validation", n_val), ("test", n_test)):
+        lists[split] = []
+        for i in range(n):
+            p = make_phantom(rng, spacing=(8.0, 8.0, 8.0))
+            img, lab = folder / f"{split}_{i}.nii.gz", folder / f"{split}_{i}_label.nii.gz"
+            write_image(np.round(p.image).astype(np.int16), p.affine, img)
+            write_label_map(p.label, p.affine, lab)
+            lists[split].append({"image": img.name, "label": lab.name})
+    dl = folder / "datalist.json"
+    dl.write_text(json.dumps(lists))
+    return dl
+
+
+def tiny_config(folder: Path, datalist: Path, *, out: str = "run", **train) -> Path:
+    """A config for a tiny UNETR on 32³ windows of 8 mm phantoms; returns its path."""
+    cfg = {
+        "labels": LABELS,
+        "preprocess": {"orientation": "RAS", "spacing": [8.0, 8.0, 8.0],
+                       "intensity": {"modality": "ct", "window": [-1000.0, 600.0]}},
+        "augment": {"num_samples": 1},
+        "model": {"name": "unetr", "roi_size": [32, 32, 32], "options": TINY_UNETR},
+        "train": {"datalist": str(datalist), "output_dir": str(folder / out), "epochs": 2, "batch_size": 1,
+                  "lr": 1e-3, "val_every": 1, "cache": True, **train},
+        "infer": {"overlap": 0.25, "sw_batch_size": 2},
+    }
+    path = folder / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,226 @@
+"""The command line: user errors exit 2 with one line and no traceback, and write nothing."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medvit.checkpoint import save_checkpoint
+from medvit.config import parse_config
+from medvit.data.phantom import LABELS, make_phantom
+from medvit.nets import build_net
+from pipelines.cli import main
+from tests.helpers import TINY_UNETR
+
+TINY = {
+    "labels": LABELS,
+    "preprocess": {"orientation": "RAS", "spacing": [8.0, 8.0, 8.0], "intensity": {"modality": "ct", "window": [-1000.0, 600.0]}},
+    "model": {"name": "unetr", "roi_size": [32, 32, 32], "options": TINY_UNETR},
+    "infer": {"overlap": 0.25, "sw_batch_size": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """An untrained tiny UNETR checkpoint: enough to test geometry and errors, not labels."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    cfg = parse_config(TINY)
+    torch.manual_seed(0)
+    return save_checkpoint(build_net(cfg.model), folder / "tiny.safetensors", config=cfg)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ph")
+    p = make_phantom(np.random.default_rng(5), spacing=(7.0, 6.0, 9.0), axcodes="LPS")
+    path = folder / "case.nii.gz"
+    nib.save(nib.Nifti1Image(p.image.astype(np.int16), p.affine), path)
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(args, capsys, *needles, out_dir: Path | None = None):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+    if out_dir is not None:
+        assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+    return err
+
+
+def test_segment_writes_labels_in_input_geometry(ckpt, phantom, tmp_path, capsys):
+    out = tmp_path / "seg"
+    code, stdout, err = run_cli(["segment", str(phantom), "-o", str(out), "--checkpoint", str(ckpt), "--stats", "--preview"], capsys)
+    assert code == 0, err
+    seg = nib.load(out / "case_seg.nii.gz")
+    src = nib.load(phantom)
+    assert seg.shape == src.shape
+    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
+    assert seg.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(seg.dataobj))) <= set(LABELS)
+    rows = json.loads((out / "case_stats.json").read_text())
+    assert all(r["volume_mm3"] == pytest.approx(r["voxels"] * 7 * 6 * 9) for r in rows)
+    assert (out / "case_stats.csv").read_text().startswith("id,")
+    assert (out / "case_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "case_seg.nii.gz" in stdout
+
+
+def test_segment_dicom_folder_keeps_dicom_geometry(ckpt, data_dir, tmp_path, capsys):
+    from medvit.io import read_image
+
+    src = data_dir / "dcmqi" / "segmentations" / "ct-3slice"
+    out = tmp_path / "seg"
+    code, _, err = run_cli(["segment", str(src), "-o", str(out), "--checkpoint", str(ckpt)], capsys)
+    assert code == 0, err
+    seg = nib.load(out / "ct-3slice_seg.nii.gz")
+    img = read_image(src)
+    assert seg.shape == tuple(img.shape[1:]) == (512, 512, 3)
+    np.testing.assert_allclose(seg.affine, np.asarray(img.affine), atol=1e-4)
+
+
+def test_segment_refuses_to_overwrite_an_input(ckpt, phantom, tmp_path, capsys):
+    """y.nii.gz would be written as y_seg.nii.gz, which is also an input of the same run."""
+    shutil.copy(phantom, tmp_path / "y.nii.gz")
+    victim = tmp_path / "y_seg.nii.gz"
+    shutil.copy(phantom, victim)
+    before = victim.read_bytes()
+    assert_user_error(["segment", str(tmp_path / "y.nii.gz"), str(victim), "-o", str(tmp_path), "--checkpoint", str(ckpt)],
+                      capsys, "y_seg.nii.gz", "overwritten")
+    assert victim.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y.nii.gz", "y_seg.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
+    f = tmp_path_factory.mktemp("bad")
+    raw = phantom.read_bytes()
+    (f / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (f / "nodicom").mkdir()
+    (f / "nodicom" / "readme.txt").write_text("not an image")
+    corrupt = f / "corrupt_dicom"
+    corrupt.mkdir()
+    for src in sorted((data_dir / "dcmqi" / "segmentations" / "ct-3slice").glob("*.dcm")):
+        b = src.read_bytes()
+        (corrupt / src.name).write_bytes(b if src.name != "02.dcm" else b[: len(b) - 200_000])
+    mixed = f / "mixed"
+    mixed.mkdir()
+    for src in (data_dir / "dcmqi" / "segmentations" / "ct-3slice").glob("*.dcm"):
+        shutil.copy(src, mixed / f"a_{src.name}")
+    for src in (data_dir / "totalsegmentator" / "example_ct_dicom").glob("*"):
+        shutil.copy(src, mixed / f"b_{src.name}")
+    seg = f / "seg"
+    seg.mkdir()
+    shutil.copy(data_dir / "dcmqi" / "segmentations" / "liver.dcm", seg / "liver.dcm")
+    img = nib.load(phantom)
+    two = np.stack([np.asarray(img.dataobj)] * 2, -1).astype(np.int16)
+    nib.save(nib.Nifti1Image(two, img.affine), f / "twochannel.nii.gz")
+    nan = np.asarray(img.dataobj).astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    nan[1, 1, 1] = np.inf
+    nib.save(nib.Nifti1Image(nan, img.affine), f / "nan.nii.gz")
+    return {p.name: p for p in f.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "name, needles",
+    [
+        ("missing.nii.gz", ["missing.nii.gz", "no such file"]),
+        ("truncated.nii.gz", ["truncated.nii.gz"]),
+        ("nodicom", ["nodicom", "no DICOM"]),
+        ("corrupt_dicom", ["corrupt_dicom"]),
+        ("mixed", ["mixed", "--series"]),
+        ("seg", ["SEG"]),
+        ("twochannel.nii.gz", ["twochannel.nii.gz", "2 channel", "takes 1"]),
+        ("nan.nii.gz", ["nan.nii.gz", "2", "NaN"]),
+    ],
+)
+def test_segment_bad_inputs(name, needles, bad_inputs, ckpt, tmp_path, capsys):
+    path = bad_inputs.get(name, tmp_path / name)
+    out = tmp_path / "out"
+    assert_user_error(["segment", str(path), "-o", str(out), "--checkpoint", str(ckpt)], capsys, *needles, out_dir=out)
+
+
+def test_mixed_series_lists_both_and_series_option_picks_one(bad_inputs, ckpt, tmp_path, capsys):
+    from medvit.io import list_dicom_series
+
+    uids = [s.uid for s in list_dicom_series(bad_inputs["mixed"])]
+    err = assert_user_error(["segment", str(bad_inputs["mixed"]), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)], capsys)
+    assert all(u in err for u in uids) and len(uids) == 2
+    one = next(s for s in list_dicom_series(bad_inputs["mixed"]) if s.n_files == 3)
+    code, _, err = run_cli(["segment", str(bad_inputs["mixed"]), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt), "--series", one.uid], capsys)
+    assert code == 0, err
+    assert nib.load(tmp_path / "o" / "mixed_seg.nii.gz").shape == (512, 512, 3)
+
+
+def test_nonfinite_replace_is_reported(bad_inputs, ckpt, tmp_path, capsys, caplog):
+    out = tmp_path / "o"
+    code, _, err = run_cli(["segment", str(bad_inputs["nan.nii.gz"]), "-o", str(out), "--checkpoint", str(ckpt), "--nonfinite", "replace"], capsys)
+    assert code == 0, err
+    assert "2" in caplog.text + err and (out / "nan_seg.nii.gz").is_file()
+
+
+def test_checkpoint_for_another_net(ckpt, phantom, tmp_path, capsys):
+    other = dict(TINY, model={"name": "swin_unetr", "roi_size": [64, 64, 64], "options": {"feature_size": 12}})
+    cfg_path = tmp_path / "swin.yaml"
+    cfg_path.write_text(yaml.safe_dump(other))
+    assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt), "--config", str(cfg_path)],
+                      capsys, "unetr", "swin_unetr", out_dir=tmp_path / "o")
+    # a .pt state dict of a unetr loaded as a swin_unetr
+    pt = tmp_path / "model.pt"
+    torch.save(build_net(parse_config(TINY).model).state_dict(), pt)
+    assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(pt), "--config", str(cfg_path)],
+                      capsys, "model.pt", out_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [({"colour": "blue"}, "unknown key 'colour'"), ({"train": {"datalist": "x.json", "epochs": "ten"}}, "train.epochs")],
+)
+def test_train_bad_config(patch, needle, tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({**TINY, **patch}))
+    assert_user_error(["train", str(p)], capsys, str(p), needle)
+
+
+def test_evaluate_prints_table_and_writes_json(tmp_path, capsys):
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[5:15, 5:15, 5:15] = 1
+    pred = np.roll(lab, 1, axis=0)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(lab, aff), tmp_path / "gt.nii.gz")
+    nib.save(nib.Nifti1Image(pred, aff), tmp_path / "pred.nii.gz")
+    code, out, err = run_cli(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "-o", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["labels"]["1"]["dice"] == pytest.approx(0.9) and r["labels"]["1"]["hd95_mm"] == pytest.approx(2.0)
+    assert "0.900" in out
+
+
+def test_series_lists_uids(data_dir, capsys):
+    code, out, _ = run_cli(["series", str(data_dir / "dcmqi" / "segmentations" / "ct-3slice")], capsys)
+    assert code == 0 and "3 files" in out
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed entry point itself: exit 2, one line on stderr, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "segment", str(tmp_path / "none.nii.gz"), "-o", str(tmp_path / "o"),
+                        "--checkpoint", str(tmp_path / "none.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
