@@ -43,12 +43,12 @@ DEMO_CONFIG: dict = {
     "train": {
         "datalist": "phantoms/datalist.json",
         "output_dir": "run",
-        "epochs": 40,
+        "epochs": 32,
         "batch_size": 1,
         "lr": 2e-3,
         "weight_decay": 1e-5,
         "warmup_epochs": 2,
-        "val_every": 10,
+        "val_every": 8,
         "seed": 0,
         "amp": True,
     },
@@ -63,13 +63,21 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("MEDVIT_TEST_DATA", "../shared/data"))
 
 
-def write_phantom_set(folder: Path, *, seed: int, n_train: int = N_TRAIN, n_val: int = N_VAL, n_test: int = N_TEST) -> Path:
+def write_phantom_set(
+    folder: Path,
+    *,
+    seed: int,
+    n_train: int = N_TRAIN,
+    n_val: int = N_VAL,
+    n_test: int = N_TEST,
+    spacing: tuple[float, float, float] | None = None,
+) -> Path:
     """Write phantoms as NIfTI (int16 HU images, uint8 labels) and a datalist; returns the datalist path."""
     rng = np.random.default_rng(seed)
     lists: dict[str, list[dict[str, str]]] = {"training": [], "validation": [], "test": []}
     for split, n in (("training", n_train), ("validation", n_val), ("test", n_test)):
         for i in range(n):
-            p = make_phantom(rng)
+            p = make_phantom(rng, spacing=spacing)
             stem = f"{split}/phantom_{i:03d}"
             (folder / split).mkdir(parents=True, exist_ok=True)
             write_image(np.round(p.image).astype(np.int16), p.affine, folder / f"{stem}.nii.gz")
@@ -81,8 +89,20 @@ def write_phantom_set(folder: Path, *, seed: int, n_train: int = N_TRAIN, n_val:
     return datalist
 
 
-def run_demo(out: Path, *, device: str = "cpu", seed: int = 0, config: dict | None = None) -> dict:
-    """Run the demo into ``out``; returns the summary it prints (Dice per label and mean)."""
+def run_demo(
+    out: Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    config: dict | None = None,
+    counts: tuple[int, int, int] = (N_TRAIN, N_VAL, N_TEST),
+    phantom_spacing: tuple[float, float, float] | None = None,
+) -> dict:
+    """Run the demo into ``out``; returns the summary it prints (Dice per label and mean).
+
+    ``config``, ``counts`` (training, validation, test phantoms) and ``phantom_spacing``
+    (default: drawn per case) exist so tests can run the same path on a tiny set.
+    """
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
     from pipelines.evaluate import evaluate_files
@@ -100,10 +120,11 @@ def run_demo(out: Path, *, device: str = "cpu", seed: int = 0, config: dict | No
         Path(tmp).write_text(yaml.safe_dump(raw, sort_keys=False))
 
     print(f"[1/4] writing the phantom set to {out / 'phantoms'}", flush=True)
-    write_phantom_set(out / "phantoms", seed=seed)
+    n_train, n_val, n_test = counts
+    write_phantom_set(out / "phantoms", seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, spacing=phantom_spacing)
     cfg = load_config(cfg_path)
 
-    print(f"[2/4] training {cfg.model.name} on {N_TRAIN} phantoms ({cfg.train.epochs} epochs, {device})", flush=True)
+    print(f"[2/4] training {cfg.model.name} on {n_train} phantoms ({cfg.train.epochs} epochs, {device})", flush=True)
     t0 = time.time()
     res = train(cfg, device=device)
     t_train = time.time() - t0

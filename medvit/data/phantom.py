@@ -17,8 +17,9 @@ from scipy.ndimage import gaussian_filter
 LABELS: dict[int, str] = {0: "background", 1: "liver", 2: "spleen", 3: "kidney", 4: "spine", 5: "lung"}
 """Label ids of the phantom set and their names."""
 
-# Mean HU per tissue; distinct so that a small net can separate them.
-_HU = {"air": -1000.0, "fat": -90.0, "soft": 35.0, 1: 70.0, 2: 125.0, 3: 190.0, 4: 520.0, 5: -820.0}
+# Mean HU per tissue, roughly a contrast-enhanced portal-venous CT; distinct so that a
+# small net can separate them (neighbours differ by at least 60 HU, three noise sigmas).
+_HU = {"air": -1000.0, "fat": -100.0, "soft": 40.0, 1: 100.0, 2: 160.0, 3: 230.0, 4: 600.0, 5: -850.0}
 
 ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "PLS", "ASR")
 """Axis orientations the generator samples (anatomical directions of the voxel axes)."""
@@ -69,7 +70,7 @@ def make_phantom(
     *,
     spacing: tuple[float, float, float] | None = None,
     axcodes: str | None = None,
-    noise_hu: float = 25.0,
+    noise_hu: float = 20.0,
 ) -> Phantom:
     """Draw one phantom.
 
@@ -118,7 +119,7 @@ def make_phantom(
     for lab_id, mask in organs:
         mask &= inner
         lab[mask] = lab_id
-        hu[mask] = _HU[lab_id] + rng.uniform(-12, 12)
+        hu[mask] = _HU[lab_id] + rng.uniform(-10, 10)
 
     # partial-volume blur, then scanner-like noise
     hu = gaussian_filter(hu, sigma=0.6).astype(np.float32)
