@@ -89,6 +89,9 @@ def segment(
     preview: Annotated[bool, typer.Option(help="Write a PNG of three orthogonal slices with the labels.")] = False,
     nonfinite: Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, or replace by the minimum and report.")] = NonFinite.error,
     resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
+    skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
+    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry."""
     from medvit.checkpoint import load_checkpoint
@@ -103,14 +106,17 @@ def segment(
     cfg = load_config(config) if config is not None else None
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
-              stats=stats, preview=preview, resample=resample.value)
+              stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
+              progress=progress)
     single = [i for i in inputs if "," not in i]
     results = segment_inputs(single, model, out, **kw)
     for group in (i for i in inputs if "," in i):
         results.append(segment_case(group.split(","), model, out, **kw))
     for r in results:
         extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])
-        typer.echo(f"{', '.join(r.input)} -> {r.labels_path}" + (f" ({', '.join(extra)})" if extra else ""))
+        e = r.engine
+        run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
+        typer.echo(f"{', '.join(r.input)} -> {r.labels_path}" + (f" ({', '.join(extra)})" if extra else "") + run)
 
 
 @app.command()

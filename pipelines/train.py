@@ -38,7 +38,7 @@ from medvit.errors import ConfigError, InputError
 from medvit.io import atomic_path
 from medvit.nets import build_net
 from medvit.transforms import train_transforms, val_transforms
-from pipelines.engine import sliding_window
+from pipelines.engine import sliding_window_labels
 
 STATE_FILE = "last_state.pt"
 
@@ -127,15 +127,14 @@ def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, am
         for batch in loader:
             image = batch["image"].to(device)
             with _autocast(device, amp):
-                logits = sliding_window(
+                pred = sliding_window_labels(
                     image,
                     net,
                     roi_size=cfg.model.roi_size,
                     sw_batch_size=cfg.infer.sw_batch_size,
                     overlap=cfg.infer.overlap,
                     mode=cfg.infer.mode,
-                )
-            pred = logits.float().argmax(1, keepdim=True)
+                )[:, None].to(device)
             label = torch.as_tensor(batch["label"]).to(device).long()
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], n_classes).movedim(-1, 1)  # noqa: E731
             metric(y_pred=onehot(pred), y=onehot(label))

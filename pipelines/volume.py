@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from medvit.checkpoint import LoadedModel
-from medvit.errors import InputError
+from medvit.errors import InputError, MedvitError
 from medvit.io import LoadVolumed, write_label_map
 from medvit.transforms import infer_transforms, invert_prediction
-from pipelines.engine import sliding_window
+from pipelines.engine import EngineReport, segment_volume
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class CaseResult:
     input: list[str]
     labels_path: Path
     resampled: str
+    engine: EngineReport | None = None
     stats_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
 
@@ -41,20 +42,21 @@ def case_name(path: str | Path) -> str:
     return name
 
 
-def _labels_from_logits(logits: torch.Tensor, data: dict, chain, in_grid_voxels: int, resample: str) -> tuple[np.ndarray, str]:
-    """Labels on the input grid: class scores resampled then argmax, or argmax labels resampled (nearest)."""
-    k = logits.shape[0]
+def skip_threshold(cfg, skip_below_hu: float | None) -> float | None:
+    """``--skip-below-hu`` in the preprocessed image's units (CT window mapped to [0, 1])."""
+    if skip_below_hu is None:
+        return None
+    icfg = cfg.preprocess.intensity
+    if icfg.modality != "ct":
+        raise MedvitError("--skip-below-hu needs a CT checkpoint (its HU window); this one is for MRI")
+    lo, hi = icfg.window
+    return max((skip_below_hu - lo) / (hi - lo), 0.0)
+
+
+def _choose_resample(resample: str, n_classes: int, in_grid_voxels: int) -> str:
     if resample == "auto":
-        resample = "probs" if k * in_grid_voxels * 4 <= PROB_RESAMPLE_BUDGET else "labels"
-    if resample == "probs":
-        scores = torch.softmax(logits.float(), 0)
-        inv = invert_prediction(scores, data, chain, mode="bilinear")
-        labels = torch.as_tensor(inv).argmax(0)
-    else:
-        lab = logits.argmax(0, keepdim=True).to(torch.int32)
-        inv = invert_prediction(lab, data, chain, mode="nearest")
-        labels = torch.as_tensor(inv)[0].round()
-    return labels.cpu().numpy().astype(np.int32), resample
+        return "probs" if n_classes * in_grid_voxels * 4 <= PROB_RESAMPLE_BUDGET else "labels"
+    return resample
 
 
 def segment_case(
@@ -73,6 +75,8 @@ def segment_case(
     resample: Literal["auto", "probs", "labels"] = "auto",
     progress: bool = False,
     protect: list[str] | None = None,
+    skip_below_hu: float | None = None,
+    tta: bool = False,
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
@@ -95,23 +99,34 @@ def segment_case(
     data = chain(dict(loaded))
     image = data["image"]
 
-    net = model.net
-    with torch.no_grad():
-        logits = sliding_window(
-            image.as_tensor()[None].to(device),
-            net,
-            roi_size=cfg.model.roi_size,
-            sw_batch_size=batch_size or cfg.infer.sw_batch_size,
-            overlap=cfg.infer.overlap if overlap is None else overlap,
-            mode=cfg.infer.mode,
-            progress=progress,
-        )[0].cpu()
-    if not torch.isfinite(logits).all():
-        raise InputError(paths[0], "the net produced NaN or inf scores on this input")
-    labels, how = _labels_from_logits(logits, data, chain, int(np.prod(original.shape[1:])), resample)
+    dev = torch.device(device)
+    how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
+    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
+    grid, report = segment_volume(
+        image.as_tensor(),
+        model.net,
+        roi_size=cfg.model.roi_size,
+        batch_size=batch_size or cfg.infer.sw_batch_size,
+        overlap=cfg.infer.overlap if overlap is None else overlap,
+        mode=cfg.infer.mode,
+        output="scores" if how == "probs" else "labels",
+        skip_below=skip_threshold(cfg, skip_below_hu),
+        mirror_axes=(0, 1, 2) if tta else (),
+        device=dev,
+        amp_dtype=amp,
+        progress=progress,
+    )
+    if how == "probs":
+        # class scores back to the input grid (bilinear), then argmax there: smoother borders
+        scores = torch.softmax(grid.scores, 0)
+        labels = torch.as_tensor(invert_prediction(scores, data, chain, mode="bilinear")).argmax(0)
+    else:
+        inv = invert_prediction(grid.labels[None].to(torch.int32), data, chain, mode="nearest")
+        labels = torch.as_tensor(inv)[0]
+    labels = labels.cpu().numpy().astype(np.int32)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how)
+    result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report)
     write_label_map(labels, affine, result.labels_path, protect=list(paths) + list(protect or []))
     if stats or preview:
         from pipelines.report import label_stats, write_preview, write_stats

@@ -1,9 +1,12 @@
 """The sliding-window inference engine shared by volumes and scenes.
 
 Every sliding-window call in the project (``medvit segment``, validation during
-training) goes through :func:`sliding_window`, so the engine can be swapped in one place.
+training, the benchmarks) goes through this package: a runner (batching, prefetch,
+device placement, autocast, out-of-memory adaptation, progress) over a domain that plans
+and stitches windows (``DenseGrid`` for volumes).
 """
 
-from pipelines.engine.dense import sliding_window
+from pipelines.engine.dense import DenseGrid, segment_volume, sliding_window, sliding_window_labels
+from pipelines.engine.runner import EngineReport, mirrored, run_windows
 
-__all__ = ["sliding_window"]
+__all__ = ["DenseGrid", "EngineReport", "mirrored", "run_windows", "segment_volume", "sliding_window", "sliding_window_labels"]

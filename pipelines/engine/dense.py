@@ -1,17 +1,304 @@
-"""Sliding-window inference over dense volumes.
+"""``DenseGrid``: the volume domain of the engine, and the ``sliding_window`` entry point.
 
-For now this delegates to MONAI's ``sliding_window_inference`` with Gaussian blending;
-callers depend only on :func:`sliding_window`'s signature.
+Windows are evenly spaced as in MONAI (same starts, same Gaussian importance map, fp32
+sums in the same order), so with skipping and augmentation off the blended output equals
+``monai.inferers.sliding_window_inference(mode="gaussian")``. What differs is memory:
+windows are ordered by their start along the first spatial axis, and a slab of that
+axis is finalised as soon as no later window touches it. The float accumulator therefore
+spans one window's depth, not the volume; when only labels are wanted, each slab is
+reduced to uint8/uint16 labels and freed, so peak memory no longer grows with
+classes × volume. Class scores can instead be kept in memory or streamed to a ``.npy``
+memory map on disk.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from medvit.errors import MedvitError
+from pipelines.engine.runner import EngineReport, mirrored, run_windows
+
+_IMPORTANCE: dict[tuple, torch.Tensor] = {}
+
+
+def importance_map(roi: tuple[int, ...], mode: str, sigma_scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """MONAI's importance map for ``roi``, cached per (roi, mode, sigma, dtype, device)."""
+    key = (tuple(roi), mode, float(sigma_scale), dtype, str(device))
+    if key not in _IMPORTANCE:
+        _IMPORTANCE[key] = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device=device, dtype=dtype)
+    return _IMPORTANCE[key]
+
+
+def scan_interval(image: Sequence[int], roi: Sequence[int], overlap: Sequence[float]) -> tuple[int, ...]:
+    """Window step per axis: ``int(roi * (1 - overlap))``, at least 1; the roi itself where it fills the axis."""
+    return tuple(int(r) if r == s else max(1, int(r * (1 - o))) for s, r, o in zip(image, roi, overlap))
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int
+    start: tuple[int, int, int]
+    """First voxel of the window in the padded volume."""
+
+
+def label_dtype(n_classes: int) -> torch.dtype:
+    if n_classes <= 256:
+        return torch.uint8
+    if n_classes <= 65536:
+        return torch.int32  # stored as uint16 on disk; torch's uint16 lacks argmax/indexing support
+    raise MedvitError(f"{n_classes} classes do not fit a 16-bit label map")
+
+
+class DenseGrid:
+    """Evenly spaced windows over one ``(C, D, H, W)`` volume.
+
+    Args:
+        image: ``(C, D, H, W)`` input on the CPU (or the device); padded with ``pad_value``
+            where it is smaller than the window, as MONAI does, and cropped back at the end.
+        roi_size: window size per spatial axis.
+        overlap: fraction shared by neighbouring windows, in [0, 1) (per axis or one value).
+        step: window step per axis in voxels; overrides ``overlap`` when given.
+        mode: ``gaussian`` or ``constant`` blending; ``sigma_scale`` as in MONAI.
+        output: ``labels`` (argmax per slab into uint8, or int32 past 256 classes),
+            ``scores`` (blended predictor outputs), or ``both``.
+        scores_path: with scores, a ``.npy`` file to stream them to instead of memory.
+        skip_below: skip windows whose input has no voxel above this value (in the input's
+            units); skipped-only voxels get label 0 and zero scores, and are counted.
+        accumulate_device: where the float slab lives; default the device windows run on.
+    """
+
+    def __init__(
+        self,
+        image: torch.Tensor,
+        roi_size: Sequence[int],
+        *,
+        overlap: float | Sequence[float] = 0.5,
+        step: Sequence[int] | None = None,
+        mode: str = "gaussian",
+        sigma_scale: float = 0.125,
+        output: Literal["labels", "scores", "both"] = "labels",
+        scores_path: str | Path | None = None,
+        skip_below: float | None = None,
+        accumulate_device: torch.device | str | None = None,
+        pad_value: float = 0.0,
+    ):
+        if image.ndim != 4:
+            raise MedvitError(f"DenseGrid takes a (C, D, H, W) volume, got shape {tuple(image.shape)}")
+        roi = tuple(int(r) for r in roi_size)
+        if len(roi) != 3 or min(roi) < 1:
+            raise MedvitError(f"roi_size must be three positive sizes, got {roi_size}")
+        ov = tuple(float(o) for o in (overlap if isinstance(overlap, Sequence) else (overlap,) * 3))
+        if any(not 0 <= o < 1 for o in ov):
+            raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
+        if output not in ("labels", "scores", "both"):
+            raise MedvitError(f"output must be labels, scores or both, got {output!r}")
+        self.original_shape = tuple(image.shape[1:])
+        # MONAI's padding: split the shortfall, the smaller half first
+        self.pad = [((max(r - s, 0)) // 2, max(r - s, 0) - (max(r - s, 0)) // 2) for s, r in zip(self.original_shape, roi)]
+        if any(a or b for a, b in self.pad):
+            flat = [p for a, b in reversed(self.pad) for p in (a, b)]
+            image = torch.nn.functional.pad(image, flat, mode="constant", value=pad_value)
+        self.image = image
+        self.shape = tuple(image.shape[1:])
+        self.window_shape = (image.shape[0], *roi)
+        self.roi = roi
+        if step is not None:
+            self.step = tuple(int(s) for s in step)
+            if min(self.step) < 1:
+                raise MedvitError(f"step must be at least 1 voxel, got {step}")
+        else:
+            self.step = scan_interval(self.shape, roi, ov)
+        slices = dense_patch_slices(self.shape, roi, self.step, return_slice=False)
+        starts = sorted(tuple(int(v) for v in s[:, 0]) for s in np.asarray(slices))
+        self.mode, self.sigma_scale = mode, sigma_scale
+        self.output, self.scores_path = output, scores_path
+        self.acc_device = torch.device(accumulate_device) if accumulate_device is not None else None
+        self.all_windows = [Window(i, s) for i, s in enumerate(starts)]
+        if skip_below is not None:
+            self.run = [w for w in self.all_windows if bool((self._crop(w) > skip_below).any())]
+        else:
+            self.run = list(self.all_windows)
+        self.skipped = len(self.all_windows) - len(self.run)
+        self._pos = {w.index: i for i, w in enumerate(self.run)}
+        self._next = 0  # windows of self.run added so far
+        self._lo = 0  # first depth not yet finalised (padded coordinates)
+        self._acc: torch.Tensor | None = None  # (K, roi depth, H, W) ring
+        self._wsum: torch.Tensor | None = None  # (roi depth, H, W) ring
+        self.n_classes: int | None = None
+        self.labels: torch.Tensor | None = None
+        self.scores: torch.Tensor | np.ndarray | None = None
+
+    # ---------------------------------------------------------------- domain API
+    def windows(self) -> list[Window]:
+        return self.run
+
+    def _crop(self, w: Window) -> torch.Tensor:
+        (d, h, x), (rd, rh, rx) = w.start, self.roi
+        return self.image[:, d : d + rd, h : h + rh, x : x + rx]
+
+    def gather(self, ws: Sequence[Window]) -> torch.Tensor:
+        return torch.stack([self._crop(w) for w in ws]).contiguous()
+
+    def check(self, ws: Sequence[Window], out: torch.Tensor) -> None:
+        want = (len(ws), *self.roi)
+        if not isinstance(out, torch.Tensor) or out.ndim != 5 or (out.shape[0], *out.shape[2:]) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise MedvitError(f"the predictor returned {got} for a batch of {len(ws)} windows; expected ({len(ws)}, K, {', '.join(map(str, self.roi))})")
+        if self.n_classes is not None and out.shape[1] != self.n_classes:
+            raise MedvitError(f"the predictor returned {out.shape[1]} channels, earlier windows had {self.n_classes}")
+        finite = torch.isfinite(out).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = ws[int((~finite).nonzero()[0])]
+            at = tuple(s - p[0] for s, p in zip(bad.start, self.pad))
+            raise MedvitError(f"the predictor returned NaN or inf for the window starting at voxel {at} (size {self.roi})")
+
+    def accumulate_on_cpu(self) -> bool:
+        if self.acc_device is not None and self.acc_device.type == "cpu":
+            return False
+        self.acc_device = torch.device("cpu")
+        if self._acc is not None:
+            self._acc, self._wsum = self._acc.cpu(), self._wsum.cpu()
+        return True
+
+    def _setup(self, out: torch.Tensor) -> None:
+        self.n_classes = int(out.shape[1])
+        if self.acc_device is None:
+            self.acc_device = out.device
+        _, h, x = self.shape
+        # A ring of one window's depth: depth d lives at d % roi[0]. Depths are finalised
+        # before a window that starts past them is added, so the live range never exceeds it.
+        cap = self.roi[0]
+        self._acc = torch.zeros((self.n_classes, cap, h, x), dtype=torch.float32, device=self.acc_device)
+        self._wsum = torch.zeros((cap, h, x), dtype=torch.float32, device=self.acc_device)
+        if self.output in ("labels", "both"):
+            self.labels = torch.zeros(self.original_shape, dtype=label_dtype(self.n_classes))
+        if self.output in ("scores", "both"):
+            shape = (self.n_classes, *self.original_shape)
+            if self.scores_path is not None:
+                self.scores = np.lib.format.open_memmap(str(self.scores_path), mode="w+", dtype=np.float32, shape=shape)
+            else:
+                self.scores = torch.zeros(shape, dtype=torch.float32)
+
+    def _ring(self, d0: int, d1: int) -> list[tuple[slice, slice]]:
+        """(ring slice, offset slice within [d0, d1)) pairs covering depths [d0, d1)."""
+        cap = self._acc.shape[1]
+        parts, d = [], d0
+        while d < d1:
+            p = d % cap
+            n = min(d1 - d, cap - p)
+            parts.append((slice(p, p + n), slice(d - d0, d - d0 + n)))
+            d += n
+        return parts
+
+    def accumulate(self, ws: Sequence[Window], out: torch.Tensor) -> None:
+        if self.n_classes is None:
+            self._setup(out)
+        dev = self.acc_device
+        imp = importance_map(self.roi, self.mode, self.sigma_scale, torch.float32, dev)
+        weighted = out.to(dev, torch.float32) * imp  # allocated before any sum changes
+        rd, rh, rx = self.roi
+        for j, w in enumerate(ws):
+            if self._pos[w.index] < self._next:
+                continue  # added before an out-of-memory retry of this batch
+            self._finalize_until(w.start[0])  # no later window reaches below this start
+            d, h, x = w.start
+            for ring, off in self._ring(d, d + rd):
+                self._acc[:, ring, h : h + rh, x : x + rx] += weighted[j][:, off]
+                self._wsum[ring, h : h + rh, x : x + rx] += imp[off]
+            self._next += 1
+        if self._next == len(self.run):
+            self._finalize_until(self.shape[0])
+
+    def _finalize_until(self, upto: int) -> None:
+        """Blend, reduce and write depths [self._lo, upto), then clear their ring slots."""
+        upto = min(upto, self.shape[0])
+        if upto <= self._lo:
+            return
+        (pd, _), (ph, _), (px, _) = self.pad
+        hs, xs = slice(ph, ph + self.original_shape[1]), slice(px, px + self.original_shape[2])
+        # a few depths at a time keeps the temporaries small whatever the class count
+        plane = self.n_classes * self._acc.shape[2] * self._acc.shape[3] * 4
+        step = max(1, min(self.roi[0], (256 << 20) // max(plane, 1)))
+        for c0 in range(self._lo, upto, step):
+            c1 = min(c0 + step, upto)
+            for ring, off in self._ring(c0, c1):
+                lo_o = c0 + off.start - pd
+                hi_o = lo_o + (off.stop - off.start)
+                a, b = max(lo_o, 0), min(hi_o, self.original_shape[0])
+                if b > a:
+                    r = slice(ring.start + (a - lo_o), ring.start + (b - lo_o))
+                    wsum = self._wsum[r, hs, xs]
+                    covered = wsum > 0
+                    part = self._acc[:, r, hs, xs] / torch.where(covered, wsum, torch.ones_like(wsum))
+                    if self.labels is not None:
+                        lab = part.argmax(0)
+                        lab[~covered] = 0
+                        self.labels[a:b] = lab.to(self.labels.dtype).cpu()
+                    if self.scores is not None:
+                        if isinstance(self.scores, np.ndarray):
+                            self.scores[:, a:b] = part.cpu().numpy()
+                        else:
+                            self.scores[:, a:b] = part.cpu()
+                self._acc[:, ring] = 0
+                self._wsum[ring] = 0
+            self._lo = c1  # per chunk: a retry after an out-of-memory error resumes here
+
+    def finalize(self) -> DenseGrid:
+        if self.n_classes is None:
+            raise MedvitError("no window was run: every window was skipped as empty, so there is no output to stitch")
+        self._finalize_until(self.shape[0])  # (already done after the last window; a no-op then)
+        if isinstance(self.scores, np.memmap):
+            self.scores.flush()
+        return self
+
+
+def empty_result_labels(shape: Sequence[int]) -> torch.Tensor:
+    """Labels for a volume whose windows were all skipped: background everywhere."""
+    return torch.zeros(tuple(shape), dtype=torch.uint8)
+
+
+def segment_volume(
+    image: torch.Tensor,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    roi_size: Sequence[int],
+    batch_size: int = 4,
+    overlap: float = 0.5,
+    mode: str = "gaussian",
+    output: Literal["labels", "scores", "both"] = "labels",
+    scores_path: str | Path | None = None,
+    skip_below: float | None = None,
+    mirror_axes: Sequence[int] = (),
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[DenseGrid, EngineReport]:
+    """Sliding-window inference over one ``(C, D, H, W)`` volume through the engine.
+
+    Returns the finished :class:`DenseGrid` (``.labels`` and/or ``.scores``, ``.skipped``)
+    and the run's :class:`EngineReport`. ``mirror_axes`` turns on flip test-time
+    augmentation over those spatial axes.
+    """
+    grid = DenseGrid(image, roi_size, overlap=overlap, mode=mode, output=output, scores_path=scores_path,
+                     skip_below=skip_below)
+    rep = EngineReport(windows_planned=len(grid.all_windows), windows_skipped=grid.skipped)
+    if not grid.run:
+        rep.notes.append("every window was skipped as empty")
+        grid.labels = empty_result_labels(grid.original_shape)
+        return grid, rep
+    pred = mirrored(predictor, mirror_axes) if mirror_axes else predictor
+    grid, rep = run_windows(grid, pred, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                            progress=progress, report=rep)
+    rep.accumulate_device = str(grid.acc_device)
+    return grid, rep
 
 
 def sliding_window(
@@ -25,32 +312,44 @@ def sliding_window(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run ``predictor`` over overlapping windows of ``inputs`` and blend the outputs.
+    """Blended class scores for a ``(B, C, D, H, W)`` batch, like MONAI's ``sliding_window_inference``.
 
-    Args:
-        inputs: (B, C, D, H, W) tensor; spatial axes smaller than ``roi_size`` are padded.
-        predictor: maps a (b, C, *roi_size) batch to (b, K, *roi_size) logits.
-        roi_size: window size per spatial axis.
-        sw_batch_size: windows per predictor call.
-        overlap: fraction of a window shared with its neighbour, in [0, 1).
-        mode: ``gaussian`` (importance-weighted) or ``constant`` blending.
-        device: where the stitched output lives; default the input's device.
-
-    Returns:
-        (B, K, D, H, W) float32 blended logits.
+    Returns ``(B, K, D, H, W)`` float32 on the CPU. Windows run on ``device`` (default: the
+    input's device).
     """
-    if not 0 <= overlap < 1:
-        raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
-        raise MedvitError(f"batch size must be at least 1, got {sw_batch_size}")
-    out = sliding_window_inference(
-        inputs,
-        roi_size=tuple(int(r) for r in roi_size),
-        sw_batch_size=sw_batch_size,
-        predictor=predictor,
-        overlap=overlap,
-        mode=mode,
-        device=device,
-        progress=progress,
-    )
-    return out.as_tensor() if hasattr(out, "as_tensor") else out
+    if inputs.ndim != 5:
+        raise MedvitError(f"sliding_window takes (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    dev = torch.device(device) if device is not None else inputs.device
+    outs = []
+    for b in range(inputs.shape[0]):
+        grid, _ = segment_volume(inputs[b], predictor, roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
+                                 mode=mode, output="scores", device=dev, progress=progress)
+        outs.append(grid.scores)
+    return torch.stack(outs)
+
+
+def sliding_window_labels(
+    inputs: torch.Tensor,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    roi_size: Sequence[int],
+    sw_batch_size: int = 4,
+    overlap: float = 0.5,
+    mode: str = "gaussian",
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Argmax labels ``(B, D, H, W)`` without ever holding the full class-score volume."""
+    dev = torch.device(device) if device is not None else inputs.device
+    labs = []
+    for b in range(inputs.shape[0]):
+        grid, _ = segment_volume(inputs[b], predictor, roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
+                                 mode=mode, output="labels", device=dev)
+        labs.append(grid.labels.long())
+    return torch.stack(labs)
+
+
+def windows_for(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows a volume of ``shape`` needs (after padding to the roi)."""
+    padded = [max(s, r) for s, r in zip(shape, roi_size)]
+    step = scan_interval(padded, roi_size, (overlap,) * 3)
+    return math.prod(math.ceil((s - r) / t) + 1 if s > r else 1 for s, r, t in zip(padded, roi_size, step))

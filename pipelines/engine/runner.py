@@ -1,0 +1,198 @@
+"""The runner shared by every domain: plan → batch → predictor → accumulate → finalize.
+
+A *domain* (``DenseGrid`` for volumes, ``PointScene`` for scenes) knows how to plan its
+windows, gather a window's input, weight and scatter a window's output, and finalize
+what no later window touches. The runner owns everything else: batching, moving data to
+the device (the next batch is gathered and copied on a worker thread while the current
+one runs), autocast, a progress bar, and adapting to out-of-memory errors.
+
+Out of memory (``torch.OutOfMemoryError`` only; nothing else is caught): the batch is
+halved and retried; at batch 1 the domain moves its accumulators to the CPU. The batch
+size that worked is remembered per (device, window shape) for the next case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from medvit.errors import MedvitError
+
+_BATCH_LIMIT: dict[tuple[str, tuple[int, ...]], int] = {}
+"""Largest batch that fitted, per (device, window shape), learnt from out-of-memory errors."""
+
+
+class Domain(Protocol):
+    """What the runner needs from a domain."""
+
+    window_shape: tuple[int, ...]
+
+    def windows(self) -> Sequence[Any]:
+        """The windows to run, in the order the domain wants them accumulated."""
+
+    def gather(self, windows: Sequence[Any]) -> torch.Tensor:
+        """The CPU input batch for ``windows``."""
+
+    def check(self, windows: Sequence[Any], out: torch.Tensor) -> None:
+        """Raise a clear error if ``out`` is not what the domain expects."""
+
+    def accumulate(self, windows: Sequence[Any], out: torch.Tensor) -> None:
+        """Weight and add a batch of outputs; must allocate before it adds anything."""
+
+    def accumulate_on_cpu(self) -> bool:
+        """Move accumulators to the CPU after an out-of-memory error; False if they already are."""
+
+    def finalize(self) -> Any:
+        """The domain's result once every window has been accumulated."""
+
+
+@dataclass
+class EngineReport:
+    """What a run did: counts, times and memory, for logs and benchmarks."""
+
+    windows_planned: int = 0
+    windows_run: int = 0
+    windows_skipped: int = 0
+    batch_size: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    """Time inside the predictor (synchronised on CUDA)."""
+    oom_events: int = 0
+    accumulate_device: str = ""
+    peak_gpu_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast on ``device`` in ``dtype``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Test-time augmentation: the mean of ``predictor`` over every flip combination of ``axes``.
+
+    ``axes`` are spatial axes (0 is the first spatial axis). Outputs are flipped back before
+    averaging, so the result lines up with the unflipped input.
+    """
+    dims = [int(a) + 2 for a in axes]
+    combos = [[d for j, d in enumerate(dims) if (m >> j) & 1] for m in range(1 << len(dims))]
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for flip in combos:
+            out = predictor(torch.flip(x, flip) if flip else x)
+            out = torch.flip(out, flip) if flip else out
+            total = out.float() if total is None else total + out.float()
+        return total / len(combos)
+
+    return predict
+
+
+def run_windows(
+    domain: Domain,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    prefetch: bool = True,
+    desc: str = "windows",
+    report: EngineReport | None = None,
+) -> tuple[Any, EngineReport]:
+    """Run ``predictor`` over ``domain``'s windows and return ``(domain.finalize(), report)``."""
+    if batch_size < 1:
+        raise MedvitError(f"batch size must be at least 1, got {batch_size}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rep = report or EngineReport()
+    wins = list(domain.windows())
+    rep.windows_run = len(wins)
+    key = (str(device), tuple(domain.window_shape))
+    bs = min(batch_size, _BATCH_LIMIT.get(key, batch_size))
+    if bs < batch_size:
+        rep.notes.append(f"batch {bs}: remembered from an earlier out-of-memory error")
+    pin = device.type == "cuda"
+
+    def load(ws: Sequence[Any]) -> torch.Tensor:
+        x = domain.gather(ws)
+        if pin:
+            x = x.pin_memory()
+        return x.to(device, non_blocking=pin)
+
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+
+    def submit(start: int, size: int) -> Future | torch.Tensor | None:
+        ws = wins[start : start + size]
+        if not ws:
+            return None
+        return pool.submit(load, ws) if pool is not None else load(ws)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(wins), disable=not progress, desc=desc, unit="win", dynamic_ncols=True)
+    i = 0
+    pending = submit(0, bs)
+    try:
+        while i < len(wins):
+            batch = wins[i : i + bs]
+            x = pending.result() if isinstance(pending, Future) else pending
+            pending = submit(i + bs, bs)  # the next batch loads while this one runs
+            try:
+                tm = time.perf_counter()
+                with torch.no_grad(), autocast_context(device, amp_dtype):
+                    out = predictor(x)
+                _sync(device)
+                rep.model_seconds += time.perf_counter() - tm
+                domain.check(batch, out)
+                domain.accumulate(batch, out)
+            except torch.OutOfMemoryError:
+                rep.oom_events += 1
+                del x
+                out = None
+                if isinstance(pending, Future):
+                    pending.cancel()
+                    with contextlib.suppress(Exception):
+                        pending.result()
+                pending = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if bs > 1:
+                    bs //= 2
+                    _BATCH_LIMIT[key] = bs
+                    rep.notes.append(f"out of memory: batch size lowered to {bs}")
+                elif domain.accumulate_on_cpu():
+                    rep.notes.append("out of memory at batch 1: accumulating on the CPU")
+                else:
+                    raise MedvitError(
+                        f"out of memory on {device} with one window of {tuple(domain.window_shape)} and "
+                        "accumulation already on the CPU; use a smaller window or another device"
+                    ) from None
+                pending = submit(i, bs)
+                continue
+            i += len(batch)
+            bar.update(len(batch))
+        result = domain.finalize()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    rep.seconds = time.perf_counter() - t0
+    rep.batch_size = bs
+    if device.type == "cuda":
+        rep.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))
+    return result, rep

@@ -1,0 +1,161 @@
+"""DenseGrid against MONAI's sliding_window_inference, and the engine's own behaviour."""
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from medvit.errors import MedvitError
+from pipelines.engine import DenseGrid, segment_volume, sliding_window
+from pipelines.engine.runner import mirrored, run_windows
+
+
+def random_net(in_ch: int, k: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(in_ch, 6, 3, padding=1), torch.nn.GELU(), torch.nn.Conv3d(6, k, 3, padding=1)
+    ).eval()
+
+
+CASES = [
+    # shape, roi, overlap: odd shapes, roi larger than the volume in one axis, steps that don't divide
+    ((23, 17, 30), (8, 8, 8), 0.5),
+    ((5, 19, 14), (8, 8, 8), 0.25),
+    ((16, 16, 16), (16, 16, 16), 0.5),
+    ((31, 12, 9), (10, 12, 4), 0.6),
+    ((7, 7, 7), (12, 10, 8), 0.5),
+]
+
+
+@pytest.mark.parametrize("shape, roi, overlap", CASES)
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_scores_equal_monai(shape, roi, overlap, mode):
+    x = torch.randn(2, 2, *shape)
+    net = random_net(2, 4, seed=sum(shape))
+    with torch.no_grad():
+        ref = sliding_window_inference(x, roi, 3, net, overlap=overlap, mode=mode)
+    ours = sliding_window(x, net, roi_size=roi, sw_batch_size=3, overlap=overlap, mode=mode)
+    assert ours.shape == ref.shape
+    assert float((ours - torch.as_tensor(ref)).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("shape, roi, overlap", CASES)
+def test_labels_equal_argmax_of_monai(shape, roi, overlap):
+    x = torch.randn(1, 1, *shape)
+    net = random_net(1, 5, seed=7)
+    with torch.no_grad():
+        ref = sliding_window_inference(x, roi, 2, net, overlap=overlap, mode="gaussian").argmax(1)[0]
+    grid, rep = segment_volume(x[0], net, roi_size=roi, batch_size=2, overlap=overlap, output="both")
+    assert grid.labels.dtype == torch.uint8
+    # labels may differ only where two classes tie to within float rounding
+    diff = grid.labels.long() != ref
+    assert int(diff.sum()) == 0 or float(torch.sort(grid.scores, 0).values[-2:].diff(dim=0).abs()[0][diff].max()) < 1e-5
+    assert rep.windows_run == rep.windows_planned and rep.windows_skipped == 0
+
+
+def test_float_accumulator_spans_one_window_depth():
+    """The float ring holds one window's depth, whatever the volume's depth and batch size."""
+    x = torch.randn(1, 64, 12, 10)
+    net = random_net(1, 3, seed=1)
+    grid = DenseGrid(x, (8, 8, 8), overlap=0.5)
+    ref, _ = segment_volume(x, net, roi_size=(8, 8, 8), overlap=0.5, output="both", batch_size=1)
+    run_windows(grid, net, batch_size=7)
+    assert grid._acc.shape == (3, 8, 12, 10)
+    assert torch.equal(grid.labels, ref.labels)
+
+
+def test_many_classes_use_wider_labels():
+    x = torch.randn(1, 10, 10, 10)
+    grid, _ = segment_volume(x, random_net(1, 300, seed=2), roi_size=(8, 8, 8), overlap=0.5)
+    assert grid.labels.dtype == torch.int32 and int(grid.labels.max()) < 300
+
+
+def test_scores_stream_to_disk(tmp_path):
+    x = torch.randn(1, 1, 20, 15, 9)
+    net = random_net(1, 3, seed=3)
+    with torch.no_grad():
+        ref = sliding_window_inference(x, (8, 8, 8), 4, net, overlap=0.5, mode="gaussian")[0]
+    grid, _ = segment_volume(x[0], net, roi_size=(8, 8, 8), output="scores", scores_path=tmp_path / "p.npy")
+    on_disk = np.load(tmp_path / "p.npy", mmap_mode="r")
+    assert on_disk.shape == (3, 20, 15, 9)
+    assert np.abs(on_disk - ref.numpy()).max() <= 1e-5
+
+
+def test_skip_empty_windows_sets_background_and_counts():
+    x = torch.zeros(1, 40, 16, 16)
+    x[:, 2:10, 4:12, 4:12] = torch.rand(1, 8, 8, 8) + 1.0  # only the first windows see foreground
+    net = random_net(1, 3, seed=4)
+    full, rep_full = segment_volume(x, net, roi_size=(8, 8, 8), overlap=0.5, output="labels")
+    part, rep = segment_volume(x, net, roi_size=(8, 8, 8), overlap=0.5, output="labels", skip_below=0.5)
+    assert rep.windows_skipped > 0 and rep.windows_run + rep.windows_skipped == rep_full.windows_run
+    # voxels covered only by skipped windows are background; the foreground region is unchanged
+    covered_only_by_run = torch.zeros(40, dtype=torch.bool)
+    for w in part.run:
+        covered_only_by_run[w.start[0] : w.start[0] + 8] = True
+    # every window overlapping the foreground holds foreground, so it ran: same labels there
+    assert torch.equal(part.labels[2:10, 4:12, 4:12], full.labels[2:10, 4:12, 4:12])
+    assert int(part.labels[~covered_only_by_run].max()) == 0
+
+
+def test_mirror_tta_averages_flips():
+    x = torch.randn(1, 1, 8, 8, 8)
+    net = random_net(1, 2, seed=5)
+    tta = mirrored(net, axes=(0, 1, 2))
+    with torch.no_grad():
+        expect = sum(torch.flip(net(torch.flip(x, d)), d) if d else net(x)
+                     for d in ([], [2], [3], [2, 3], [4], [2, 4], [3, 4], [2, 3, 4])) / 8
+        assert torch.allclose(tta(x), expect, atol=1e-6)
+    grid, _ = segment_volume(x[0], net, roi_size=(8, 8, 8), output="scores", mirror_axes=(0, 1, 2))
+    assert torch.allclose(grid.scores, expect[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(overlap=1.0), "overlap"), (dict(overlap=-0.1), "overlap"), (dict(batch_size=0), "batch size")],
+)
+def test_bad_arguments(kwargs, match):
+    x = torch.randn(1, 8, 8, 8)
+    with pytest.raises(MedvitError, match=match):
+        segment_volume(x, random_net(1, 2, 0), roi_size=(8, 8, 8), **kwargs)
+
+
+def test_predictor_with_wrong_shape_or_channels_is_named():
+    x = torch.randn(1, 12, 12, 12)
+    with pytest.raises(MedvitError, match=r"expected \(2, K, 8, 8, 8\)"):
+        segment_volume(x, lambda t: t[:, :, :4], roi_size=(8, 8, 8), batch_size=2)
+    calls = iter(range(100))
+    flaky = lambda t: torch.zeros(t.shape[0], 2 + (next(calls) > 0), *t.shape[2:])  # noqa: E731
+    with pytest.raises(MedvitError, match="3 channels, earlier windows had 2"):
+        segment_volume(x, flaky, roi_size=(8, 8, 8), batch_size=1)
+
+
+def test_nan_output_names_the_window():
+    x = torch.randn(1, 16, 8, 8)
+
+    def nan_in_second_half(t):
+        out = torch.zeros(t.shape[0], 2, *t.shape[2:])
+        out[t[:, 0, 0, 0, 0] > 100] = float("nan")
+        return out
+
+    x[0, 8, 0, 0] = 1000.0  # the window starting at depth 8 returns NaN
+    with pytest.raises(MedvitError, match=r"NaN or inf for the window starting at voxel \(8, 0, 0\)"):
+        segment_volume(x, nan_in_second_half, roi_size=(8, 8, 8), overlap=0.5, batch_size=1)
+
+
+def test_out_of_memory_lowers_the_batch_then_moves_to_cpu():
+    """A predictor that runs out of memory above one window: the run adapts and still matches."""
+    x = torch.randn(1, 20, 12, 12)
+    net = random_net(1, 3, seed=6)
+
+    def picky(t):
+        if t.shape[0] > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return net(t)
+
+    ref, _ = segment_volume(x, net, roi_size=(8, 8, 8), output="scores", batch_size=4)
+    grid, rep = segment_volume(x, picky, roi_size=(8, 8, 8), output="scores", batch_size=4, device="cpu")
+    assert rep.oom_events == 2 and rep.batch_size == 1
+    assert torch.allclose(grid.scores, ref.scores, atol=1e-6)
+    # remembered for the next case on the same device and window shape
+    _, rep2 = segment_volume(x, picky, roi_size=(8, 8, 8), output="scores", batch_size=4, device="cpu")
+    assert rep2.oom_events == 0 and rep2.batch_size == 1
