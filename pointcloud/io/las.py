@@ -1,0 +1,168 @@
+"""LAS/LAZ through laspy (LAZ through its lazrs backend): float64 coordinates from the scaled
+integers, classification as labels; and a classification writer that keeps the input's points
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import laspy
+import lazrs
+import numpy as np
+from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
+
+from medvit.errors import InputError
+from pointcloud.io.cloud import PointCloud
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FIELDS = ("intensity",)
+_MAX_CLASS_LEGACY = 31  # point formats 0-5 keep classification in 5 bits
+_UPGRADE = {0: 6, 1: 6, 2: 7, 3: 7, 4: 9, 5: 10}  # same extra dimensions, 8-bit classification
+_GEOKEY_PROJECTED, _GEOKEY_GEOGRAPHIC = 3072, 2048
+
+
+def _crs(las: laspy.LasData) -> dict:
+    """The CRS as stored (WKT string or the GeoTIFF EPSG code); empty when the file has none.
+
+    Parsed from the VLRs directly: laspy's ``parse_crs`` needs pyproj, which we do not require.
+    """
+    for vlr in [*las.header.vlrs, *(las.header.evlrs or [])]:
+        if isinstance(vlr, WktCoordinateSystemVlr):
+            return {"wkt": vlr.string}
+        if isinstance(vlr, GeoKeyDirectoryVlr):
+            keys = {k.id: k.value_offset for k in vlr.geo_keys if k.tiff_tag_location == 0}
+            code = keys.get(_GEOKEY_PROJECTED) or keys.get(_GEOKEY_GEOGRAPHIC)
+            return {"epsg": int(code)} if code else {"geotiff_keys": {int(k): int(v) for k, v in keys.items()}}
+    return {}
+
+
+def _read(path: Path) -> laspy.LasData:
+    """laspy.read with truncation and format problems turned into InputError."""
+    try:
+        with laspy.open(path) as reader:
+            header = reader.header
+        if not header.are_points_compressed:
+            need = header.offset_to_point_data + header.point_count * header.point_format.size
+            size = path.stat().st_size
+            if size < need:  # laspy would fail deep in numpy with a bare ValueError
+                raise InputError(path, f"LAS file is truncated: {size} bytes, its header promises {need} "
+                                       f"({header.point_count} points of {header.point_format.size} bytes)")
+        return laspy.read(path)
+    except laspy.errors.LaspyException as e:
+        raise InputError(path, f"not a readable LAS/LAZ file ({e})") from None
+    except lazrs.LazrsError as e:
+        raise InputError(path, f"LAZ data is corrupt or truncated ({e})") from None
+
+
+def read_las(path: Path, fields: Sequence[str] | None = None) -> PointCloud:
+    """Read a LAS/LAZ file.
+
+    ``xyz`` are the scaled coordinates as float64 (``X * scale + offset``); ``labels`` the
+    classification codes; features the dimensions in ``fields`` (default ``intensity``), any of
+    the point format's dimension names including extra bytes (InputError naming a missing one).
+    """
+    las = _read(path)
+    available = list(las.point_format.dimension_names)
+    names = list(DEFAULT_FIELDS if fields is None else fields)
+    missing = [f for f in names if f not in available]
+    if missing:
+        raise InputError(path, f"LAS point format {las.point_format.id} has no field {', '.join(missing)} "
+                               f"(it has {', '.join(available)})")
+    xyz = np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], axis=1)
+    features = np.stack([np.asarray(las[f], dtype=np.float32) for f in names], axis=1) if names \
+        else np.zeros((len(xyz), 0), np.float32)
+    meta = {
+        "format": "laz" if las.header.are_points_compressed else "las",
+        "scale": las.header.scales.tolist(),
+        "offset": las.header.offsets.tolist(),
+        "point_format": las.point_format.id,
+        "version": str(las.header.version),
+        "crs": _crs(las),
+        "las_dimensions": available,
+    }
+    return PointCloud(xyz=xyz, features=features, feature_names=names,
+                      labels=np.asarray(las.classification).astype(np.int64), source=str(path), meta=meta)
+
+
+def _check_labels(labels, n: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be an integer ({n},) array, got {labels.dtype} {labels.shape}")
+    if n and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"LAS classification holds 0..255, got labels {labels.min()}..{labels.max()}")
+    return labels.astype(np.uint8)
+
+
+def _from_source(cloud: PointCloud) -> laspy.LasData:
+    """The cloud's own LAS records, re-read from its source, in the cloud's order and count."""
+    source = Path(cloud.source)
+    if not source.is_file():
+        raise InputError(source, "the LAS file this cloud was read from is gone; cannot copy its points")
+    las = _read(source)
+    if las.header.point_count != cloud.meta["n_points_file"] or las.header.scales.tolist() != cloud.meta["scale"] \
+            or las.header.offsets.tolist() != cloud.meta["offset"]:
+        raise InputError(source, "changed since it was read (point count, scale or offset differ)")
+    kept = cloud.meta.get("kept_index")
+    if kept is not None:
+        las.points = las.points[kept]
+    xyz = np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], axis=1)
+    if not np.array_equal(xyz, cloud.xyz):
+        raise ValueError("cloud.xyz differs from its LAS source's points; write_las copies the source's "
+                         "records, so it refuses a cloud whose coordinates were changed")
+    return las
+
+
+def _from_points(cloud: PointCloud, point_format: int) -> laspy.LasData:
+    """A new LAS holding only the cloud's coordinates, at mm resolution unless ``meta`` gives a scale."""
+    header = laspy.LasHeader(point_format=point_format, version="1.4" if point_format >= 6 else "1.2")
+    scale = np.asarray(cloud.meta.get("scale", [0.001] * 3), dtype=np.float64)
+    offset = np.asarray(cloud.meta.get("offset", np.floor(cloud.xyz.min(axis=0)) if len(cloud) else [0.0] * 3))
+    ints = np.round((cloud.xyz - offset) / scale)
+    if len(cloud) and (np.abs(ints).max() > np.iinfo(np.int32).max):
+        raise ValueError(f"coordinates do not fit LAS int32 at scale {scale.tolist()} and offset {offset.tolist()}")
+    header.scales, header.offsets = scale, offset
+    las = laspy.LasData(header)
+    las.X, las.Y, las.Z = (ints[:, k].astype(np.int32) for k in range(3))
+    return las
+
+
+def write_las(cloud: PointCloud, labels, path: str | os.PathLike, *,
+              protect: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write ``cloud`` with ``labels`` ``(N,)`` (0..255) as its classification, atomically.
+
+    A cloud read from LAS/LAZ keeps its source's point records, header and VLRs: the records
+    are re-read from ``cloud.source`` (the points in ``meta["kept_index"]`` if the cloud is a
+    subset), so coordinates, intensity, GPS time and every other dimension are copied bit for bit.
+    Any other cloud becomes a new LAS with its coordinates only (scale ``meta["scale"]`` or 1 mm).
+    Point formats 0-5 hold classes 0..31; higher labels move the file to the format 6-10 with the
+    same dimensions (LAS 1.4). ``.laz`` output is compressed through lazrs. Refuses to overwrite
+    ``cloud.source`` or any path in ``protect``.
+    """
+    from medvit.io.writers import atomic_path, refuse_protected  # imports torch/monai: only when writing
+
+    path = Path(path)
+    if path.suffix.lower() not in (".las", ".laz"):
+        raise InputError(path, "LAS output must be named .las or .laz")
+    refuse_protected(path, [*protect, *([cloud.source] if cloud.source else [])])
+    classes = _check_labels(labels, len(cloud))
+    wide = len(cloud) > 0 and int(classes.max()) > _MAX_CLASS_LEGACY
+    if cloud.meta.get("format") in ("las", "laz"):
+        las = _from_source(cloud)
+        if wide and las.point_format.id < 6:
+            target = _UPGRADE[las.point_format.id]
+            crs = _crs(las)
+            if crs and "wkt" not in crs:
+                logger.warning("%s: point format %d -> %d for classes above 31; its GeoTIFF CRS keys are kept "
+                               "as they are (LAS 1.4 expects WKT for formats 6-10)", path, las.point_format.id, target)
+            las = laspy.convert(las, point_format_id=target, file_version="1.4")
+    else:
+        las = _from_points(cloud, 6 if wide else 0)
+    las.classification = classes
+    with atomic_path(path) as tmp:
+        las.write(tmp, do_compress=path.suffix.lower() == ".laz")
+    return path

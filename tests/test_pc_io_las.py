@@ -1,0 +1,149 @@
+"""LAS/LAZ: UTM-size coordinates stay bit-exact through classification writes, point format upgrades
+for classes above 31, subsets, CRS in meta, and corrupt files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import laspy
+import numpy as np
+import pytest
+from laspy.vlrs.known import WktCoordinateSystemVlr
+
+from medvit.errors import InputError
+from pointcloud.io import PointCloud, crop_to_range, read_points, write_las
+
+DATA = Path(os.environ.get("MEDVIT_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+WKT = 'PROJCS["WGS 84 / UTM zone 32N",GEOGCS["WGS 84"],UNIT["metre",1]]'
+
+
+@pytest.fixture()
+def utm_las(tmp_path) -> Path:
+    """500 points near (500000.123, 5400000.456) at 1 mm scale, point format 3, with a WKT VLR."""
+    rng = np.random.default_rng(0)
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.scales = [0.001, 0.001, 0.001]
+    header.offsets = [500000.0, 5400000.0, 0.0]
+    header.vlrs.append(WktCoordinateSystemVlr(WKT))
+    las = laspy.LasData(header)
+    n = 500
+    las.x = 500000.123 + rng.uniform(-50, 50, n)
+    las.y = 5400000.456 + rng.uniform(-50, 50, n)
+    las.z = rng.uniform(100, 120, n)
+    las.intensity = rng.integers(0, 65535, n)
+    las.gps_time = rng.uniform(3e8, 3.1e8, n)
+    las.red, las.green, las.blue = (rng.integers(0, 65535, n) for _ in range(3))
+    las.return_number, las.number_of_returns = np.ones(n, np.uint8), np.full(n, 2, np.uint8)
+    las.classification = rng.integers(0, 3, n)
+    path = tmp_path / "utm.las"
+    las.write(path)
+    return path
+
+
+def test_utm_read_keeps_mm(utm_las):
+    cloud = read_points(utm_las)
+    ref = laspy.read(utm_las)
+    np.testing.assert_array_equal(cloud.xyz[:, 0], ref.X * 0.001 + 500000.0)  # laspy's scaled float64
+    np.testing.assert_array_equal(cloud.xyz[:, 1], ref.Y * 0.001 + 5400000.0)
+    assert np.all(np.abs(cloud.xyz[:, 0] * 1000 - np.round(cloud.xyz[:, 0] * 1000)) < 1e-3)  # still on the mm grid
+    assert cloud.meta["scale"] == [0.001] * 3 and cloud.meta["offset"] == [500000.0, 5400000.0, 0.0]
+    assert cloud.meta["crs"] == {"wkt": WKT}
+
+
+@pytest.mark.parametrize("top, fmt, version", [(31, 3, "1.2"), (200, 7, "1.4")])
+def test_write_classification_keeps_points_bit_exact(utm_las, tmp_path, top, fmt, version):
+    cloud = read_points(utm_las, fields=["intensity", "gps_time"])
+    labels = np.arange(len(cloud)) % (top + 1)
+    out = write_las(cloud, labels, tmp_path / "out.las")
+    back = laspy.read(out)
+    ref = laspy.read(utm_las)
+    assert back.point_format.id == fmt and str(back.header.version) == version
+    np.testing.assert_array_equal(np.asarray(back.classification), labels)
+    for dim in ("X", "Y", "Z", "intensity", "gps_time", "red", "green", "blue", "return_number", "number_of_returns"):
+        np.testing.assert_array_equal(np.asarray(back[dim]), np.asarray(ref[dim]), err_msg=dim)
+    np.testing.assert_array_equal(back.header.scales, ref.header.scales)
+    np.testing.assert_array_equal(back.header.offsets, ref.header.offsets)
+    again = read_points(out)
+    np.testing.assert_array_equal(again.xyz, cloud.xyz)
+    np.testing.assert_array_equal(again.labels, labels)
+    assert again.meta["crs"] == {"wkt": WKT}
+
+
+def test_laz_round_trip_and_protection(tmp_path):
+    if not DATA.is_dir():
+        pytest.skip(f"real test data not found at {DATA}")
+    cloud = read_points(DATA / "laspy/simple.laz")
+    labels = np.where(cloud.labels == 2, 2, 6)
+    out = write_las(cloud, labels, tmp_path / "labelled.laz")
+    assert laspy.read(out).header.are_points_compressed
+    back = read_points(out)
+    np.testing.assert_array_equal(back.xyz, cloud.xyz)
+    np.testing.assert_array_equal(back.labels, labels)
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        write_las(cloud, labels, cloud.source)
+    with pytest.raises(ValueError, match="0..255"):
+        write_las(cloud, labels + 250, tmp_path / "x.las")
+    with pytest.raises(InputError, match=r"x\.ply: LAS output must be named"):
+        write_las(cloud, labels, tmp_path / "x.ply")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled.laz"]
+
+
+def test_cropped_subset_written(utm_las, tmp_path):
+    cloud = read_points(utm_las)
+    c = cloud.xyz.mean(axis=0)
+    cropped, outside = crop_to_range(cloud, (*(c - [20, 20, 100]), *(c + [20, 20, 100])))
+    assert 0 < outside < len(cloud)
+    out = write_las(cropped, np.full(len(cropped), 40), tmp_path / "crop.las")
+    back = read_points(out)
+    np.testing.assert_array_equal(back.xyz, cropped.xyz)
+    assert back.meta["point_format"] == 7 and set(back.labels.tolist()) == {40}
+    moved = cropped.select(np.arange(len(cropped)))
+    moved.xyz = moved.xyz + 0.001
+    with pytest.raises(ValueError, match="differs from its LAS source"):
+        write_las(moved, np.zeros(len(moved), np.int64), tmp_path / "moved.las")
+
+
+def test_non_las_cloud_written_at_mm(tmp_path):
+    xyz = np.array([[1.0004, 2.0, 3.0], [-4.2, 5.5, 6.25], [7.0, 8.0, 9.0]])
+    cloud = PointCloud(xyz=xyz, features=np.zeros((3, 0)), feature_names=[], meta={"format": "kitti"})
+    back = read_points(write_las(cloud, np.array([1, 2, 40]), tmp_path / "k.las"))
+    np.testing.assert_allclose(back.xyz, xyz, rtol=0, atol=5e-4 + 1e-9)
+    assert back.labels.tolist() == [1, 2, 40] and back.meta["point_format"] == 6
+
+
+def test_corrupt_las(tmp_path, utm_las):
+    raw = utm_las.read_bytes()
+    (tmp_path / "cut.las").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(InputError, match=r"cut\.las: LAS file is truncated: \d+ bytes, its header promises \d+"):
+        read_points(tmp_path / "cut.las")
+    (tmp_path / "junk.las").write_bytes(b"not a las file at all" * 20)
+    with pytest.raises(InputError, match=r"junk\.las: not a readable LAS/LAZ file"):
+        read_points(tmp_path / "junk.las")
+    if DATA.is_dir():
+        laz = (DATA / "laspy/simple.laz").read_bytes()
+        (tmp_path / "cut.laz").write_bytes(laz[: len(laz) // 2])
+        with pytest.raises(InputError, match=r"cut\.laz: LAZ data is corrupt or truncated"):
+            read_points(tmp_path / "cut.laz")
+
+
+def test_geotiff_epsg_in_meta_and_kept_on_upgrade(tmp_path, caplog):
+    from laspy.vlrs.known import GeoKeyDirectoryVlr
+
+    keys = np.array([1, 1, 0, 2,  1024, 0, 1, 1,  3072, 0, 1, 32632], dtype="<u2")  # model type, EPSG 32632
+    vlr = GeoKeyDirectoryVlr()
+    vlr.parse_record_data(keys.tobytes())
+    header = laspy.LasHeader(point_format=1, version="1.2")
+    header.vlrs.append(vlr)
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = [500000.5, 500001.25], [5400000.0, 5400000.75], [1.0, 2.0]
+    las.write(tmp_path / "g.las")
+    cloud = read_points(tmp_path / "g.las")
+    assert cloud.meta["crs"] == {"epsg": 32632} and cloud.meta["point_format"] == 1
+    with caplog.at_level("WARNING", logger="pointcloud.io"):
+        out = write_las(cloud, np.array([3, 64]), tmp_path / "g64.las")
+    assert any("GeoTIFF CRS keys are kept" in r.getMessage() for r in caplog.records)
+    back = read_points(out)
+    assert back.meta["point_format"] == 6 and back.meta["crs"] == {"epsg": 32632}
+    np.testing.assert_array_equal(back.xyz, cloud.xyz)
+    assert back.labels.tolist() == [3, 64]
