@@ -7,6 +7,7 @@ imports happen inside the commands so ``medvit --help`` stays quick.
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -177,6 +178,60 @@ def demo(
     from pipelines.demo import run_demo
 
     run_demo(out, device=_device(device), seed=seed)
+
+
+bench_app = typer.Typer(help="Benchmarks that measure us against the peer in the same run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _triple(text: str, what: str, cast=int) -> tuple:
+    try:
+        vals = tuple(cast(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3:
+        raise MedvitError(f"{what} must be three comma-separated numbers, got {text!r}")
+    return vals
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: Annotated[str, typer.Option(help="unetr, swin_unetr, or small (a tiny UNETR).")] = "unetr",
+    shape: Annotated[str, typer.Option(help="D,H,W of a random input (ignored with --input).")] = "192,192,128",
+    classes: Annotated[int, typer.Option(help="Output classes.")] = 14,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    overlap: Annotated[float, typer.Option(help="Window overlap.")] = 0.5,
+    batch: Annotated[int, typer.Option(help="MONAI's windows per forward pass (sw_batch_size).")] = 4,
+    our_batch: Annotated[Optional[int], typer.Option(help="Ours; default 1 on the CPU (as medvit segment runs), else --batch.")] = None,
+    input: Annotated[Optional[Path], typer.Option(help="A real CT (NIfTI) instead of random input; resampled to --spacing.")] = None,
+    spacing: Annotated[str, typer.Option(help="Spacing in mm for --input.")] = "1.5,1.5,2.0",
+    skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Ours: skip windows with no voxel above this HU.")] = None,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
+    output_device: Annotated[Optional[str], typer.Option(help="Where MONAI keeps its stitched output (cpu or cuda).")] = None,
+    peer: Annotated[bool, typer.Option(help="Also run MONAI (off when its buffer cannot fit).")] = True,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
+) -> None:
+    """Our engine against MONAI's sliding_window_inference: time, model floor, windows, peak memory, agreement."""
+    from pipelines.bench_engine import NETS, Case, compare, format_result, machine
+
+    if model not in NETS:
+        raise MedvitError(f"--model must be one of {', '.join(NETS)}, got {model!r}")
+    if input is not None and not input.is_file():
+        raise MedvitError(f"{input}: no such file")
+    if our_batch is None:
+        our_batch = 1 if device == "cpu" else batch
+    case = Case(model=model, shape=_triple(shape, "--shape"), classes=classes, overlap=overlap, batch=batch, our_batch=our_batch,
+                input=str(input) if input else None, spacing=_triple(spacing, "--spacing", float),
+                skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device)
+    res = compare(case, peer=peer)
+    res["machine"] = machine()
+    typer.echo(f"machine: {res['machine']}")
+    typer.echo(format_result(res))
+    if json_out is not None:
+        from medvit.io import atomic_path
+
+        with atomic_path(json_out) as tmp:
+            Path(tmp).write_text(json.dumps(res, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:

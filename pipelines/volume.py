@@ -106,7 +106,8 @@ def segment_case(
         image.as_tensor(),
         model.net,
         roi_size=cfg.model.roi_size,
-        batch_size=batch_size or cfg.infer.sw_batch_size,
+        # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
+        batch_size=batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size),
         overlap=cfg.infer.overlap if overlap is None else overlap,
         mode=cfg.infer.mode,
         output="scores" if how == "probs" else "labels",

@@ -3,10 +3,11 @@
 Every sliding-window call in the project (``medvit segment``, validation during
 training, the benchmarks) goes through this package: a runner (batching, prefetch,
 device placement, autocast, out-of-memory adaptation, progress) over a domain that plans
-and stitches windows (``DenseGrid`` for volumes).
+and stitches windows (``DenseGrid`` for volumes, ``PointScene`` for scenes).
 """
 
 from pipelines.engine.dense import DenseGrid, segment_volume, sliding_window, sliding_window_labels
 from pipelines.engine.runner import EngineReport, mirrored, run_windows
+from pipelines.engine.scene import PointScene, segment_scene
 
-__all__ = ["DenseGrid", "EngineReport", "mirrored", "run_windows", "segment_volume", "sliding_window", "sliding_window_labels"]
+__all__ = ["PointScene", "segment_scene", "DenseGrid", "EngineReport", "mirrored", "run_windows", "segment_volume", "sliding_window", "sliding_window_labels"]

@@ -37,8 +37,8 @@ class Domain(Protocol):
     def windows(self) -> Sequence[Any]:
         """The windows to run, in the order the domain wants them accumulated."""
 
-    def gather(self, windows: Sequence[Any]) -> torch.Tensor:
-        """The CPU input batch for ``windows``."""
+    def gather(self, windows: Sequence[Any]) -> Any:
+        """The CPU input batch for ``windows``: a tensor, or a record with ``.to(device)``."""
 
     def check(self, windows: Sequence[Any], out: torch.Tensor) -> None:
         """Raise a clear error if ``out`` is not what the domain expects."""
@@ -127,8 +127,10 @@ def run_windows(
         rep.notes.append(f"batch {bs}: remembered from an earlier out-of-memory error")
     pin = device.type == "cuda"
 
-    def load(ws: Sequence[Any]) -> torch.Tensor:
+    def load(ws: Sequence[Any]) -> Any:
         x = domain.gather(ws)
+        if not isinstance(x, torch.Tensor):  # a record such as pointcloud's Point
+            return x.to(device)
         if pin:
             x = x.pin_memory()
         return x.to(device, non_blocking=pin)

@@ -1,0 +1,272 @@
+"""``PointScene``: the scene domain of the engine (LiDAR sweeps and aggregated scenes).
+
+A scene is cut into overlapping square xy tiles (size and stride in metres); a tile
+holding more points than the budget is split into four half-size tiles until each fits.
+Each tile runs through a point net (``net(Point) -> (n, K)`` logits) with coordinates
+made relative to the tile's centre. A point's logits from every tile that holds it are
+averaged in fp32 with weights that peak at the tile centre and fall linearly to a small
+floor at its edge, so a point near a tile border defers to the tile it is central in.
+
+Memory: points are sorted by x once; tiles run column by column, and the points left of
+the next column are final as soon as that column starts, so their logits are reduced to
+labels and freed. The float accumulator holds one column band of points, not the scene.
+Every point must be covered by some tile; the domain checks it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medvit.errors import MedvitError
+
+EDGE_WEIGHT = 1e-3
+"""Weight at a tile's edge relative to its centre (never 0, so edge-only points count)."""
+
+
+@dataclass(frozen=True)
+class Tile:
+    index: int
+    column: int
+    """Index of the tile column this tile belongs to (tiles run column by column)."""
+    x0: float
+    y0: float
+    size: float
+    lo: int
+    hi: int
+    """Range in the x-sorted point order that may hold the tile's points."""
+    n_points: int
+
+
+def _starts(lo: float, hi: float, size: float, stride: float) -> list[float]:
+    """Tile starts along one axis covering [lo, hi]: evenly spaced, the last flush with hi."""
+    extent = hi - lo
+    if extent <= size:
+        return [lo]
+    n = math.ceil((extent - size) / stride) + 1
+    return [min(lo + i * stride, hi - size) for i in range(n)]
+
+
+class PointScene:
+    """Overlapping xy tiles over one scene.
+
+    Args:
+        xyz: ``(N, 3)`` coordinates in metres (float64 kept for UTM-size scenes).
+        features: ``(N, F)`` float32 per-point features given to the net.
+        tile_size: tile edge in metres.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1); or give ``stride``.
+        stride: tile step in metres.
+        max_points: points budget per tile; denser tiles are split into quarters.
+        num_classes: logits per point (checked against the net's output).
+    """
+
+    def __init__(
+        self,
+        xyz: np.ndarray | torch.Tensor,
+        features: np.ndarray | torch.Tensor,
+        *,
+        tile_size: float = 50.0,
+        overlap: float = 0.25,
+        stride: float | None = None,
+        max_points: int = 200_000,
+        num_classes: int | None = None,
+    ):
+        xyz = np.asarray(xyz, dtype=np.float64)
+        feats = np.asarray(features, dtype=np.float32)
+        if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
+            raise MedvitError(f"a scene needs (N, 3) coordinates with N > 0, got shape {xyz.shape}")
+        if feats.ndim != 2 or len(feats) != len(xyz):
+            raise MedvitError(f"features must be (N={len(xyz)}, F), got shape {feats.shape}")
+        if not np.isfinite(xyz).all():
+            raise MedvitError("the scene has NaN or inf coordinates; drop them when reading")
+        if tile_size <= 0:
+            raise MedvitError(f"tile size must be positive, got {tile_size}")
+        if stride is None:
+            if not 0 <= overlap < 1:
+                raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
+            stride = tile_size * (1 - overlap)
+        if not 0 < stride <= tile_size:
+            raise MedvitError(f"stride must lie in (0, tile size], got {stride}")
+        if max_points < 1:
+            raise MedvitError(f"the points budget per tile must be at least 1, got {max_points}")
+        self.n = len(xyz)
+        self.order = np.argsort(xyz[:, 0], kind="stable")
+        self.xyz = xyz[self.order]
+        self.feats = feats[self.order]
+        self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
+        self.num_classes = num_classes
+        self.window_shape = ("tile", self.max_points)
+        self.tiles = self._plan()
+        self._col_x0 = {}
+        for t in self.tiles:
+            self._col_x0[t.column] = min(self._col_x0.get(t.column, t.x0), t.x0)
+        self._next = 0
+        self._done = 0  # sorted points [0, _done) are final
+        self._acc: torch.Tensor | None = None  # (band, K) for sorted points [_done, _done + band)
+        self._wsum = np.zeros(0, dtype=np.float32)
+        self._labels_sorted: np.ndarray | None = None
+        self.covered = np.zeros(self.n, dtype=bool)
+        self.labels: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ planning
+    def _members(self, x0: float, y0: float, size: float, lo: int, hi: int) -> np.ndarray:
+        p = self.xyz[lo:hi]
+        m = (p[:, 1] >= y0) & (p[:, 1] <= y0 + size)
+        return np.nonzero(m)[0] + lo
+
+    def _split(self, col: int, x0: float, y0: float, size: float, out: list[Tile], depth: int = 0) -> None:
+        xs = self.xyz[:, 0]
+        lo, hi = int(np.searchsorted(xs, x0, "left")), int(np.searchsorted(xs, x0 + size, "right"))
+        n = len(self._members(x0, y0, size, lo, hi))
+        if n == 0:
+            return
+        if n > self.max_points and depth < 16:
+            half = size / 2
+            # quarters that overlap as the parent grid does, so their seams are blended too
+            step = half * (self.stride / self.tile_size)
+            for sx in _starts(x0, x0 + size, half, step):
+                for sy in _starts(y0, y0 + size, half, step):
+                    self._split(col, sx, sy, half, out, depth + 1)
+            return
+        out.append(Tile(len(out), col, x0, y0, size, lo, hi, n))
+
+    def _plan(self) -> list[Tile]:
+        lo, hi = self.xyz.min(0), self.xyz.max(0)
+        tiles: list[Tile] = []
+        for col, x0 in enumerate(_starts(lo[0], hi[0], self.tile_size, self.stride)):
+            for y0 in _starts(lo[1], hi[1], self.tile_size, self.stride):
+                self._split(col, x0, y0, self.tile_size, tiles)
+        # tiles run column by column; within a split column its quarters sort by x
+        tiles.sort(key=lambda t: (t.column, t.x0, t.y0))
+        return [Tile(i, t.column, t.x0, t.y0, t.size, t.lo, t.hi, t.n_points) for i, t in enumerate(tiles)]
+
+    # ---------------------------------------------------------------- domain API
+    def windows(self) -> list[Tile]:
+        return self.tiles
+
+    def _tile_points(self, t: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted indices of the tile's points and their weights."""
+        idx = self._members(t.x0, t.y0, t.size, t.lo, t.hi)
+        p = self.xyz[idx]
+        half = t.size / 2
+        dx = np.abs(p[:, 0] - (t.x0 + half)) / half
+        dy = np.abs(p[:, 1] - (t.y0 + half)) / half
+        w = np.clip(1.0 - dx, EDGE_WEIGHT, 1.0) * np.clip(1.0 - dy, EDGE_WEIGHT, 1.0)
+        return idx, w.astype(np.float32)
+
+    def gather(self, ts: Sequence[Tile]):
+        from pointcloud.structure import Point
+
+        coords, feats = [], []
+        for t in ts:
+            idx, _ = self._tile_points(t)
+            c = self.xyz[idx].copy()
+            c[:, 0] -= t.x0 + t.size / 2
+            c[:, 1] -= t.y0 + t.size / 2
+            coords.append(c.astype(np.float32))
+            feats.append(self.feats[idx])
+        return Point.from_clouds(coords, feats)
+
+    def check(self, ts: Sequence[Tile], out: torch.Tensor) -> None:
+        n = sum(t.n_points for t in ts)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise MedvitError(f"the point net returned {got} for {n} points in {len(ts)} tile(s); expected ({n}, K)")
+        k = self.num_classes
+        if k is not None and out.shape[1] != k:
+            raise MedvitError(f"the point net returned {out.shape[1]} classes per point; expected {k}")
+        if not bool(torch.isfinite(out).all()):
+            bad = ts[0]
+            start = 0
+            for t in ts:
+                if not bool(torch.isfinite(out[start : start + t.n_points]).all()):
+                    bad = t
+                    break
+                start += t.n_points
+            raise MedvitError(f"the point net returned NaN or inf for the tile at x={bad.x0:.2f}, y={bad.y0:.2f} m (size {bad.size:g} m)")
+
+    def accumulate_on_cpu(self) -> bool:
+        if self._acc is None or self._acc.device.type == "cpu":
+            return False
+        self._acc = self._acc.cpu()
+        return True
+
+    def _finalize_until(self, upto: int) -> None:
+        """Sorted points [_done, upto) are final: argmax their logits and free them."""
+        if upto <= self._done:
+            return
+        n = upto - self._done
+        have = min(n, 0 if self._acc is None else self._acc.shape[0])
+        if have:
+            w = self._wsum[:have]
+            lab = self._acc[:have].argmax(1).cpu().numpy()
+            lab[w == 0] = 0
+            self._labels_sorted[self._done : self._done + have] = lab
+            self.covered[self.order[self._done : self._done + have]] = w > 0
+            self._acc = self._acc[have:].clone()
+            self._wsum = self._wsum[have:].copy()
+        self._done = upto
+
+    def accumulate(self, ts: Sequence[Tile], out: torch.Tensor) -> None:
+        if self._labels_sorted is None:
+            self.num_classes = self.num_classes or int(out.shape[1])
+            dt = np.uint8 if self.num_classes <= 256 else np.int32
+            self._labels_sorted = np.zeros(self.n, dtype=dt)
+            self._acc = torch.zeros((0, self.num_classes), dtype=torch.float32, device=out.device)
+        out = out.float()
+        start = 0
+        for t in ts:
+            part = out[start : start + t.n_points]
+            start += t.n_points
+            if t.index < self._next:
+                continue  # added before an out-of-memory retry
+            # points left of this tile's column start are final
+            self._finalize_until(int(np.searchsorted(self.xyz[:, 0], self._col_x0[t.column], "left")))
+            idx, w = self._tile_points(t)
+            need = int(idx.max()) + 1 - self._done
+            if need > self._acc.shape[0]:
+                grow = need - self._acc.shape[0]
+                self._acc = torch.cat([self._acc, self._acc.new_zeros((grow, self.num_classes))])
+                self._wsum = np.concatenate([self._wsum, np.zeros(grow, np.float32)])
+            rel = torch.as_tensor(idx - self._done, device=self._acc.device)
+            wt = torch.as_tensor(w, device=self._acc.device)
+            self._acc.index_add_(0, rel, part.to(self._acc.device) * wt[:, None])
+            np.add.at(self._wsum, idx - self._done, w)
+            self._next += 1
+
+    def finalize(self) -> np.ndarray:
+        self._finalize_until(self.n)
+        if not self.covered.all():
+            missing = int((~self.covered).sum())
+            raise MedvitError(f"{missing} of {self.n} points were not covered by any tile; this is a tiling bug")
+        labels = np.empty(self.n, dtype=self._labels_sorted.dtype)
+        labels[self.order] = self._labels_sorted
+        self.labels = labels
+        return labels
+
+
+def segment_scene(
+    xyz: np.ndarray,
+    features: np.ndarray,
+    net,
+    *,
+    tile_size: float = 50.0,
+    overlap: float = 0.25,
+    max_points: int = 200_000,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+):
+    """Per-point labels for a whole scene through the engine; returns ``(labels (N,), report)``."""
+    from pipelines.engine.runner import EngineReport, run_windows
+
+    scene = PointScene(xyz, features, tile_size=tile_size, overlap=overlap, max_points=max_points)
+    rep = EngineReport(windows_planned=len(scene.tiles))
+    labels, rep = run_windows(scene, net, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                              progress=progress, desc="tiles", report=rep)
+    return labels, rep

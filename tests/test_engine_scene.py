@@ -1,0 +1,129 @@
+"""PointScene: tiles, budget splits, weighted per-point merging, coverage, bounded accumulators."""
+
+import numpy as np
+import pytest
+import torch
+
+from medvit.errors import MedvitError
+from pipelines.engine import PointScene, run_windows, segment_scene
+
+
+class LinearPointNet(torch.nn.Module):
+    """Logits that depend on the tile-relative position, so overlapping tiles disagree."""
+
+    def __init__(self, k: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(4, k)
+
+    def forward(self, point):
+        return self.lin(torch.cat([point.coord / 10.0, point.feat[:, :1]], 1))
+
+
+def scene(n=4000, extent=(120.0, 60.0), seed=0):
+    rng = np.random.default_rng(seed)
+    xyz = np.c_[rng.uniform(0, extent[0], n), rng.uniform(0, extent[1], n), rng.normal(0, 1, n)]
+    xyz[:, :2] += (500_000.0, 5_400_000.0)  # UTM-size coordinates
+    feats = rng.uniform(0, 1, (n, 2)).astype(np.float32)
+    return xyz, feats
+
+
+def reference_labels(sc: PointScene, net) -> np.ndarray:
+    """Every tile's weighted logits summed into a full (N, K) array: the memory-hungry way."""
+    acc = np.zeros((sc.n, 4), np.float64)
+    wsum = np.zeros(sc.n)
+    for t in sc.tiles:
+        idx, w = sc._tile_points(t)
+        with torch.no_grad():
+            out = net(sc.gather([t])).numpy()
+        acc[idx] += out * w[:, None]
+        wsum[idx] += w
+    lab_sorted = (acc / wsum[:, None]).argmax(1)
+    lab = np.empty(sc.n, int)
+    lab[sc.order] = lab_sorted
+    return lab
+
+
+def test_labels_equal_full_memory_reference_and_input_order():
+    xyz, feats = scene()
+    net = LinearPointNet()
+    sc = PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000)
+    labels, rep = run_windows(sc, net, batch_size=3)
+    assert labels.shape == (len(xyz),) and labels.dtype == np.uint8
+    ref = reference_labels(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net)
+    assert (labels == ref).mean() > 0.999  # float32 vs float64 sums may flip exact ties only
+    assert rep.windows_run == len(sc.tiles) and sc.covered.all()
+
+
+def test_labels_follow_points_through_the_sort():
+    """A net that copies a per-point class from the features returns exactly that class per point."""
+    xyz, feats = scene(seed=1)
+    cls = np.random.default_rng(2).integers(0, 5, len(xyz))
+    feats = np.c_[feats, cls].astype(np.float32)
+    onehot = lambda p: torch.nn.functional.one_hot(p.feat[:, 2].long(), 5).float()  # noqa: E731
+    labels, _ = segment_scene(xyz, feats, onehot, tile_size=25.0, overlap=0.3, max_points=500, batch_size=2)
+    assert np.array_equal(labels, cls)
+
+
+def test_dense_tiles_are_split_to_the_budget():
+    xyz, feats = scene(n=3000)
+    rng = np.random.default_rng(3)
+    dense = np.c_[rng.normal(500_010, 0.5, 6000), rng.normal(5_400_010, 0.5, 6000), rng.normal(0, 1, 6000)]
+    xyz = np.r_[xyz, dense]
+    feats = np.r_[feats, rng.uniform(0, 1, (6000, 2)).astype(np.float32)]
+    sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25, max_points=1500)
+    assert max(t.n_points for t in sc.tiles) <= 1500
+    assert min(t.size for t in sc.tiles) < 40.0
+    labels, _ = run_windows(sc, LinearPointNet(), batch_size=2)
+    assert sc.covered.all() and len(labels) == len(xyz)
+
+
+def test_accumulator_holds_a_band_not_the_scene():
+    xyz, feats = scene(n=20_000, extent=(400.0, 40.0))
+    sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25)
+    peak = [0]
+    orig = sc.accumulate
+
+    def spy(ts, out):
+        orig(ts, out)
+        peak[0] = max(peak[0], sc._acc.shape[0])
+
+    sc.accumulate = spy
+    run_windows(sc, LinearPointNet(), batch_size=1)
+    assert peak[0] < len(xyz) / 5  # about two tile widths of a 400 m scene
+
+
+def test_center_weights_favour_the_tile_a_point_is_central_in():
+    sc = PointScene(np.array([[0.0, 0, 0], [100.0, 0, 0]]), np.zeros((2, 1)), tile_size=100.0, overlap=0.5)
+    t = sc.tiles[0]
+    idx, w = sc._tile_points(t)
+    assert w.max() <= 1 and w.min() >= 1e-6
+
+
+@pytest.mark.parametrize(
+    "xyz, kwargs, match",
+    [
+        (np.zeros((0, 3)), {}, "N > 0"),
+        (np.array([[0.0, np.nan, 0.0]]), {}, "NaN"),
+        (np.zeros((3, 3)), {"overlap": 1.0}, "overlap"),
+        (np.zeros((3, 3)), {"max_points": 0}, "budget"),
+        (np.zeros((3, 3)), {"tile_size": 0}, "tile size"),
+    ],
+)
+def test_bad_scenes(xyz, kwargs, match):
+    with pytest.raises(MedvitError, match=match):
+        PointScene(xyz, np.zeros((len(xyz), 1)), **kwargs)
+
+
+def test_bad_net_outputs_are_named():
+    xyz, feats = scene(n=500)
+    with pytest.raises(MedvitError, match="expected"):
+        segment_scene(xyz, feats, lambda p: torch.zeros(3, 4), tile_size=50.0)
+
+    def nan_net(p):
+        out = torch.zeros(p.num_points, 3)
+        out[0] = float("nan")
+        return out
+
+    with pytest.raises(MedvitError, match=r"NaN or inf for the tile at x="):
+        segment_scene(xyz, feats, nan_net, tile_size=50.0)
