@@ -5,6 +5,9 @@ in the input point order. Build one with :func:`build_point_net`.
 """
 
 from pointcloud.nets.registry import available_point_nets, build_point_net, register
+from pointcloud.nets import flatformer, sparse_unet  # noqa: E402,F401  (registers the nets)
+from pointcloud.nets.flatformer import FlatFormerUNet
+from pointcloud.nets.sparse_unet import SparseUNet
 
 try:  # written concurrently by another module owner; the package must import without it
     import pointcloud.nets.condaformer  # noqa: F401
@@ -12,4 +15,4 @@ except ModuleNotFoundError as e:
     if e.name != "pointcloud.nets.condaformer":
         raise
 
-__all__ = ["available_point_nets", "build_point_net", "register"]
+__all__ = ["FlatFormerUNet", "SparseUNet", "available_point_nets", "build_point_net", "register"]

@@ -11,12 +11,14 @@ typo names its key (``model.options.<key>``) instead of surfacing as a ``TypeErr
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from medvit.errors import ConfigError
+from medvit.nets.registry import _conforms, _describe_hint, _hints  # the volume side's option type checks
 
 __all__ = ["available_point_nets", "build_point_net", "register"]
 
@@ -51,14 +53,12 @@ def available_point_nets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _accepted_options(fn: Callable) -> tuple[list[str], bool]:
-    """Names ``fn`` accepts as keywords (besides the fixed three) and whether it takes ``**kwargs``.
+def _accepted_options(fn: Callable) -> tuple[list[str], bool, dict[str, Any]]:
+    """Keywords ``fn`` accepts besides the fixed three, whether it takes ``**kwargs``, and its type hints.
 
-    A builder written as ``(in_channels, num_classes, voxel_size, **options)`` that forwards to a
-    class is checked against that class when it says so via ``__wrapped_net__``.
+    A class registered directly is checked against its ``__init__``.
     """
-    target = getattr(fn, "__wrapped_net__", fn)
-    sig_fn = target.__init__ if inspect.isclass(target) else target
+    sig_fn = fn.__init__ if inspect.isclass(fn) else fn
     params = inspect.signature(sig_fn).parameters
     names = [
         n
@@ -66,7 +66,7 @@ def _accepted_options(fn: Callable) -> tuple[list[str], bool]:
         if n != "self" and n not in _FIXED and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return names, var_kw
+    return names, var_kw, _hints(sig_fn)
 
 
 def build_point_net(
@@ -81,26 +81,32 @@ def build_point_net(
 
     Raises :class:`ConfigError` naming ``model.name`` for an unknown net and
     ``model.options.<key>`` for an option the net does not take (or one that repeats
-    ``in_channels``/``num_classes``/``voxel_size``), and for a value the net's constructor
-    refuses with ``ValueError``.
+    ``in_channels``/``num_classes``/``voxel_size``), a value of the wrong type (checked against
+    simple annotations: int, float, bool, str, sequences and unions of them), and a value the
+    net's constructor refuses with ``ValueError``.
     """
     builder = _REGISTRY.get(name)
     if builder is None:
-        raise ConfigError(f"model.name: unknown point-cloud net {name!r}; available: {', '.join(available_point_nets())}")
+        names = ", ".join(available_point_nets())
+        raise ConfigError(f"model.name: unknown point-cloud net {name!r}; available: {names}")
     options = dict(options or {})
-    takes, var_kw = _accepted_options(builder)
-    for key in options:
+    takes, var_kw, hints = _accepted_options(builder)
+    for key, value in options.items():
         if key in _FIXED:
             raise ConfigError(f"model.options.{key}: {name} sets {key} from model.{key}; remove it from the options")
         if key not in takes and not var_kw:
             raise ConfigError(
                 f"model.options.{key}: point net {name} takes no option {key!r}; it takes: {', '.join(takes) or 'none'}"
             )
+        hint = hints.get(key)
+        if hint is not None and _conforms(value, hint) is False:
+            raise ConfigError(f"model.options.{key}: expected {_describe_hint(hint)}, got {value!r}")
     try:
         return builder(in_channels, num_classes, voxel_size, **options)
     except ValueError as e:
         # constructors check values (widths, window shapes); name the option the message is about
         msg = str(e)
-        named = [k for k in options if k in msg]
-        key = f"model.options.{named[0]}" if named else "model.options"
+        # the option the message names first (messages lead with the offending option)
+        hits = [(m.start(), k) for k in options if (m := re.search(rf"\b{re.escape(k)}\b", msg))]
+        key = f"model.options.{min(hits)[1]}" if hits else "model.options"
         raise ConfigError(f"{key}: {name}: {msg}") from None
