@@ -75,9 +75,6 @@ def save_checkpoint(net: nn.Module, path: str | Path, *, config: Config, extra: 
     sections go to the sidecar so :func:`load_checkpoint` can rebuild both. ``extra`` (JSON-ready:
     epoch, metric...) is stored under the sidecar's ``"extra"`` key.
     """
-    path = Path(path)
-    if path.suffix != WEIGHTS_SUFFIX:
-        raise CheckpointError(f"{path}: checkpoints are written as {WEIGHTS_SUFFIX} files")
     dumped = dump_config(config)
     sidecar = {
         "format": FORMAT,
@@ -89,6 +86,18 @@ def save_checkpoint(net: nn.Module, path: str | Path, *, config: Config, extra: 
         "infer": dumped["infer"],
         "extra": dict(extra or {}),
     }
+    return write_weights(net, path, sidecar)
+
+
+def write_weights(net: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> Path:
+    """Weights to ``path`` (``.safetensors``), then ``sidecar`` as JSON beside it; both atomic.
+
+    The shared writer for every kind of checkpoint (volume nets here, point nets in
+    ``pointcloud.checkpoint``); ``sidecar`` must carry ``format``, ``format_version``, ``net``, ``labels``.
+    """
+    path = Path(path)
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise CheckpointError(f"{path}: checkpoints are written as {WEIGHTS_SUFFIX} files")
     # serialise before touching the disk: a value JSON cannot hold fails here, leaving old files intact
     text = json.dumps(sidecar, indent=2) + "\n"
     tensors = _portable_state_dict(net)
@@ -97,6 +106,25 @@ def save_checkpoint(net: nn.Module, path: str | Path, *, config: Config, extra: 
     with atomic_path(checkpoint_sidecar(path)) as tmp:
         Path(tmp).write_text(text)
     return path
+
+
+def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and sidecar of a ``.safetensors`` checkpoint of ``kind`` (volume or lidar)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise CheckpointError(f"{path}: expected a {WEIGHTS_SUFFIX} checkpoint with its .json sidecar")
+    meta = _read_sidecar(path)
+    have = meta.get("kind", "volume")
+    if have != kind:
+        raise CheckpointError(f"{path}: this is a {have} checkpoint, not a {kind} one")
+    return _read_safetensors(path), meta
+
+
+def check_fit(path: str | Path, state: dict[str, torch.Tensor], net: nn.Module, net_desc: str) -> None:
+    """Raise :class:`CheckpointError` naming the first key of ``state`` that does not fit ``net``."""
+    _check_fit(Path(path), state, net, net_desc)
 
 
 def load_checkpoint(
@@ -115,6 +143,8 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == WEIGHTS_SUFFIX:
         meta = _read_sidecar(path)
+        if meta.get("kind", "volume") != "volume":
+            raise CheckpointError(f"{path}: this is a {meta['kind']} checkpoint; use it with 'medvit {meta['kind']} segment'")
         cfg = _config_from_sidecar(meta, checkpoint_sidecar(path))
         if config is not None:
             _check_same_net(path, cfg.model, config.model)

@@ -180,6 +180,77 @@ def demo(
     run_demo(out, device=_device(device), seed=seed)
 
 
+lidar_app = typer.Typer(help="LiDAR scans and scenes: sparse-voxel point-cloud transformers.", no_args_is_help=True)
+app.add_typer(lidar_app, name="lidar")
+
+
+class LabelFormat(str, Enum):
+    label = "label"
+    npy = "npy"
+    las = "las"
+
+
+@lidar_app.command("segment")
+def lidar_segment(
+    scans: Annotated[list[str], typer.Argument(help="Scans: KITTI .bin, nuScenes .pcd.bin, .pcd, .ply, .las/.laz, .npy.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
+    checkpoint: Annotated[Path, typer.Option(help="A LiDAR .safetensors checkpoint (with its .json sidecar).")],
+    tile_size: Annotated[Optional[float], typer.Option(help="Tile edge in metres; default from the checkpoint.")] = None,
+    overlap: Annotated[Optional[float], typer.Option(help="Tile overlap in [0, 1).")] = None,
+    max_points: Annotated[Optional[int], typer.Option(help="Points budget per tile; denser tiles are split.")] = None,
+    format: Annotated[Optional[LabelFormat], typer.Option("--format", help="label (SemanticKITTI), npy, or las; default: las for LAS input, else label.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
+) -> None:
+    """Per-point labels for each scan, in the scan's point order and count."""
+    from pipelines.scene import segment_scan
+    from pointcloud.checkpoint import load_point_checkpoint
+
+    if overlap is not None and not 0 <= overlap < 1:
+        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
+    if tile_size is not None and tile_size <= 0:
+        raise MedvitError(f"--tile-size must be positive, got {tile_size}")
+    for s in scans:
+        if not Path(s).is_file():
+            raise MedvitError(f"{s}: no such file")
+    dev = _device(device)
+    model = load_point_checkpoint(checkpoint, device=dev)
+    for s in scans:
+        r = segment_scan(s, model, out, label_format=format.value if format else None, protect=scans,
+                         tile_size=tile_size, overlap=overlap, max_points=max_points, device=dev, progress=progress)
+        extra = []
+        if r.n_dropped:
+            extra.append(f"{r.n_dropped} non-finite points dropped")
+        if r.n_outside:
+            extra.append(f"{r.n_outside} outside point_range")
+        e = r.engine
+        typer.echo(f"{s} -> {r.labels_path}: {r.n_points} points, {e.windows_run} tiles, {e.seconds:.1f} s"
+                   + (f" ({'; '.join(extra)}, labelled {model.config.infer.unlabelled})" if extra else ""))
+
+
+@lidar_app.command("train")
+def lidar_train(
+    config: Annotated[Path, typer.Argument(help="LiDAR YAML config with a 'train' section.")],
+    resume: Annotated[bool, typer.Option(help="Continue from the last resume checkpoint.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Overrides train.output_dir.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a point net (cross-entropy + Lovász-softmax, mIoU validation, atomic checkpoints, resume)."""
+    from pipelines.scene import train_lidar
+    from pointcloud.config import load_lidar_config
+
+    cfg = load_lidar_config(config)
+    if cfg.train is None:
+        raise MedvitError(f"{config}: no 'train' section")
+    if output_dir is not None:
+        cfg.train.output_dir = output_dir
+    res = train_lidar(cfg, device=_device(device), resume=resume, progress=progress)
+    best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
+    typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation mIoU {best}")
+    typer.echo(f"checkpoints: {res.output_dir / 'best.safetensors'}, {res.output_dir / 'last.safetensors'}")
+
+
 bench_app = typer.Typer(help="Benchmarks that measure us against the peer in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

@@ -1,0 +1,234 @@
+"""One training loop for both sides (volumes and scenes): ``fit(task, net, train_cfg)``.
+
+AdamW with linear warm-up then cosine decay, optional autocast on CUDA, gradient
+accumulation, validation every N epochs, best and last checkpoints written atomically, a
+``metrics.jsonl`` log, a tqdm bar with loss and ETA, and exact resume.
+
+Exact resume rests on one rule: every random draw is seeded from ``(seed, epoch)`` or
+``(seed, epoch, sample index)``, never carried from draw to draw. The shuffle order of an
+epoch comes from a generator seeded by ``(seed, epoch)``; the random augmentation of one
+sample from ``(seed, epoch, index)`` (the task's dataset does that, see
+:class:`SeededSamples`). A run restarted from its last resume checkpoint therefore sees the
+same next batch as the run that was killed, whatever the number of loader workers.
+
+A *task* supplies what differs between the sides: the training samples, how a batch
+becomes a loss, validation, and how a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medvit.config import TrainConfig
+from medvit.errors import InputError
+from medvit.io import atomic_path
+
+STATE_FILE = "last_state.pt"
+
+
+class Task(Protocol):
+    metric: str
+    """Name of the validation score that picks the best checkpoint (higher is better), e.g. mean_dice."""
+    per_label: str
+    """Name of the per-label scores in the log, e.g. dice or iou."""
+    collate: Callable | None
+
+    def train_samples(self) -> SeededSamples: ...
+
+    def loss(self, net: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor: ...
+
+    def validate(self, net: torch.nn.Module, device: torch.device, amp: bool) -> dict[str, Any] | None:
+        """``{"score": float, "per_label": {name: float | None}}``, or None without validation data."""
+
+    def save(self, net: torch.nn.Module, path: Path, extra: dict[str, Any]) -> None: ...
+
+
+def _mix(*parts: int) -> int:
+    """A 31-bit seed from several integers (stable across runs and platforms)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Applies a random chain to cached samples with a seed fixed by (seed, epoch, index)."""
+
+    def __init__(self, base: torch.utils.data.Dataset, chain: Compose, seed: int):
+        self.base, self.chain, self.seed, self.epoch = base, chain, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        self.chain.set_random_state(seed=_mix(self.seed, self.epoch, index))
+        return self.chain(self.base[index])
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` optimiser steps, then cosine decay to zero at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best_metric: float | None
+    best_epoch: int | None
+    epochs_run: int
+    global_step: int
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and ints, so the file loads with ``weights_only=True``."""
+    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_key, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "key": torch.tensor(py_key, dtype=torch.int64), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["key"].tolist()), p["gauss"]))
+
+
+def _save_state(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _save_state(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torch.device = "cpu",
+        resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``net`` on ``task`` with the settings ``tc``; see the module docstring."""
+    device = torch.device(device)
+    out = Path(tc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    if resume and not state_path.is_file():
+        raise InputError(state_path, "nothing to resume: no resume checkpoint in the output folder")
+    train_ds = task.train_samples()
+    net = net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    batches_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
+    if tc.max_steps_per_epoch:
+        batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch * tc.accumulate)
+    steps_per_epoch = math.ceil(batches_per_epoch / tc.accumulate)
+    total_steps = steps_per_epoch * tc.epochs
+    warmup = steps_per_epoch * tc.warmup_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=warmup, total=total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+
+    epoch, batch_in_epoch, global_step = 0, 0, 0
+    best_metric, best_epoch = None, None
+    if resume:
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        net.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        epoch, batch_in_epoch, global_step = st["epoch"], st["batch_in_epoch"], st["global_step"]
+        best_metric, best_epoch = st["best_metric"], st["best_epoch"]
+        _set_rng_state(st["rng"])
+
+    log_path = out / "metrics.jsonl"
+    amp = tc.amp and device.type == "cuda"
+    bar = tqdm(total=total_steps, initial=global_step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(record: dict[str, Any]) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_resume_point() -> None:
+        _save_state(
+            state_path,
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "global_step": global_step,
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "rng": _rng_state(),
+            },
+        )
+
+    while epoch < tc.epochs:
+        train_ds.epoch = epoch
+        torch.manual_seed(_mix(tc.seed, epoch, 1))  # dropout and other in-net randomness
+        gen = torch.Generator().manual_seed(_mix(tc.seed, epoch, 2))
+        order = torch.randperm(len(train_ds), generator=gen).tolist()
+        order = order[batch_in_epoch * tc.batch_size : batches_per_epoch * tc.batch_size]
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(train_ds, order),
+            batch_size=tc.batch_size,
+            shuffle=False,
+            num_workers=tc.num_workers,
+            collate_fn=task.collate,
+        )
+        net.train()
+        t0, losses = time.time(), []
+        for batch in loader:
+            with _autocast(device, amp):
+                loss = task.loss(net, batch, device) / tc.accumulate
+            scaler.scale(loss).backward()
+            losses.append(float(loss.detach()) * tc.accumulate)
+            batch_in_epoch += 1
+            if batch_in_epoch % tc.accumulate == 0 or batch_in_epoch == batches_per_epoch:
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                global_step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-tc.accumulate:]):.4f}")
+                if tc.checkpoint_every and global_step % tc.checkpoint_every == 0 and batch_in_epoch < batches_per_epoch:
+                    save_resume_point()
+        record = {"epoch": epoch + 1, "step": global_step, "loss": float(np.mean(losses)) if losses else None,
+                  "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
+        epoch, batch_in_epoch = epoch + 1, 0
+        if epoch % tc.val_every == 0 or epoch == tc.epochs:
+            v = task.validate(net, device, amp)
+            if v is not None:
+                record.update({f"val_{task.metric}": v["score"], f"val_{task.per_label}": v["per_label"]})
+                if best_metric is None or v["score"] > best_metric:
+                    best_metric, best_epoch = v["score"], epoch
+                    task.save(net, out / "best.safetensors", {"epoch": epoch, f"val_{task.metric}": best_metric})
+            net.train()
+        task.save(net, out / "last.safetensors", {"epoch": epoch, "global_step": global_step})
+        save_resume_point()
+        log(record)
+    bar.close()
+    return TrainResult(out, best_metric, best_epoch, epoch, global_step)

@@ -1,0 +1,237 @@
+"""Scenes: read → tile (engine's PointScene) → point net → merged labels → write (``medvit lidar``).
+
+Also the LiDAR task for the shared training loop (:mod:`pipelines.fit`): random square
+crops of the training scans with rotation, flips, scaling and jitter seeded per sample,
+cross-entropy plus Lovász-softmax, and mIoU validation on whole scans through the same
+tiling as inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvit.data.datalist import read_datalist
+from medvit.errors import ConfigError, InputError
+from pipelines.engine import EngineReport
+from pipelines.engine.scene import segment_scene
+from pipelines.fit import SeededSamples, TrainResult, fit
+from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
+from pointcloud.config import LidarConfig
+from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
+
+log = logging.getLogger(__name__)
+
+SCAN_SUFFIXES = (".pcd.bin", ".bin", ".pcd", ".ply", ".las", ".laz", ".npy")
+
+
+def scan_name(path: str | Path) -> str:
+    name = Path(path).name
+    for ext in SCAN_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def net_features(cloud: PointCloud, cfg: LidarConfig) -> np.ndarray:
+    """``(N, F)`` float32: the config's features in order, each times its scale."""
+    cols = []
+    for name, scale in cfg.features.items():
+        if name not in cloud.feature_names:
+            raise InputError(cloud.source, f"has no '{name}' field (it has: {', '.join(cloud.feature_names) or 'none'}); "
+                                           "the checkpoint's net needs it")
+        cols.append(cloud.feature(name).astype(np.float32) * np.float32(scale))
+    return np.stack(cols, 1) if cols else np.zeros((len(cloud), 0), np.float32)
+
+
+def train_labels(cloud: PointCloud, cfg: LidarConfig, ignore: int) -> np.ndarray:
+    """Train ids of a labelled cloud; raw ids outside the map (or the label set) become ``ignore``."""
+    if cloud.labels is None:
+        raise InputError(cloud.source, "has no per-point labels to train on")
+    raw = cloud.labels.astype(np.int64)
+    if cfg.label_map is None:
+        return np.where((raw >= 0) & (raw < cfg.num_classes), raw, ignore)
+    lut = {int(k): int(v) for k, v in cfg.label_map.items()}
+    uniq, inv = np.unique(raw, return_inverse=True)
+    return np.array([lut.get(int(u), ignore) for u in uniq], dtype=np.int64)[inv]
+
+
+@dataclass
+class ScanResult:
+    input: str
+    labels_path: Path
+    n_points: int
+    n_dropped: int
+    n_outside: int
+    engine: EngineReport | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float | None = None,
+                   overlap: float | None = None, max_points: int | None = None, device: str | torch.device = "cpu",
+                   progress: bool = False) -> tuple[np.ndarray, int, EngineReport]:
+    """Labels ``(N,)`` for the cloud's points (unlabelled outside ``point_range``), outside count, report."""
+    cfg = model.config
+    inside = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
+    n_out = int((~inside).sum())
+    labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
+    rep = EngineReport()
+    if inside.any():
+        feats = net_features(cloud, cfg)
+        dev = torch.device(device)
+        amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
+        lab, rep = segment_scene(cloud.xyz[inside], feats[inside], model.net,
+                                 tile_size=tile_size or cfg.infer.tile_size,
+                                 overlap=cfg.infer.overlap if overlap is None else overlap,
+                                 max_points=max_points or cfg.infer.max_points, batch_size=cfg.infer.batch_size,
+                                 device=dev, amp_dtype=amp, progress=progress)
+        labels[inside] = lab
+    return labels, n_out, rep
+
+
+def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_format: str | None = None,
+                 protect: list[str] | None = None, **kwargs: Any) -> ScanResult:
+    """Segment one scan file and write its labels in the file's order and point count.
+
+    Output: ``OUT/NAME.label`` (SemanticKITTI uint32), ``.npy``, or for LAS/LAZ inputs a
+    ``NAME.las``/``.laz`` copy with the classification set (``label_format`` overrides).
+    """
+    cfg = model.config
+    cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None)
+    dropped = int(cloud.meta.get("dropped_nonfinite", 0))
+    labels, n_out, rep = segment_points(cloud, model, **kwargs)
+    if n_out:
+        log.warning("%s: %d points outside point_range %s were left unlabelled (%d)", path, n_out,
+                    list(cfg.point_range), cfg.infer.unlabelled)
+    name = scan_name(path)
+    is_las = str(path).lower().endswith((".las", ".laz"))
+    fmt = label_format or ("las" if is_las else "label")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    guard = [path] + list(protect or [])
+    if fmt == "las":
+        if cfg.infer.unlabelled > 255 or labels.max(initial=0) > 255:
+            raise InputError(path, "LAS classification holds 0..255; choose --format label or npy")
+        target = out_dir / f"{name}{'.laz' if str(path).lower().endswith('.laz') else '.las'}"
+        write_las(cloud, labels, target, protect=guard)
+    else:
+        target = out_dir / f"{name}.{fmt}"
+        write_labels(to_file_order(cloud, labels, fill=cfg.infer.unlabelled), target, protect=guard)
+    counts = {cfg.labels.get(int(k), str(int(k))): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+    return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts)
+
+
+# ------------------------------------------------------------------------------- training
+
+
+@dataclass
+class Scan:
+    xyz: np.ndarray  # (N, 3) float64
+    feats: np.ndarray  # (N, F) float32
+    labels: np.ndarray  # (N,) int64 train ids, ignore where unlabelled
+
+
+def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
+    cloud = read_points(item["image"], label_path=item.get("label"))
+    if cfg.point_range is not None:
+        keep = points_in_range(cloud, cfg.point_range)
+        cloud = cloud.select(keep)
+    return Scan(cloud.xyz, net_features(cloud, cfg), train_labels(cloud, cfg, ignore))
+
+
+class RandomCrop:
+    """One training sample from a scan: a square xy crop, subsampled, rotated, flipped, scaled, jittered."""
+
+    def __init__(self, cfg: LidarConfig):
+        self.a = cfg.augment
+        self.rng = np.random.default_rng(0)
+
+    def set_random_state(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, scan: Scan) -> dict[str, np.ndarray]:
+        a, rng = self.a, self.rng
+        centre = scan.xyz[rng.integers(len(scan.xyz)), :2]
+        half = a.crop_size / 2
+        m = np.all(np.abs(scan.xyz[:, :2] - centre) <= half, axis=1)
+        idx = np.nonzero(m)[0]
+        if len(idx) > a.crop_points:
+            idx = np.sort(rng.choice(idx, a.crop_points, replace=False))
+        xyz = (scan.xyz[idx] - np.r_[centre, 0.0]).astype(np.float32)
+        if a.rotate_z:
+            t = rng.uniform(0, 2 * np.pi)
+            c, s = np.cos(t), np.sin(t)
+            xyz[:, :2] = xyz[:, :2] @ np.array([[c, -s], [s, c]], np.float32).T
+        for axis in (0, 1):
+            if rng.random() < a.flip_prob:
+                xyz[:, axis] = -xyz[:, axis]
+        xyz *= np.float32(rng.uniform(*a.scale))
+        if a.jitter:
+            xyz += rng.normal(0, a.jitter, xyz.shape).astype(np.float32)
+        return {"coord": xyz, "feat": scan.feats[idx], "label": scan.labels[idx]}
+
+
+def collate_points(samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    from pointcloud.structure import Point
+
+    point = Point.from_clouds([s["coord"] for s in samples], [s["feat"] for s in samples])
+    return {"point": point, "label": torch.from_numpy(np.concatenate([s["label"] for s in samples]))}
+
+
+class ScanTask:
+    """Random crops of labelled scans; CE + Lovász-softmax; mIoU on whole validation scans."""
+
+    metric, per_label, collate = "miou", "iou", staticmethod(collate_points)
+    IGNORE = -100
+
+    def __init__(self, cfg: LidarConfig):
+        from pointcloud.losses import CELovaszLoss
+
+        tc = cfg.train
+        self.cfg = cfg
+        self.scans = [load_training_scan(it, cfg, self.IGNORE)
+                      for it in read_datalist(tc.datalist, "training", base_dir=tc.data_root)]
+        self.val = [load_training_scan(it, cfg, self.IGNORE)
+                    for it in read_datalist(tc.datalist, "validation", base_dir=tc.data_root, required=False)]
+        self.loss_fn = CELovaszLoss(ce_weight=cfg.loss.ce_weight, lovasz_weight=cfg.loss.lovasz_weight,
+                                    ignore_index=self.IGNORE)
+
+    def train_samples(self) -> SeededSamples:
+        return SeededSamples(self.scans, RandomCrop(self.cfg), self.cfg.train.seed)
+
+    def loss(self, net: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        logits = net(batch["point"].to(device))
+        return self.loss_fn(logits.float(), batch["label"].to(device))
+
+    def validate(self, net: torch.nn.Module, device: torch.device, amp: bool) -> dict[str, Any] | None:
+        if not self.val:
+            return None
+        from pointcloud.metrics import SegMetric
+
+        cfg = self.cfg
+        metric = SegMetric(cfg.num_classes, ignore_index=self.IGNORE)
+        net.eval()
+        for scan in self.val:
+            pred, _ = segment_scene(scan.xyz, scan.feats, net, tile_size=cfg.infer.tile_size, overlap=cfg.infer.overlap,
+                                    max_points=cfg.infer.max_points, batch_size=cfg.infer.batch_size, device=device)
+            metric.update(pred.astype(np.int64), scan.labels)
+        res = metric.compute()
+        per = {cfg.labels[i]: (None if not np.isfinite(v) else float(v)) for i, v in enumerate(res["iou"])}
+        return {"score": float(res["miou"]), "per_label": per}
+
+    def save(self, net: torch.nn.Module, path: Path, extra: dict[str, Any]) -> None:
+        save_point_checkpoint(net, path, config=self.cfg, extra=extra)
+
+
+def train_lidar(cfg: LidarConfig, *, device: str | torch.device = "cpu", resume: bool = False,
+                progress: bool = True) -> TrainResult:
+    if cfg.train is None:
+        raise ConfigError("config has no 'train' section")
+    task = ScanTask(cfg)
+    torch.manual_seed(cfg.train.seed)
+    net = build_from_config(cfg)
+    return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)

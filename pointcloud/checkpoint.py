@@ -1,0 +1,60 @@
+"""Point-net checkpoints: ``NAME.safetensors`` + ``NAME.json``, the same pair as the volume side.
+
+The sidecar says ``"kind": "lidar"`` and carries the whole LiDAR config (labels, label map,
+features and their scales, voxel size, net, inference tiling), so a checkpoint alone is
+enough to segment a scan the way the net was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import medvit
+from medvit.checkpoint import FORMAT, FORMAT_VERSION, check_fit, checkpoint_sidecar, read_weights, write_weights
+from medvit.errors import CheckpointError, ConfigError
+from pointcloud.config import LidarConfig, parse_lidar_config
+from pointcloud.nets import build_point_net
+
+
+@dataclass
+class LoadedPointNet:
+    net: nn.Module
+    config: LidarConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def build_from_config(cfg: LidarConfig) -> nn.Module:
+    return build_point_net(cfg.model.name, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                           voxel_size=cfg.voxel_size, options=cfg.model.options)
+
+
+def save_point_checkpoint(net: nn.Module, path: str | Path, *, config: LidarConfig, extra: dict | None = None) -> Path:
+    dumped = config.model_dump(mode="json", exclude={"train"})
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "lidar",
+        "medvit_version": medvit.__version__,
+        "net": dumped["model"],
+        "labels": dumped["labels"],
+        "config": dumped,
+        "extra": dict(extra or {}),
+    }
+    return write_weights(net, path, sidecar)
+
+
+def load_point_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedPointNet:
+    state, meta = read_weights(path, kind="lidar")
+    try:
+        cfg = parse_lidar_config(meta["config"], checkpoint_sidecar(path))
+        net = build_from_config(cfg)
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{checkpoint_sidecar(path)}: {e}") from None
+    check_fit(path, state, net, f"{cfg.model.name}(in_channels={cfg.in_channels}, num_classes={cfg.num_classes})")
+    net.load_state_dict(state, strict=True)
+    return LoadedPointNet(net=net.to(device).eval(), config=cfg, meta={**meta, "checkpoint": str(path)})

@@ -1,0 +1,129 @@
+"""Typed, validated LiDAR configs (YAML), the scene-side twin of :mod:`medvit.config`.
+
+Example (see ``configs/lidar_*.yaml``)::
+
+    labels: {0: ground, 1: building, 2: car, 3: pole, 4: vegetation}
+    features: {intensity: 1.0}
+    voxel_size: 0.1
+    model: {name: flatformer, options: {channels: [32, 64, 128]}}
+    train: {datalist: scans.json, epochs: 50}
+    infer: {tile_size: 50, overlap: 0.25, max_points: 200000}
+
+The net sees, per point, its tile-relative ``x, y, z`` followed by the named features,
+each multiplied by its scale (KITTI intensity is 0..1, nuScenes and LAS 0..255 or more).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from medvit.config import TrainConfig, _describe, _Strict
+from medvit.errors import ConfigError
+
+
+class PointModelConfig(_Strict):
+    name: str
+    """A registered point net: see ``pointcloud.nets.available_point_nets()``."""
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PointAugmentConfig(_Strict):
+    """Training-time sampling and augmentation of scans."""
+
+    crop_points: int = Field(60_000, ge=1)
+    """Points per training sample: a random square xy crop around a random point, subsampled to this."""
+    crop_size: float = Field(40.0, gt=0)
+    """Edge of the training crop in metres."""
+    rotate_z: bool = True
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    scale: tuple[float, float] = (0.95, 1.05)
+    jitter: float = Field(0.01, ge=0)
+    """Standard deviation of Gaussian coordinate noise in metres."""
+
+
+class SceneInferConfig(_Strict):
+    tile_size: float = Field(50.0, gt=0)
+    overlap: float = Field(0.25, ge=0, lt=1)
+    max_points: int = Field(200_000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    unlabelled: int = Field(255, ge=0)
+    """Label written for points that were not segmented (non-finite or outside ``point_range``)."""
+
+
+class LossConfig(_Strict):
+    ce_weight: float = Field(1.0, ge=0)
+    lovasz_weight: float = Field(1.0, ge=0)
+
+
+class LidarConfig(_Strict):
+    labels: dict[int, str]
+    """Train id -> name, ids 0..K-1."""
+    label_map: dict[int, int] | None = None
+    """Raw label id in the files -> train id (e.g. SemanticKITTI's 10 -> car); unmapped raw ids are ignored in training."""
+    features: dict[str, float] = Field(default_factory=lambda: {"intensity": 1.0})
+    """Point features given to the net (names as the reader reports them) and their scale."""
+    voxel_size: float | tuple[float, float, float] = 0.1
+    point_range: tuple[float, float, float, float, float, float] | None = None
+    """Optional (xmin, ymin, zmin, xmax, ymax, zmax) in metres; points outside are reported and left unlabelled."""
+    model: PointModelConfig
+    augment: PointAugmentConfig = Field(default_factory=PointAugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig | None = None
+    infer: SceneInferConfig = Field(default_factory=SceneInferConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> LidarConfig:
+        ids = sorted(self.labels)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"labels must be the train ids 0..K-1 without gaps, got {ids}")
+        if self.label_map is not None:
+            bad = sorted({v for v in self.label_map.values()} - set(ids))
+            if bad:
+                raise ValueError(f"label_map points at train ids that are not labels: {bad}")
+        vs = self.voxel_size if isinstance(self.voxel_size, tuple) else (self.voxel_size,)
+        if min(vs) <= 0:
+            raise ValueError(f"voxel_size must be positive, got {self.voxel_size}")
+        r = self.point_range
+        if r is not None and not all(r[i] < r[i + 3] for i in range(3)):
+            raise ValueError(f"point_range must be (xmin, ymin, zmin, xmax, ymax, zmax) with min < max, got {list(r)}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_channels(self) -> int:
+        return 3 + len(self.features)
+
+
+def parse_lidar_config(data: Any, source: str | Path = "<config>") -> LidarConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = LidarConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+    if cfg.train is not None and isinstance(source, Path):
+        base = source.parent
+        if not cfg.train.datalist.is_absolute():
+            cfg.train.datalist = (base / cfg.train.datalist).resolve()
+        if cfg.train.data_root is not None and not cfg.train.data_root.is_absolute():
+            cfg.train.data_root = (base / cfg.train.data_root).resolve()
+    return cfg
+
+
+def load_lidar_config(path: str | Path) -> LidarConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    return parse_lidar_config(data, path)
