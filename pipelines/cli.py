@@ -172,9 +172,15 @@ def datalist(
 def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("demo_out"),
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the phantom set and the training run.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data and the training run.")] = 0,
+    lidar: Annotated[bool, typer.Option("--lidar", help="The LiDAR demo instead: synthetic streets, FlatFormer, a 1M-point map.")] = False,
 ) -> None:
-    """Make synthetic CT phantoms, train a small UNETR, segment held-out phantoms and a real CT."""
+    """Make synthetic CT phantoms, train a small UNETR, segment held-out phantoms and a real CT (or --lidar)."""
+    if lidar:
+        from pipelines.lidar_demo import run_lidar_demo
+
+        run_lidar_demo(out if out != Path("demo_out") else Path("demo_lidar_out"), device=_device(device), seed=seed)
+        return
     from pipelines.demo import run_demo
 
     run_demo(out, device=_device(device), seed=seed)

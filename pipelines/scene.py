@@ -89,7 +89,7 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float
                                  tile_size=tile_size or cfg.infer.tile_size,
                                  overlap=cfg.infer.overlap if overlap is None else overlap,
                                  max_points=max_points or cfg.infer.max_points, batch_size=cfg.infer.batch_size,
-                                 device=dev, amp_dtype=amp, progress=progress)
+                                 device=dev, amp_dtype=amp, progress=progress, coords_in_features=True)
         labels[inside] = lab
     return labels, n_out, rep
 
@@ -172,7 +172,8 @@ class RandomCrop:
         xyz *= np.float32(rng.uniform(*a.scale))
         if a.jitter:
             xyz += rng.normal(0, a.jitter, xyz.shape).astype(np.float32)
-        return {"coord": xyz, "feat": scan.feats[idx], "label": scan.labels[idx]}
+        # the net sees crop-relative x, y, z then the features, as PointScene gives them at inference
+        return {"coord": xyz, "feat": np.concatenate([xyz, scan.feats[idx]], 1), "label": scan.labels[idx]}
 
 
 def collate_points(samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -217,11 +218,12 @@ class ScanTask:
         net.eval()
         for scan in self.val:
             pred, _ = segment_scene(scan.xyz, scan.feats, net, tile_size=cfg.infer.tile_size, overlap=cfg.infer.overlap,
-                                    max_points=cfg.infer.max_points, batch_size=cfg.infer.batch_size, device=device)
+                                    max_points=cfg.infer.max_points, batch_size=cfg.infer.batch_size, device=device,
+                                    coords_in_features=True)
             metric.update(pred.astype(np.int64), scan.labels)
         res = metric.compute()
-        per = {cfg.labels[i]: (None if not np.isfinite(v) else float(v)) for i, v in enumerate(res["iou"])}
-        return {"score": float(res["miou"]), "per_label": per}
+        per = {cfg.labels[i]: (None if not np.isfinite(v) else float(v)) for i, v in enumerate(res.iou)}
+        return {"score": float(res.miou), "per_label": per}
 
     def save(self, net: torch.nn.Module, path: Path, extra: dict[str, Any]) -> None:
         save_point_checkpoint(net, path, config=self.cfg, extra=extra)

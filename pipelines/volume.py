@@ -117,7 +117,10 @@ def segment_case(
         amp_dtype=amp,
         progress=progress,
     )
-    if how == "probs":
+    if report.windows_run == 0:
+        # every window was skipped as empty: background everywhere, on the input grid
+        labels = torch.zeros(original.shape[1:], dtype=torch.int32)
+    elif how == "probs":
         # class scores back to the input grid (bilinear), then argmax there: smoother borders
         scores = torch.softmax(grid.scores, 0)
         labels = torch.as_tensor(invert_prediction(scores, data, chain, mode="bilinear")).argmax(0)

@@ -62,6 +62,7 @@ class PointScene:
         stride: tile step in metres.
         max_points: points budget per tile; denser tiles are split into quarters.
         num_classes: logits per point (checked against the net's output).
+        coords_in_features: put the tile-relative ``x, y, z`` before the features given to the net.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class PointScene:
         stride: float | None = None,
         max_points: int = 200_000,
         num_classes: int | None = None,
+        coords_in_features: bool = False,
     ):
         xyz = np.asarray(xyz, dtype=np.float64)
         feats = np.asarray(features, dtype=np.float32)
@@ -99,6 +101,7 @@ class PointScene:
         self.feats = feats[self.order]
         self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
         self.num_classes = num_classes
+        self.coords_in_features = coords_in_features
         self.window_shape = ("tile", self.max_points)
         self.tiles = self._plan()
         self._col_x0 = {}
@@ -167,8 +170,9 @@ class PointScene:
             c = self.xyz[idx].copy()
             c[:, 0] -= t.x0 + t.size / 2
             c[:, 1] -= t.y0 + t.size / 2
-            coords.append(c.astype(np.float32))
-            feats.append(self.feats[idx])
+            c = c.astype(np.float32)
+            coords.append(c)
+            feats.append(np.concatenate([c, self.feats[idx]], 1) if self.coords_in_features else self.feats[idx])
         return Point.from_clouds(coords, feats)
 
     def check(self, ts: Sequence[Tile], out: torch.Tensor) -> None:
@@ -261,11 +265,13 @@ def segment_scene(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    coords_in_features: bool = False,
 ):
     """Per-point labels for a whole scene through the engine; returns ``(labels (N,), report)``."""
     from pipelines.engine.runner import EngineReport, run_windows
 
-    scene = PointScene(xyz, features, tile_size=tile_size, overlap=overlap, max_points=max_points)
+    scene = PointScene(xyz, features, tile_size=tile_size, overlap=overlap, max_points=max_points,
+                       coords_in_features=coords_in_features)
     rep = EngineReport(windows_planned=len(scene.tiles))
     labels, rep = run_windows(scene, net, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
                               progress=progress, desc="tiles", report=rep)
