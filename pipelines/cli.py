@@ -311,6 +311,36 @@ def bench_engine(
             Path(tmp).write_text(json.dumps(res, indent=1))
 
 
+@bench_app.command("lidar")
+def bench_lidar(
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    data: Annotated[Optional[Path], typer.Option(help="The shared data folder (default MEDVIT_TEST_DATA or ../shared/data).")] = None,
+    sizes: Annotated[str, typer.Option(help="Synthetic map sizes for the memory-vs-size check.")] = "1000000,4000000,10000000",
+    tile: Annotated[float, typer.Option(help="Tile size in metres.")] = 50.0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
+) -> None:
+    """Backbones at equal width on real scans and a 1M-point map; scene memory against scene size."""
+    import os
+
+    from pipelines.bench_engine import machine
+    from pipelines.bench_lidar import format_result, run
+
+    folder = data or Path(os.environ.get("MEDVIT_TEST_DATA", "../shared/data"))
+    try:
+        n = tuple(int(v) for v in sizes.split(","))
+    except ValueError:
+        raise MedvitError(f"--sizes must be comma-separated point counts, got {sizes!r}") from None
+    res = run(folder, device=device, sizes=n, tile=tile)
+    res["machine"] = machine()
+    typer.echo(f"machine: {res['machine']}")
+    typer.echo(format_result(res))
+    if json_out is not None:
+        from medvit.io import atomic_path
+
+        with atomic_path(json_out) as tmp:
+            Path(tmp).write_text(json.dumps(res, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors → one line on stderr and exit status 2."""
     try:

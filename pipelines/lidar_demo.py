@@ -25,11 +25,11 @@ DEMO_LIDAR_CONFIG: dict = {
     "features": {"intensity": 1.0},
     "voxel_size": 0.2,
     "model": {"name": "flatformer", "options": {"channels": [16, 32, 64], "group_size": 64, "heads": 2}},
-    "augment": {"crop_points": 30_000, "crop_size": 30.0, "rotate_z": True, "flip_prob": 0.5, "scale": [0.95, 1.05],
+    "augment": {"samples_per_scan": 16, "crop_points": 30_000, "crop_size": 30.0, "rotate_z": True, "flip_prob": 0.5, "scale": [0.95, 1.05],
                 "jitter": 0.01},
     "loss": {"ce_weight": 1.0, "lovasz_weight": 1.0},
-    "train": {"datalist": "scenes/datalist.json", "output_dir": "run", "epochs": 30, "batch_size": 2, "lr": 3e-3,
-              "weight_decay": 1e-4, "warmup_epochs": 1, "val_every": 10, "seed": 0, "amp": True},
+    "train": {"datalist": "scenes/datalist.json", "output_dir": "run", "epochs": 18, "batch_size": 2, "lr": 3e-3,
+              "weight_decay": 1e-4, "warmup_epochs": 1, "val_every": 6, "seed": 0, "amp": True},
     "infer": {"tile_size": 50.0, "overlap": 0.25, "max_points": 150_000},
 }
 

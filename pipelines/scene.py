@@ -202,7 +202,8 @@ class ScanTask:
                                     ignore_index=self.IGNORE)
 
     def train_samples(self) -> SeededSamples:
-        return SeededSamples(self.scans, RandomCrop(self.cfg), self.cfg.train.seed)
+        # each scan appears samples_per_scan times; every occurrence is its own seeded crop
+        return SeededSamples(self.scans * self.cfg.augment.samples_per_scan, RandomCrop(self.cfg), self.cfg.train.seed)
 
     def loss(self, net: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         logits = net(batch["point"].to(device))
@@ -233,7 +234,7 @@ def train_lidar(cfg: LidarConfig, *, device: str | torch.device = "cpu", resume:
                 progress: bool = True) -> TrainResult:
     if cfg.train is None:
         raise ConfigError("config has no 'train' section")
-    task = ScanTask(cfg)
     torch.manual_seed(cfg.train.seed)
-    net = build_from_config(cfg)
+    net = build_from_config(cfg)  # first: a bad net config fails before scans are read
+    task = ScanTask(cfg)
     return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)

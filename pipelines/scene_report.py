@@ -30,6 +30,8 @@ def write_bev(xyz: np.ndarray, labels: np.ndarray, path: str | Path, *, names: d
     order = np.argsort(xyz[:, 2], kind="stable")
     img = np.zeros((h * w, 3), np.uint8)
     ids = np.unique(labels)
+    if names:
+        ids = np.union1d(ids, np.array(sorted(names), dtype=ids.dtype))
     palette = np.zeros((int(ids.max()) + 1, 3), np.uint8)
     for i in ids:
         palette[int(i)] = label_color(int(i) + 1)

@@ -34,6 +34,8 @@ class PointModelConfig(_Strict):
 class PointAugmentConfig(_Strict):
     """Training-time sampling and augmentation of scans."""
 
+    samples_per_scan: int = Field(1, ge=1)
+    """Random crops drawn from each training scan per epoch."""
     crop_points: int = Field(60_000, ge=1)
     """Points per training sample: a random square xy crop around a random point, subsampled to this."""
     crop_size: float = Field(40.0, gt=0)

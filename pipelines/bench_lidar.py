@@ -1,0 +1,167 @@
+"""``medvit bench lidar``: point-net backbones on real scans, and scene memory against scene size.
+
+Each measurement runs in a fresh subprocess so its peak RSS is its own. Part 1 runs the
+three backbones at equal width (same channels per level) on the real nuScenes sweep, the
+real KITTI scan and a 1M-point synthetic map (the map through the engine's tiling):
+latency, points per second, peak memory. Part 2 segments synthetic maps of 1M, 4M and
+10M points with the same net and tiling and reports peak RSS above the bare scene arrays:
+the engine's share should stay flat as scenes grow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BACKBONES = ("sparse_unet", "flatformer", "condaformer")
+WIDTH = [24, 48, 96, 96]
+"""Channels per level for every backbone (ConDaFormer needs heads = width / 8 divisible by 3)."""
+VOXEL = 0.1
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_now() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return _peak_rss()
+
+
+def _net(name: str, device: torch.device) -> torch.nn.Module:
+    from pointcloud.nets import build_point_net
+
+    torch.manual_seed(0)
+    return build_point_net(name, in_channels=4, num_classes=5, voxel_size=VOXEL, options={"channels": WIDTH}).to(device).eval()
+
+
+def write_synthetic(n: int, folder: Path) -> Path:
+    """A synthetic map of at least ``n`` points as ``.npz`` (xyz float64, intensity), made once per run."""
+    from pointcloud.data.synthetic import make_aggregated_scene
+
+    path = folder / f"synthetic_{n}.npz"
+    if not path.is_file():
+        c = make_aggregated_scene(np.random.default_rng(0), n_points_min=n, length=300.0 * max(1.0, n / 1_000_000) ** 0.5)
+        np.savez(path, xyz=c.xyz, feats=c.feature("intensity")[:, None].astype(np.float32))
+    return path
+
+
+def worker(kind: str, backbone: str, source: str, device: str, tile: float) -> dict:
+    torch.set_grad_enabled(False)
+    dev = torch.device(device)
+    net = _net(backbone, dev)
+    if source.endswith(".npz"):
+        z = np.load(source)
+        xyz, feats = z["xyz"], z["feats"]
+    else:
+        from pointcloud.io import read_points
+
+        c = read_points(source)
+        xyz, feats = c.xyz, c.feature("intensity")[:, None].astype(np.float32)
+        if "nuscenes" in source or feats.max() > 1.5:
+            feats = feats / 255.0  # nuScenes intensity is 0..255, KITTI's 0..1
+    rss_data = _rss_now()
+    if kind == "scan":
+        from pointcloud.structure import Point
+
+        rel = (xyz - xyz.mean(0)).astype(np.float32)
+        p = Point.from_clouds([rel], [np.c_[rel, feats]], device=dev)
+        net(p)  # warm-up (kernel maps, allocator)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            net(p)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        seconds = float(np.median(times))
+        tiles = 1
+    else:
+        from pipelines.engine.scene import segment_scene
+
+        t0 = time.perf_counter()
+        _, rep = segment_scene(xyz, feats, net, tile_size=tile, overlap=0.25, max_points=150_000, device=dev,
+                               coords_in_features=True)
+        seconds = time.perf_counter() - t0
+        tiles = rep.windows_run
+    return {"kind": kind, "backbone": backbone, "source": source, "points": int(len(xyz)), "seconds": seconds,
+            "points_per_s": len(xyz) / seconds, "tiles": tiles, "peak_rss": _peak_rss(), "rss_after_data": rss_data,
+            "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None}
+
+
+def _spawn(*args: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "pipelines.bench_lidar", *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(data_dir: Path, *, device: str = "cpu", sizes=(1_000_000, 4_000_000, 10_000_000), tile: float = 50.0) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run(data_dir, Path(tmp), device=device, sizes=sizes, tile=tile)
+
+
+def _run(data_dir: Path, tmp: Path, *, device: str, sizes, tile: float) -> dict:
+    scans = {
+        "nuScenes sweep": next((data_dir / "mmdet3d/demo/data/nuscenes").glob("*.pcd.bin"), None),
+        "KITTI scan": data_dir / "mmdet3d/demo/data/kitti/000008.bin",
+    }
+    rows = []
+    for label, path in scans.items():
+        if path is None or not Path(path).is_file():
+            continue
+        for b in BACKBONES:
+            rows.append({"input": label, **_spawn("scan", b, str(path), device, str(tile))})
+    for b in BACKBONES:
+        rows.append({"input": "synthetic 1M map (tiled)",
+                     **_spawn("scene", b, str(write_synthetic(1_000_000, tmp)), device, str(tile))})
+    scaling = [{"input": f"synthetic {n / 1e6:g}M map",
+                **_spawn("scene", "flatformer", str(write_synthetic(n, tmp)), device, str(tile))} for n in sizes]
+    return {"backbones": rows, "scaling": scaling, "width": WIDTH, "voxel": VOXEL, "tile": tile}
+
+
+def _gib(b) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def format_result(res: dict) -> str:
+    out = [f"lidar bench: equal width {res['width']}, voxel {res['voxel']} m, tiles {res['tile']} m", "",
+           f"{'input':<26} {'backbone':<12} {'points':>10} {'latency s':>10} {'points/s':>11} {'tiles':>6} {'peak RSS GiB':>13}"]
+    for r in res["backbones"]:
+        if "error" in r:
+            out.append(f"{r['input']:<26} {'?':<12} failed: {r['error']}")
+            continue
+        out.append(f"{r['input']:<26} {r['backbone']:<12} {r['points']:>10,} {r['seconds']:>10.2f} {r['points_per_s']:>11,.0f} "
+                   f"{r['tiles']:>6} {_gib(r['peak_rss']):>13}")
+    out += ["", "scene size vs memory (flatformer, tiled):",
+            f"{'input':<22} {'points':>11} {'seconds':>8} {'peak RSS GiB':>13} {'RSS after reading GiB':>22} {'engine share GiB':>17}"]
+    for r in res["scaling"]:
+        if "error" in r:
+            out.append(f"{r['input']:<22} failed: {r['error']}")
+            continue
+        out.append(f"{r['input']:<22} {r['points']:>11,} {r['seconds']:>8.1f} {_gib(r['peak_rss']):>13} "
+                   f"{_gib(r['rss_after_data']):>22} {_gib(r['peak_rss'] - r['rss_after_data']):>17}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = argv if argv is not None else sys.argv[1:]
+    kind, backbone, source, device, tile = a
+    print(json.dumps(worker(kind, backbone, source, device, float(tile))))
+
+
+if __name__ == "__main__":
+    main()

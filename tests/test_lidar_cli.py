@@ -1,0 +1,176 @@
+"""medvit lidar segment / train: formats, order and count of labels, and every named bad input."""
+
+import json
+from pathlib import Path
+
+import laspy
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipelines.cli import main
+from pipelines.lidar_demo import write_kitti
+from pointcloud.checkpoint import build_from_config, load_point_checkpoint, save_point_checkpoint
+from pointcloud.config import parse_lidar_config
+from tests.test_cli import assert_user_error, run_cli
+
+TINY = {
+    "labels": {0: "ground", 1: "building", 2: "car", 3: "pole", 4: "vegetation"},
+    "features": {"intensity": 1.0},
+    "voxel_size": 0.4,
+    "model": {"name": "sparse_unet", "options": {"channels": [8, 16, 16], "point_mlp": 8}},
+    "infer": {"tile_size": 30.0, "overlap": 0.25, "max_points": 8000},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # sparse ops on two threads crawl when the other core is busy; one is steady
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_ckpt(folder: Path, **patch) -> Path:
+    cfg = parse_lidar_config({**TINY, **patch})
+    torch.manual_seed(0)
+    return save_point_checkpoint(build_from_config(cfg), folder / "tiny.safetensors", config=cfg)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_ckpt(tmp_path_factory.mktemp("lck"))
+
+
+def test_checkpoint_round_trip(ckpt):
+    m = load_point_checkpoint(ckpt)
+    assert m.config.num_classes == 5 and m.config.in_channels == 4
+    from medvit.checkpoint import load_checkpoint
+    from medvit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="lidar checkpoint"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("rel, n", [("mmdet3d/demo/data/kitti/000008.bin", 17238),
+                                    ("mmdet3d/demo/data/nuscenes/n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin", 34688)])
+def test_segment_real_scans_keeps_order_and_count(rel, n, ckpt, data_dir, tmp_path, capsys):
+    code, out, err = run_cli(["lidar", "segment", str(data_dir / rel), "-o", str(tmp_path), "--checkpoint", str(ckpt),
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    name = Path(rel).name.split(".")[0]
+    lab = np.fromfile(tmp_path / f"{name}.label", dtype=np.uint32)
+    assert lab.shape == (n,) and set(np.unique(lab & 0xFFFF)) <= set(range(5))
+    assert f"{n} points" in out
+
+
+def test_segment_las_writes_classification_and_keeps_coordinates(ckpt, data_dir, tmp_path, capsys):
+    src = data_dir / "laspy" / "simple.las"
+    code, _, err = run_cli(["lidar", "segment", str(src), "-o", str(tmp_path), "--checkpoint", str(ckpt), "--no-progress"], capsys)
+    assert code == 0, err
+    a, b = laspy.read(src), laspy.read(tmp_path / "simple.las")
+    assert len(b.points) == 1065
+    assert np.array_equal(a.X, b.X) and np.array_equal(a.Y, b.Y) and np.array_equal(a.Z, b.Z)
+    assert set(np.unique(np.asarray(b.classification))) <= set(range(5))
+
+
+def test_nan_points_are_dropped_reported_and_written_unlabelled(ckpt, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(-20, 20, (3000, 3))
+    xyz[[5, 17], 0] = np.nan
+    xyz[40, 2] = np.inf
+    write_kitti(xyz, rng.uniform(0, 1, 3000), None, tmp_path / "scan")
+    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
+                              str(ckpt), "--no-progress"], capsys)
+    assert code == 0, err
+    lab = np.fromfile(tmp_path / "o" / "scan.label", dtype=np.uint32)
+    assert len(lab) == 3000 and set(lab[[5, 17, 40]]) == {255}
+    assert "3 non-finite points dropped" in out
+
+
+def test_points_outside_range_are_reported(tmp_path, capsys):
+    ck = make_ckpt(tmp_path, point_range=[-10, -10, -5, 10, 10, 5])
+    rng = np.random.default_rng(1)
+    xyz = rng.uniform(-20, 20, (2000, 3))
+    write_kitti(xyz, rng.uniform(0, 1, 2000), None, tmp_path / "scan")
+    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
+                              str(ck), "--no-progress"], capsys)
+    assert code == 0, err
+    lab = np.fromfile(tmp_path / "o" / "scan.label", dtype=np.uint32)
+    outside = ~np.all((xyz >= [-10, -10, -5]) & (xyz < [10, 10, 5]), 1)
+    assert f"{int(outside.sum())} outside point_range" in out
+    assert np.all(lab[outside] == 255) and np.all(lab[~outside] < 5)
+
+
+def test_bad_scans(ckpt, tmp_path, capsys):
+    out = tmp_path / "o"
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert_user_error(["lidar", "segment", str(tmp_path / "empty.bin"), "-o", str(out), "--checkpoint", str(ckpt)],
+                      capsys, "empty.bin", out_dir=out)
+    (tmp_path / "odd.bin").write_bytes(np.zeros(4 * 10 + 3, np.uint8).tobytes())
+    assert_user_error(["lidar", "segment", str(tmp_path / "odd.bin"), "-o", str(out), "--checkpoint", str(ckpt)],
+                      capsys, "odd.bin", "43", out_dir=out)
+    assert_user_error(["lidar", "segment", str(tmp_path / "none.bin"), "-o", str(out), "--checkpoint", str(ckpt)],
+                      capsys, "none.bin", out_dir=out)
+    nan = np.full((5, 4), np.nan, np.float32)
+    nan.tofile(tmp_path / "allnan.bin")
+    assert_user_error(["lidar", "segment", str(tmp_path / "allnan.bin"), "-o", str(out), "--checkpoint", str(ckpt)],
+                      capsys, "allnan.bin", out_dir=out)
+
+
+def test_las_without_the_feature_the_net_needs(tmp_path, data_dir, capsys):
+    ck = make_ckpt(tmp_path, features={"nir": 1.0})  # near infrared: only LAS point formats 8 and 10
+    out = tmp_path / "o"
+    assert_user_error(["lidar", "segment", str(data_dir / "laspy" / "simple.las"), "-o", str(out), "--checkpoint", str(ck)],
+                      capsys, "simple.las", "nir", out_dir=out)
+
+
+def _train_set(folder: Path, n_scans: int = 2) -> Path:
+    from pointcloud.data.synthetic import make_scene
+
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(n_scans + 1):
+        c = make_scene(rng)
+        keep = np.all(np.abs(c.xyz[:, :2]) < 20, 1)
+        write_kitti(c.xyz[keep], c.feature("intensity")[keep], c.labels[keep], folder / f"s{i}")
+        items.append({"image": f"s{i}.bin", "label": f"s{i}.label"})
+    dl = folder / "dl.json"
+    dl.write_text(json.dumps({"training": items[:-1], "validation": items[-1:]}))
+    return dl
+
+
+def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
+    dl = _train_set(tmp_path)
+    cfg = {**TINY, "augment": {"crop_points": 3000, "crop_size": 20.0},
+           "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 2, "batch_size": 2, "lr": 3e-3}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out, err = run_cli(["lidar", "train", str(p), "--no-progress"], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and all(0 <= r["val_miou"] <= 1 for r in lines)
+    assert set(lines[0]["val_iou"]) == set(TINY["labels"].values())
+    assert (tmp_path / "run" / "best.safetensors").is_file() and load_point_checkpoint(tmp_path / "run" / "last.safetensors")
+    code, out, err = run_cli(["lidar", "train", str(p), "--resume", "--no-progress"], capsys)  # nothing left to do
+    assert code == 0 and "trained 2 epochs" in out
+
+
+def test_label_length_mismatch_in_training_data(tmp_path, capsys):
+    dl = _train_set(tmp_path, n_scans=1)
+    lab = np.fromfile(tmp_path / "s0.label", dtype=np.uint32)
+    lab[:-3].tofile(tmp_path / "s0.label")
+    cfg = {**TINY, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert_user_error(["lidar", "train", str(p)], capsys, "s0.label", out_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("patch, needle", [({"labels": {0: "a", 2: "b"}}, "labels"), ({"voxel_size": -1}, "voxel_size"),
+                                           ({"model": {"name": "nope"}}, "unknown point-cloud net")])
+def test_bad_lidar_configs(patch, needle, tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({**TINY, **patch, "train": {"datalist": "x.json"}}))
+    assert_user_error(["lidar", "train", str(p)], capsys, needle)
