@@ -224,3 +224,15 @@ def test_console_script_exit_status(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "segment", str(tmp_path / "none.nii.gz"), "-o", str(tmp_path / "o"),
                         "--checkpoint", str(tmp_path / "none.safetensors")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_skip_below_hu_and_tta(ckpt, phantom, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(["segment", str(phantom), "-o", str(out), "--checkpoint", str(ckpt), "--skip-below-hu", "5000"], capsys)
+    assert code == 0, err
+    assert "0 windows run" in stdout and "skipped as empty" in stdout
+    assert int(np.asarray(nib.load(out / "case_seg.nii.gz").dataobj).max()) == 0  # nothing above 5000 HU
+    code, stdout, err = run_cli(["segment", str(phantom), "-o", str(tmp_path / "t"), "--checkpoint", str(ckpt), "--tta",
+                                 "--skip-below-hu", "-500"], capsys)
+    assert code == 0, err
+    assert " 0 skipped" in stdout or "skipped as empty" in stdout

@@ -52,7 +52,7 @@ def test_labels_equal_full_memory_reference_and_input_order():
     assert labels.shape == (len(xyz),) and labels.dtype == np.uint8
     ref = reference_labels(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net)
     assert (labels == ref).mean() > 0.999  # float32 vs float64 sums may flip exact ties only
-    assert rep.windows_run == len(sc.tiles) and sc.covered.all()
+    assert rep.windows_run == len(sc.tiles) and sc.uncovered == 0
 
 
 def test_labels_follow_points_through_the_sort():
@@ -75,7 +75,7 @@ def test_dense_tiles_are_split_to_the_budget():
     assert max(t.n_points for t in sc.tiles) <= 1500
     assert min(t.size for t in sc.tiles) < 40.0
     labels, _ = run_windows(sc, LinearPointNet(), batch_size=2)
-    assert sc.covered.all() and len(labels) == len(xyz)
+    assert sc.uncovered == 0 and len(labels) == len(xyz)
 
 
 def test_accumulator_holds_a_band_not_the_scene():

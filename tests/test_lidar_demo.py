@@ -12,6 +12,7 @@ from pipelines.lidar_demo import DEMO_LIDAR_CONFIG, run_lidar_demo
 
 
 def test_lidar_demo_path_on_a_tiny_set(tmp_path):
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         cfg = json.loads(json.dumps(DEMO_LIDAR_CONFIG))
@@ -19,7 +20,7 @@ def test_lidar_demo_path_on_a_tiny_set(tmp_path):
         cfg["augment"].update(samples_per_scan=1, crop_points=4000)
         s = run_lidar_demo(tmp_path, config=cfg, scene_sizes=(1, 40_000, 60_000))
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(n)
     lab = np.fromfile(s["labels"], dtype=np.uint32)
     assert len(lab) == s["points"] >= 60_000
     assert open(s["bev_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

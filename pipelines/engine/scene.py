@@ -38,7 +38,7 @@ class Tile:
     size: float
     lo: int
     hi: int
-    """Range in the x-sorted point order that may hold the tile's points."""
+    """(Unused bounds kept for reports) first index of the tile's column in the x-sorted order."""
     n_points: int
 
 
@@ -96,9 +96,11 @@ class PointScene:
         if max_points < 1:
             raise MedvitError(f"the points budget per tile must be at least 1, got {max_points}")
         self.n = len(xyz)
+        # no sorted copies of the scene: the x-sort order and the sorted x (16 bytes a point)
+        self.xyz, self.feats = xyz, feats
         self.order = np.argsort(xyz[:, 0], kind="stable")
-        self.xyz = xyz[self.order]
-        self.feats = feats[self.order]
+        self.xs = xyz[self.order, 0]
+        self._columns: dict[tuple[float, float], tuple[int, np.ndarray, np.ndarray]] = {}
         self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
         self.num_classes = num_classes
         self.coords_in_features = coords_in_features
@@ -111,31 +113,47 @@ class PointScene:
         self._done = 0  # sorted points [0, _done) are final
         self._acc: torch.Tensor | None = None  # (band, K) for sorted points [_done, _done + band)
         self._wsum = np.zeros(0, dtype=np.float32)
-        self._labels_sorted: np.ndarray | None = None
-        self.covered = np.zeros(self.n, dtype=bool)
+        self.uncovered = 0
         self.labels: np.ndarray | None = None
 
     # ------------------------------------------------------------------ planning
-    def _members(self, x0: float, y0: float, size: float, lo: int, hi: int) -> np.ndarray:
-        p = self.xyz[lo:hi]
-        m = (p[:, 1] >= y0) & (p[:, 1] <= y0 + size)
-        return np.nonzero(m)[0] + lo
+    def _column(self, x0: float, size: float) -> tuple[int, np.ndarray, np.ndarray]:
+        """Points with x in [x0, x0 + size]: (first sorted index, their y sorted, positions in that order).
+
+        Built once per column and kept while tiles of nearby columns run, so a tile's
+        members come from two binary searches instead of a scan of the column.
+        """
+        key = (x0, size)
+        if key not in self._columns:
+            lo = int(np.searchsorted(self.xs, x0, "left"))
+            hi = int(np.searchsorted(self.xs, x0 + size, "right"))
+            y = self.xyz[self.order[lo:hi], 1]
+            perm = np.argsort(y, kind="stable")
+            if len(self._columns) >= 8:  # columns are visited in x order: forget the oldest
+                self._columns.pop(next(iter(self._columns)))
+            self._columns[key] = (lo, y[perm], perm)
+        return self._columns[key]
+
+    def _members(self, x0: float, y0: float, size: float) -> np.ndarray:
+        """Sorted-order indices of the points in the tile [x0, x0 + size] × [y0, y0 + size]."""
+        lo, ys, perm = self._column(x0, size)
+        a, b = np.searchsorted(ys, y0, "left"), np.searchsorted(ys, y0 + size, "right")
+        return lo + perm[a:b]
 
     def _split(self, col: int, x0: float, y0: float, size: float, out: list[Tile], depth: int = 0) -> None:
-        xs = self.xyz[:, 0]
-        lo, hi = int(np.searchsorted(xs, x0, "left")), int(np.searchsorted(xs, x0 + size, "right"))
-        n = len(self._members(x0, y0, size, lo, hi))
+        n = len(self._members(x0, y0, size))
         if n == 0:
             return
         if n > self.max_points and depth < 16:
-            half = size / 2
-            # quarters that overlap as the parent grid does, so their seams are blended too
-            step = half * (self.stride / self.tile_size)
-            for sx in _starts(x0, x0 + size, half, step):
-                for sy in _starts(y0, y0 + size, half, step):
-                    self._split(col, sx, sy, half, out, depth + 1)
+            # four quarters, each widened so neighbours overlap by the grid's overlap fraction
+            # (their seams are blended too) while covering 4 * sub^2, not the 9 a full sub-grid would
+            sub = size * (1 + (1 - self.stride / self.tile_size)) / 2
+            for sx in (x0, x0 + size - sub):
+                for sy in (y0, y0 + size - sub):
+                    self._split(col, sx, sy, sub, out, depth + 1)
             return
-        out.append(Tile(len(out), col, x0, y0, size, lo, hi, n))
+        lo = int(np.searchsorted(self.xs, x0, "left"))
+        out.append(Tile(len(out), col, x0, y0, size, lo, lo, n))
 
     def _plan(self) -> list[Tile]:
         lo, hi = self.xyz.min(0), self.xyz.max(0)
@@ -145,6 +163,7 @@ class PointScene:
                 self._split(col, x0, y0, self.tile_size, tiles)
         # tiles run column by column; within a split column its quarters sort by x
         tiles.sort(key=lambda t: (t.column, t.x0, t.y0))
+        self._columns.clear()
         return [Tile(i, t.column, t.x0, t.y0, t.size, t.lo, t.hi, t.n_points) for i, t in enumerate(tiles)]
 
     # ---------------------------------------------------------------- domain API
@@ -153,8 +172,8 @@ class PointScene:
 
     def _tile_points(self, t: Tile) -> tuple[np.ndarray, np.ndarray]:
         """Sorted indices of the tile's points and their weights."""
-        idx = self._members(t.x0, t.y0, t.size, t.lo, t.hi)
-        p = self.xyz[idx]
+        idx = self._members(t.x0, t.y0, t.size)
+        p = self.xyz[self.order[idx]]
         half = t.size / 2
         dx = np.abs(p[:, 0] - (t.x0 + half)) / half
         dy = np.abs(p[:, 1] - (t.y0 + half)) / half
@@ -167,12 +186,14 @@ class PointScene:
         coords, feats = [], []
         for t in ts:
             idx, _ = self._tile_points(t)
-            c = self.xyz[idx].copy()
+            orig = self.order[idx]
+            c = self.xyz[orig]
             c[:, 0] -= t.x0 + t.size / 2
             c[:, 1] -= t.y0 + t.size / 2
             c = c.astype(np.float32)
             coords.append(c)
-            feats.append(np.concatenate([c, self.feats[idx]], 1) if self.coords_in_features else self.feats[idx])
+            f = self.feats[orig]
+            feats.append(np.concatenate([c, f], 1) if self.coords_in_features else f)
         return Point.from_clouds(coords, feats)
 
     def check(self, ts: Sequence[Tile], out: torch.Tensor) -> None:
@@ -209,17 +230,18 @@ class PointScene:
             w = self._wsum[:have]
             lab = self._acc[:have].argmax(1).cpu().numpy()
             lab[w == 0] = 0
-            self._labels_sorted[self._done : self._done + have] = lab
-            self.covered[self.order[self._done : self._done + have]] = w > 0
+            self.labels[self.order[self._done : self._done + have]] = lab
+            self.uncovered += int((w == 0).sum())
             self._acc = self._acc[have:].clone()
             self._wsum = self._wsum[have:].copy()
+        self.uncovered += n - have  # points no tile reached before they were passed
         self._done = upto
 
     def accumulate(self, ts: Sequence[Tile], out: torch.Tensor) -> None:
-        if self._labels_sorted is None:
+        if self.labels is None:
             self.num_classes = self.num_classes or int(out.shape[1])
             dt = np.uint8 if self.num_classes <= 256 else np.int32
-            self._labels_sorted = np.zeros(self.n, dtype=dt)
+            self.labels = np.zeros(self.n, dtype=dt)
             self._acc = torch.zeros((0, self.num_classes), dtype=torch.float32, device=out.device)
         out = out.float()
         start = 0
@@ -229,7 +251,7 @@ class PointScene:
             if t.index < self._next:
                 continue  # added before an out-of-memory retry
             # points left of this tile's column start are final
-            self._finalize_until(int(np.searchsorted(self.xyz[:, 0], self._col_x0[t.column], "left")))
+            self._finalize_until(int(np.searchsorted(self.xs, self._col_x0[t.column], "left")))
             idx, w = self._tile_points(t)
             need = int(idx.max()) + 1 - self._done
             if need > self._acc.shape[0]:
@@ -244,13 +266,9 @@ class PointScene:
 
     def finalize(self) -> np.ndarray:
         self._finalize_until(self.n)
-        if not self.covered.all():
-            missing = int((~self.covered).sum())
-            raise MedvitError(f"{missing} of {self.n} points were not covered by any tile; this is a tiling bug")
-        labels = np.empty(self.n, dtype=self._labels_sorted.dtype)
-        labels[self.order] = self._labels_sorted
-        self.labels = labels
-        return labels
+        if self.uncovered:
+            raise MedvitError(f"{self.uncovered} of {self.n} points were not covered by any tile; this is a tiling bug")
+        return self.labels
 
 
 def segment_scene(
