@@ -18,7 +18,7 @@ Example (see ``configs/``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medvit.errors import ConfigError
 
 Triple = tuple[float, float, float]
+M = TypeVar("M", bound=BaseModel)
 IntTriple = tuple[int, int, int]
 
 
@@ -178,35 +179,49 @@ def _describe(err: ValidationError) -> str:
     return f"key '{key}': {first['msg']}{got_s}"
 
 
-def parse_config(data: Any, source: str | Path = "<config>") -> Config:
-    """Validate a mapping into a :class:`Config`; relative paths resolve against ``source``'s folder."""
+def validate_mapping(model: type[M], data: Any, source: str | Path = "<config>") -> M:
+    """Validate a mapping into ``model`` (a config class with an optional ``train`` section).
+
+    Errors name the source and the key; relative ``train.datalist``/``data_root`` resolve
+    against the source file's folder. Shared by the volume and the LiDAR configs.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        cfg = Config.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
-    if cfg.train is not None and isinstance(source, Path):
+    train = getattr(cfg, "train", None)
+    if train is not None and isinstance(source, Path):
         base = source.parent
-        if not cfg.train.datalist.is_absolute():
-            cfg.train.datalist = (base / cfg.train.datalist).resolve()
-        if cfg.train.data_root is not None and not cfg.train.data_root.is_absolute():
-            cfg.train.data_root = (base / cfg.train.data_root).resolve()
+        if not train.datalist.is_absolute():
+            train.datalist = (base / train.datalist).resolve()
+        if train.data_root is not None and not train.data_root.is_absolute():
+            train.data_root = (base / train.data_root).resolve()
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file."""
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; a missing file or a syntax error is a one-line :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
-    return parse_config(data, path)
+
+
+def parse_config(data: Any, source: str | Path = "<config>") -> Config:
+    """Validate a mapping into a :class:`Config`; relative paths resolve against ``source``'s folder."""
+    return validate_mapping(Config, data, source)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    return parse_config(read_yaml(path), Path(path))
 
 
 def dump_config(cfg: Config) -> dict[str, Any]:

@@ -37,6 +37,21 @@ class Resample(str, Enum):
     labels = "labels"
 
 
+def _override_train(cfg, config: Path, **overrides) -> None:
+    """Apply --output-dir/--datalist/--data-root to a config's train section."""
+    if cfg.train is None:
+        raise MedvitError(f"{config}: no 'train' section")
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg.train, key, value)
+
+
+def _echo_trained(res, metric: str) -> None:
+    best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
+    typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation {metric} {best}")
+    typer.echo(f"checkpoints: {res.output_dir / 'best.safetensors'}, {res.output_dir / 'last.safetensors'}")
+
+
 def _device(device: str | None) -> str:
     import torch
 
@@ -62,18 +77,8 @@ def train(
     from pipelines.train import train as run_train
 
     cfg = load_config(config)
-    if cfg.train is None:
-        raise MedvitError(f"{config}: no 'train' section")
-    if output_dir is not None:
-        cfg.train.output_dir = output_dir
-    if datalist is not None:
-        cfg.train.datalist = datalist
-    if data_root is not None:
-        cfg.train.data_root = data_root
-    res = run_train(cfg, device=_device(device), resume=resume, progress=progress)
-    best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
-    typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation mean Dice {best}")
-    typer.echo(f"checkpoints: {res.output_dir / 'best.safetensors'}, {res.output_dir / 'last.safetensors'}")
+    _override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
+    _echo_trained(run_train(cfg, device=_device(device), resume=resume, progress=progress), "mean Dice")
 
 
 @app.command()
@@ -240,6 +245,8 @@ def lidar_train(
     resume: Annotated[bool, typer.Option(help="Continue from the last resume checkpoint.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Overrides train.output_dir.")] = None,
+    datalist: Annotated[Optional[Path], typer.Option(help="Overrides train.datalist.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a point net (cross-entropy + Lovász-softmax, mIoU validation, atomic checkpoints, resume)."""
@@ -247,14 +254,8 @@ def lidar_train(
     from pointcloud.config import load_lidar_config
 
     cfg = load_lidar_config(config)
-    if cfg.train is None:
-        raise MedvitError(f"{config}: no 'train' section")
-    if output_dir is not None:
-        cfg.train.output_dir = output_dir
-    res = train_lidar(cfg, device=_device(device), resume=resume, progress=progress)
-    best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
-    typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation mIoU {best}")
-    typer.echo(f"checkpoints: {res.output_dir / 'best.safetensors'}, {res.output_dir / 'last.safetensors'}")
+    _override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
+    _echo_trained(train_lidar(cfg, device=_device(device), resume=resume, progress=progress), "mIoU")
 
 
 bench_app = typer.Typer(help="Benchmarks that measure us against the peer in the same run.", no_args_is_help=True)

@@ -18,11 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from medvit.config import TrainConfig, _describe, _Strict
-from medvit.errors import ConfigError
+from medvit.config import TrainConfig, _Strict, read_yaml, validate_mapping
 
 
 class PointModelConfig(_Strict):
@@ -104,28 +102,10 @@ class LidarConfig(_Strict):
 
 
 def parse_lidar_config(data: Any, source: str | Path = "<config>") -> LidarConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        cfg = LidarConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: {_describe(e)}") from None
-    if cfg.train is not None and isinstance(source, Path):
-        base = source.parent
-        if not cfg.train.datalist.is_absolute():
-            cfg.train.datalist = (base / cfg.train.datalist).resolve()
-        if cfg.train.data_root is not None and not cfg.train.data_root.is_absolute():
-            cfg.train.data_root = (base / cfg.train.data_root).resolve()
-    return cfg
+    """Validate a mapping into a :class:`LidarConfig`; errors name the source and the key."""
+    return validate_mapping(LidarConfig, data, source)
 
 
 def load_lidar_config(path: str | Path) -> LidarConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
-    return parse_lidar_config(data, path)
+    """Read and validate a LiDAR YAML config file."""
+    return parse_lidar_config(read_yaml(path), Path(path))

@@ -174,3 +174,13 @@ def test_bad_lidar_configs(patch, needle, tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({**TINY, **patch, "train": {"datalist": "x.json"}}))
     assert_user_error(["lidar", "train", str(p)], capsys, needle)
+
+
+@pytest.mark.parametrize("name", ["semantickitti_flatformer.yaml", "semantickitti_condaformer.yaml", "semantickitti_sparse_unet.yaml"])
+def test_shipped_lidar_configs_build_their_nets(name):
+    from pointcloud.config import load_lidar_config
+
+    cfg = load_lidar_config(Path(__file__).resolve().parents[1] / "configs" / "lidar" / name)
+    assert cfg.num_classes == 19 and cfg.label_map[252] == 0
+    net = build_from_config(cfg)
+    assert sum(p.numel() for p in net.parameters()) > 100_000

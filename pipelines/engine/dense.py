@@ -301,6 +301,12 @@ def segment_volume(
     return grid, rep
 
 
+def _per_case(inputs: torch.Tensor, predictor, output: str, **kwargs) -> list[DenseGrid]:
+    if inputs.ndim != 5:
+        raise MedvitError(f"sliding-window inference takes (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    return [segment_volume(inputs[b], predictor, output=output, **kwargs)[0] for b in range(inputs.shape[0])]
+
+
 def sliding_window(
     inputs: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
@@ -317,15 +323,9 @@ def sliding_window(
     Returns ``(B, K, D, H, W)`` float32 on the CPU. Windows run on ``device`` (default: the
     input's device).
     """
-    if inputs.ndim != 5:
-        raise MedvitError(f"sliding_window takes (B, C, D, H, W), got shape {tuple(inputs.shape)}")
-    dev = torch.device(device) if device is not None else inputs.device
-    outs = []
-    for b in range(inputs.shape[0]):
-        grid, _ = segment_volume(inputs[b], predictor, roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
-                                 mode=mode, output="scores", device=dev, progress=progress)
-        outs.append(grid.scores)
-    return torch.stack(outs)
+    grids = _per_case(inputs, predictor, "scores", roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
+                      mode=mode, device=device or inputs.device, progress=progress)
+    return torch.stack([g.scores for g in grids])
 
 
 def sliding_window_labels(
@@ -339,13 +339,9 @@ def sliding_window_labels(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Argmax labels ``(B, D, H, W)`` without ever holding the full class-score volume."""
-    dev = torch.device(device) if device is not None else inputs.device
-    labs = []
-    for b in range(inputs.shape[0]):
-        grid, _ = segment_volume(inputs[b], predictor, roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
-                                 mode=mode, output="labels", device=dev)
-        labs.append(grid.labels.long())
-    return torch.stack(labs)
+    grids = _per_case(inputs, predictor, "labels", roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
+                      mode=mode, device=device or inputs.device)
+    return torch.stack([g.labels.long() for g in grids])
 
 
 def windows_for(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:

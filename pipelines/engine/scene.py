@@ -98,8 +98,15 @@ class PointScene:
         self.n = len(xyz)
         # no sorted copies of the scene: the x-sort order and the sorted x (16 bytes a point)
         self.xyz, self.feats = xyz, feats
-        self.order = np.argsort(xyz[:, 0], kind="stable")
-        self.xs = xyz[self.order, 0]
+        # x relative to the scene's minimum fits float32 to a fraction of a millimetre over
+        # kilometres, and the order fits int32: 8 bytes a point for the sweep index
+        self.x0 = float(xyz[:, 0].min())
+        rel = (xyz[:, 0] - self.x0).astype(np.float32)
+        order = np.argsort(rel, kind="stable")
+        self.order = order.astype(np.int32) if self.n < 2**31 else order
+        del order
+        self.xs = rel[self.order]
+        del rel
         self._columns: dict[tuple[float, float], tuple[int, np.ndarray, np.ndarray]] = {}
         self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
         self.num_classes = num_classes
@@ -125,8 +132,9 @@ class PointScene:
         """
         key = (x0, size)
         if key not in self._columns:
-            lo = int(np.searchsorted(self.xs, x0, "left"))
-            hi = int(np.searchsorted(self.xs, x0 + size, "right"))
+            # widened by one float32 step each way, so rounding never drops an edge point
+            lo = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 - self.x0), np.float32(-np.inf)), "left"))
+            hi = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 + size - self.x0), np.float32(np.inf)), "right"))
             y = self.xyz[self.order[lo:hi], 1]
             perm = np.argsort(y, kind="stable")
             if len(self._columns) >= 8:  # columns are visited in x order: forget the oldest
@@ -152,7 +160,7 @@ class PointScene:
                 for sy in (y0, y0 + size - sub):
                     self._split(col, sx, sy, sub, out, depth + 1)
             return
-        lo = int(np.searchsorted(self.xs, x0, "left"))
+        lo = int(np.searchsorted(self.xs, np.float32(x0 - self.x0), "left"))
         out.append(Tile(len(out), col, x0, y0, size, lo, lo, n))
 
     def _plan(self) -> list[Tile]:
@@ -251,7 +259,7 @@ class PointScene:
             if t.index < self._next:
                 continue  # added before an out-of-memory retry
             # points left of this tile's column start are final
-            self._finalize_until(int(np.searchsorted(self.xs, self._col_x0[t.column], "left")))
+            self._finalize_until(int(np.searchsorted(self.xs, np.float32(self._col_x0[t.column] - self.x0), "left")))
             idx, w = self._tile_points(t)
             need = int(idx.max()) + 1 - self._done
             if need > self._acc.shape[0]:
