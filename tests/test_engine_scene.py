@@ -127,3 +127,17 @@ def test_bad_net_outputs_are_named():
 
     with pytest.raises(MedvitError, match=r"NaN or inf for the tile at x="):
         segment_scene(xyz, feats, nan_net, tile_size=50.0)
+
+
+def test_points_on_tile_edges_at_utm_scale():
+    """Points exactly on column starts and ends, at UTM-size x: every one merged, none lost or double-finalised."""
+    rng = np.random.default_rng(7)
+    edges = 512_345.678 + np.arange(0, 400, 15.0)  # column starts and ends for tile 20 m, stride 15 m
+    x = np.r_[rng.choice(edges, 6000), rng.uniform(edges[0], edges[-1], 6000)]
+    xyz = np.c_[x, rng.uniform(0, 60, len(x)) + 5.4e6, rng.normal(0, 1, len(x))]
+    feats = rng.uniform(0, 1, (len(x), 1)).astype(np.float32)
+    net = LinearPointNet()
+    sc = PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=400)
+    labels, _ = run_windows(sc, net, batch_size=2)
+    ref = reference_labels(PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=400), net)
+    assert sc.uncovered == 0 and (labels == ref).mean() > 0.999

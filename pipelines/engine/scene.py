@@ -38,7 +38,7 @@ class Tile:
     size: float
     lo: int
     hi: int
-    """(Unused bounds kept for reports) first index of the tile's column in the x-sorted order."""
+    """``lo``: first index of the tile's column in the x-sorted order (points before it are in no later tile)."""
     n_points: int
 
 
@@ -113,9 +113,9 @@ class PointScene:
         self.coords_in_features = coords_in_features
         self.window_shape = ("tile", self.max_points)
         self.tiles = self._plan()
-        self._col_x0 = {}
+        self._col_lo: dict[int, int] = {}  # first sorted index any tile of a column can hold
         for t in self.tiles:
-            self._col_x0[t.column] = min(self._col_x0.get(t.column, t.x0), t.x0)
+            self._col_lo[t.column] = min(self._col_lo.get(t.column, t.lo), t.lo)
         self._next = 0
         self._done = 0  # sorted points [0, _done) are final
         self._acc: torch.Tensor | None = None  # (band, K) for sorted points [_done, _done + band)
@@ -160,7 +160,7 @@ class PointScene:
                 for sy in (y0, y0 + size - sub):
                     self._split(col, sx, sy, sub, out, depth + 1)
             return
-        lo = int(np.searchsorted(self.xs, np.float32(x0 - self.x0), "left"))
+        lo = self._column(x0, size)[0]  # the same (widened) bound the members come from
         out.append(Tile(len(out), col, x0, y0, size, lo, lo, n))
 
     def _plan(self) -> list[Tile]:
@@ -259,7 +259,7 @@ class PointScene:
             if t.index < self._next:
                 continue  # added before an out-of-memory retry
             # points left of this tile's column start are final
-            self._finalize_until(int(np.searchsorted(self.xs, np.float32(self._col_x0[t.column] - self.x0), "left")))
+            self._finalize_until(self._col_lo[t.column])
             idx, w = self._tile_points(t)
             need = int(idx.max()) + 1 - self._done
             if need > self._acc.shape[0]:
