@@ -44,6 +44,8 @@ class Case:
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
+    output: str = "labels"
+    """labels (argmax; what segmenting needs) or scores (blended outputs, to compare to MONAI's exactly)."""
     our_batch: int | None = None
     """Our engine's windows per pass; default ``batch``. On the CPU we run one at a time."""
     output_device: str | None = None
@@ -108,8 +110,8 @@ def worker(impl: str, case: Case, out: Path) -> dict:
         if case.skip_below_hu is not None:
             skip = max((case.skip_below_hu - CT_WINDOW[0]) / (CT_WINDOW[1] - CT_WINDOW[0]), 0.0)
         grid, rep = segment_volume(x, timed, roi_size=(case.roi,) * 3, batch_size=case.our_batch or case.batch, overlap=case.overlap,
-                                   output="labels", skip_below=skip, device=device, amp_dtype=amp)
-        labels = grid.labels.numpy()
+                                   output=case.output, skip_below=skip, device=device, amp_dtype=amp)
+        labels = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
         windows, skipped = rep.windows_run, rep.windows_skipped
     else:
         from monai.inferers import sliding_window_inference
@@ -119,7 +121,7 @@ def worker(impl: str, case: Case, out: Path) -> dict:
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
             scores = sliding_window_inference(x[None].to(device), (case.roi,) * 3, case.batch, timed,
                                               overlap=case.overlap, mode="gaussian", device=case.output_device or device)
-        labels = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        labels = (scores.argmax(1)[0].to(torch.uint8) if case.output == "labels" else scores[0].float()).cpu().numpy()
         del scores
         from pipelines.engine.dense import windows_for
 
@@ -173,6 +175,9 @@ def compare(case: Case, *, peer: bool = True) -> dict:
             monai = _spawn("monai", case, Path(tmp) / "monai.npy")
             a, b = np.load(Path(tmp) / "ours.npy"), np.load(Path(tmp) / "monai.npy")
             res["monai"] = monai
+            if case.output == "scores":
+                res["max_abs_diff"] = float(np.abs(a - b).max())
+                a, b = a.argmax(0), b.argmax(0)
             res["labels_equal"] = float((a == b).mean())
             if case.input is not None:
                 x = _input(case)[0].numpy()
@@ -185,7 +190,7 @@ def format_result(res: dict) -> str:
     c = res["case"]
     head = (f"engine bench: {c['model']}, {c['classes']} classes, input {res['ours']['shape']}"
             f"{' from ' + c['input'] if c['input'] else ''}, roi {c['roi']}, overlap {c['overlap']}, batch: MONAI {c['batch']}, ours {c.get('our_batch') or c['batch']}, "
-            f"{c['device']}{' bf16' if c['amp'] else ''}{', skip below ' + str(c['skip_below_hu']) + ' HU' if c['skip_below_hu'] is not None else ''}")
+            f"{c['device']}, output {c.get('output', 'labels')}{' bf16' if c['amp'] else ''}{', skip below ' + str(c['skip_below_hu']) + ' HU' if c['skip_below_hu'] is not None else ''}")
     rows = [f"{'engine':<8} {'wall s':>8} {'model s':>8} {'windows':>8} {'skipped':>8} {'peak RSS GiB':>13} {'peak GPU GiB':>13}"]
     for k in ("ours", "monai"):
         if k in res:
@@ -199,6 +204,8 @@ def format_result(res: dict) -> str:
                    f"{o['peak_rss'] / m['peak_rss']:.2f}, model-only floor {o['model_seconds']:.1f} s "
                    f"(ours at {o['seconds'] / max(o['model_seconds'], 1e-9):.2f}x of it)")
         line = f"labels equal to MONAI's argmax: {100 * res['labels_equal']:.4f} % of voxels"
+        if "max_abs_diff" in res:
+            line = f"max abs difference of the blended outputs: {res['max_abs_diff']:.2e}; " + line
         if "labels_equal_in_body" in res:
             line += f"; inside the body: {100 * res['labels_equal_in_body']:.4f} %"
         out.append(line)

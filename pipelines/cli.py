@@ -286,6 +286,7 @@ def bench_engine(
     skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Ours: skip windows with no voxel above this HU.")] = None,
     amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
     output_device: Annotated[Optional[str], typer.Option(help="Where MONAI keeps its stitched output (cpu or cuda).")] = None,
+    output: Annotated[str, typer.Option(help="labels (argmax, bounded memory) or scores (blended outputs, compared exactly).")] = "labels",
     peer: Annotated[bool, typer.Option(help="Also run MONAI (off when its buffer cannot fit).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
 ) -> None:
@@ -296,11 +297,13 @@ def bench_engine(
         raise MedvitError(f"--model must be one of {', '.join(NETS)}, got {model!r}")
     if input is not None and not input.is_file():
         raise MedvitError(f"{input}: no such file")
+    if output not in ("labels", "scores"):
+        raise MedvitError(f"--output must be labels or scores, got {output!r}")
     if our_batch is None:
         our_batch = 1 if device == "cpu" else batch
     case = Case(model=model, shape=_triple(shape, "--shape"), classes=classes, overlap=overlap, batch=batch, our_batch=our_batch,
                 input=str(input) if input else None, spacing=_triple(spacing, "--spacing", float),
-                skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device)
+                skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output)
     res = compare(case, peer=peer)
     res["machine"] = machine()
     typer.echo(f"machine: {res['machine']}")

@@ -41,6 +41,14 @@ def test_train_writes_checkpoints_and_metrics(tiny_set, tmp_path):
     assert not list(out.glob("*.tmp*")), "temporary files left behind"
 
 
+def test_gradient_accumulation_steps_once_per_group(tiny_set, tmp_path):
+    cfg = load_config(tiny_config(tmp_path, tiny_set, epochs=1, accumulate=2, warmup_epochs=0))
+    res = train(cfg, progress=False)
+    assert res.global_step == 2  # 4 batches of 1, one optimiser step per 2
+    rec = json.loads((Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["step"] == 2
+
+
 def test_random_chain_is_seeded_per_sample(tiny_set, tmp_path):
     from medvit.transforms import train_transforms
 
