@@ -1,31 +1,24 @@
 #!/usr/bin/env bash
-# The engine benchmark on one GPU (H100/H200), prepared to fit one 10-minute device run:
-#   run bash bench/fetch_gpu_wheels.sh here first, then on the device machine, with carry [".whl"]:
-#   bash bench/gpu_engine.sh
-# Prints ours and MONAI side by side for the issue's H200 case: input 1x1x512x512x256,
-# roi 96^3, sw_batch 4, Gaussian weights, 14 classes, overlap 0.5, bf16 autocast;
-# SwinUNETR (feature 48) and UNETR, stitched output on the GPU and on the CPU.
+# The engine benchmark on one GPU (H100/H200), prepared to fit one 10-minute device run.
+# Here, first: bash bench/fetch_gpu_wheels.sh (monai, pydantic, nibabel, laspy wheels into .whl/);
+# then on the device machine, with carry [".whl"]: bash bench/gpu_engine.sh
+# Prints ours and MONAI side by side for the issue's H200 case: input 1x1x512x512x256, roi 96^3,
+# sw_batch 4, Gaussian weights, 14 classes, overlap 0.5, bf16 autocast; MONAI with its stitched
+# output on the GPU and on the CPU; ours plain, then with the model speed-ups added one by one
+# (SDPA attention, channels-last, torch.compile), each timed on one batch and checked against
+# the plain net's output. MEDVIT_GPU_SMALL=1 runs the same steps on a small case (a dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
-out=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-for model in swin_unetr unetr; do
-  for where in cuda cpu; do
-    timeout 200 python3 -c "
-import json, sys
-from pipelines.bench_engine import Case, compare, format_result, machine
-case = Case(model='$model', shape=(512, 512, 256), classes=14, overlap=0.5, batch=4, our_batch=4,
-            device='cuda', amp=True, output_device='$where')
-res = compare(case); res['machine'] = machine()
-print('machine:', res['machine']); print('MONAI output on: $where'); print(format_result(res))
-json.dump(res, open('$out/gpu_${model}_${where}.json', 'w'), indent=1)
-" || echo "$model/$where: failed or timed out"
-  done
-done
+source bench/gpu_env.sh
+shape=512,512,256; model_swin=swin_unetr; model_unetr=unetr; dev=cuda; amp=--amp; where=both
+if [ "${MEDVIT_GPU_SMALL:-0}" = 1 ]; then shape=100,120,90; model_swin=small; model_unetr=small; dev=cpu; amp=; where=cpu; fi
+run() {  # model, speed-ups, seconds allowed, json name, extra options
+  timeout "$3" python3 -m pipelines.cli bench engine --model "$1" --shape "$shape" --classes 14 --overlap 0.5 \
+    --batch 4 --our-batch 4 --device "$dev" $amp --output-device "$where" --speedups "$2" --json "$out/$4.json" "${@:5}" \
+    || echo "engine bench $4: failed or timed out after $3 s"
+}
+# ours and MONAI (output on the GPU, then on the CPU); ours again with SDPA and channels-last
+run "$model_swin" sdpa,channels_last "${MEDVIT_GPU_SWIN_S:-200}" gpu_engine_swin_unetr
+run "$model_unetr" sdpa,channels_last "${MEDVIT_GPU_UNETR_S:-120}" gpu_engine_unetr
+# torch.compile on top, ours only: compiling can take minutes, so it runs apart and last
+run "$model_swin" sdpa,channels_last,compile "${MEDVIT_GPU_COMPILE_S:-240}" gpu_engine_swin_unetr_compile --no-peer

@@ -9,6 +9,7 @@ peak RSS (and peak GPU memory on a GPU), and how the two outputs compare.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -50,6 +51,9 @@ class Case:
     """Our engine's windows per pass; default ``batch``. On the CPU we run one at a time."""
     output_device: str | None = None
     """MONAI's ``device`` (where its stitched output lives); ours always ends with labels on the CPU."""
+    speedups: tuple[str, ...] = ()
+    """Ours only, after its plain run: apply these model speed-ups one by one (``medvit.nets.speedups``),
+    time the model on one batch after each, then run the engine again with all of them."""
 
 
 def _net(case: Case, device: torch.device) -> torch.nn.Module:
@@ -82,16 +86,7 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(impl: str, case: Case, out: Path) -> dict:
-    """Run one engine on ``case``; writes labels to ``out`` and returns its measurements."""
-    torch.set_grad_enabled(False)
-    device = torch.device(case.device)
-    net = _net(case, device)
-    x = _input(case)
-    amp = torch.bfloat16 if case.amp and device.type == "cuda" else None
-    rss_before = _peak_rss_bytes()
-    model_s = [0.0]
-
+def _timed(net, device: torch.device, model_s: list[float]):
     def timed(t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         y = net(t)
@@ -100,45 +95,127 @@ def worker(impl: str, case: Case, out: Path) -> dict:
         model_s[0] += time.perf_counter() - t0
         return y
 
+    return timed
+
+
+def _ours(case: Case, net, x: torch.Tensor, device: torch.device, amp) -> tuple[np.ndarray, dict]:
+    from pipelines.engine import segment_volume
+
+    skip = None
+    if case.skip_below_hu is not None:
+        skip = max((case.skip_below_hu - CT_WINDOW[0]) / (CT_WINDOW[1] - CT_WINDOW[0]), 0.0)
+    model_s = [0.0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    if impl == "ours":
-        from pipelines.engine import segment_volume
+    grid, rep = segment_volume(x, _timed(net, device, model_s), roi_size=(case.roi,) * 3, batch_size=case.our_batch or case.batch,
+                               overlap=case.overlap, output=case.output, skip_below=skip, device=device, amp_dtype=amp)
+    out = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
+    return out, {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0], "windows": rep.windows_run,
+                 "skipped": rep.windows_skipped,
+                 "peak_gpu": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}
 
-        skip = None
-        if case.skip_below_hu is not None:
-            skip = max((case.skip_below_hu - CT_WINDOW[0]) / (CT_WINDOW[1] - CT_WINDOW[0]), 0.0)
-        grid, rep = segment_volume(x, timed, roi_size=(case.roi,) * 3, batch_size=case.our_batch or case.batch, overlap=case.overlap,
-                                   output=case.output, skip_below=skip, device=device, amp_dtype=amp)
-        labels = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
-        windows, skipped = rep.windows_run, rep.windows_skipped
+
+def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: int | None = None):
+    """Model-only time per batch of ``case.batch`` windows with each speed-up added in turn.
+
+    Returns ``(rows, predictor)``: one row per step (``plain`` first) with milliseconds per batch,
+    seconds of the first call (compilation, when compiling), and the largest difference from the
+    plain net's output on the same batch, absolute and relative to its largest magnitude; the
+    predictor has every step applied and is already warm.
+    """
+    from medvit.nets.speedups import speed_up
+
+    reps = reps or (10 if device.type == "cuda" else 2)
+    r = case.roi
+    starts = [(0, 0, 0), (0, r // 2, 0), (0, 0, r // 2), (r // 2, 0, 0)]
+    short = [max(r + r // 2 - s, 0) for s in x.shape[1:]]  # windows of a small input see padding, as in the engine
+    if any(short):
+        x = torch.nn.functional.pad(x, [p for v in reversed(short) for p in (0, v)])
+    xb = torch.stack([x[:, d : d + r, h : h + r, w : w + r] for d, h, w in (starts * case.batch)[: case.batch]]).to(device)
+
+    def bench(pred) -> tuple[torch.Tensor, float, float]:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            y = pred(xb)
+            _sync(device)
+            first = time.perf_counter() - t0
+            pred(xb)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                pred(xb)
+            _sync(device)
+        return y.float(), first, (time.perf_counter() - t0) / reps * 1e3
+
+    ref, first, ms = bench(_net(case, device))
+    scale = float(ref.abs().max())
+    rows = [{"step": "plain", "ms_per_batch": ms, "first_call_s": first, "max_abs_diff": 0.0, "max_rel_diff": 0.0}]
+    pred = None
+    for i in range(len(case.speedups)):
+        try:
+            step = speed_up(_net(case, device), case.speedups[: i + 1])
+            y, first, ms = bench(step)
+        except Exception as e:  # a step that fails (a compiler error, say) is reported, not fatal
+            rows.append({"step": "+" + case.speedups[i], "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            break
+        pred = step
+        d = float((y - ref).abs().max())
+        rows.append({"step": "+" + case.speedups[i], "ms_per_batch": ms, "first_call_s": first, "max_abs_diff": d,
+                     "max_rel_diff": d / max(scale, 1e-12)})
+    return rows, pred
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(impl: str, case: Case, out: Path) -> dict:
+    """Run one engine on ``case``; writes its labels (or scores) to ``out`` and returns its measurements."""
+    torch.set_grad_enabled(False)
+    device = torch.device(case.device)
+    net = _net(case, device)
+    x = _input(case)
+    amp = torch.bfloat16 if case.amp and device.type == "cuda" else None
+    if device.type == "cuda":  # one untimed batch first: CUDA context, cuDNN/cuBLAS set-up
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            net(torch.zeros((case.batch, 1, *(case.roi,) * 3), device=device))
+        torch.cuda.synchronize(device)
+    rss_before = _peak_rss_bytes()
+    extra: dict = {}
+    if impl == "ours":
+        labels, run = _ours(case, net, x, device, amp)
+        run["peak_rss"] = _peak_rss_bytes()  # before the speed-up runs add nets of their own
+        if case.speedups:
+            rows, fast = model_steps(case, x, device, amp)
+            extra = {"steps": rows}
+            if fast is not None:
+                fast_labels, fast_run = _ours(case, fast, x, device, amp)
+                same = float((fast_labels.argmax(0) == labels.argmax(0)).mean() if case.output == "scores"
+                             else (fast_labels == labels).mean())
+                extra["fast"] = {**fast_run, "labels_equal_plain": same,
+                                 "speedups": [r["step"][1:] for r in rows[1:] if "error" not in r]}
     else:
         from monai.inferers import sliding_window_inference
 
-        import contextlib
-
+        model_s = [0.0]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            scores = sliding_window_inference(x[None].to(device), (case.roi,) * 3, case.batch, timed,
+            scores = sliding_window_inference(x[None].to(device), (case.roi,) * 3, case.batch, _timed(net, device, model_s),
                                               overlap=case.overlap, mode="gaussian", device=case.output_device or device)
         labels = (scores.argmax(1)[0].to(torch.uint8) if case.output == "labels" else scores[0].float()).cpu().numpy()
         del scores
         from pipelines.engine.dense import windows_for
 
-        windows, skipped = windows_for(x.shape[1:], (case.roi,) * 3, case.overlap), 0
-    seconds = time.perf_counter() - t0
+        run = {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0],
+               "windows": windows_for(x.shape[1:], (case.roi,) * 3, case.overlap), "skipped": 0,
+               "peak_gpu": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+               "output_device": case.output_device or str(device)}
     np.save(out, labels)
-    return {
-        "impl": impl,
-        "seconds": seconds,
-        "model_seconds": model_s[0],
-        "windows": windows,
-        "skipped": skipped,
-        "peak_rss": _peak_rss_bytes(),
-        "rss_before": rss_before,
-        "peak_gpu": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
-        "shape": list(x.shape[1:]),
-    }
+    return {"impl": impl, "peak_rss": _peak_rss_bytes(), **run, "rss_before": rss_before, "shape": list(x.shape[1:]), **extra}
 
 
 def _spawn(impl: str, case: Case, out: Path) -> dict:
@@ -166,23 +243,35 @@ def _gib(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**30:.2f}"
 
 
-def compare(case: Case, *, peer: bool = True) -> dict:
-    """Run ours (and MONAI when ``peer``) on ``case``; returns both measurements and the comparison."""
+def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ...] | None = None) -> dict:
+    """Run ours, then MONAI (when ``peer``) once per output device in ``peer_outputs``
+    (default: ``case.output_device``); returns every measurement and the comparisons."""
+    from dataclasses import replace
+
     with tempfile.TemporaryDirectory() as tmp:
         ours = _spawn("ours", case, Path(tmp) / "ours.npy")
         res = {"case": case.__dict__, "ours": ours}
-        if peer:
-            monai = _spawn("monai", case, Path(tmp) / "monai.npy")
-            a, b = np.load(Path(tmp) / "ours.npy"), np.load(Path(tmp) / "monai.npy")
-            res["monai"] = monai
+        if not peer:
+            return res
+        a = np.load(Path(tmp) / "ours.npy")
+        body = _input(case)[0].numpy() > 0 if case.input is not None else None  # above -175 HU
+        runs = []
+        for od in peer_outputs or (case.output_device,):
+            m = _spawn("monai", replace(case, output_device=od), Path(tmp) / "monai.npy")
+            b = np.load(Path(tmp) / "monai.npy")
+            la, lb = a, b
             if case.output == "scores":
-                res["max_abs_diff"] = float(np.abs(a - b).max())
-                a, b = a.argmax(0), b.argmax(0)
-            res["labels_equal"] = float((a == b).mean())
-            if case.input is not None:
-                x = _input(case)[0].numpy()
-                body = x > 0  # above the bottom of the CT window (-175 HU)
-                res["labels_equal_in_body"] = float((a[body] == b[body]).mean())
+                m["max_abs_diff"] = float(np.abs(a - b).max())
+                la, lb = a.argmax(0), b.argmax(0)
+            m["labels_equal"] = float((la == lb).mean())
+            if body is not None:
+                m["labels_equal_in_body"] = float((la[body] == lb[body]).mean())
+            runs.append(m)
+        res["monai_runs"] = runs
+        res["monai"] = runs[0]
+        for k in ("max_abs_diff", "labels_equal", "labels_equal_in_body"):  # the first run's, as before
+            if k in runs[0]:
+                res[k] = runs[0][k]
     return res
 
 
@@ -191,27 +280,50 @@ def format_result(res: dict) -> str:
     head = (f"engine bench: {c['model']}, {c['classes']} classes, input {res['ours']['shape']}"
             f"{' from ' + c['input'] if c['input'] else ''}, roi {c['roi']}, overlap {c['overlap']}, batch: MONAI {c['batch']}, ours {c.get('our_batch') or c['batch']}, "
             f"{c['device']}, output {c.get('output', 'labels')}{' bf16' if c['amp'] else ''}{', skip below ' + str(c['skip_below_hu']) + ' HU' if c['skip_below_hu'] is not None else ''}")
-    rows = [f"{'engine':<8} {'wall s':>8} {'model s':>8} {'windows':>8} {'skipped':>8} {'peak RSS GiB':>13} {'peak GPU GiB':>13}"]
-    for k in ("ours", "monai"):
-        if k in res:
-            r = res[k]
-            rows.append(f"{k:<8} {r['seconds']:>8.1f} {r['model_seconds']:>8.1f} {r['windows']:>8d} {r['skipped']:>8d} "
-                        f"{_gib(r['peak_rss']):>13} {_gib(r['peak_gpu']):>13}")
+    rows = [f"{'engine':<22} {'wall s':>8} {'model s':>8} {'windows':>8} {'skipped':>8} {'peak RSS GiB':>13} {'peak GPU GiB':>13}"]
+
+    def row(name: str, r: dict, rss: int | None) -> str:
+        return (f"{name:<22} {r['seconds']:>8.2f} {r['model_seconds']:>8.2f} {r['windows']:>8d} {r['skipped']:>8d} "
+                f"{_gib(rss):>13} {_gib(r['peak_gpu']):>13}")
+
+    o = res["ours"]
+    rows.append(row("ours", o, o["peak_rss"]))
+    if "fast" in o:
+        rows.append(row("ours + " + "+".join(o["fast"].get("speedups") or ()), o["fast"], None))
+    runs = res.get("monai_runs") or ([res["monai"]] if "monai" in res else [])
+    for m in runs:
+        rows.append(row(f"monai (output {m.get('output_device') or c['device']})", m, m["peak_rss"]))
     out = [head, *rows]
-    if "monai" in res:
-        o, m = res["ours"], res["monai"]
-        out.append(f"ratios: time MONAI/ours {m['seconds'] / o['seconds']:.2f}x, peak RSS ours/MONAI "
-                   f"{o['peak_rss'] / m['peak_rss']:.2f}, model-only floor {o['model_seconds']:.1f} s "
-                   f"(ours at {o['seconds'] / max(o['model_seconds'], 1e-9):.2f}x of it)")
-        line = f"labels equal to MONAI's argmax: {100 * res['labels_equal']:.4f} % of voxels"
-        if "max_abs_diff" in res:
-            line = f"max abs difference of the blended outputs: {res['max_abs_diff']:.2e}; " + line
-        if "labels_equal_in_body" in res:
-            line += f"; inside the body: {100 * res['labels_equal_in_body']:.4f} %"
+    for m in runs:
+        where = m.get("output_device") or c["device"]
+        line = (f"vs MONAI with output on {where}: time MONAI/ours {m['seconds'] / o['seconds']:.2f}x")
+        if "fast" in o:
+            line += f" (with speed-ups {m['seconds'] / o['fast']['seconds']:.2f}x)"
+        line += f", peak RSS ours/MONAI {o['peak_rss'] / m['peak_rss']:.2f}"
+        if o.get("peak_gpu") and m.get("peak_gpu"):
+            line += f", peak GPU ours/MONAI {o['peak_gpu'] / m['peak_gpu']:.2f}"
         out.append(line)
-    else:
-        k = res["ours"]
-        vox = int(np.prod(k["shape"]))
+        eq = f"  labels equal to MONAI's argmax: {100 * m['labels_equal']:.4f} % of voxels"
+        if "max_abs_diff" in m:
+            eq = f"  max abs difference of the blended outputs: {m['max_abs_diff']:.2e};" + eq[1:]
+        if "labels_equal_in_body" in m:
+            eq += f"; inside the body: {100 * m['labels_equal_in_body']:.4f} %"
+        out.append(eq)
+    out.append(f"model-only floor {o['model_seconds']:.2f} s (ours at {o['seconds'] / max(o['model_seconds'], 1e-9):.2f}x of it)")
+    if "fast" in o:
+        f = o["fast"]
+        out.append(f"with speed-ups: floor {f['model_seconds']:.2f} s (ours at {f['seconds'] / max(f['model_seconds'], 1e-9):.2f}x of it); "
+                   f"labels equal to the plain run: {100 * f['labels_equal_plain']:.4f} %")
+    if "steps" in o:
+        out.append(f"model steps, one batch of {c['batch']} windows:")
+        for s in o["steps"]:
+            if "error" in s:
+                out.append(f"  {s['step']:<16} failed: {s['error']}")
+                continue
+            out.append(f"  {s['step']:<16} {s['ms_per_batch']:>8.1f} ms  first call {s['first_call_s']:>6.1f} s  "
+                       f"max diff vs plain {s['max_abs_diff']:.2e} ({100 * s['max_rel_diff']:.3f} % of max |output|)")
+    if not runs:
+        vox = int(np.prod(o["shape"]))
         out.append(f"MONAI not run: its float output alone would need {c['classes'] * vox * 4 / 1e9:.1f} GB "
                    f"(+ {vox * 4 / 1e9:.1f} GB count map), computed, not measured")
     return "\n".join(out)
@@ -228,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     d = json.loads(a.case)
     d["shape"] = tuple(d["shape"])
     d["spacing"] = tuple(d["spacing"])
+    d["speedups"] = tuple(d.get("speedups") or ())
     print(json.dumps(worker(a.worker, Case(**d), Path(a.out))))
 
 

@@ -27,15 +27,33 @@ WIDTH = [24, 48, 96, 96]
 VOXEL = 0.1
 
 
+def _status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory since the last :func:`_reset_peak` (the whole run where Linux's VmHWM is missing)."""
+    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return _peak_rss()
+    return _status("VmRSS") or _peak_rss()
+
+
+def _reset_peak() -> bool:
+    """Restart the peak-RSS count (Linux: ``5`` to ``/proc/self/clear_refs``), so that reading
+    the scene file (whose loader briefly holds a second copy) does not count as the engine's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def _net(name: str, device: torch.device) -> torch.nn.Module:
@@ -72,6 +90,7 @@ def worker(kind: str, backbone: str, source: str, device: str, tile: float) -> d
         if "nuscenes" in source or feats.max() > 1.5:
             feats = feats / 255.0  # nuScenes intensity is 0..255, KITTI's 0..1
     rss_data = _rss_now()
+    reset = _reset_peak()
     if kind == "scan":
         from pointcloud.structure import Point
 
@@ -96,7 +115,7 @@ def worker(kind: str, backbone: str, source: str, device: str, tile: float) -> d
         seconds = time.perf_counter() - t0
         tiles = rep.windows_run
     return {"kind": kind, "backbone": backbone, "source": source, "points": int(len(xyz)), "seconds": seconds,
-            "points_per_s": len(xyz) / seconds, "tiles": tiles, "peak_rss": _peak_rss(), "rss_after_data": rss_data,
+            "points_per_s": len(xyz) / seconds, "tiles": tiles, "peak_rss": _peak_rss(), "rss_after_data": rss_data, "peak_reset_after_data": reset,
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None}
 
 
@@ -108,30 +127,39 @@ def _spawn(*args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(data_dir: Path, *, device: str = "cpu", sizes=(1_000_000, 4_000_000, 10_000_000), tile: float = 50.0) -> dict:
+def run(data_dir: Path, *, device: str = "cpu", sizes=(1_000_000, 4_000_000, 10_000_000), tile: float = 50.0,
+        on_row=None) -> dict:
+    """Every measurement; ``on_row(partial result)`` is called after each one (so a run stopped
+    by a time limit still leaves what it measured)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        return _run(data_dir, Path(tmp), device=device, sizes=sizes, tile=tile)
+        return _run(data_dir, Path(tmp), device=device, sizes=sizes, tile=tile, on_row=on_row or (lambda res: None))
 
 
-def _run(data_dir: Path, tmp: Path, *, device: str, sizes, tile: float) -> dict:
+def _run(data_dir: Path, tmp: Path, *, device: str, sizes, tile: float, on_row) -> dict:
     scans = {
         "nuScenes sweep": next((data_dir / "mmdet3d/demo/data/nuscenes").glob("*.pcd.bin"), None),
         "KITTI scan": data_dir / "mmdet3d/demo/data/kitti/000008.bin",
     }
-    rows = []
+    rows: list[dict] = []
+    scaling: list[dict] = []
+    res = {"backbones": rows, "scaling": scaling, "width": WIDTH, "voxel": VOXEL, "tile": tile}
     for label, path in scans.items():
         if path is None or not Path(path).is_file():
             continue
         for b in BACKBONES:
             rows.append({"input": label, **_spawn("scan", b, str(path), device, str(tile))})
+            on_row(res)
     for b in BACKBONES:
         rows.append({"input": "synthetic 1M map (tiled)",
                      **_spawn("scene", b, str(write_synthetic(1_000_000, tmp)), device, str(tile))})
-    scaling = [{"input": f"synthetic {n / 1e6:g}M map",
-                **_spawn("scene", "flatformer", str(write_synthetic(n, tmp)), device, str(tile))} for n in sizes]
-    return {"backbones": rows, "scaling": scaling, "width": WIDTH, "voxel": VOXEL, "tile": tile}
+        on_row(res)
+    for n in sizes:
+        scaling.append({"input": f"synthetic {n / 1e6:g}M map",
+                        **_spawn("scene", "flatformer", str(write_synthetic(n, tmp)), device, str(tile))})
+        on_row(res)
+    return res
 
 
 def _gib(b) -> str:

@@ -165,7 +165,7 @@ def datalist(
     import json
 
     from medvit.data.manifest import build_datalist
-    from medvit.io import atomic_path
+    from medvit.io.writers import atomic_path
 
     dl = build_datalist(manifest, root, fold=fold, sha256=sha256)
     with atomic_path(out) as tmp:
@@ -285,8 +285,9 @@ def bench_engine(
     spacing: Annotated[str, typer.Option(help="Spacing in mm for --input.")] = "1.5,1.5,2.0",
     skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Ours: skip windows with no voxel above this HU.")] = None,
     amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
-    output_device: Annotated[Optional[str], typer.Option(help="Where MONAI keeps its stitched output (cpu or cuda).")] = None,
+    output_device: Annotated[Optional[str], typer.Option(help="Where MONAI keeps its stitched output: cpu, cuda, or both (two MONAI runs).")] = None,
     output: Annotated[str, typer.Option(help="labels (argmax, bounded memory) or scores (blended outputs, compared exactly).")] = "labels",
+    speedups: Annotated[str, typer.Option(help="Ours, as a second run: comma-separated model speed-ups (sdpa, channels_last, compile), each timed.")] = "",
     peer: Annotated[bool, typer.Option(help="Also run MONAI (off when its buffer cannot fit).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
 ) -> None:
@@ -301,15 +302,24 @@ def bench_engine(
         raise MedvitError(f"--output must be labels or scores, got {output!r}")
     if our_batch is None:
         our_batch = 1 if device == "cpu" else batch
+    from medvit.nets.speedups import STEPS
+
+    steps = tuple(v for v in speedups.split(",") if v)
+    if any(v not in STEPS for v in steps):
+        raise MedvitError(f"--speedups takes {', '.join(STEPS)}, got {speedups!r}")
+    outputs = ("cpu", "cuda") if output_device == "both" else (output_device,)
+    if output_device == "both":
+        output_device = None
     case = Case(model=model, shape=_triple(shape, "--shape"), classes=classes, overlap=overlap, batch=batch, our_batch=our_batch,
                 input=str(input) if input else None, spacing=_triple(spacing, "--spacing", float),
-                skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output)
-    res = compare(case, peer=peer)
+                skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output,
+                speedups=steps)
+    res = compare(case, peer=peer, peer_outputs=outputs)
     res["machine"] = machine()
     typer.echo(f"machine: {res['machine']}")
     typer.echo(format_result(res))
     if json_out is not None:
-        from medvit.io import atomic_path
+        from medvit.io.writers import atomic_path
 
         with atomic_path(json_out) as tmp:
             Path(tmp).write_text(json.dumps(res, indent=1))
@@ -334,15 +344,18 @@ def bench_lidar(
         n = tuple(int(v) for v in sizes.split(","))
     except ValueError:
         raise MedvitError(f"--sizes must be comma-separated point counts, got {sizes!r}") from None
-    res = run(folder, device=device, sizes=n, tile=tile)
-    res["machine"] = machine()
+    from medvit.io.writers import atomic_path
+
+    def save(res: dict) -> None:
+        res["machine"] = machine()
+        if json_out is not None:
+            with atomic_path(json_out) as tmp:
+                Path(tmp).write_text(json.dumps(res, indent=1))
+
+    res = run(folder, device=device, sizes=n, tile=tile, on_row=save)
+    save(res)
     typer.echo(f"machine: {res['machine']}")
     typer.echo(format_result(res))
-    if json_out is not None:
-        from medvit.io import atomic_path
-
-        with atomic_path(json_out) as tmp:
-            Path(tmp).write_text(json.dumps(res, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,18 +7,31 @@ and SimpleITK/GDCM (pixels, JPEG 2000 included). Writers write a temporary file 
 target and rename it, and refuse to overwrite a protected input.
 """
 
-from medvit.io.dicom import DicomSeries, list_dicom_series
-from medvit.io.loader import LoadVolumed
-from medvit.io.reader import read_image, read_label
-from medvit.io.writers import atomic_path, write_image, write_label_map
+import importlib
 
-__all__ = [
-    "DicomSeries",
-    "LoadVolumed",
-    "atomic_path",
-    "list_dicom_series",
-    "read_image",
-    "read_label",
-    "write_image",
-    "write_label_map",
-]
+# Names load on first use (PEP 562), so a writer or ``atomic_path`` alone does not pull in
+# pydicom, SimpleITK and GDCM (the GPU bench machine, for one, has none of them).
+_WHERE = {
+    "DicomSeries": "medvit.io.dicom",
+    "list_dicom_series": "medvit.io.dicom",
+    "LoadVolumed": "medvit.io.loader",
+    "read_image": "medvit.io.reader",
+    "read_label": "medvit.io.reader",
+    "atomic_path": "medvit.io.writers",
+    "write_image": "medvit.io.writers",
+    "write_label_map": "medvit.io.writers",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'medvit.io' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

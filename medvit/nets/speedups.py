@@ -1,0 +1,61 @@
+"""Inference speed-ups for a built net, each one optional and each one measurable on its own.
+
+The nets stay MONAI's; these only change how they run:
+
+- ``sdpa``: MONAI's attention blocks (Swin's ``WindowAttention``, UNETR's ``SABlock``) carry a
+  ``use_flash_attention`` switch that routes attention through
+  ``torch.nn.functional.scaled_dot_product_attention`` instead of an explicit softmax of the
+  full score matrix. Same maths; on a GPU it runs fused kernels. Blocks that save their
+  attention maps (``save_attn``) are left alone, since SDPA never forms the map.
+- ``channels_last``: weights and inputs in ``torch.channels_last_3d`` layout, which cuDNN's
+  3D convolutions prefer on tensor-core GPUs.
+- ``compile``: ``torch.compile`` of the whole net (fixed shapes: the engine always feeds the
+  same window size, and the batch only changes for a last, smaller batch).
+
+On the 2-core CPU none of them helped UNETR (measured: SDPA 1.79 s vs 1.74 s per 96³ window,
+channels-last 1.95 s), so ``medvit segment`` turns them on only when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from medvit.errors import MedvitError
+
+STEPS = ("sdpa", "channels_last", "compile")
+
+
+def use_sdpa(net: nn.Module) -> int:
+    """Switch every MONAI attention block of ``net`` to SDPA; returns how many were switched."""
+    n = 0
+    for m in net.modules():
+        if hasattr(m, "use_flash_attention") and not getattr(m, "save_attn", False):
+            m.use_flash_attention = True
+            n += 1
+    return n
+
+
+def speed_up(net: nn.Module, steps: Iterable[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A predictor running ``net`` with ``steps`` (names from :data:`STEPS`) applied, in that order.
+
+    ``net`` is changed in place for ``sdpa`` and ``channels_last``; ``compile`` wraps it. The
+    predictor maps ``(B, C, D, H, W)`` to the net's output, like ``net`` itself.
+    """
+    steps = list(steps)
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        raise MedvitError(f"unknown speed-up {bad[0]!r}; choose from {', '.join(STEPS)}")
+    if "sdpa" in steps and use_sdpa(net) == 0:
+        raise MedvitError(f"speed-up sdpa: {type(net).__name__} has no attention block with an SDPA switch")
+    layout = torch.channels_last_3d if "channels_last" in steps else None
+    if layout is not None:
+        net = net.to(memory_format=layout)
+    run: Callable[[torch.Tensor], torch.Tensor] = torch.compile(net, dynamic=False) if "compile" in steps else net
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return run(x.contiguous(memory_format=layout) if layout is not None else x)
+
+    return predict
