@@ -9,7 +9,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 mkdir -p .whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" -d .whl "$@"; }
-get monai==1.6.1 nibabel pydantic pydantic-core annotated-types typing-inspection laspy
+get monai==1.6.1 nibabel pydantic pydantic-core annotated-types typing-inspection typing-extensions laspy
 if [ "${1:-}" = "--spconv" ]; then
   # 100 MB of wheels: too much for the 64 MiB that travels, so they go unpacked into one tar.xz
   tmp=$(mktemp -d)

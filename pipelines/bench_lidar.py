@@ -1,11 +1,11 @@
 """``medvit bench lidar``: point-net backbones on real scans, and scene memory against scene size.
 
-Each measurement runs in a fresh subprocess so its peak RSS is its own. Part 1 runs the
-three backbones at equal width (same channels per level) on the real nuScenes sweep, the
+Part 1 runs each backbone in a fresh subprocess (one per backbone, its peak RSS counted
+from each input's reading on) at equal width (same channels per level) on the real nuScenes sweep, the
 real KITTI scan and a 1M-point synthetic map (the map through the engine's tiling):
 latency, points per second, peak memory. Part 2 segments synthetic maps of 1M, 4M and
-10M points with the same net and tiling and reports peak RSS above the bare scene arrays:
-the engine's share should stay flat as scenes grow.
+10M points with the same net and tiling, each in a fresh subprocess, and reports peak RSS
+above the bare scene arrays: the engine's share should stay flat as scenes grow.
 """
 
 from __future__ import annotations
@@ -75,10 +75,8 @@ def write_synthetic(n: int, folder: Path) -> Path:
     return path
 
 
-def worker(kind: str, backbone: str, source: str, device: str, tile: float) -> dict:
-    torch.set_grad_enabled(False)
-    dev = torch.device(device)
-    net = _net(backbone, dev)
+def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile: float) -> dict:
+    """One measurement: a single scan through the net (median of 3 after a warm-up), or a scene through tiling."""
     if source.endswith(".npz"):
         z = np.load(source)
         xyz, feats = z["xyz"], z["feats"]
@@ -91,6 +89,8 @@ def worker(kind: str, backbone: str, source: str, device: str, tile: float) -> d
             feats = feats / 255.0  # nuScenes intensity is 0..255, KITTI's 0..1
     rss_data = _rss_now()
     reset = _reset_peak()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     if kind == "scan":
         from pointcloud.structure import Point
 
@@ -115,16 +115,39 @@ def worker(kind: str, backbone: str, source: str, device: str, tile: float) -> d
         seconds = time.perf_counter() - t0
         tiles = rep.windows_run
     return {"kind": kind, "backbone": backbone, "source": source, "points": int(len(xyz)), "seconds": seconds,
-            "points_per_s": len(xyz) / seconds, "tiles": tiles, "peak_rss": _peak_rss(), "rss_after_data": rss_data, "peak_reset_after_data": reset,
+            "points_per_s": len(xyz) / seconds, "tiles": tiles, "peak_rss": _peak_rss(), "rss_after_data": rss_data,
+            "peak_reset_after_data": reset,
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None}
 
 
-def _spawn(*args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "pipelines.bench_lidar", *args], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if r.returncode != 0:
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def worker(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]]) -> None:
+    """Run ``jobs`` ((kind, source) pairs) with one net in this process, printing one JSON line each.
+
+    One process per backbone instead of one per measurement: process start-up (imports, CUDA
+    context, spconv) cost more than the GPU measurements themselves. Peak RSS is counted from
+    each job's data read (``_reset_peak``), and peak GPU memory from each job's start.
+    """
+    torch.set_grad_enabled(False)
+    dev = torch.device(device)
+    net = _net(backbone, dev)
+    for kind, source in jobs:
+        print(json.dumps(measure(kind, net, backbone, source, dev, tile)), flush=True)
+
+
+def _spawn(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]]):
+    """Yield one result per job from a worker process; the jobs it did not reach get an error row."""
+    cmd = [sys.executable, "-m", "pipelines.bench_lidar", backbone, device, str(tile), *[f"{k}:{s}" for k, s in jobs]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = 0
+    for line in proc.stdout:
+        if line.startswith("{"):
+            done += 1
+            yield json.loads(line)
+    err = proc.stderr.read().strip()
+    proc.wait()
+    for _ in jobs[done:]:
+        yield {"error": err.splitlines()[-1] if err else f"exit {proc.returncode}"}
 
 
 def run(data_dir: Path, *, device: str = "cpu", sizes=(1_000_000, 4_000_000, 10_000_000), tile: float = 50.0,
@@ -145,19 +168,17 @@ def _run(data_dir: Path, tmp: Path, *, device: str, sizes, tile: float, on_row) 
     rows: list[dict] = []
     scaling: list[dict] = []
     res = {"backbones": rows, "scaling": scaling, "width": WIDTH, "voxel": VOXEL, "tile": tile}
-    for label, path in scans.items():
-        if path is None or not Path(path).is_file():
-            continue
-        for b in BACKBONES:
-            rows.append({"input": label, **_spawn("scan", b, str(path), device, str(tile))})
-            on_row(res)
+    scans = {label: str(path) for label, path in scans.items() if path is not None and Path(path).is_file()}
+    synthetic = str(write_synthetic(1_000_000, tmp))
     for b in BACKBONES:
-        rows.append({"input": "synthetic 1M map (tiled)",
-                     **_spawn("scene", b, str(write_synthetic(1_000_000, tmp)), device, str(tile))})
-        on_row(res)
+        jobs = [("scan", path) for path in scans.values()] + [("scene", synthetic)]
+        labels = [*scans, "synthetic 1M map (tiled)"]
+        for label, r in zip(labels, _spawn(b, device, tile, jobs)):
+            rows.append({"input": label, "backbone": b, **r})
+            on_row(res)
     for n in sizes:
-        scaling.append({"input": f"synthetic {n / 1e6:g}M map",
-                        **_spawn("scene", "flatformer", str(write_synthetic(n, tmp)), device, str(tile))})
+        [r] = list(_spawn("flatformer", device, tile, [("scene", str(write_synthetic(n, tmp)))]))
+        scaling.append({"input": f"synthetic {n / 1e6:g}M map", **r})
         on_row(res)
     return res
 
@@ -169,9 +190,10 @@ def _gib(b) -> str:
 def format_result(res: dict) -> str:
     out = [f"lidar bench: equal width {res['width']}, voxel {res['voxel']} m, tiles {res['tile']} m", "",
            f"{'input':<26} {'backbone':<12} {'points':>10} {'latency s':>10} {'points/s':>11} {'tiles':>6} {'peak RSS GiB':>13}"]
-    for r in res["backbones"]:
+    order = {k: i for i, k in enumerate(dict.fromkeys(r["input"] for r in res["backbones"]))}
+    for r in sorted(res["backbones"], key=lambda r: (order[r["input"]], BACKBONES.index(r["backbone"]))):
         if "error" in r:
-            out.append(f"{r['input']:<26} {'?':<12} failed: {r['error']}")
+            out.append(f"{r['input']:<26} {r['backbone']:<12} failed: {r['error']}")
             continue
         out.append(f"{r['input']:<26} {r['backbone']:<12} {r['points']:>10,} {r['seconds']:>10.2f} {r['points_per_s']:>11,.0f} "
                    f"{r['tiles']:>6} {_gib(r['peak_rss']):>13}")
@@ -188,8 +210,8 @@ def format_result(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = argv if argv is not None else sys.argv[1:]
-    kind, backbone, source, device, tile = a
-    print(json.dumps(worker(kind, backbone, source, device, float(tile))))
+    backbone, device, tile, *jobs = a
+    worker(backbone, device, float(tile), [tuple(j.split(":", 1)) for j in jobs])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Writers write a temporary file beside the target and rename it, and refuse to ov
 
 from pointcloud.io.cloud import PointCloud, crop_to_range, points_in_range, to_file_order
 from pointcloud.io.kitti import read_label_file
-from pointcloud.io.las import write_las
 from pointcloud.io.pcd import write_pcd
 from pointcloud.io.readers import SUPPORTED, detect_format, read_points
 from pointcloud.io.writers import write_labels
@@ -26,3 +25,12 @@ __all__ = [
     "write_las",
     "write_pcd",
 ]
+
+
+def __getattr__(name: str):
+    # LAS/LAZ loads on first use, so .bin/.pcd/.npy work where laspy or lazrs is missing
+    if name == "write_las":
+        from pointcloud.io.las import write_las
+
+        return write_las
+    raise AttributeError(f"module 'pointcloud.io' has no attribute {name!r}")
