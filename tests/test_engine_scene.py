@@ -1,11 +1,14 @@
 """PointScene: tiles, budget splits, weighted per-point merging, coverage, bounded accumulators."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from medvit.errors import MedvitError
 from pipelines.engine import PointScene, run_windows, segment_scene
+from pipelines.engine import scene as scene_module
 
 
 class LinearPointNet(torch.nn.Module):
@@ -141,3 +144,51 @@ def test_points_on_tile_edges_at_utm_scale():
     labels, _ = run_windows(sc, net, batch_size=2)
     ref = reference_labels(PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=400), net)
     assert sc.uncovered == 0 and (labels == ref).mean() > 0.999
+
+
+def test_accumulator_ring_is_as_wide_as_the_widest_band_and_wraps():
+    """The ring sized at plan time equals the widest live band of the run; over a long strip
+    it wraps many times, and every point still gets exactly its own class."""
+    xyz, feats = scene(n=6000, extent=(600.0, 20.0), seed=4)
+    cls = np.random.default_rng(5).integers(0, 5, len(xyz))
+    feats = np.c_[feats, cls].astype(np.float32)
+    onehot = lambda p: torch.nn.functional.one_hot(p.feat[:, 2].long(), 5).float()  # noqa: E731
+    sc = PointScene(xyz, feats, tile_size=10.0, overlap=0.25, max_points=60)
+    reached, widest = [0], [0]
+    orig = sc.accumulate
+
+    def spy(ts, out):
+        orig(ts, out)
+        for t in ts:
+            reached[0] = max(reached[0], int(sc._tile_points(t)[0].max()) + 1)
+        widest[0] = max(widest[0], reached[0] - sc._done)  # live band: [done, furthest point added)
+
+    sc.accumulate = spy
+    labels, _ = run_windows(sc, onehot, batch_size=2)
+    assert sc._acc.shape[0] == sc._cap == widest[0]
+    assert len(xyz) > 10 * sc._cap  # wrapped many times
+    assert np.array_equal(labels, cls) and sc.uncovered == 0
+    assert not sc._acc.any() and not sc._wsum.any()  # every row cleared when its point was final
+    net = LinearPointNet()
+    labels, _ = run_windows(PointScene(xyz, feats[:, :2], tile_size=10.0, overlap=0.25, max_points=60), net, batch_size=3)
+    ref = reference_labels(PointScene(xyz, feats[:, :2], tile_size=10.0, overlap=0.25, max_points=60), net)
+    assert (labels == ref).mean() > 0.999
+
+
+def test_onednn_cache_bound_holds_for_the_run_only(monkeypatch):
+    var = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+    monkeypatch.delenv(var, raising=False)
+    seen = []
+
+    def net(p):
+        seen.append(os.environ.get(var))
+        return torch.zeros(p.num_points, 3)
+
+    xyz, feats = scene(n=500)
+    segment_scene(xyz, feats, net, tile_size=50.0)
+    assert seen and set(seen) == {str(scene_module.ONEDNN_CACHE_CAPACITY)}
+    assert var not in os.environ  # removed afterwards: child processes do not inherit it
+    monkeypatch.setenv(var, "1024")  # a value the user set wins and stays
+    seen.clear()
+    segment_scene(xyz, feats, net, tile_size=50.0)
+    assert set(seen) == {"1024"} and os.environ[var] == "1024"

@@ -9,14 +9,25 @@ floor at its edge, so a point near a tile border defers to the tile it is centra
 
 Memory: points are sorted by x once; tiles run column by column, and the points left of
 the next column are final as soon as that column starts, so their logits are reduced to
-labels and freed. The float accumulator holds one column band of points, not the scene.
-Every point must be covered by some tile; the domain checks it.
+labels and their slots cleared. The float accumulator holds one column band of points,
+not the scene: a ring allocated once with the widest band any tile needs (known from the
+plan), so no band-sized buffer is re-made per tile. Every point must be covered by some
+tile; the domain checks it.
+
+oneDNN (torch's CPU kernels for GELU and others) caches a compiled kernel per input shape,
+up to 1024 of them, and every tile has its own point count, so each tile left a few cached
+kernels (about 0.5 MB of heap each) that fragmented the heap: peak memory grew with the
+number of tiles (about 70 bytes a point). ``segment_scene`` bounds that cache (see
+:func:`bounded_onednn_cache`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +35,43 @@ import torch
 
 from medvit.errors import MedvitError
 
+log = logging.getLogger(__name__)
+
 EDGE_WEIGHT = 1e-3
 """Weight at a tile's edge relative to its centre (never 0, so edge-only points count)."""
+
+ONEDNN_CACHE_CAPACITY = 8
+"""oneDNN primitive-cache size while a scene runs: enough for the kernels one batch of tiles
+reuses (3 shapes for FlatFormer, 6 for ConDaFormer); the default 1024 kept up to ~0.5 GB."""
+
+_ONEDNN_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+_onednn_logged = False
+
+
+@contextlib.contextmanager
+def bounded_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> Iterator[None]:
+    """Set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` for the block; a value the user set is left alone.
+
+    oneDNN reads the variable once, when the process makes its first primitive, and torch
+    exports no call to change the size later. So this bounds the cache (for the rest of the
+    process) only where the block makes the process's first primitive, as in ``medvit lidar
+    segment`` (loading a checkpoint runs no kernel) and the bench worker; elsewhere it does
+    nothing, and setting the variable at process start covers every case. It is removed
+    after the block so child processes do not inherit it.
+    """
+    global _onednn_logged
+    if _ONEDNN_VAR in os.environ:
+        yield
+        return
+    os.environ[_ONEDNN_VAR] = str(capacity)
+    if not _onednn_logged:
+        _onednn_logged = True
+        log.info("%s=%d while scenes run: per-tile kernel shapes would otherwise fill oneDNN's cache and fragment "
+                 "the heap (no effect if this process already ran a oneDNN kernel)", _ONEDNN_VAR, capacity)
+    try:
+        yield
+    finally:
+        os.environ.pop(_ONEDNN_VAR, None)
 
 
 @dataclass(frozen=True)
@@ -37,8 +83,9 @@ class Tile:
     y0: float
     size: float
     lo: int
+    """First index of the tile's column in the x-sorted order (points before it are in no later tile)."""
     hi: int
-    """``lo``: first index of the tile's column in the x-sorted order (points before it are in no later tile)."""
+    """One past the largest x-sorted index among the tile's points (sizes the accumulator ring)."""
     n_points: int
 
 
@@ -116,9 +163,16 @@ class PointScene:
         self._col_lo: dict[int, int] = {}  # first sorted index any tile of a column can hold
         for t in self.tiles:
             self._col_lo[t.column] = min(self._col_lo.get(t.column, t.lo), t.lo)
+        # Ring size: before a tile is added, points below its column's start are final, so
+        # the live band is [done, largest index added so far); its widest extent over the
+        # run, replayed here in run order, is all the ring needs.
+        done, self._cap = 0, 1
+        for t in self.tiles:
+            done = max(done, self._col_lo[t.column])
+            self._cap = max(self._cap, t.hi - done)
         self._next = 0
         self._done = 0  # sorted points [0, _done) are final
-        self._acc: torch.Tensor | None = None  # (band, K) for sorted points [_done, _done + band)
+        self._acc: torch.Tensor | None = None  # (_cap, K) ring: sorted point i lives at row i % _cap
         self._wsum = np.zeros(0, dtype=np.float32)
         self.uncovered = 0
         self.labels: np.ndarray | None = None
@@ -149,7 +203,8 @@ class PointScene:
         return lo + perm[a:b]
 
     def _split(self, col: int, x0: float, y0: float, size: float, out: list[Tile], depth: int = 0) -> None:
-        n = len(self._members(x0, y0, size))
+        idx = self._members(x0, y0, size)
+        n = len(idx)
         if n == 0:
             return
         if n > self.max_points and depth < 16:
@@ -161,7 +216,7 @@ class PointScene:
                     self._split(col, sx, sy, sub, out, depth + 1)
             return
         lo = self._column(x0, size)[0]  # the same (widened) bound the members come from
-        out.append(Tile(len(out), col, x0, y0, size, lo, lo, n))
+        out.append(Tile(len(out), col, x0, y0, size, lo, int(idx.max()) + 1, n))
 
     def _plan(self) -> list[Tile]:
         lo, hi = self.xyz.min(0), self.xyz.max(0)
@@ -228,20 +283,31 @@ class PointScene:
         self._acc = self._acc.cpu()
         return True
 
+    def _ring(self, i0: int, i1: int) -> list[tuple[int, int, int]]:
+        """(first sorted point, its ring row, count) runs covering sorted points [i0, i1), at most ``_cap`` of them."""
+        runs, i = [], i0
+        while i < i1:
+            r = i % self._cap
+            m = min(i1 - i, self._cap - r)
+            runs.append((i, r, m))
+            i += m
+        return runs
+
     def _finalize_until(self, upto: int) -> None:
-        """Sorted points [_done, upto) are final: argmax their logits and free them."""
+        """Sorted points [_done, upto) are final: argmax their logits and clear their ring rows."""
         if upto <= self._done:
             return
         n = upto - self._done
-        have = min(n, 0 if self._acc is None else self._acc.shape[0])
-        if have:
-            w = self._wsum[:have]
-            lab = self._acc[:have].argmax(1).cpu().numpy()
+        # only the first _cap of them can have been reached: a tile never adds past _done + _cap
+        have = min(n, 0 if self._acc is None else self._cap)
+        for i, r, m in self._ring(self._done, self._done + have):
+            w = self._wsum[r : r + m]
+            lab = self._acc[r : r + m].argmax(1).cpu().numpy()
             lab[w == 0] = 0
-            self.labels[self.order[self._done : self._done + have]] = lab
+            self.labels[self.order[i : i + m]] = lab
             self.uncovered += int((w == 0).sum())
-            self._acc = self._acc[have:].clone()
-            self._wsum = self._wsum[have:].copy()
+            self._acc[r : r + m] = 0
+            w[:] = 0
         self.uncovered += n - have  # points no tile reached before they were passed
         self._done = upto
 
@@ -250,7 +316,10 @@ class PointScene:
             self.num_classes = self.num_classes or int(out.shape[1])
             dt = np.uint8 if self.num_classes <= 256 else np.int32
             self.labels = np.zeros(self.n, dtype=dt)
-            self._acc = torch.zeros((0, self.num_classes), dtype=torch.float32, device=out.device)
+            # allocated once for the whole run: re-made buffers would interleave with the
+            # net's temporaries on the heap
+            self._acc = torch.zeros((self._cap, self.num_classes), dtype=torch.float32, device=out.device)
+            self._wsum = np.zeros(self._cap, dtype=np.float32)
         out = out.float()
         start = 0
         for t in ts:
@@ -261,15 +330,13 @@ class PointScene:
             # points left of this tile's column start are final
             self._finalize_until(self._col_lo[t.column])
             idx, w = self._tile_points(t)
-            need = int(idx.max()) + 1 - self._done
-            if need > self._acc.shape[0]:
-                grow = need - self._acc.shape[0]
-                self._acc = torch.cat([self._acc, self._acc.new_zeros((grow, self.num_classes))])
-                self._wsum = np.concatenate([self._wsum, np.zeros(grow, np.float32)])
-            rel = torch.as_tensor(idx - self._done, device=self._acc.device)
+            if int(idx.max()) + 1 - self._done > self._cap:  # the plan sized the ring for run order
+                raise MedvitError(f"tile {t.index} reaches past the accumulator ring of {self._cap} points; this is a tiling bug")
+            pos = idx % self._cap
+            rel = torch.as_tensor(pos, device=self._acc.device)
             wt = torch.as_tensor(w, device=self._acc.device)
             self._acc.index_add_(0, rel, part.to(self._acc.device) * wt[:, None])
-            np.add.at(self._wsum, idx - self._done, w)
+            np.add.at(self._wsum, pos, w)
             self._next += 1
 
     def finalize(self) -> np.ndarray:
@@ -299,6 +366,7 @@ def segment_scene(
     scene = PointScene(xyz, features, tile_size=tile_size, overlap=overlap, max_points=max_points,
                        coords_in_features=coords_in_features)
     rep = EngineReport(windows_planned=len(scene.tiles))
-    labels, rep = run_windows(scene, net, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
-                              progress=progress, desc="tiles", report=rep)
+    with bounded_onednn_cache():
+        labels, rep = run_windows(scene, net, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                                  progress=progress, desc="tiles", report=rep)
     return labels, rep
