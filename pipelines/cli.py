@@ -184,7 +184,10 @@ def demo(
     if lidar:
         from pipelines.lidar_demo import run_lidar_demo
 
-        run_lidar_demo(out if out != Path("demo_out") else Path("demo_lidar_out"), device=_device(device), seed=seed)
+        from pipelines.engine.scene import bounded_onednn_cache
+
+        with bounded_onednn_cache():  # before the first kernel, so validation and the map stay flat too
+            run_lidar_demo(out if out != Path("demo_out") else Path("demo_lidar_out"), device=_device(device), seed=seed)
         return
     from pipelines.demo import run_demo
 
@@ -255,7 +258,10 @@ def lidar_train(
 
     cfg = load_lidar_config(config)
     _override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
-    _echo_trained(train_lidar(cfg, device=_device(device), resume=resume, progress=progress), "mIoU")
+    from pipelines.engine.scene import bounded_onednn_cache
+
+    with bounded_onednn_cache():  # training's varying crop shapes would fill oneDNN's cache as tiles do
+        _echo_trained(train_lidar(cfg, device=_device(device), resume=resume, progress=progress), "mIoU")
 
 
 bench_app = typer.Typer(help="Benchmarks that measure us against the peer in the same run.", no_args_is_help=True)
