@@ -127,11 +127,14 @@ def worker(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]])
     context, spconv) cost more than the GPU measurements themselves. Peak RSS is counted from
     each job's data read (``_reset_peak``), and peak GPU memory from each job's start.
     """
+    from pipelines.engine.scene import bounded_onednn_cache
+
     torch.set_grad_enabled(False)
     dev = torch.device(device)
-    net = _net(backbone, dev)
-    for kind, source in jobs:
-        print(json.dumps(measure(kind, net, backbone, source, dev, tile)), flush=True)
+    with bounded_onednn_cache():  # from the first kernel on, as `medvit lidar segment` runs
+        net = _net(backbone, dev)
+        for kind, source in jobs:
+            print(json.dumps(measure(kind, net, backbone, source, dev, tile)), flush=True)
 
 
 def _spawn(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]]):
