@@ -89,6 +89,20 @@ def write_phantom_set(
     return datalist
 
 
+def write_run_config(out: str | Path, config: dict, *, seed: int, data: str, name: str) -> tuple[Path, dict, Path]:
+    """Make ``out`` and write a demo's config there (a deep copy of ``config`` with the seed, the
+    datalist under ``out/data`` and the run folder ``out/run``); returns ``(out, config, path)``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = json.loads(json.dumps(config))
+    raw["train"].update(seed=seed, datalist=str((out / data / "datalist.json").resolve()),
+                        output_dir=str((out / "run").resolve()))
+    path = out / name
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out, raw, path
+
+
 def run_demo(
     out: Path,
     *,
@@ -110,14 +124,7 @@ def run_demo(
     from pipelines.volume import segment_case
 
     t_start = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = json.loads(json.dumps(config or DEMO_CONFIG))
-    raw["train"].update(seed=seed, datalist=str((out / "phantoms" / "datalist.json").resolve()),
-                        output_dir=str((out / "run").resolve()))
-    cfg_path = out / "config.yaml"
-    with atomic_path(cfg_path) as tmp:
-        Path(tmp).write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, raw, cfg_path = write_run_config(out, config or DEMO_CONFIG, seed=seed, data="phantoms", name="config.yaml")
 
     print(f"[1/4] writing the phantom set to {out / 'phantoms'}", flush=True)
     n_train, n_val, n_test = counts

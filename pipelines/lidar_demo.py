@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from medvit.io import atomic_path
 
@@ -78,15 +77,11 @@ def run_lidar_demo(out: Path, *, device: str = "cpu", seed: int = 0, config: dic
     from pointcloud.io import read_points
     from pointcloud.metrics import SegMetric
 
+    from pipelines.demo import write_run_config
+
     t_start = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = json.loads(json.dumps(config or DEMO_LIDAR_CONFIG))
-    raw["train"].update(seed=seed, datalist=str((out / "scenes" / "datalist.json").resolve()),
-                        output_dir=str((out / "run").resolve()))
-    cfg_path = out / "lidar_config.yaml"
-    with atomic_path(cfg_path) as tmp:
-        Path(tmp).write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, raw, cfg_path = write_run_config(out, config or DEMO_LIDAR_CONFIG, seed=seed, data="scenes",
+                                          name="lidar_config.yaml")
 
     n_train, train_points, held_out_points = scene_sizes
     print(f"[1/4] writing synthetic street scenes to {out / 'scenes'}", flush=True)
