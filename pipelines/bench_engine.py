@@ -268,10 +268,6 @@ def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ..
                 m["labels_equal_in_body"] = float((la[body] == lb[body]).mean())
             runs.append(m)
         res["monai_runs"] = runs
-        res["monai"] = runs[0]
-        for k in ("max_abs_diff", "labels_equal", "labels_equal_in_body"):  # the first run's, as before
-            if k in runs[0]:
-                res[k] = runs[0][k]
     return res
 
 
@@ -290,7 +286,7 @@ def format_result(res: dict) -> str:
     rows.append(row("ours", o, o["peak_rss"]))
     if "fast" in o:
         rows.append(row("ours + " + "+".join(o["fast"].get("speedups") or ()), o["fast"], None))
-    runs = res.get("monai_runs") or ([res["monai"]] if "monai" in res else [])
+    runs = res.get("monai_runs", [])
     for m in runs:
         rows.append(row(f"monai (output {m.get('output_device') or c['device']})", m, m["peak_rss"]))
     out = [head, *rows]
