@@ -192,3 +192,26 @@ def test_onednn_cache_bound_holds_for_the_run_only(monkeypatch):
     seen.clear()
     segment_scene(xyz, feats, net, tile_size=50.0)
     assert set(seen) == {"1024"} and os.environ[var] == "1024"
+
+
+def test_tile_members_are_found_once_and_survive_an_out_of_memory_retry(monkeypatch):
+    """gather hands each tile's members and weights to accumulate (no second search); a batch
+    retried after an out-of-memory error still merges to the same labels."""
+    xyz, feats = scene(seed=4)
+    net = LinearPointNet(seed=4)
+    kw = dict(tile_size=30.0, overlap=0.5, max_points=10_000)
+    calls = []
+    original = PointScene._tile_points
+    monkeypatch.setattr(PointScene, "_tile_points", lambda self, t: calls.append(t.index) or original(self, t))
+    sc = PointScene(xyz, feats, **kw)
+    ref, _ = run_windows(sc, net, batch_size=2)
+    assert sorted(calls) == [t.index for t in sc.tiles] and not sc._ready
+
+    def picky(p):
+        if p.batch_size > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return net(p)
+
+    sc = PointScene(xyz, feats, **kw)
+    labels, rep = run_windows(sc, picky, batch_size=2)
+    assert rep.oom_events >= 1 and np.array_equal(labels, ref) and not sc._ready

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -155,6 +156,8 @@ class PointScene:
         self.xs = rel[self.order]
         del rel
         self._columns: dict[tuple[float, float], tuple[int, np.ndarray, np.ndarray]] = {}
+        self._columns_lock = threading.Lock()  # gather runs on the runner's copy thread
+        self._ready: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (members, weights), from gather
         self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
         self.num_classes = num_classes
         self.coords_in_features = coords_in_features
@@ -185,15 +188,19 @@ class PointScene:
         members come from two binary searches instead of a scan of the column.
         """
         key = (x0, size)
-        if key not in self._columns:
-            # widened by one float32 step each way, so rounding never drops an edge point
-            lo = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 - self.x0), np.float32(-np.inf)), "left"))
-            hi = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 + size - self.x0), np.float32(np.inf)), "right"))
-            y = self.xyz[self.order[lo:hi], 1]
-            perm = np.argsort(y, kind="stable")
-            if len(self._columns) >= 8:  # columns are visited in x order: forget the oldest
-                self._columns.pop(next(iter(self._columns)))
-            self._columns[key] = (lo, y[perm], perm)
+        with self._columns_lock:
+            return self._columns.get(key) or self._build_column(key)
+
+    def _build_column(self, key: tuple[float, float]) -> tuple[int, np.ndarray, np.ndarray]:
+        x0, size = key
+        # widened by one float32 step each way, so rounding never drops an edge point
+        lo = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 - self.x0), np.float32(-np.inf)), "left"))
+        hi = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 + size - self.x0), np.float32(np.inf)), "right"))
+        y = self.xyz[self.order[lo:hi], 1]
+        perm = np.argsort(y, kind="stable")
+        if len(self._columns) >= 8:  # columns are visited in x order: forget the oldest
+            self._columns.pop(next(iter(self._columns)))
+        self._columns[key] = (lo, y[perm], perm)
         return self._columns[key]
 
     def _members(self, x0: float, y0: float, size: float) -> np.ndarray:
@@ -248,7 +255,8 @@ class PointScene:
 
         coords, feats = [], []
         for t in ts:
-            idx, _ = self._tile_points(t)
+            idx, w = self._tile_points(t)
+            self._ready[t.index] = (idx, w)  # accumulate takes them from here instead of recomputing
             orig = self.order[idx]
             c = self.xyz[orig]
             c[:, 0] -= t.x0 + t.size / 2
@@ -325,18 +333,19 @@ class PointScene:
         for t in ts:
             part = out[start : start + t.n_points]
             start += t.n_points
+            ready = self._ready.pop(t.index, None)
             if t.index < self._next:
                 continue  # added before an out-of-memory retry
             # points left of this tile's column start are final
             self._finalize_until(self._col_lo[t.column])
-            idx, w = self._tile_points(t)
+            idx, w = ready if ready is not None else self._tile_points(t)
             if int(idx.max()) + 1 - self._done > self._cap:  # the plan sized the ring for run order
                 raise MedvitError(f"tile {t.index} reaches past the accumulator ring of {self._cap} points; this is a tiling bug")
             pos = idx % self._cap
             rel = torch.as_tensor(pos, device=self._acc.device)
             wt = torch.as_tensor(w, device=self._acc.device)
             self._acc.index_add_(0, rel, part.to(self._acc.device) * wt[:, None])
-            np.add.at(self._wsum, pos, w)
+            self._wsum[pos] += w  # a tile's points are distinct and span at most the ring: no repeats
             self._next += 1
 
     def finalize(self) -> np.ndarray:
