@@ -159,3 +159,25 @@ def test_out_of_memory_lowers_the_batch_then_moves_to_cpu():
     # remembered for the next case on the same device and window shape
     _, rep2 = segment_volume(x, picky, roi_size=(8, 8, 8), output="scores", batch_size=4, device="cpu")
     assert rep2.oom_events == 0 and rep2.batch_size == 1
+
+
+def test_input_goes_to_the_gpu_only_when_it_fits(monkeypatch):
+    """The whole input is copied to the GPU once when it takes at most a quarter of its free memory."""
+    from pipelines.engine import dense
+
+    x = torch.zeros(1, 64, 64, 64)  # 1 MiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 << 20, 80 << 30))
+    assert dense.fits_on_device(x, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: ((4 << 20) - 4, 80 << 30))
+    assert not dense.fits_on_device(x, torch.device("cuda"))
+
+
+def test_without_the_copy_thread_the_output_is_the_same():
+    """Windows cropped in the launching thread (input already on the device) give the same scores."""
+    x = torch.randn(1, 21, 18, 13)
+    net = random_net(1, 3, seed=9)
+    with_thread, _ = run_windows(DenseGrid(x, (8, 8, 8), output="scores"), net, batch_size=3, prefetch=True)
+    without, _ = run_windows(DenseGrid(x, (8, 8, 8), output="scores"), net, batch_size=3, prefetch=False)
+    assert torch.equal(with_thread.scores, without.scores)
+    _, rep = segment_volume(x, net, roi_size=(8, 8, 8), device="cpu")
+    assert rep.input_device == "cpu"

@@ -265,6 +265,16 @@ def empty_result_labels(shape: Sequence[int]) -> torch.Tensor:
     return torch.zeros(tuple(shape), dtype=torch.uint8)
 
 
+INPUT_ON_DEVICE_SHARE = 0.25
+"""Largest share of the GPU's free memory the whole input may take to be copied there at once."""
+
+
+def fits_on_device(image: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``image`` takes at most :data:`INPUT_ON_DEVICE_SHARE` of ``device``'s free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return image.numel() * image.element_size() <= INPUT_ON_DEVICE_SHARE * free
+
+
 def segment_volume(
     image: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
@@ -280,23 +290,35 @@ def segment_volume(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    input_on_device: bool | None = None,
 ) -> tuple[DenseGrid, EngineReport]:
     """Sliding-window inference over one ``(C, D, H, W)`` volume through the engine.
 
     Returns the finished :class:`DenseGrid` (``.labels`` and/or ``.scores``, ``.skipped``)
     and the run's :class:`EngineReport`. ``mirror_axes`` turns on flip test-time
-    augmentation over those spatial axes.
+    augmentation over those spatial axes. ``input_on_device``: copy the whole input to the
+    GPU once and crop windows there, with no copy thread (default: when it takes at most
+    :data:`INPUT_ON_DEVICE_SHARE` of the GPU's free memory); otherwise each batch is cropped on
+    the CPU and copied while the previous one runs.
     """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if input_on_device is None:
+        input_on_device = dev.type == "cuda" and image.device.type == "cpu" and fits_on_device(image, dev)
+    if input_on_device and dev.type != "cpu":
+        image = image.to(dev)
     grid = DenseGrid(image, roi_size, overlap=overlap, mode=mode, output=output, scores_path=scores_path,
                      skip_below=skip_below)
     rep = EngineReport(windows_planned=len(grid.all_windows), windows_skipped=grid.skipped)
+    rep.input_device = str(image.device)
     if not grid.run:
         rep.notes.append("every window was skipped as empty")
         grid.labels = empty_result_labels(grid.original_shape)
         return grid, rep
     pred = mirrored(predictor, mirror_axes) if mirror_axes else predictor
-    grid, rep = run_windows(grid, pred, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
-                            progress=progress, report=rep)
+    # cropping on the device is a few kernel launches: a copy thread would only compete with the
+    # launching thread for the GIL
+    grid, rep = run_windows(grid, pred, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
+                            progress=progress, report=rep, prefetch=image.device.type == "cpu")
     rep.accumulate_device = str(grid.acc_device)
     return grid, rep
 

@@ -66,6 +66,8 @@ class EngineReport:
     """Time inside the predictor (synchronised on CUDA)."""
     oom_events: int = 0
     accumulate_device: str = ""
+    input_device: str = ""
+    """Where the windows were cropped from (dense volumes): the CPU, or the GPU when the input fitted there."""
     peak_gpu_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -131,7 +133,7 @@ def run_windows(
         x = domain.gather(ws)
         if not isinstance(x, torch.Tensor):  # a record such as pointcloud's Point
             return x.to(device)
-        if pin:
+        if pin and x.device.type == "cpu":
             x = x.pin_memory()
         return x.to(device, non_blocking=pin)
 
