@@ -54,6 +54,9 @@ class Case:
     speedups: tuple[str, ...] = ()
     """Ours only, after its plain run: apply these model speed-ups one by one (``medvit.nets.speedups``),
     time the model on one batch after each, then run the engine again with all of them."""
+    fp32_reference: bool = False
+    """With ``amp`` and ``speedups``: also run our engine once in fp32, so that the bf16 runs' labels,
+    plain and sped up, are both compared with the unmodified net's fp32 labels."""
 
 
 def _net(case: Case, device: torch.device) -> torch.nn.Module:
@@ -112,8 +115,25 @@ def _ours(case: Case, net, x: torch.Tensor, device: torch.device, amp) -> tuple[
                                overlap=case.overlap, output=case.output, skip_below=skip, device=device, amp_dtype=amp)
     out = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
     return out, {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0], "windows": rep.windows_run,
-                 "skipped": rep.windows_skipped,
+                 "skipped": rep.windows_skipped, "input_device": rep.input_device,
                  "peak_gpu": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}
+
+
+TOL_FACTOR = 2.0
+TOL_LABELS = 0.005
+
+
+def within_bf16_tolerance(step: dict, plain: dict) -> bool:
+    """A sped-up net is within bf16 tolerance of the unmodified one when, measured against the
+    unmodified net in fp32, its largest error is at most ``TOL_FACTOR`` times the unmodified bf16
+    net's own and its argmax agrees on no fewer voxels than that net's minus ``TOL_LABELS``.
+
+    Comparing two bf16 runs directly says little: a compiler that fuses and rounds at other
+    places differs from eager bf16 by about bf16's own error, which on a deep net with random
+    weights is far from zero.
+    """
+    return (step["max_abs_diff_fp32"] <= TOL_FACTOR * max(plain["max_abs_diff_fp32"], 1e-12)
+            and step["labels_equal_fp32"] >= plain["labels_equal_fp32"] - TOL_LABELS)
 
 
 def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: int | None = None):
@@ -148,9 +168,24 @@ def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: in
             _sync(device)
         return y.float(), first, (time.perf_counter() - t0) / reps * 1e3
 
-    ref, first, ms = bench(_net(case, device))
+    plain = _net(case, device)
+    ref, first, ms = bench(plain)
     scale = float(ref.abs().max())
-    rows = [{"step": "plain", "ms_per_batch": ms, "first_call_s": first, "max_abs_diff": 0.0, "max_rel_diff": 0.0}]
+    ref32 = None
+    if amp is not None:  # the unmodified net in fp32: the yardstick for what bf16 itself costs
+        with torch.no_grad():
+            ref32 = plain(xb).float()
+    del plain
+
+    def against(y: torch.Tensor) -> dict:
+        d = float((y - ref).abs().max())
+        row = {"max_abs_diff": d, "max_rel_diff": d / max(scale, 1e-12)}
+        if ref32 is not None:
+            row["max_abs_diff_fp32"] = float((y - ref32).abs().max())
+            row["labels_equal_fp32"] = float((y.argmax(1) == ref32.argmax(1)).float().mean())
+        return row
+
+    rows = [{"step": "plain", "ms_per_batch": ms, "first_call_s": first, **against(ref)}]
     pred = None
     for i in range(len(case.speedups)):
         try:
@@ -160,9 +195,10 @@ def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: in
             rows.append({"step": "+" + case.speedups[i], "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
             break
         pred = step
-        d = float((y - ref).abs().max())
-        rows.append({"step": "+" + case.speedups[i], "ms_per_batch": ms, "first_call_s": first, "max_abs_diff": d,
-                     "max_rel_diff": d / max(scale, 1e-12)})
+        row = {"step": "+" + case.speedups[i], "ms_per_batch": ms, "first_call_s": first, **against(y)}
+        if ref32 is not None:
+            row["within_bf16_tolerance"] = within_bf16_tolerance(row, rows[0])
+        rows.append(row)
     return rows, pred
 
 
@@ -177,7 +213,7 @@ def worker(impl: str, case: Case, out: Path) -> dict:
     device = torch.device(case.device)
     net = _net(case, device)
     x = _input(case)
-    amp = torch.bfloat16 if case.amp and device.type == "cuda" else None
+    amp = torch.bfloat16 if case.amp else None  # CPU autocast runs bf16 too (slowly; for dry runs)
     if device.type == "cuda":  # one untimed batch first: CUDA context, cuDNN/cuBLAS set-up
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
             net(torch.zeros((case.batch, 1, *(case.roi,) * 3), device=device))
@@ -196,6 +232,12 @@ def worker(impl: str, case: Case, out: Path) -> dict:
                              else (fast_labels == labels).mean())
                 extra["fast"] = {**fast_run, "labels_equal_plain": same,
                                  "speedups": [r["step"][1:] for r in rows[1:] if "error" not in r]}
+                if amp is not None and case.fp32_reference:
+                    ref_labels, ref_run = _ours(case, net, x, device, None)
+                    eq = (lambda a: float((a.argmax(0) == ref_labels.argmax(0)).mean() if case.output == "scores"
+                                          else (a == ref_labels).mean()))
+                    extra["fp32"] = {"seconds": ref_run["seconds"], "model_seconds": ref_run["model_seconds"],
+                                     "labels_equal_plain_bf16": eq(labels), "labels_equal_fast": eq(fast_labels)}
     else:
         from monai.inferers import sliding_window_inference
 
@@ -317,10 +359,18 @@ def format_result(res: dict) -> str:
                 out.append(f"  {s['step']:<16} failed: {s['error']}")
                 continue
             out.append(f"  {s['step']:<16} {s['ms_per_batch']:>8.1f} ms  first call {s['first_call_s']:>6.1f} s  "
-                       f"max diff vs plain {s['max_abs_diff']:.2e} ({100 * s['max_rel_diff']:.3f} % of max |output|)")
+                       f"max diff vs plain {s['max_abs_diff']:.2e} ({100 * s['max_rel_diff']:.3f} % of max |output|)"
+                       + (f"; vs fp32 net: max diff {s['max_abs_diff_fp32']:.2e}, argmax equal {100 * s['labels_equal_fp32']:.3f} %"
+                          if "max_abs_diff_fp32" in s else "")
+                       + ("" if "within_bf16_tolerance" not in s else
+                          " (within bf16 tolerance)" if s["within_bf16_tolerance"] else " (OUTSIDE bf16 tolerance)"))
+    if "fp32" in o:
+        r = o["fp32"]
+        out.append(f"ours in fp32 (the unmodified net's reference): {r['seconds']:.2f} s; its labels equal the bf16 run's on "
+                   f"{100 * r['labels_equal_plain_bf16']:.4f} % of voxels, the sped-up run's on {100 * r['labels_equal_fast']:.4f} %")
     if not runs:
         vox = int(np.prod(o["shape"]))
-        out.append(f"MONAI not run: its float output alone would need {c['classes'] * vox * 4 / 1e9:.1f} GB "
+        out.append(f"MONAI not run (--no-peer); its float output alone would need {c['classes'] * vox * 4 / 1e9:.1f} GB "
                    f"(+ {vox * 4 / 1e9:.1f} GB count map), computed, not measured")
     return "\n".join(out)
 

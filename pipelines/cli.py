@@ -287,13 +287,14 @@ def bench_engine(
     overlap: Annotated[float, typer.Option(help="Window overlap.")] = 0.5,
     batch: Annotated[int, typer.Option(help="MONAI's windows per forward pass (sw_batch_size).")] = 4,
     our_batch: Annotated[Optional[int], typer.Option(help="Ours; default 1 on the CPU (as medvit segment runs), else --batch.")] = None,
-    input: Annotated[Optional[Path], typer.Option(help="A real CT (NIfTI) instead of random input; resampled to --spacing.")] = None,
+    input: Annotated[Optional[Path], typer.Option(help="A real CT (NIfTI file or DICOM series folder) instead of random input; resampled to --spacing.")] = None,
     spacing: Annotated[str, typer.Option(help="Spacing in mm for --input.")] = "1.5,1.5,2.0",
     skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Ours: skip windows with no voxel above this HU.")] = None,
-    amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast (meant for CUDA; on the CPU it runs, slowly).")] = False,
     output_device: Annotated[Optional[str], typer.Option(help="Where MONAI keeps its stitched output: cpu, cuda, or both (two MONAI runs).")] = None,
     output: Annotated[str, typer.Option(help="labels (argmax, bounded memory) or scores (blended outputs, compared exactly).")] = "labels",
     speedups: Annotated[str, typer.Option(help="Ours, as a second run: comma-separated model speed-ups (sdpa, channels_last, compile), each timed.")] = "",
+    fp32_reference: Annotated[bool, typer.Option(help="With --amp and --speedups: also run ours in fp32 and compare both bf16 runs' labels with it.")] = False,
     peer: Annotated[bool, typer.Option(help="Also run MONAI (off when its buffer cannot fit).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
 ) -> None:
@@ -302,8 +303,8 @@ def bench_engine(
 
     if model not in NETS:
         raise MedvitError(f"--model must be one of {', '.join(NETS)}, got {model!r}")
-    if input is not None and not input.is_file():
-        raise MedvitError(f"{input}: no such file")
+    if input is not None and not input.exists():
+        raise MedvitError(f"{input}: no such file or DICOM folder")
     if output not in ("labels", "scores"):
         raise MedvitError(f"--output must be labels or scores, got {output!r}")
     if our_batch is None:
@@ -319,7 +320,7 @@ def bench_engine(
     case = Case(model=model, shape=_triple(shape, "--shape"), classes=classes, overlap=overlap, batch=batch, our_batch=our_batch,
                 input=str(input) if input else None, spacing=_triple(spacing, "--spacing", float),
                 skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output,
-                speedups=steps)
+                speedups=steps, fp32_reference=fp32_reference)
     res = compare(case, peer=peer, peer_outputs=outputs)
     res["machine"] = machine()
     typer.echo(f"machine: {res['machine']}")
