@@ -42,15 +42,28 @@ def case_name(path: str | Path) -> str:
     return name
 
 
-def skip_threshold(cfg, skip_below_hu: float | None) -> float | None:
-    """``--skip-below-hu`` in the preprocessed image's units (CT window mapped to [0, 1])."""
+def skip_test(pre, skip_below_hu: float | None, loaded: dict, image: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
+    """``--skip-below-hu`` as ``(threshold, source)`` for the engine's empty-window test.
+
+    Inside the checkpoint's CT window the preprocessed image itself tells HU apart, so the
+    threshold is mapped to its [0, 1] units (source ``None``). A clipping window cannot: -500 HU
+    and air both read 0 below a -175 HU floor. Then the loaded image goes through the same chain
+    without the clip, so the test sees HU (linearly mapped) on the same grid.
+    """
     if skip_below_hu is None:
-        return None
-    icfg = cfg.preprocess.intensity
+        return None, None
+    icfg = pre.intensity
     if icfg.modality != "ct":
         raise MedvitError("--skip-below-hu needs a CT checkpoint (its HU window); this one is for MRI")
     lo, hi = icfg.window
-    return max((skip_below_hu - lo) / (hi - lo), 0.0)
+    threshold = (skip_below_hu - lo) / (hi - lo)
+    if not icfg.clip or lo <= skip_below_hu < hi:
+        return threshold, None
+    unclipped = pre.model_copy(update={"intensity": icfg.model_copy(update={"clip": False})})
+    source = infer_transforms(unclipped, load=False)(dict(loaded))["image"].as_tensor()
+    if tuple(source.shape) != tuple(image.shape):
+        raise MedvitError(f"the skip test's grid {tuple(source.shape)} differs from the image's {tuple(image.shape)}")
+    return threshold, source
 
 
 def _choose_resample(resample: str, n_classes: int, in_grid_voxels: int) -> str:
@@ -99,6 +112,7 @@ def segment_case(
     data = chain(dict(loaded))
     image = data["image"]
 
+    skip_below, skip_source = skip_test(cfg.preprocess, skip_below_hu, loaded, image)
     dev = torch.device(device)
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
@@ -111,7 +125,8 @@ def segment_case(
         overlap=cfg.infer.overlap if overlap is None else overlap,
         mode=cfg.infer.mode,
         output="scores" if how == "probs" else "labels",
-        skip_below=skip_threshold(cfg, skip_below_hu),
+        skip_below=skip_below,
+        skip_source=skip_source,
         mirror_axes=(0, 1, 2) if tta else (),
         device=dev,
         amp_dtype=amp,

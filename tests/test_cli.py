@@ -236,3 +236,12 @@ def test_skip_below_hu_and_tta(ckpt, phantom, tmp_path, capsys):
                                  "--skip-below-hu", "-500"], capsys)
     assert code == 0, err
     assert " 0 skipped" in stdout or "skipped as empty" in stdout
+
+
+def test_skip_below_hu_outside_the_window_tests_hu_not_the_clipped_input(ckpt, phantom, tmp_path, capsys):
+    """620 HU lies above the checkpoint's window (-1000..600), where the clipped input reads 1 for
+    everything: the test must see HU, so the windows holding the phantom's 641 HU voxels run."""
+    code, stdout, err = run_cli(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                                 "--skip-below-hu", "620"], capsys)
+    assert code == 0, err
+    assert "skipped as empty" in stdout and "; 0 windows run" not in stdout

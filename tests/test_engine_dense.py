@@ -181,3 +181,16 @@ def test_without_the_copy_thread_the_output_is_the_same():
     assert torch.equal(with_thread.scores, without.scores)
     _, rep = segment_volume(x, net, roi_size=(8, 8, 8), device="cpu")
     assert rep.input_device == "cpu"
+
+
+def test_skip_source_decides_which_windows_run():
+    """The empty-window test can look at another volume on the same grid (HU before clipping)."""
+    x = torch.zeros(1, 24, 10, 10)  # what a clipping window leaves: nothing to tell apart
+    hu = torch.full((1, 24, 10, 10), -1000.0)
+    hu[:, 1:4, 2:5, 2:5] = -400.0  # lung-like tissue at the front, below the window's floor
+    net = random_net(1, 3, seed=5)
+    grid, rep = segment_volume(x, net, roi_size=(8, 12, 12), overlap=0.5, skip_below=-500.0, skip_source=hu)
+    assert rep.windows_run == 1 and rep.windows_skipped == rep.windows_planned - 1  # padded to 12: one window holds it
+    assert grid.run[0].start[0] == 0
+    with pytest.raises(MedvitError, match="skip_source must be"):
+        DenseGrid(x, (8, 8, 8), skip_below=0.0, skip_source=hu[:, :5])

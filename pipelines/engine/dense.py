@@ -72,6 +72,8 @@ class DenseGrid:
         scores_path: with scores, a ``.npy`` file to stream them to instead of memory.
         skip_below: skip windows whose input has no voxel above this value (in the input's
             units); skipped-only voxels get label 0 and zero scores, and are counted.
+        skip_source: ``(C', D, H, W)`` on the image's grid to test ``skip_below`` on instead of
+            the image (say, HU before a clipping window, which cannot tell -500 from -1000).
         accumulate_device: where the float slab lives; default the device windows run on.
     """
 
@@ -87,6 +89,7 @@ class DenseGrid:
         output: Literal["labels", "scores", "both"] = "labels",
         scores_path: str | Path | None = None,
         skip_below: float | None = None,
+        skip_source: torch.Tensor | None = None,
         accumulate_device: torch.device | str | None = None,
         pad_value: float = 0.0,
     ):
@@ -106,6 +109,12 @@ class DenseGrid:
         if any(a or b for a, b in self.pad):
             flat = [p for a, b in reversed(self.pad) for p in (a, b)]
             image = torch.nn.functional.pad(image, flat, mode="constant", value=pad_value)
+        if skip_source is not None:
+            if skip_source.ndim != 4 or tuple(skip_source.shape[1:]) != self.original_shape:
+                raise MedvitError(f"skip_source must be (C, {', '.join(map(str, self.original_shape))}) like the image, "
+                                  f"got {tuple(skip_source.shape)}")
+            if any(a or b for a, b in self.pad):  # padding never counts as foreground
+                skip_source = torch.nn.functional.pad(skip_source, flat, mode="constant", value=-math.inf)
         self.image = image
         self.shape = tuple(image.shape[1:])
         self.window_shape = (image.shape[0], *roi)
@@ -123,7 +132,8 @@ class DenseGrid:
         self.acc_device = torch.device(accumulate_device) if accumulate_device is not None else None
         self.all_windows = [Window(i, s) for i, s in enumerate(starts)]
         if skip_below is not None:
-            self.run = [w for w in self.all_windows if bool((self._crop(w) > skip_below).any())]
+            src = self.image if skip_source is None else skip_source
+            self.run = [w for w in self.all_windows if bool((self._crop(w, src) > skip_below).any())]
         else:
             self.run = list(self.all_windows)
         self.skipped = len(self.all_windows) - len(self.run)
@@ -140,9 +150,9 @@ class DenseGrid:
     def windows(self) -> list[Window]:
         return self.run
 
-    def _crop(self, w: Window) -> torch.Tensor:
+    def _crop(self, w: Window, source: torch.Tensor | None = None) -> torch.Tensor:
         (d, h, x), (rd, rh, rx) = w.start, self.roi
-        return self.image[:, d : d + rd, h : h + rh, x : x + rx]
+        return (self.image if source is None else source)[:, d : d + rd, h : h + rh, x : x + rx]
 
     def gather(self, ws: Sequence[Window]) -> torch.Tensor:
         return torch.stack([self._crop(w) for w in ws]).contiguous()
@@ -286,6 +296,7 @@ def segment_volume(
     output: Literal["labels", "scores", "both"] = "labels",
     scores_path: str | Path | None = None,
     skip_below: float | None = None,
+    skip_source: torch.Tensor | None = None,
     mirror_axes: Sequence[int] = (),
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
@@ -307,7 +318,7 @@ def segment_volume(
     if input_on_device and dev.type != "cpu":
         image = image.to(dev)
     grid = DenseGrid(image, roi_size, overlap=overlap, mode=mode, output=output, scores_path=scores_path,
-                     skip_below=skip_below)
+                     skip_below=skip_below, skip_source=skip_source)
     rep = EngineReport(windows_planned=len(grid.all_windows), windows_skipped=grid.skipped)
     rep.input_device = str(image.device)
     if not grid.run:
