@@ -73,16 +73,33 @@ def _net(case: Case, device: torch.device) -> torch.nn.Module:
 CT_WINDOW = (-175.0, 250.0)
 
 
+def _preprocess(case: Case):
+    from medvit.config import IntensityConfig, PreprocessConfig
+
+    return PreprocessConfig(spacing=case.spacing, intensity=IntensityConfig(modality="ct", window=CT_WINDOW))
+
+
 def _input(case: Case) -> torch.Tensor:
     """(1, D, H, W): seeded noise, or a real CT windowed to [0, 1] and resampled to ``case.spacing``."""
     if case.input is None:
         g = torch.Generator().manual_seed(case.seed)
         return torch.rand((1, *case.shape), generator=g)
-    from medvit.config import IntensityConfig, PreprocessConfig
     from medvit.transforms import infer_transforms
 
-    pre = PreprocessConfig(spacing=case.spacing, intensity=IntensityConfig(modality="ct", window=CT_WINDOW))
-    return infer_transforms(pre)({"image": case.input})["image"].as_tensor()
+    return infer_transforms(_preprocess(case))({"image": case.input})["image"].as_tensor()
+
+
+def _skip_test(case: Case, x: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
+    """``--skip-below-hu`` as ``medvit segment`` applies it (HU tested before the window's clip)."""
+    if case.skip_below_hu is None:
+        return None, None
+    if case.input is None:
+        raise ValueError("--skip-below-hu needs --input (a CT in HU)")
+    from medvit.io import LoadVolumed
+    from pipelines.volume import skip_test
+
+    loaded = LoadVolumed(keys="image")({"image": case.input})
+    return skip_test(_preprocess(case), case.skip_below_hu, loaded, x)
 
 
 def _peak_rss_bytes() -> int:
@@ -104,15 +121,14 @@ def _timed(net, device: torch.device, model_s: list[float]):
 def _ours(case: Case, net, x: torch.Tensor, device: torch.device, amp) -> tuple[np.ndarray, dict]:
     from pipelines.engine import segment_volume
 
-    skip = None
-    if case.skip_below_hu is not None:
-        skip = max((case.skip_below_hu - CT_WINDOW[0]) / (CT_WINDOW[1] - CT_WINDOW[0]), 0.0)
     model_s = [0.0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    skip, source = _skip_test(case, x)  # timed: a user pays for it
     grid, rep = segment_volume(x, _timed(net, device, model_s), roi_size=(case.roi,) * 3, batch_size=case.our_batch or case.batch,
-                               overlap=case.overlap, output=case.output, skip_below=skip, device=device, amp_dtype=amp)
+                               overlap=case.overlap, output=case.output, skip_below=skip, skip_source=source, device=device,
+                               amp_dtype=amp)
     out = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
     return out, {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0], "windows": rep.windows_run,
                  "skipped": rep.windows_skipped, "input_device": rep.input_device,

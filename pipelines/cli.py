@@ -307,6 +307,8 @@ def bench_engine(
         raise MedvitError(f"{input}: no such file or DICOM folder")
     if output not in ("labels", "scores"):
         raise MedvitError(f"--output must be labels or scores, got {output!r}")
+    if skip_below_hu is not None and input is None:
+        raise MedvitError("--skip-below-hu needs --input (a CT in HU); random input has no HU")
     if our_batch is None:
         our_batch = 1 if device == "cpu" else batch
     from medvit.nets.speedups import STEPS
