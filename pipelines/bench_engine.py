@@ -223,6 +223,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _labels_agree(a: np.ndarray, b: np.ndarray, output: str) -> float:
+    """Share of voxels with the same label (scores are reduced by argmax first)."""
+    return float((a.argmax(0) == b.argmax(0)).mean() if output == "scores" else (a == b).mean())
+
+
 def worker(impl: str, case: Case, out: Path) -> dict:
     """Run one engine on ``case``; writes its labels (or scores) to ``out`` and returns its measurements."""
     torch.set_grad_enabled(False)
@@ -244,16 +249,13 @@ def worker(impl: str, case: Case, out: Path) -> dict:
             extra = {"steps": rows}
             if fast is not None:
                 fast_labels, fast_run = _ours(case, fast, x, device, amp)
-                same = float((fast_labels.argmax(0) == labels.argmax(0)).mean() if case.output == "scores"
-                             else (fast_labels == labels).mean())
-                extra["fast"] = {**fast_run, "labels_equal_plain": same,
+                extra["fast"] = {**fast_run, "labels_equal_plain": _labels_agree(fast_labels, labels, case.output),
                                  "speedups": [r["step"][1:] for r in rows[1:] if "error" not in r]}
                 if amp is not None and case.fp32_reference:
                     ref_labels, ref_run = _ours(case, net, x, device, None)
-                    eq = (lambda a: float((a.argmax(0) == ref_labels.argmax(0)).mean() if case.output == "scores"
-                                          else (a == ref_labels).mean()))
                     extra["fp32"] = {"seconds": ref_run["seconds"], "model_seconds": ref_run["model_seconds"],
-                                     "labels_equal_plain_bf16": eq(labels), "labels_equal_fast": eq(fast_labels)}
+                                     "labels_equal_plain_bf16": _labels_agree(labels, ref_labels, case.output),
+                                     "labels_equal_fast": _labels_agree(fast_labels, ref_labels, case.output)}
     else:
         from monai.inferers import sliding_window_inference
 

@@ -106,14 +106,13 @@ class DenseGrid:
         self.original_shape = tuple(image.shape[1:])
         # MONAI's padding: split the shortfall, the smaller half first
         self.pad = [((max(r - s, 0)) // 2, max(r - s, 0) - (max(r - s, 0)) // 2) for s, r in zip(self.original_shape, roi)]
-        if any(a or b for a, b in self.pad):
-            flat = [p for a, b in reversed(self.pad) for p in (a, b)]
+        if skip_source is not None and (skip_source.ndim != 4 or tuple(skip_source.shape[1:]) != self.original_shape):
+            raise MedvitError(f"skip_source must be (C, {', '.join(map(str, self.original_shape))}) like the image, "
+                              f"got {tuple(skip_source.shape)}")
+        flat = [p for a, b in reversed(self.pad) for p in (a, b)]
+        if any(flat):
             image = torch.nn.functional.pad(image, flat, mode="constant", value=pad_value)
-        if skip_source is not None:
-            if skip_source.ndim != 4 or tuple(skip_source.shape[1:]) != self.original_shape:
-                raise MedvitError(f"skip_source must be (C, {', '.join(map(str, self.original_shape))}) like the image, "
-                                  f"got {tuple(skip_source.shape)}")
-            if any(a or b for a, b in self.pad):  # padding never counts as foreground
+            if skip_source is not None:  # padding never counts as foreground
                 skip_source = torch.nn.functional.pad(skip_source, flat, mode="constant", value=-math.inf)
         self.image = image
         self.shape = tuple(image.shape[1:])
