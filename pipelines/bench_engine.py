@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,9 @@ class Case:
     speedups: tuple[str, ...] = ()
     """Ours only, after its plain run: apply these model speed-ups one by one (``medvit.nets.speedups``),
     time the model on one batch after each, then run the engine again with all of them."""
+    batch_sweep: tuple[int, ...] = ()
+    """With ``speedups`` (eager ones only: compiling would recompile per batch size): time the sped-up
+    net per window at these batch sizes too; its engine run then uses the fastest."""
     fp32_reference: bool = False
     """With ``amp`` and ``speedups``: also run our engine once in fp32, so that the bf16 runs' labels,
     plain and sped up, are both compared with the unmodified net's fp32 labels."""
@@ -152,6 +155,32 @@ def within_bf16_tolerance(step: dict, plain: dict) -> bool:
             and step["labels_equal_fp32"] >= plain["labels_equal_fp32"] - TOL_LABELS)
 
 
+def _window_batch(case: Case, x: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` windows of ``x`` at a few fixed starts (cycled), as the engine would feed them."""
+    r = case.roi
+    starts = [(0, 0, 0), (0, r // 2, 0), (0, 0, r // 2), (r // 2, 0, 0)]
+    short = [max(r + r // 2 - s, 0) for s in x.shape[1:]]  # windows of a small input see padding, as in the engine
+    if any(short):
+        x = torch.nn.functional.pad(x, [p for v in reversed(short) for p in (0, v)])
+    return torch.stack([x[:, d : d + r, h : h + r, w : w + r] for d, h, w in (starts * n)[:n]]).to(device)
+
+
+def _time_batch(pred, xb: torch.Tensor, device: torch.device, amp, reps: int) -> tuple[torch.Tensor, float, float]:
+    """(output of the first call, seconds of the first call, milliseconds per later call)."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        y = pred(xb)
+        _sync(device)
+        first = time.perf_counter() - t0
+        pred(xb)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            pred(xb)
+        _sync(device)
+    return y.float(), first, (time.perf_counter() - t0) / reps * 1e3
+
+
 def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: int | None = None):
     """Model-only time per batch of ``case.batch`` windows with each speed-up added in turn.
 
@@ -163,26 +192,10 @@ def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: in
     from medvit.nets.speedups import speed_up
 
     reps = reps or (10 if device.type == "cuda" else 2)
-    r = case.roi
-    starts = [(0, 0, 0), (0, r // 2, 0), (0, 0, r // 2), (r // 2, 0, 0)]
-    short = [max(r + r // 2 - s, 0) for s in x.shape[1:]]  # windows of a small input see padding, as in the engine
-    if any(short):
-        x = torch.nn.functional.pad(x, [p for v in reversed(short) for p in (0, v)])
-    xb = torch.stack([x[:, d : d + r, h : h + r, w : w + r] for d, h, w in (starts * case.batch)[: case.batch]]).to(device)
+    xb = _window_batch(case, x, case.batch, device)
 
     def bench(pred) -> tuple[torch.Tensor, float, float]:
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            y = pred(xb)
-            _sync(device)
-            first = time.perf_counter() - t0
-            pred(xb)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                pred(xb)
-            _sync(device)
-        return y.float(), first, (time.perf_counter() - t0) / reps * 1e3
+        return _time_batch(pred, xb, device, amp, reps)
 
     plain = _net(case, device)
     ref, first, ms = bench(plain)
@@ -218,6 +231,21 @@ def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: in
     return rows, pred
 
 
+def batch_sweep(case: Case, x: torch.Tensor, pred, device: torch.device, amp, reps: int | None = None) -> list[dict]:
+    """Milliseconds per window of ``pred`` at each batch size of ``case.batch_sweep`` (a GPU that
+    a batch of 4 windows leaves mostly idle runs more windows per pass for little more time)."""
+    reps = reps or (5 if device.type == "cuda" else 1)
+    rows = []
+    for b in case.batch_sweep:
+        try:
+            _, _, ms = _time_batch(pred, _window_batch(case, x, b, device), device, amp, reps)
+        except torch.OutOfMemoryError:
+            rows.append({"batch": b, "error": "out of memory"})
+            break
+        rows.append({"batch": b, "ms_per_window": ms / b})
+    return rows
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -248,7 +276,16 @@ def worker(impl: str, case: Case, out: Path) -> dict:
             rows, fast = model_steps(case, x, device, amp)
             extra = {"steps": rows}
             if fast is not None:
-                fast_labels, fast_run = _ours(case, fast, x, device, amp)
+                fast_case = case
+                if case.batch_sweep and "compile" not in case.speedups:
+                    last = [r for r in rows if "error" not in r][-1]
+                    sweep = [{"batch": case.batch, "ms_per_window": last["ms_per_batch"] / case.batch},
+                             *batch_sweep(case, x, fast, device, amp)]
+                    extra["batch_sweep"] = sweep
+                    best = min((r for r in sweep if "error" not in r), key=lambda r: r["ms_per_window"])
+                    fast_case = replace(case, our_batch=best["batch"])
+                fast_labels, fast_run = _ours(fast_case, fast, x, device, amp)
+                fast_run["batch"] = fast_case.our_batch or fast_case.batch
                 extra["fast"] = {**fast_run, "labels_equal_plain": _labels_agree(fast_labels, labels, case.output),
                                  "speedups": [r["step"][1:] for r in rows[1:] if "error" not in r]}
                 if amp is not None and case.fp32_reference:
@@ -306,8 +343,6 @@ def _gib(b: int | None) -> str:
 def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ...] | None = None) -> dict:
     """Run ours, then MONAI (when ``peer``) once per output device in ``peer_outputs``
     (default: ``case.output_device``); returns every measurement and the comparisons."""
-    from dataclasses import replace
-
     with tempfile.TemporaryDirectory() as tmp:
         ours = _spawn("ours", case, Path(tmp) / "ours.npy")
         res = {"case": case.__dict__, "ours": ours}
@@ -345,7 +380,9 @@ def format_result(res: dict) -> str:
     o = res["ours"]
     rows.append(row("ours", o, o["peak_rss"]))
     if "fast" in o:
-        rows.append(row("ours + " + "+".join(o["fast"].get("speedups") or ()), o["fast"], None))
+        rows.append(row("ours + " + "+".join(o["fast"].get("speedups") or ())
+                        + (f" b{o['fast']['batch']}" if o["fast"].get("batch") not in (None, c.get("our_batch") or c["batch"]) else ""),
+                        o["fast"], None))
     runs = res.get("monai_runs", [])
     for m in runs:
         rows.append(row(f"monai (output {m.get('output_device') or c['device']})", m, m["peak_rss"]))
@@ -382,6 +419,10 @@ def format_result(res: dict) -> str:
                           if "max_abs_diff_fp32" in s else "")
                        + ("" if "within_bf16_tolerance" not in s else
                           " (within bf16 tolerance)" if s["within_bf16_tolerance"] else " (OUTSIDE bf16 tolerance)"))
+    if "batch_sweep" in o:
+        out.append("batch sweep, sped-up net: " + ", ".join(
+            f"{r['batch']}: {'out of memory' if 'error' in r else format(r['ms_per_window'], '.1f') + ' ms/window'}"
+            for r in o["batch_sweep"]) + f"; the sped-up engine run used batch {o['fast'].get('batch')}")
     if "fp32" in o:
         r = o["fp32"]
         out.append(f"ours in fp32 (the unmodified net's reference): {r['seconds']:.2f} s; its labels equal the bf16 run's on "
@@ -405,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     d["shape"] = tuple(d["shape"])
     d["spacing"] = tuple(d["spacing"])
     d["speedups"] = tuple(d.get("speedups") or ())
+    d["batch_sweep"] = tuple(d.get("batch_sweep") or ())
     print(json.dumps(worker(a.worker, Case(**d), Path(a.out))))
 
 

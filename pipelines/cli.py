@@ -294,6 +294,7 @@ def bench_engine(
     output_device: Annotated[Optional[str], typer.Option(help="Where MONAI keeps its stitched output: cpu, cuda, or both (two MONAI runs).")] = None,
     output: Annotated[str, typer.Option(help="labels (argmax, bounded memory) or scores (blended outputs, compared exactly).")] = "labels",
     speedups: Annotated[str, typer.Option(help="Ours, as a second run: comma-separated model speed-ups (sdpa, channels_last, compile), each timed.")] = "",
+    batch_sweep: Annotated[str, typer.Option(help="With eager --speedups: also time the sped-up net at these batch sizes (e.g. 8,16); its engine run uses the fastest per window.")] = "",
     fp32_reference: Annotated[bool, typer.Option(help="With --amp and --speedups: also run ours in fp32 and compare both bf16 runs' labels with it.")] = False,
     peer: Annotated[bool, typer.Option(help="Also run MONAI (off when its buffer cannot fit).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
@@ -316,13 +317,19 @@ def bench_engine(
     steps = tuple(v for v in speedups.split(",") if v)
     if any(v not in STEPS for v in steps):
         raise MedvitError(f"--speedups takes {', '.join(STEPS)}, got {speedups!r}")
+    try:
+        sweep = tuple(int(v) for v in batch_sweep.split(",") if v)
+    except ValueError:
+        raise MedvitError(f"--batch-sweep takes batch sizes like 8,16, got {batch_sweep!r}") from None
+    if sweep and (not steps or "compile" in steps or min(sweep) < 1):
+        raise MedvitError("--batch-sweep takes positive batch sizes and needs eager --speedups (compile would recompile per size)")
     outputs = ("cpu", "cuda") if output_device == "both" else (output_device,)
     if output_device == "both":
         output_device = None
     case = Case(model=model, shape=_triple(shape, "--shape"), classes=classes, overlap=overlap, batch=batch, our_batch=our_batch,
                 input=str(input) if input else None, spacing=_triple(spacing, "--spacing", float),
                 skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output,
-                speedups=steps, fp32_reference=fp32_reference)
+                speedups=steps, fp32_reference=fp32_reference, batch_sweep=sweep)
     res = compare(case, peer=peer, peer_outputs=outputs)
     res["machine"] = machine()
     typer.echo(f"machine: {res['machine']}")

@@ -245,3 +245,17 @@ def test_skip_below_hu_outside_the_window_tests_hu_not_the_clipped_input(ckpt, p
                                  "--skip-below-hu", "620"], capsys)
     assert code == 0, err
     assert "skipped as empty" in stdout and "; 0 windows run" not in stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "vit9"], "--model must be one of"),
+    (["--input", "no/such.nii.gz"], "no such file or DICOM folder"),
+    (["--skip-below-hu", "-500"], "--skip-below-hu needs --input"),
+    (["--speedups", "sdpa,turbo"], "--speedups takes"),
+    (["--speedups", "sdpa", "--batch-sweep", "8,x"], "--batch-sweep takes batch sizes"),
+    (["--batch-sweep", "8"], "needs eager --speedups"),
+    (["--speedups", "sdpa,compile", "--batch-sweep", "8"], "needs eager --speedups"),
+])
+def test_bench_engine_bad_options(args, needle, capsys):
+    """Bad bench options fail in one line before any worker starts."""
+    assert_user_error(["bench", "engine", "--model", "small", *args], capsys, needle)
