@@ -7,11 +7,8 @@ each option against the constructor's signature so a typo or a wrong type names 
 
 from __future__ import annotations
 
-import collections.abc
 import inspect
 import re
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +16,7 @@ from torch import nn
 
 from medvit.config import ModelConfig
 from medvit.errors import ConfigError
+from medvit.option_types import check_option, type_hints
 
 Builder = Callable[..., nn.Module]
 
@@ -117,7 +115,7 @@ def construct(
     """
     params = inspect.signature(cls.__init__).parameters
     takes = [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    hints = _hints(cls.__init__)
+    hints = type_hints(cls.__init__)
     fixed_from = dict(fixed_from or {})
     for key, value in options.items():
         if key in fixed:
@@ -126,9 +124,7 @@ def construct(
         if key not in takes:
             opts = ", ".join(n for n in takes if n not in fixed)
             raise ConfigError(f"model.options.{key}: {net_name} ({cls.__name__}) takes no option {key!r}; it takes: {opts}")
-        hint = hints.get(key)
-        if hint is not None and _conforms(value, hint) is False:
-            raise ConfigError(f"model.options.{key}: expected {_describe_hint(hint)}, got {value!r}")
+        check_option(key, value, hints)
     try:
         return cls(**fixed, **options)
     except (ValueError, AssertionError) as e:
@@ -139,59 +135,3 @@ def construct(
         named += [k for k, v in options.items() if isinstance(v, str) and len(v) > 1 and repr(v) in msg]
         key = f"model.options.{named[0]}" if named else "model.options"
         raise ConfigError(f"{key}: {net_name}: {e}") from None
-
-
-def _hints(fn: Callable) -> dict[str, Any]:
-    # MONAI writes its annotations as strings (``from __future__ import annotations``); resolve them
-    # in the constructor's module. One that does not resolve is simply not checked.
-    try:
-        return typing.get_type_hints(fn)
-    except (NameError, TypeError, AttributeError):
-        return {}
-
-
-_SEQUENCES = (tuple, list, collections.abc.Sequence)
-
-
-def _conforms(value: Any, hint: Any) -> bool | None:
-    """True/False when ``hint`` is simple enough to check; None when it is not (the value passes)."""
-    if hint is Any:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        verdicts = [_conforms(value, h) for h in typing.get_args(hint)]
-        if any(v is None for v in verdicts):
-            return None
-        return any(verdicts)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if hint in _SEQUENCES or origin in _SEQUENCES:
-        # YAML gives lists where MONAI writes tuple or Sequence
-        if not isinstance(value, (list, tuple)):
-            return False
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        if len(args) != 1:
-            return None if args else True
-        verdicts = [_conforms(v, args[0]) for v in value]
-        return None if any(v is None for v in verdicts) else all(verdicts)
-    return None
-
-
-def _describe_hint(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe_hint(h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    origin = typing.get_origin(hint)
-    if hint in _SEQUENCES or origin in _SEQUENCES:
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return f"a list of {_describe_hint(args[0])}" if len(args) == 1 else "a list"
-    return getattr(hint, "__name__", str(hint))

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from medvit.errors import ConfigError
-from medvit.nets.registry import _conforms, _describe_hint, _hints  # the volume side's option type checks
+from medvit.option_types import check_option, type_hints
 
 __all__ = ["available_point_nets", "build_point_net", "register"]
 
@@ -66,7 +66,7 @@ def _accepted_options(fn: Callable) -> tuple[list[str], bool, dict[str, Any]]:
         if n != "self" and n not in _FIXED and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return names, var_kw, _hints(sig_fn)
+    return names, var_kw, type_hints(sig_fn)
 
 
 def build_point_net(
@@ -98,9 +98,7 @@ def build_point_net(
             raise ConfigError(
                 f"model.options.{key}: point net {name} takes no option {key!r}; it takes: {', '.join(takes) or 'none'}"
             )
-        hint = hints.get(key)
-        if hint is not None and _conforms(value, hint) is False:
-            raise ConfigError(f"model.options.{key}: expected {_describe_hint(hint)}, got {value!r}")
+        check_option(key, value, hints)
     try:
         return builder(in_channels, num_classes, voxel_size, **options)
     except ValueError as e:
