@@ -9,12 +9,14 @@
 # counts only when its error is within bf16's own (see pipelines/bench_engine.within_bf16_tolerance).
 # Channels-last is left out: on the H100 it made SwinUNETR slower (81 vs 55 ms a batch).
 # MEDVIT_GPU_SMALL=1 runs the same steps on a small case on the CPU (a dry run).
+# Per-job time limits: MEDVIT_GPU_SWIN_S, MEDVIT_GPU_UNETR_S, MEDVIT_GPU_COMPILE_S (0 skips a job).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 shape=512,512,256; model_swin=swin_unetr; model_unetr=unetr; dev=cuda; amp=--amp; where=both; sweep=8,16
 if [ "${MEDVIT_GPU_SMALL:-0}" = 1 ]; then shape=100,120,90; model_swin=small; model_unetr=small; dev=cpu; where=cpu; sweep=8; fi
-run() {  # model, speed-ups, seconds allowed, json name, extra options
+run() {  # model, speed-ups, seconds allowed (0: skip this job), json name, extra options
+  [ "$3" -gt 0 ] || { echo "engine bench $4: skipped (0 s allowed)"; return 0; }
   timeout "$3" python3 -m pipelines.cli bench engine --model "$1" --shape "$shape" --classes 14 --overlap 0.5 \
     --batch 4 --our-batch 4 --device "$dev" $amp --output-device "$where" --speedups "$2" --json "$out/$4.json" "${@:5}" \
     || echo "engine bench $4: failed or timed out after $3 s"
