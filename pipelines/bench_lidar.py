@@ -191,23 +191,33 @@ def _gib(b) -> str:
 
 
 def format_result(res: dict) -> str:
+    rows_all = [r for r in res["backbones"] + res["scaling"] if "error" not in r]
+    gpu = any(r.get("peak_gpu") is not None for r in rows_all)  # a GPU run: peak GPU memory too
+
+    def gpu_col(r: dict | None) -> str:
+        if not gpu:
+            return ""
+        return f" {'peak GPU GiB':>13}" if r is None else f" {_gib(r.get('peak_gpu')):>13}"
+
     out = [f"lidar bench: equal width {res['width']}, voxel {res['voxel']} m, tiles {res['tile']} m", "",
-           f"{'input':<26} {'backbone':<12} {'points':>10} {'latency s':>10} {'points/s':>11} {'tiles':>6} {'peak RSS GiB':>13}"]
+           f"{'input':<26} {'backbone':<12} {'points':>10} {'latency s':>10} {'points/s':>11} {'tiles':>6} {'peak RSS GiB':>13}"
+           + gpu_col(None)]
     order = {k: i for i, k in enumerate(dict.fromkeys(r["input"] for r in res["backbones"]))}
     for r in sorted(res["backbones"], key=lambda r: (order[r["input"]], BACKBONES.index(r["backbone"]))):
         if "error" in r:
             out.append(f"{r['input']:<26} {r['backbone']:<12} failed: {r['error']}")
             continue
         out.append(f"{r['input']:<26} {r['backbone']:<12} {r['points']:>10,} {r['seconds']:>10.2f} {r['points_per_s']:>11,.0f} "
-                   f"{r['tiles']:>6} {_gib(r['peak_rss']):>13}")
+                   f"{r['tiles']:>6} {_gib(r['peak_rss']):>13}" + gpu_col(r))
     out += ["", "scene size vs memory (flatformer, tiled):",
-            f"{'input':<22} {'points':>11} {'seconds':>8} {'peak RSS GiB':>13} {'RSS after reading GiB':>22} {'engine share GiB':>17}"]
+            f"{'input':<22} {'points':>11} {'seconds':>8} {'peak RSS GiB':>13} {'RSS after reading GiB':>22} {'engine share GiB':>17}"
+            + gpu_col(None)]
     for r in res["scaling"]:
         if "error" in r:
             out.append(f"{r['input']:<22} failed: {r['error']}")
             continue
         out.append(f"{r['input']:<22} {r['points']:>11,} {r['seconds']:>8.1f} {_gib(r['peak_rss']):>13} "
-                   f"{_gib(r['rss_after_data']):>22} {_gib(r['peak_rss'] - r['rss_after_data']):>17}")
+                   f"{_gib(r['rss_after_data']):>22} {_gib(r['peak_rss'] - r['rss_after_data']):>17}" + gpu_col(r))
     return "\n".join(out)
 
 
