@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from tqdm import tqdm
 from medvit.config import TrainConfig
 from medvit.errors import InputError
 from medvit.io import atomic_path
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 STATE_FILE = "last_state.pt"
 
@@ -115,11 +118,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["key"].tolist()), p["gauss"]))
-
-
-def _save_state(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
 
 
 def _save_state(path: Path, payload: dict[str, Any]) -> None:

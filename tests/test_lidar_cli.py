@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from pipelines.cli import main
 from pipelines.lidar_demo import write_kitti
 from pointcloud.checkpoint import build_from_config, load_point_checkpoint, save_point_checkpoint
 from pointcloud.config import parse_lidar_config
