@@ -3,8 +3,8 @@
 A *domain* (``DenseGrid`` for volumes, ``PointScene`` for scenes) knows how to plan its
 windows, gather a window's input, weight and scatter a window's output, and finalize
 what no later window touches. The runner owns everything else: batching, moving data to
-the device (the next batch is gathered and copied on a worker thread while the current
-one runs), autocast, a progress bar, and adapting to out-of-memory errors.
+the device (the next batch is gathered, and a tensor batch copied, on a worker thread while
+the current one runs), autocast, a progress bar, and adapting to out-of-memory errors.
 
 Out of memory (``torch.OutOfMemoryError`` only; nothing else is caught): the batch is
 halved and retried; at batch 1 the domain moves its accumulators to the CPU. The batch
@@ -38,7 +38,11 @@ class Domain(Protocol):
         """The windows to run, in the order the domain wants them accumulated."""
 
     def gather(self, windows: Sequence[Any]) -> Any:
-        """The CPU input batch for ``windows``: a tensor, or a record with ``.to(device)``."""
+        """The CPU input batch for ``windows``: a tensor, or a record with ``.to(device)``.
+
+        Runs on the copy thread. A record's ``.to(device)`` runs on the runner's thread, so a
+        record should hold arrays (numpy) and leave making tensors to ``.to``.
+        """
 
     def check(self, windows: Sequence[Any], out: torch.Tensor) -> None:
         """Raise a clear error if ``out`` is not what the domain expects."""
@@ -131,11 +135,17 @@ def run_windows(
 
     def load(ws: Sequence[Any]) -> Any:
         x = domain.gather(ws)
-        if not isinstance(x, torch.Tensor):  # a record such as pointcloud's Point
-            return x.to(device)
+        if not isinstance(x, torch.Tensor):  # a record (a scene's tiles): made into tensors by `take`
+            return x
         if pin and x.device.type == "cpu":
             x = x.pin_memory()
         return x.to(device, non_blocking=pin)
+
+    def take(pending: Future | Any) -> Any:
+        x = pending.result() if isinstance(pending, Future) else pending
+        # records become tensors here, on this thread: torch ops on the copy thread start a
+        # second OpenMP thread team that slows the net's small ops (measured: scene.TileBatch)
+        return x if isinstance(x, torch.Tensor) else x.to(device)
 
     pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
 
@@ -154,7 +164,7 @@ def run_windows(
     try:
         while i < len(wins):
             batch = wins[i : i + bs]
-            x = pending.result() if isinstance(pending, Future) else pending
+            x = take(pending)
             pending = submit(i + bs, bs)  # the next batch loads while this one runs
             try:
                 tm = time.perf_counter()
