@@ -24,7 +24,7 @@ import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from medvit.errors import MedvitError
-from pipelines.engine.runner import EngineReport, mirrored, run_windows
+from pipelines.engine.runner import EngineReport, mirrored, ring_runs, run_windows
 
 _IMPORTANCE: dict[tuple, torch.Tensor] = {}
 
@@ -198,14 +198,7 @@ class DenseGrid:
 
     def _ring(self, d0: int, d1: int) -> list[tuple[slice, slice]]:
         """(ring slice, offset slice within [d0, d1)) pairs covering depths [d0, d1)."""
-        cap = self._acc.shape[1]
-        parts, d = [], d0
-        while d < d1:
-            p = d % cap
-            n = min(d1 - d, cap - p)
-            parts.append((slice(p, p + n), slice(d - d0, d - d0 + n)))
-            d += n
-        return parts
+        return [(slice(p, p + n), slice(d - d0, d - d0 + n)) for d, p, n in ring_runs(d0, d1, self._acc.shape[1])]
 
     def accumulate(self, ws: Sequence[Window], out: torch.Tensor) -> None:
         if self.n_classes is None:

@@ -76,7 +76,21 @@ class EngineReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _sync(device: torch.device) -> None:
+def ring_runs(i0: int, i1: int, cap: int) -> list[tuple[int, int, int]]:
+    """Rows ``[i0, i1)`` of a ring buffer of ``cap`` rows (row ``i`` lives at ``i % cap``) as
+    contiguous runs ``(first row, its position in the ring, count)``; the domains' accumulators
+    are such rings."""
+    runs, i = [], i0
+    while i < i1:
+        p = i % cap
+        n = min(i1 - i, cap - p)
+        runs.append((i, p, n))
+        i += n
+    return runs
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so that a timer around it measures the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -170,7 +184,7 @@ def run_windows(
                 tm = time.perf_counter()
                 with torch.no_grad(), autocast_context(device, amp_dtype):
                     out = predictor(x)
-                _sync(device)
+                sync_device(device)
                 rep.model_seconds += time.perf_counter() - tm
                 domain.check(batch, out)
                 domain.accumulate(batch, out)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from medvit.errors import MedvitError
+from pipelines.engine.runner import EngineReport, ring_runs, run_windows
 
 log = logging.getLogger(__name__)
 
@@ -310,16 +311,6 @@ class PointScene:
         self._acc = self._acc.cpu()
         return True
 
-    def _ring(self, i0: int, i1: int) -> list[tuple[int, int, int]]:
-        """(first sorted point, its ring row, count) runs covering sorted points [i0, i1), at most ``_cap`` of them."""
-        runs, i = [], i0
-        while i < i1:
-            r = i % self._cap
-            m = min(i1 - i, self._cap - r)
-            runs.append((i, r, m))
-            i += m
-        return runs
-
     def _finalize_until(self, upto: int) -> None:
         """Sorted points [_done, upto) are final: argmax their logits and clear their ring rows."""
         if upto <= self._done:
@@ -327,7 +318,7 @@ class PointScene:
         n = upto - self._done
         # only the first _cap of them can have been reached: a tile never adds past _done + _cap
         have = min(n, 0 if self._acc is None else self._cap)
-        for i, r, m in self._ring(self._done, self._done + have):
+        for i, r, m in ring_runs(self._done, self._done + have, self._cap):
             w = self._wsum[r : r + m]
             lab = self._acc[r : r + m].argmax(1).cpu().numpy()
             lab[w == 0] = 0
@@ -358,7 +349,7 @@ class PointScene:
             # points left of this tile's column start are final
             self._finalize_until(self._col_lo[t.column])
             idx, w = ready if ready is not None else self._tile_points(t)
-            if int(idx.max()) + 1 - self._done > self._cap:  # the plan sized the ring for run order
+            if t.hi - self._done > self._cap:  # the plan sized the ring for run order
                 raise MedvitError(f"tile {t.index} reaches past the accumulator ring of {self._cap} points; this is a tiling bug")
             pos = idx % self._cap
             rel = torch.as_tensor(pos, device=self._acc.device)
@@ -389,8 +380,6 @@ def segment_scene(
     coords_in_features: bool = False,
 ):
     """Per-point labels for a whole scene through the engine; returns ``(labels (N,), report)``."""
-    from pipelines.engine.runner import EngineReport, run_windows
-
     scene = PointScene(xyz, features, tile_size=tile_size, overlap=overlap, max_points=max_points,
                        coords_in_features=coords_in_features)
     rep = EngineReport(windows_planned=len(scene.tiles))
