@@ -9,7 +9,6 @@ peak RSS (and peak GPU memory on a GPU), and how the two outputs compare.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipelines.engine.runner import autocast_context, sync_device
 
 NETS = {
     "unetr": dict(name="unetr", options={"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}),
@@ -82,27 +83,19 @@ def _preprocess(case: Case):
     return PreprocessConfig(spacing=case.spacing, intensity=IntensityConfig(modality="ct", window=CT_WINDOW))
 
 
-def _input(case: Case) -> torch.Tensor:
-    """(1, D, H, W): seeded noise, or a real CT windowed to [0, 1] and resampled to ``case.spacing``."""
+def _input(case: Case) -> tuple[torch.Tensor, float | None, torch.Tensor | None]:
+    """``(x, skip_below, skip_source)``: ``x`` (1, D, H, W) seeded noise, or a real CT windowed to
+    [0, 1] and resampled to ``case.spacing``, with ``--skip-below-hu`` as ``medvit segment`` applies it."""
     if case.input is None:
+        if case.skip_below_hu is not None:
+            raise ValueError("--skip-below-hu needs --input (a CT in HU)")
         g = torch.Generator().manual_seed(case.seed)
-        return torch.rand((1, *case.shape), generator=g)
-    from medvit.transforms import infer_transforms
-
-    return infer_transforms(_preprocess(case))({"image": case.input})["image"].as_tensor()
-
-
-def _skip_test(case: Case, x: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
-    """``--skip-below-hu`` as ``medvit segment`` applies it (HU tested before the window's clip)."""
-    if case.skip_below_hu is None:
-        return None, None
-    if case.input is None:
-        raise ValueError("--skip-below-hu needs --input (a CT in HU)")
+        return torch.rand((1, *case.shape), generator=g), None, None
     from medvit.io import LoadVolumed
-    from pipelines.volume import skip_test
+    from pipelines.volume import preprocess_case
 
-    loaded = LoadVolumed(keys="image")({"image": case.input})
-    return skip_test(_preprocess(case), case.skip_below_hu, loaded, x)
+    prep = preprocess_case(_preprocess(case), LoadVolumed(keys="image")({"image": case.input}), case.skip_below_hu)
+    return prep.image, prep.skip_below, prep.skip_source
 
 
 def _peak_rss_bytes() -> int:
@@ -113,24 +106,23 @@ def _timed(net, device: torch.device, model_s: list[float]):
     def timed(t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         y = net(t)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync_device(device)
         model_s[0] += time.perf_counter() - t0
         return y
 
     return timed
 
 
-def _ours(case: Case, net, x: torch.Tensor, device: torch.device, amp) -> tuple[np.ndarray, dict]:
+def _ours(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, amp) -> tuple[np.ndarray, dict]:
+    """Our engine on ``x``; ``skip`` is ``(skip_below, skip_source)`` from :func:`_input`."""
     from pipelines.engine import segment_volume
 
     model_s = [0.0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    skip, source = _skip_test(case, x)  # timed: a user pays for it
     grid, rep = segment_volume(x, _timed(net, device, model_s), roi_size=(case.roi,) * 3, batch_size=case.our_batch or case.batch,
-                               overlap=case.overlap, output=case.output, skip_below=skip, skip_source=source, device=device,
+                               overlap=case.overlap, output=case.output, skip_below=skip[0], skip_source=skip[1], device=device,
                                amp_dtype=amp)
     out = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
     return out, {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0], "windows": rep.windows_run,
@@ -167,22 +159,23 @@ def _window_batch(case: Case, x: torch.Tensor, n: int, device: torch.device) -> 
 
 def _time_batch(pred, xb: torch.Tensor, device: torch.device, amp, reps: int) -> tuple[torch.Tensor, float, float]:
     """(output of the first call, seconds of the first call, milliseconds per later call)."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+    with torch.no_grad(), autocast_context(device, amp):
         t0 = time.perf_counter()
         y = pred(xb)
-        _sync(device)
+        sync_device(device)
         first = time.perf_counter() - t0
         pred(xb)
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             pred(xb)
-        _sync(device)
+        sync_device(device)
     return y.float(), first, (time.perf_counter() - t0) / reps * 1e3
 
 
-def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: int | None = None):
-    """Model-only time per batch of ``case.batch`` windows with each speed-up added in turn.
+def model_steps(case: Case, plain: torch.nn.Module, x: torch.Tensor, device: torch.device, amp, reps: int | None = None):
+    """Model-only time per batch of ``case.batch`` windows of ``plain`` (the unmodified net, left
+    unchanged) and of fresh copies with each speed-up added in turn.
 
     Returns ``(rows, predictor)``: one row per step (``plain`` first) with milliseconds per batch,
     seconds of the first call (compilation, when compiling), and the largest difference from the
@@ -197,14 +190,12 @@ def model_steps(case: Case, x: torch.Tensor, device: torch.device, amp, reps: in
     def bench(pred) -> tuple[torch.Tensor, float, float]:
         return _time_batch(pred, xb, device, amp, reps)
 
-    plain = _net(case, device)
     ref, first, ms = bench(plain)
     scale = float(ref.abs().max())
     ref32 = None
     if amp is not None:  # the unmodified net in fp32: the yardstick for what bf16 itself costs
         with torch.no_grad():
             ref32 = plain(xb).float()
-    del plain
 
     def against(y: torch.Tensor) -> dict:
         d = float((y - ref).abs().max())
@@ -246,11 +237,6 @@ def batch_sweep(case: Case, x: torch.Tensor, pred, device: torch.device, amp, re
     return rows
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _labels_agree(a: np.ndarray, b: np.ndarray, output: str) -> float:
     """Share of voxels with the same label (scores are reduced by argmax first)."""
     return float((a.argmax(0) == b.argmax(0)).mean() if output == "scores" else (a == b).mean())
@@ -261,19 +247,19 @@ def worker(impl: str, case: Case, out: Path) -> dict:
     torch.set_grad_enabled(False)
     device = torch.device(case.device)
     net = _net(case, device)
-    x = _input(case)
+    x, *skip = _input(case)
     amp = torch.bfloat16 if case.amp else None  # CPU autocast runs bf16 too (slowly; for dry runs)
     if device.type == "cuda":  # one untimed batch first: CUDA context, cuDNN/cuBLAS set-up
-        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        with autocast_context(device, amp):
             net(torch.zeros((case.batch, 1, *(case.roi,) * 3), device=device))
-        torch.cuda.synchronize(device)
+        sync_device(device)
     rss_before = _peak_rss_bytes()
     extra: dict = {}
     if impl == "ours":
-        labels, run = _ours(case, net, x, device, amp)
+        labels, run = _ours(case, net, x, skip, device, amp)
         run["peak_rss"] = _peak_rss_bytes()  # before the speed-up runs add nets of their own
         if case.speedups:
-            rows, fast = model_steps(case, x, device, amp)
+            rows, fast = model_steps(case, net, x, device, amp)
             extra = {"steps": rows}
             if fast is not None:
                 fast_case = case
@@ -284,12 +270,12 @@ def worker(impl: str, case: Case, out: Path) -> dict:
                     extra["batch_sweep"] = sweep
                     best = min((r for r in sweep if "error" not in r), key=lambda r: r["ms_per_window"])
                     fast_case = replace(case, our_batch=best["batch"])
-                fast_labels, fast_run = _ours(fast_case, fast, x, device, amp)
+                fast_labels, fast_run = _ours(fast_case, fast, x, skip, device, amp)
                 fast_run["batch"] = fast_case.our_batch or fast_case.batch
                 extra["fast"] = {**fast_run, "labels_equal_plain": _labels_agree(fast_labels, labels, case.output),
                                  "speedups": [r["step"][1:] for r in rows[1:] if "error" not in r]}
                 if amp is not None and case.fp32_reference:
-                    ref_labels, ref_run = _ours(case, net, x, device, None)
+                    ref_labels, ref_run = _ours(case, net, x, skip, device, None)
                     extra["fp32"] = {"seconds": ref_run["seconds"], "model_seconds": ref_run["model_seconds"],
                                      "labels_equal_plain_bf16": _labels_agree(labels, ref_labels, case.output),
                                      "labels_equal_fast": _labels_agree(fast_labels, ref_labels, case.output)}
@@ -300,7 +286,7 @@ def worker(impl: str, case: Case, out: Path) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        with autocast_context(device, amp):
             scores = sliding_window_inference(x[None].to(device), (case.roi,) * 3, case.batch, _timed(net, device, model_s),
                                               overlap=case.overlap, mode="gaussian", device=case.output_device or device)
         labels = (scores.argmax(1)[0].to(torch.uint8) if case.output == "labels" else scores[0].float()).cpu().numpy()
@@ -349,7 +335,7 @@ def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ..
         if not peer:
             return res
         a = np.load(Path(tmp) / "ours.npy")
-        body = _input(case)[0].numpy() > 0 if case.input is not None else None  # above -175 HU
+        body = _input(case)[0][0].numpy() > 0 if case.input is not None else None  # above -175 HU
         runs = []
         for od in peer_outputs or (case.output_device,):
             m = _spawn("monai", replace(case, output_device=od), Path(tmp) / "monai.npy")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from medvit.errors import InputError, MedvitError
 from medvit.io import LoadVolumed, write_label_map
 from medvit.transforms import infer_transforms, invert_prediction
 from pipelines.engine import EngineReport, segment_volume
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +45,44 @@ def case_name(path: str | Path) -> str:
     return name
 
 
-def skip_test(pre, skip_below_hu: float | None, loaded: dict, image: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
-    """``--skip-below-hu`` as ``(threshold, source)`` for the engine's empty-window test.
+@dataclass
+class Prepared:
+    """A loaded case after the checkpoint's preprocessing, with the engine's empty-window test."""
+
+    chain: Compose
+    data: dict
+    """What ``chain`` returned (its image's ``applied_operations`` invert the prediction)."""
+    image: torch.Tensor
+    """``(C, D, H, W)`` the net's input."""
+    skip_below: float | None
+    skip_source: torch.Tensor | None
+
+
+def preprocess_case(pre, loaded: dict, skip_below_hu: float | None = None) -> Prepared:
+    """Run the ``preprocess`` chain on a loaded case, with ``--skip-below-hu`` as the engine's test.
 
     Inside the checkpoint's CT window the preprocessed image itself tells HU apart, so the
-    threshold is mapped to its [0, 1] units (source ``None``). A clipping window cannot: -500 HU
-    and air both read 0 below a -175 HU floor. Then the loaded image goes through the same chain
-    without the clip, so the test sees HU (linearly mapped) on the same grid.
+    threshold is mapped to its [0, 1] units. A clipping window cannot: -500 HU and air both read
+    0 below a -175 HU floor. Then the chain runs without the clip (its last step that changes
+    values) and the net's input is that output clamped to [0, 1], the values the clip gives; the
+    unclamped output (HU mapped linearly, on the same grid) is what the test reads.
     """
-    if skip_below_hu is None:
-        return None, None
-    icfg = pre.intensity
-    if icfg.modality != "ct":
-        raise MedvitError("--skip-below-hu needs a CT checkpoint (its HU window); this one is for MRI")
-    lo, hi = icfg.window
-    threshold = (skip_below_hu - lo) / (hi - lo)
-    if not icfg.clip or lo <= skip_below_hu < hi:
-        return threshold, None
-    unclipped = pre.model_copy(update={"intensity": icfg.model_copy(update={"clip": False})})
-    source = infer_transforms(unclipped, load=False)(dict(loaded))["image"].as_tensor()
-    if tuple(source.shape) != tuple(image.shape):
-        raise MedvitError(f"the skip test's grid {tuple(source.shape)} differs from the image's {tuple(image.shape)}")
-    return threshold, source
+    threshold, unclip = None, False
+    if skip_below_hu is not None:
+        icfg = pre.intensity
+        if icfg.modality != "ct":
+            raise MedvitError("--skip-below-hu needs a CT checkpoint (its HU window); this one is for MRI")
+        lo, hi = icfg.window
+        threshold = (skip_below_hu - lo) / (hi - lo)
+        unclip = icfg.clip and not lo <= skip_below_hu < hi
+        if unclip:
+            pre = pre.model_copy(update={"intensity": icfg.model_copy(update={"clip": False})})
+    chain = infer_transforms(pre, load=False)
+    data = chain(dict(loaded))
+    image = data["image"].as_tensor()
+    if unclip:
+        return Prepared(chain, data, image.clamp(0.0, 1.0), threshold, image)
+    return Prepared(chain, data, image, threshold, None)
 
 
 def _choose_resample(resample: str, n_classes: int, in_grid_voxels: int) -> str:
@@ -108,16 +127,12 @@ def segment_case(
         )
     affine = np.asarray(original.affine, dtype=np.float64)
     keep = original.clone() if (stats or preview) else None
-    chain = infer_transforms(cfg.preprocess, load=False)
-    data = chain(dict(loaded))
-    image = data["image"]
-
-    skip_below, skip_source = skip_test(cfg.preprocess, skip_below_hu, loaded, image)
+    prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
     dev = torch.device(device)
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
     grid, report = segment_volume(
-        image.as_tensor(),
+        prep.image,
         model.net,
         roi_size=cfg.model.roi_size,
         # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
@@ -125,8 +140,8 @@ def segment_case(
         overlap=cfg.infer.overlap if overlap is None else overlap,
         mode=cfg.infer.mode,
         output="scores" if how == "probs" else "labels",
-        skip_below=skip_below,
-        skip_source=skip_source,
+        skip_below=prep.skip_below,
+        skip_source=prep.skip_source,
         mirror_axes=(0, 1, 2) if tta else (),
         device=dev,
         amp_dtype=amp,
@@ -138,9 +153,9 @@ def segment_case(
     elif how == "probs":
         # class scores back to the input grid (bilinear), then argmax there: smoother borders
         scores = torch.softmax(grid.scores, 0)
-        labels = torch.as_tensor(invert_prediction(scores, data, chain, mode="bilinear")).argmax(0)
+        labels = torch.as_tensor(invert_prediction(scores, prep.data, prep.chain, mode="bilinear")).argmax(0)
     else:
-        inv = invert_prediction(grid.labels[None].to(torch.int32), data, chain, mode="nearest")
+        inv = invert_prediction(grid.labels[None].to(torch.int32), prep.data, prep.chain, mode="nearest")
         labels = torch.as_tensor(inv)[0]
     labels = labels.cpu().numpy().astype(np.int32)
 
