@@ -15,11 +15,14 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipelines.engine.runner import sync_device
 
 BACKBONES = ("sparse_unet", "flatformer", "condaformer")
 WIDTH = [24, 48, 96, 96]
@@ -101,8 +104,7 @@ def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile:
         for _ in range(3):
             t0 = time.perf_counter()
             net(p)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync_device(dev)
             times.append(time.perf_counter() - t0)
         seconds = float(np.median(times))
         tiles = 1
@@ -140,15 +142,24 @@ def worker(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]])
 def _spawn(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]]):
     """Yield one result per job from a worker process; the jobs it did not reach get an error row."""
     cmd = [sys.executable, "-m", "pipelines.bench_lidar", backbone, device, str(tile), *[f"{k}:{s}" for k, s in jobs]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    done = 0
-    for line in proc.stdout:
-        if line.startswith("{"):
-            done += 1
-            yield json.loads(line)
-    err = proc.stderr.read().strip()
-    proc.wait()
+    # stderr to a file, not a pipe: a worker that logs more than a pipe holds would block
+    # while this process waits on its stdout
+    with tempfile.TemporaryFile("w+") as errf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = 0
+        try:
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    done += 1
+                    yield json.loads(line)
+            proc.wait()
+        finally:
+            if proc.poll() is None:  # the caller stopped early
+                proc.kill()
+                proc.wait()
+        errf.seek(0)
+        err = errf.read().strip()
     for _ in jobs[done:]:
         yield {"error": err.splitlines()[-1] if err else f"exit {proc.returncode}"}
 
@@ -157,8 +168,6 @@ def run(data_dir: Path, *, device: str = "cpu", sizes=(1_000_000, 4_000_000, 10_
         on_row=None) -> dict:
     """Every measurement; ``on_row(partial result)`` is called after each one (so a run stopped
     by a time limit still leaves what it measured)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         return _run(data_dir, Path(tmp), device=device, sizes=sizes, tile=tile, on_row=on_row or (lambda res: None))
 

@@ -362,8 +362,10 @@ def bench_lidar(
         raise MedvitError(f"--sizes must be comma-separated point counts, got {sizes!r}") from None
     from medvit.io.writers import atomic_path
 
+    where = machine()  # once, before the workers run (on a GPU it makes this process's CUDA context)
+
     def save(res: dict) -> None:
-        res["machine"] = machine()
+        res["machine"] = where
         if json_out is not None:
             with atomic_path(json_out) as tmp:
                 Path(tmp).write_text(json.dumps(res, indent=1))
