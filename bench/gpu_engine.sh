@@ -13,18 +13,22 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
-shape=512,512,256; model_swin=swin_unetr; model_unetr=unetr; dev=cuda; amp=--amp; where=both; sweep=8,16
-if [ "${MEDVIT_GPU_SMALL:-0}" = 1 ]; then shape=100,120,90; model_swin=small; model_unetr=small; dev=cpu; where=cpu; sweep=8; fi
-run() {  # model, speed-ups, seconds allowed (0: skip this job), json name, extra options
+shape=512,512,256; model_swin=swin_unetr; model_unetr=unetr; dev=cuda; amp=--amp; where=both; sweep=8,16; cbatch=8
+if [ "${MEDVIT_GPU_SMALL:-0}" = 1 ]; then shape=100,120,90; model_swin=small; model_unetr=small; dev=cpu; where=cpu; sweep=8; cbatch=2; fi
+cbatch=${MEDVIT_GPU_COMPILE_BATCH:-$cbatch}
+run() {  # model, speed-ups, seconds allowed (0: skip this job), json name, windows a pass, extra options
   [ "$3" -gt 0 ] || { echo "engine bench $4: skipped (0 s allowed)"; return 0; }
   timeout "$3" python3 -m pipelines.cli bench engine --model "$1" --shape "$shape" --classes 14 --overlap 0.5 \
-    --batch 4 --our-batch 4 --device "$dev" $amp --output-device "$where" --speedups "$2" --json "$out/$4.json" "${@:5}" \
+    --batch "$5" --our-batch "$5" --device "$dev" $amp --output-device "$where" --speedups "$2" --json "$out/$4.json" "${@:6}" \
     || echo "engine bench $4: failed or timed out after $3 s"
 }
 # ours and MONAI (output on the GPU, then on the CPU); ours again with SDPA, at the batch size
 # (4, 8 or 16 windows a pass) that ran fastest per window
-run "$model_swin" sdpa "${MEDVIT_GPU_SWIN_S:-200}" gpu_engine_swin_unetr --batch-sweep "$sweep"
-run "$model_unetr" sdpa "${MEDVIT_GPU_UNETR_S:-120}" gpu_engine_unetr --batch-sweep "$sweep"
+run "$model_swin" sdpa "${MEDVIT_GPU_SWIN_S:-200}" gpu_engine_swin_unetr 4 --batch-sweep "$sweep"
+run "$model_unetr" sdpa "${MEDVIT_GPU_UNETR_S:-120}" gpu_engine_unetr 4 --batch-sweep "$sweep"
 # torch.compile on top, ours only, with our fp32 run as the labels' reference: compiling takes
-# minutes (99 s on the H100), so it runs apart and last
-run "$model_swin" sdpa,compile "${MEDVIT_GPU_COMPILE_S:-240}" gpu_engine_swin_unetr_compile --no-peer --fp32-reference
+# minutes (99 s on the H100 at 4 windows a pass), so it runs apart and last, at one batch size
+# (MEDVIT_GPU_COMPILE_BATCH, default 8: at 4 a pass the compiled net ran 35 ms a batch and the
+# engine reached 1.87x MONAI); the engine fills its last batch, so the net is compiled once
+run "$model_swin" sdpa,compile "${MEDVIT_GPU_COMPILE_S:-240}" gpu_engine_swin_unetr_compile "$cbatch" \
+  --no-peer --fp32-reference

@@ -113,8 +113,10 @@ def _timed(net, device: torch.device, model_s: list[float]):
     return timed
 
 
-def _ours(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, amp) -> tuple[np.ndarray, dict]:
-    """Our engine on ``x``; ``skip`` is ``(skip_below, skip_source)`` from :func:`_input`."""
+def _ours(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, amp,
+          full_batches: bool = False) -> tuple[np.ndarray, dict]:
+    """Our engine on ``x``; ``skip`` is ``(skip_below, skip_source)`` from :func:`_input`;
+    ``full_batches`` for a compiled net (one batch shape, see ``run_windows``)."""
     from pipelines.engine import segment_volume
 
     model_s = [0.0]
@@ -123,7 +125,7 @@ def _ours(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, am
     t0 = time.perf_counter()
     grid, rep = segment_volume(x, _timed(net, device, model_s), roi_size=(case.roi,) * 3, batch_size=case.our_batch or case.batch,
                                overlap=case.overlap, output=case.output, skip_below=skip[0], skip_source=skip[1], device=device,
-                               amp_dtype=amp)
+                               amp_dtype=amp, full_batches=full_batches)
     out = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
     return out, {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0], "windows": rep.windows_run,
                  "skipped": rep.windows_skipped, "input_device": rep.input_device,
@@ -242,6 +244,36 @@ def _labels_agree(a: np.ndarray, b: np.ndarray, output: str) -> float:
     return float((a.argmax(0) == b.argmax(0)).mean() if output == "scores" else (a == b).mean())
 
 
+def _sped_up(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, amp, labels: np.ndarray) -> dict:
+    """``case.speedups`` step by step on one batch, then our engine again with all that worked (at
+    the fastest batch of ``case.batch_sweep``), and with ``fp32_reference`` once more in fp32."""
+    rows, fast = model_steps(case, net, x, device, amp)
+    extra: dict = {"steps": rows}
+    if fast is None:
+        return extra
+    applied = [r["step"][1:] for r in rows[1:] if "error" not in r]
+    compiled = "compile" in applied
+    fast_case = case
+    if case.batch_sweep and not compiled:
+        sweep = [{"batch": case.batch, "ms_per_window": rows[len(applied)]["ms_per_batch"] / case.batch},
+                 *batch_sweep(case, x, fast, device, amp)]
+        extra["batch_sweep"] = sweep
+        best = min((r for r in sweep if "error" not in r), key=lambda r: r["ms_per_window"])
+        fast_case = replace(case, our_batch=best["batch"])
+    fast_batch = fast_case.our_batch or fast_case.batch
+    if compiled and fast_batch != case.batch:  # compile for the engine's batch shape, untimed
+        extra["compile_engine_batch_s"] = _time_batch(fast, _window_batch(case, x, fast_batch, device), device, amp, 1)[1]
+    fast_labels, fast_run = _ours(fast_case, fast, x, skip, device, amp, full_batches=compiled)
+    extra["fast"] = {**fast_run, "batch": fast_batch, "speedups": applied,
+                     "labels_equal_plain": _labels_agree(fast_labels, labels, case.output)}
+    if amp is not None and case.fp32_reference:
+        ref_labels, ref_run = _ours(case, net, x, skip, device, None)
+        extra["fp32"] = {"seconds": ref_run["seconds"], "model_seconds": ref_run["model_seconds"],
+                         "labels_equal_plain_bf16": _labels_agree(labels, ref_labels, case.output),
+                         "labels_equal_fast": _labels_agree(fast_labels, ref_labels, case.output)}
+    return extra
+
+
 def worker(impl: str, case: Case, out: Path) -> dict:
     """Run one engine on ``case``; writes its labels (or scores) to ``out`` and returns its measurements."""
     torch.set_grad_enabled(False)
@@ -259,26 +291,7 @@ def worker(impl: str, case: Case, out: Path) -> dict:
         labels, run = _ours(case, net, x, skip, device, amp)
         run["peak_rss"] = _peak_rss_bytes()  # before the speed-up runs add nets of their own
         if case.speedups:
-            rows, fast = model_steps(case, net, x, device, amp)
-            extra = {"steps": rows}
-            if fast is not None:
-                fast_case = case
-                if case.batch_sweep and "compile" not in case.speedups:
-                    last = [r for r in rows if "error" not in r][-1]
-                    sweep = [{"batch": case.batch, "ms_per_window": last["ms_per_batch"] / case.batch},
-                             *batch_sweep(case, x, fast, device, amp)]
-                    extra["batch_sweep"] = sweep
-                    best = min((r for r in sweep if "error" not in r), key=lambda r: r["ms_per_window"])
-                    fast_case = replace(case, our_batch=best["batch"])
-                fast_labels, fast_run = _ours(fast_case, fast, x, skip, device, amp)
-                fast_run["batch"] = fast_case.our_batch or fast_case.batch
-                extra["fast"] = {**fast_run, "labels_equal_plain": _labels_agree(fast_labels, labels, case.output),
-                                 "speedups": [r["step"][1:] for r in rows[1:] if "error" not in r]}
-                if amp is not None and case.fp32_reference:
-                    ref_labels, ref_run = _ours(case, net, x, skip, device, None)
-                    extra["fp32"] = {"seconds": ref_run["seconds"], "model_seconds": ref_run["model_seconds"],
-                                     "labels_equal_plain_bf16": _labels_agree(labels, ref_labels, case.output),
-                                     "labels_equal_fast": _labels_agree(fast_labels, ref_labels, case.output)}
+            extra = _sped_up(case, net, x, skip, device, amp, labels)
     else:
         from monai.inferers import sliding_window_inference
 
@@ -409,6 +422,8 @@ def format_result(res: dict) -> str:
         out.append("batch sweep, sped-up net: " + ", ".join(
             f"{r['batch']}: {'out of memory' if 'error' in r else format(r['ms_per_window'], '.1f') + ' ms/window'}"
             for r in o["batch_sweep"]) + f"; the sped-up engine run used batch {o['fast'].get('batch')}")
+    if "compile_engine_batch_s" in o:
+        out.append(f"compiled again for the engine's batch of {o['fast']['batch']}: {o['compile_engine_batch_s']:.1f} s (untimed)")
     if "fp32" in o:
         r = o["fp32"]
         out.append(f"ours in fp32 (the unmodified net's reference): {r['seconds']:.2f} s; its labels equal the bf16 run's on "

@@ -194,3 +194,20 @@ def test_skip_source_decides_which_windows_run():
     assert grid.run[0].start[0] == 0
     with pytest.raises(MedvitError, match="skip_source must be"):
         DenseGrid(x, (8, 8, 8), skip_below=0.0, skip_source=hu[:, :5])
+
+
+def test_full_batches_feed_one_batch_shape_and_keep_the_output():
+    """A compiled predictor sees one batch shape: the short last batch is filled, its filler dropped."""
+    x = torch.randn(1, 21, 18, 13)
+    net = random_net(1, 3, seed=4)
+    seen = []
+
+    def pred(t):
+        seen.append(t.shape[0])
+        return net(t)
+
+    want, rep = segment_volume(x, net, roi_size=(8, 8, 8), batch_size=7, output="scores")
+    assert rep.windows_run % 7 != 0  # the case this test is about: a short last batch
+    got, _ = segment_volume(x, pred, roi_size=(8, 8, 8), batch_size=7, output="scores", full_batches=True)
+    assert set(seen) == {7}
+    assert torch.equal(got.scores, want.scores)

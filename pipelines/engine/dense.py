@@ -294,6 +294,7 @@ def segment_volume(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     input_on_device: bool | None = None,
+    full_batches: bool = False,
 ) -> tuple[DenseGrid, EngineReport]:
     """Sliding-window inference over one ``(C, D, H, W)`` volume through the engine.
 
@@ -302,7 +303,8 @@ def segment_volume(
     augmentation over those spatial axes. ``input_on_device``: copy the whole input to the
     GPU once and crop windows there, with no copy thread (default: when it takes at most
     :data:`INPUT_ON_DEVICE_SHARE` of the GPU's free memory); otherwise each batch is cropped on
-    the CPU and copied while the previous one runs.
+    the CPU and copied while the previous one runs. ``full_batches``: run the last batch at the
+    full batch size too (see :func:`~pipelines.engine.runner.run_windows`), for a compiled predictor.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if input_on_device is None:
@@ -323,7 +325,8 @@ def segment_volume(
     # to overlap while a thread running torch ops adds a second OpenMP thread team (UNETR on the
     # 2-core CPU: 20.1 / 19.7 s with the thread, 19.9 / 18.8 s without)
     grid, rep = run_windows(grid, pred, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
-                            progress=progress, report=rep, prefetch=image.device.type == "cpu" and dev.type != "cpu")
+                            progress=progress, report=rep, prefetch=image.device.type == "cpu" and dev.type != "cpu",
+                            full_batches=full_batches)
     rep.accumulate_device = str(grid.acc_device)
     return grid, rep
 

@@ -133,8 +133,14 @@ def run_windows(
     prefetch: bool = True,
     desc: str = "windows",
     report: EngineReport | None = None,
+    full_batches: bool = False,
 ) -> tuple[Any, EngineReport]:
-    """Run ``predictor`` over ``domain``'s windows and return ``(domain.finalize(), report)``."""
+    """Run ``predictor`` over ``domain``'s windows and return ``(domain.finalize(), report)``.
+
+    ``full_batches``: a short last batch of tensor windows is filled up to the batch size with
+    copies of its last window, whose outputs are dropped, so that a predictor compiled for one
+    batch shape (``torch.compile`` with static shapes) never sees a second shape and recompiles.
+    """
     if batch_size < 1:
         raise MedvitError(f"batch size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -180,10 +186,15 @@ def run_windows(
             batch = wins[i : i + bs]
             x = take(pending)
             pending = submit(i + bs, bs)  # the next batch loads while this one runs
+            filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
+            if filled:
+                x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
             try:
                 tm = time.perf_counter()
                 with torch.no_grad(), autocast_context(device, amp_dtype):
                     out = predictor(x)
+                    if filled:
+                        out = out[: len(batch)]
                 sync_device(device)
                 rep.model_seconds += time.perf_counter() - tm
                 domain.check(batch, out)
