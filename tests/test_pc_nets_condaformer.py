@@ -161,6 +161,8 @@ def test_attention_matches_naive_reference(shift, window_size, thickness):
     q, k, v = (torch.randn(len(indices), heads, d, dtype=torch.float64) for _ in range(3))
     windows = disassembled_windows(indices, window_size, thickness, shift)
     assert max(w.max_size for w in windows) <= window_size**2 * thickness
+    if window_size == 4:  # windows of up to 32 voxels: more than one size group, each checked
+        assert any(len(w.groups) > 1 for w in windows)
     out = attn(q, k, v, windows)
     torch.testing.assert_close(out, naive_dawin(q, k, v, indices, attn, shift), rtol=1e-9, atol=1e-9)
     # without RPE it is plain per-window softmax attention: the reference with zero tables
@@ -176,12 +178,27 @@ def test_plane_windows_are_planes():
     indices = random_sites(200, 9, batch=2, seed=5)
     xyz = indices[:, [3, 2, 1]].long()
     for w in disassembled_windows(indices, 4, 1, shift=True):
-        assert w.valid.sum() == len(indices) and torch.equal(w.index[w.valid].sort().values, torch.arange(len(indices)))
-        for row in range(w.num_windows):
-            members = w.index[row][w.valid[row]]
-            span = xyz[members].amax(0) - xyz[members].amin(0)
-            assert span[THIN[w.plane]] == 0 and (span < 4).all()
-            assert indices[members, 0].unique().numel() == 1  # one cloud per window
+        filled = torch.cat([g.index[g.valid] for g in w.groups])
+        assert torch.equal(filled.sort().values, torch.arange(len(indices)))  # every voxel in one slot
+        for g in w.groups:
+            for row in range(g.index.shape[0]):
+                members = g.index[row][g.valid[row]]
+                span = xyz[members].amax(0) - xyz[members].amin(0)
+                assert span[THIN[w.plane]] == 0 and (span < 4).all()
+                assert indices[members, 0].unique().numel() == 1  # one cloud per window
+                assert torch.equal(w.window[members], w.window[members[:1]].expand(len(members)))
+
+
+def test_windows_are_padded_per_size_group_not_to_the_largest():
+    """One dense window among sparse ones: the sparse ones are not padded to its size."""
+    dense = torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij"), -1).reshape(-1, 2)
+    sites = [torch.tensor([0, 0, int(y), int(x)]) for y, x in dense]  # one full 8x8 xy window at z=0
+    sites += [torch.tensor([0, 0, 8 * i + 1, 8 * j + 1]) for i in range(1, 6) for j in range(6)]  # 30 lone voxels
+    indices = torch.stack(sites).int()
+    w = plane_windows(indices, "xy", 8, 1)
+    assert w.num_windows == 31 and w.max_size == 64
+    assert [g.index.shape for g in w.groups] == [(30, 1), (1, 64)]  # smallest group first, each at its own size
+    assert w.padded_slots == 30 + 64  # against 31 * 64 padded to the largest
 
 
 def _groups(window: torch.Tensor, coords: list[int]) -> list[list[int]]:

@@ -9,9 +9,9 @@ group 2 within yz windows ``(T, S, S)`` (extents in voxels along ``(x, y, z)`` o
 the block runs at); the three outputs are concatenated. A voxel's window is
 ``(g + shift) // extent`` per axis, within its own cloud; on odd blocks ``shift`` is half
 the extent (``extent // 2``, Swin's shifted windows), on even blocks zero. Windows hold at
-most ``S * S * T`` voxels, so they are batched by sorting voxels by window id and padding
-each window to the largest one, with the padded keys masked in
-``torch.nn.functional.scaled_dot_product_attention``.
+most ``S * S * T`` voxels. They are batched by size: windows whose voxel count has the same next
+power of two form a group, padded to its largest window, with the padded keys masked in
+``torch.nn.functional.scaled_dot_product_attention`` (see :class:`PlaneWindows`).
 
 Relative position encoding: the paper's contextual RPE (from Stratified Transformer), on
 the voxel offsets inside a window. With ``r = p_i - p_j`` the offset of query ``i`` and key
@@ -71,6 +71,7 @@ __all__ = [
     "DisassembledWindowAttention",
     "LocalStructureEnhancement",
     "PlaneWindows",
+    "WindowGroup",
     "disassembled_windows",
     "plane_extent",
     "plane_windows",
@@ -90,39 +91,60 @@ def plane_extent(plane: str, window_size: int, thickness: int = 1) -> tuple[int,
 
 
 @dataclass(eq=False)
-class PlaneWindows:
-    """The voxels of a sparse grid grouped by their window in one plane orientation.
-
-    ``G`` windows, each padded to ``n`` slots (the largest window). ``M`` voxels.
+class WindowGroup:
+    """Windows of similar size, each padded to the group's largest (``n`` slots).
 
     Attributes:
-        plane: ``"xy"``, ``"xz"`` or ``"yz"``.
-        extent: window size ``(x, y, z)`` in voxels.
-        shift: offset ``(x, y, z)`` added to the voxel coordinates before cutting windows.
-        window: ``(M,)`` int64 window row of each voxel, in ``[0, G)``.
-        slot: ``(M,)`` int64 row of each voxel in the flattened ``(G * n)`` padded layout.
         index: ``(G, n)`` int64 voxel row in each slot; ``M`` (a padding row) when empty.
         valid: ``(G, n)`` bool, the slots that hold a voxel.
         pos: ``(G, n, 3)`` int64 position ``(x, y, z)`` of each slot's voxel inside its window
             (``0 <= pos < extent``; 0 in empty slots).
     """
 
-    plane: str
-    extent: tuple[int, int, int]
-    shift: tuple[int, int, int]
-    window: torch.Tensor
-    slot: torch.Tensor
     index: torch.Tensor
     valid: torch.Tensor
     pos: torch.Tensor
 
+
+MIN_GROUP_SIZE = 8
+"""Windows of up to this many voxels share one group (tiny groups would each cost a kernel launch)."""
+
+
+@dataclass(eq=False)
+class PlaneWindows:
+    """The voxels of a sparse grid grouped by their window in one plane orientation.
+
+    Windows are grouped by size, the next power of two of their voxel count (at least
+    :data:`MIN_GROUP_SIZE`), and each group is padded to its largest window. Padding every
+    window to the largest one (SST-style) would cost the attention ``G * n_max^2``: on a
+    nuScenes sweep most windows hold a few voxels and the largest dozens.
+
+    Attributes:
+        plane: ``"xy"``, ``"xz"`` or ``"yz"``.
+        extent: window size ``(x, y, z)`` in voxels.
+        shift: offset ``(x, y, z)`` added to the voxel coordinates before cutting windows.
+        window: ``(M,)`` int64 window row of each voxel, in ``[0, num_windows)``.
+        groups: the windows by size class, smallest first; every window is in exactly one.
+    """
+
+    plane: str
+    extent: tuple[int, int, int]
+    shift: tuple[int, int, int]
+    window: torch.Tensor
+    groups: list[WindowGroup]
+
     @property
     def num_windows(self) -> int:
-        return self.index.shape[0]
+        return sum(g.index.shape[0] for g in self.groups)
 
     @property
     def max_size(self) -> int:
-        return self.index.shape[1]
+        return max((g.index.shape[1] for g in self.groups), default=0)
+
+    @property
+    def padded_slots(self) -> int:
+        """Slots the attention runs over (voxels plus padding)."""
+        return sum(g.index.numel() for g in self.groups)
 
 
 def plane_windows(
@@ -132,7 +154,7 @@ def plane_windows(
 
     A site's window is ``(g + shift) // extent`` per axis with ``g = (x, y, z)`` and
     ``shift = extent // 2`` when ``shift`` else 0; windows never span two clouds.
-    Windows come sorted by ``(batch, wz, wy, wx)``; inside a window, sites keep their row order.
+    Windows are numbered by ``(batch, wz, wy, wx)``; inside a window, sites keep their row order.
     """
     extent = plane_extent(plane, window_size, thickness)
     offs = tuple(e // 2 for e in extent) if shift else (0, 0, 0)
@@ -150,15 +172,22 @@ def plane_windows(
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(window)
     rank[order] = torch.arange(m, device=device) - starts[window[order]]
-    g, n = counts.shape[0], int(counts.max()) if m else 0
-    index = torch.full((g, n), m, dtype=torch.long, device=device)
-    index[window, rank] = torch.arange(m, device=device)
-    slot_pos = torch.zeros(g, n, 3, dtype=torch.long, device=device)
-    slot_pos[window, rank] = pos
-    return PlaneWindows(
-        plane=plane, extent=extent, shift=offs, window=window, slot=window * n + rank,
-        index=index, valid=index < m, pos=slot_pos,
-    )
+    # size class: the number of bits of (count - 1), i.e. log2 of the next power of two
+    bits = torch.floor(torch.log2((counts - 1).clamp_min(1).double())).long() + 1
+    cls = bits.clamp_min(MIN_GROUP_SIZE.bit_length() - 1)
+    groups = []
+    local = torch.empty_like(counts)  # a window's row within its group
+    for c in cls.unique().tolist():
+        rows = (cls == c).nonzero().squeeze(1)
+        local[rows] = torch.arange(len(rows), device=device)
+        sites = (cls[window] == c).nonzero().squeeze(1)
+        n = int(counts[rows].max())
+        index = torch.full((len(rows), n), m, dtype=torch.long, device=device)
+        index[local[window[sites]], rank[sites]] = sites
+        slot_pos = torch.zeros(len(rows), n, 3, dtype=torch.long, device=device)
+        slot_pos[local[window[sites]], rank[sites]] = pos[sites]
+        groups.append(WindowGroup(index=index, valid=index < m, pos=slot_pos))
+    return PlaneWindows(plane=plane, extent=extent, shift=offs, window=window, groups=groups)
 
 
 def disassembled_windows(
@@ -214,46 +243,55 @@ class DisassembledWindowAttention(nn.Module):
         return torch.cat(outs, 1)
 
     def _plane(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: PlaneWindows) -> torch.Tensor:
-        """Attention of one head group ``(M, h, d)`` within ``win``'s windows."""
+        """Attention of one head group ``(M, h, d)`` within ``win``'s windows, a size group at a time."""
         m, h, d = q.shape
         if m == 0:
             return q.new_zeros(m, h, d)
-        g, n = win.index.shape
+        q1, k1, v1 = (torch.cat([t, t.new_zeros(1, h, d)]) for t in (q, k, v))  # zero row M for empty slots
+        out = None
+        for grp in win.groups:
+            res = self._attend(q1, k1, v1, grp, win.extent)  # (G, h, n, d)
+            if out is None:
+                out = res.new_empty(m, h, d)  # every voxel is in exactly one window
+            sel = grp.valid.reshape(-1)
+            out[grp.index.reshape(-1)[sel]] = res.permute(0, 2, 1, 3).reshape(-1, h, d)[sel]
+        return out
 
-        def padded(t: torch.Tensor) -> torch.Tensor:  # (M, h, d) -> (G, h, n, d), zero rows in empty slots
-            return torch.cat([t, t.new_zeros(1, h, t.shape[2])])[win.index].permute(0, 2, 1, 3)
-
-        qg, kg, vg = padded(q), padded(k), padded(v)
-        keep = win.valid[:, None, None, :]  # (G, 1, 1, n): real keys
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grp: WindowGroup,
+                extent: tuple[int, int, int]) -> torch.Tensor:
+        """``(M + 1, h, d)`` (last row zero) -> ``(G, h, n, d)`` for the group's windows."""
+        h, d = q.shape[1:]
+        g, n = grp.index.shape
+        qg, kg, vg = (t[grp.index].permute(0, 2, 1, 3) for t in (q, k, v))  # (G, h, n, d)
+        keep = grp.valid[:, None, None, :]  # (G, 1, 1, n): real keys
         if not self.rpe:
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep)
-        else:
-            span = 2 * self.reach + 1
-            pos = win.pos
-            rel = pos[:, :, None, :] - pos[:, None, :, :] + self.reach  # (G, n_q, n_k, 3) table rows
-            # per-token dot products with every table row, then picked per pair: O(n * span) + O(n^2)
-            tq = torch.einsum("ghnd,alhd->ghnal", qg, self.table_q.to(qg.dtype)).reshape(g, h, n, 3 * span)
-            tk = torch.einsum("ghnd,alhd->ghnal", kg, self.table_k.to(kg.dtype)).reshape(g, h, n, 3 * span)
-            bias = qg.new_zeros(g, h, n, n)
-            for a in range(3):
-                col = (rel[..., a] + a * span)[:, None]  # (G, 1, n_q, n_k)
-                bias = bias + torch.gather(tq, 3, col.expand(g, h, n, n)) * d**-0.5
-                bias = bias + torch.gather(tk, 3, col.transpose(2, 3).expand(g, h, n, n)).transpose(2, 3)
-            bias = bias.masked_fill(~keep, float("-inf"))
-            # one-hot codes of each key's in-window position ride along with the values, so
-            # SDPA also returns the attention mass per key position, which the value table needs
-            codes = torch.cat([F.one_hot(pos[..., a], e) for a, e in enumerate(win.extent)], -1).to(vg.dtype)
-            ext = torch.cat([vg, codes[:, None].expand(g, h, n, codes.shape[-1])], -1)
-            res = F.scaled_dot_product_attention(qg, kg, ext, attn_mask=bias)
-            out, mass = res[..., :d], res[..., d:]
-            start = 0
-            for a, e in enumerate(win.extent):
-                # row of T_v[a] for query position p and key position s is p - s + reach
-                rows = pos[..., a, None] - torch.arange(e, device=pos.device) + self.reach  # (G, n, e)
-                tv = self.table_v[a].to(out.dtype)[rows]  # (G, n, e, h, d)
-                out = out + torch.einsum("ghne,gnehd->ghnd", mass[..., start:start + e], tv)
-                start += e
-        return out.permute(0, 2, 1, 3).reshape(g * n, h, d)[win.slot]
+            return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep)
+        span = 2 * self.reach + 1
+        pos = grp.pos
+        rel = pos[:, :, None, :] - pos[:, None, :, :] + self.reach  # (G, n_q, n_k, 3) table rows
+        # per-token dot products with every table row, then picked per pair: O(n * span) + O(n^2)
+        tq = torch.einsum("ghnd,alhd->ghnal", qg, self.table_q.to(qg.dtype)).reshape(g, h, n, 3 * span)
+        tk = torch.einsum("ghnd,alhd->ghnal", kg, self.table_k.to(kg.dtype)).reshape(g, h, n, 3 * span)
+        bias = qg.new_zeros(g, h, n, n)
+        for a in range(3):
+            col = (rel[..., a] + a * span)[:, None]  # (G, 1, n_q, n_k)
+            bias = bias + torch.gather(tq, 3, col.expand(g, h, n, n)) * d**-0.5
+            bias = bias + torch.gather(tk, 3, col.transpose(2, 3).expand(g, h, n, n)).transpose(2, 3)
+        bias = bias.masked_fill(~keep, float("-inf"))
+        # one-hot codes of each key's in-window position ride along with the values, so
+        # SDPA also returns the attention mass per key position, which the value table needs
+        codes = torch.cat([F.one_hot(pos[..., a], e) for a, e in enumerate(extent)], -1).to(vg.dtype)
+        ext = torch.cat([vg, codes[:, None].expand(g, h, n, codes.shape[-1])], -1)
+        res = F.scaled_dot_product_attention(qg, kg, ext, attn_mask=bias)
+        out, mass = res[..., :d], res[..., d:]
+        start = 0
+        for a, e in enumerate(extent):
+            # row of T_v[a] for query position p and key position s is p - s + reach
+            rows = pos[..., a, None] - torch.arange(e, device=pos.device) + self.reach  # (G, n, e)
+            tv = self.table_v[a].to(out.dtype)[rows]  # (G, n, e, h, d)
+            out = out + torch.einsum("ghne,gnehd->ghnd", mass[..., start:start + e], tv)
+            start += e
+        return out
 
 
 class LocalStructureEnhancement(nn.Module):
