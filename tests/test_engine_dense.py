@@ -196,8 +196,11 @@ def test_skip_source_decides_which_windows_run():
         DenseGrid(x, (8, 8, 8), skip_below=0.0, skip_source=hu[:, :5])
 
 
-def test_full_batches_feed_one_batch_shape_and_keep_the_output():
+def test_full_batches_feed_one_batch_shape_and_keep_the_output(monkeypatch):
     """A compiled predictor sees one batch shape: the short last batch is filled, its filler dropped."""
+    from pipelines.engine import runner
+
+    monkeypatch.setattr(runner, "_BATCH_LIMIT", {})  # no batch size remembered from another test's OOM
     x = torch.randn(1, 21, 18, 13)
     net = random_net(1, 3, seed=4)
     seen = []

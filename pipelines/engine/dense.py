@@ -303,7 +303,8 @@ def segment_volume(
     augmentation over those spatial axes. ``input_on_device``: copy the whole input to the
     GPU once and crop windows there, with no copy thread (default: when it takes at most
     :data:`INPUT_ON_DEVICE_SHARE` of the GPU's free memory); otherwise each batch is cropped on
-    the CPU and copied while the previous one runs. ``full_batches``: run the last batch at the
+    the CPU and copied by a thread while the previous one runs. On the CPU, windows are cropped
+    in turn with no thread. ``full_batches``: run the last batch at the
     full batch size too (see :func:`~pipelines.engine.runner.run_windows`), for a compiled predictor.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -40,8 +40,8 @@ class Domain(Protocol):
     def gather(self, windows: Sequence[Any]) -> Any:
         """The CPU input batch for ``windows``: a tensor, or a record with ``.to(device)``.
 
-        Runs on the copy thread. A record's ``.to(device)`` runs on the runner's thread, so a
-        record should hold arrays (numpy) and leave making tensors to ``.to``.
+        May run on the copy thread (``prefetch``). A record's ``.to(device)`` runs on the runner's
+        thread, so a record should hold arrays (numpy) and leave making tensors to ``.to``.
         """
 
     def check(self, windows: Sequence[Any], out: torch.Tensor) -> None:
@@ -187,9 +187,9 @@ def run_windows(
             x = take(pending)
             pending = submit(i + bs, bs)  # the next batch loads while this one runs
             filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
-            if filled:
-                x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
             try:
+                if filled:  # inside the try: on a GPU the full batch may not fit
+                    x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
                 tm = time.perf_counter()
                 with torch.no_grad(), autocast_context(device, amp_dtype):
                     out = predictor(x)

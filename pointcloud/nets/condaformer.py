@@ -172,9 +172,9 @@ def plane_windows(
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(window)
     rank[order] = torch.arange(m, device=device) - starts[window[order]]
-    # size class: the number of bits of (count - 1), i.e. log2 of the next power of two
-    bits = torch.floor(torch.log2((counts - 1).clamp_min(1).double())).long() + 1
-    cls = bits.clamp_min(MIN_GROUP_SIZE.bit_length() - 1)
+    # size class: the first of MIN_GROUP_SIZE, 2x, 4x, ... that holds the window
+    caps = MIN_GROUP_SIZE << torch.arange((extent[0] * extent[1] * extent[2]).bit_length(), device=device)
+    cls = torch.searchsorted(caps, counts)
     groups = []
     local = torch.empty_like(counts)  # a window's row within its group
     for c in cls.unique().tolist():
