@@ -76,9 +76,31 @@ def test_dense_tiles_are_split_to_the_budget():
     feats = np.r_[feats, rng.uniform(0, 1, (6000, 2)).astype(np.float32)]
     sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25, max_points=1500)
     assert max(t.n_points for t in sc.tiles) <= 1500
-    assert min(t.size for t in sc.tiles) < 40.0
+    assert min(min(t.width, t.height) for t in sc.tiles) < 40.0
     labels, _ = run_windows(sc, LinearPointNet(), batch_size=2)
     assert sc.uncovered == 0 and len(labels) == len(xyz)
+
+
+def test_a_tile_just_over_budget_is_halved_not_quartered():
+    """One cut suffices: two pieces across the longer side, overlapping by the overlap fraction."""
+    xyz, feats = scene(n=2000, extent=(40.0, 40.0), seed=4)
+    sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25, max_points=1500)
+    x0, y0 = xyz[:, 0].min(), xyz[:, 1].min()
+    got = [v for t in sc.tiles for v in (t.x0 - x0, t.y0 - y0, t.width, t.height)]
+    assert got == pytest.approx([0.0, 0.0, 25.0, 40.0, 15.0, 0.0, 25.0, 40.0])
+    in_both = int(((xyz[:, 0] >= x0 + 15.0) & (xyz[:, 0] <= x0 + 25.0)).sum())
+    assert sum(t.n_points for t in sc.tiles) == len(xyz) + in_both
+    labels, _ = run_windows(sc, LinearPointNet(), batch_size=2)
+    assert sc.uncovered == 0
+    assert np.array_equal(labels, reference_labels(sc, LinearPointNet()))
+
+
+def test_halves_still_over_budget_are_halved_across_the_other_side():
+    xyz, feats = scene(n=3500, extent=(40.0, 40.0), seed=5)
+    sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25, max_points=1500)
+    assert len(sc.tiles) == 4
+    assert {(t.width, t.height) for t in sc.tiles} == {(25.0, 25.0)}
+    assert max(t.n_points for t in sc.tiles) <= 1500
 
 
 def test_accumulator_holds_a_band_not_the_scene():
