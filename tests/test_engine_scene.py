@@ -81,6 +81,30 @@ def test_dense_tiles_are_split_to_the_budget():
     assert sc.uncovered == 0 and len(labels) == len(xyz)
 
 
+def test_small_tiles_share_calls_up_to_the_points_budget():
+    """A sparse scene's tiles are packed into calls of at most batch_size * max_points points
+    (and batch_size * MAX_TILES_PER_CALL tiles); labels equal running every tile alone."""
+    xyz, feats = scene(n=600, extent=(400.0, 200.0), seed=6)  # a handful of points a tile
+    net = LinearPointNet(seed=6)
+    sizes = []
+
+    def counting(p):
+        sizes.append((p.batch_size, p.num_points))
+        return net(p)
+
+    sc = PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=40)
+    assert len(sc.tiles) > 300
+    labels, rep = run_windows(sc, counting, batch_size=2)
+    assert sum(b for b, _ in sizes) == len(sc.tiles) == rep.windows_run
+    assert len(sizes) < len(sc.tiles) / 5
+    assert max(n for _, n in sizes) <= 2 * 40
+    assert max(b for b, _ in sizes) <= 2 * scene_module.MAX_TILES_PER_CALL
+    assert np.array_equal(labels, reference_labels(sc, net))
+    # a call never holds fewer tiles than the batch size asked for
+    sc = PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=40)
+    assert all(sc.batch_len(i, 3) >= min(3, len(sc.tiles) - i) for i in range(len(sc.tiles)))
+
+
 def test_a_tile_just_over_budget_is_halved_not_quartered():
     """One cut suffices: two pieces across the longer side, overlapping by the overlap fraction."""
     xyz, feats = scene(n=2000, extent=(40.0, 40.0), seed=4)

@@ -93,6 +93,18 @@ def test_permutation_equivariance_within_clouds():
         torch.testing.assert_close(net(permuted), net(point)[perm], rtol=1e-4, atol=1e-5)
 
 
+def test_a_clouds_logits_do_not_depend_on_the_other_clouds_in_its_call():
+    """The scene engine packs small tiles into one call: each must come out as if run alone."""
+    torch.manual_seed(2)
+    point, _ = scene(seed=5)
+    net = ConDaFormer(4, 3, 0.1, **TINY).eval()
+    half = point.num_points // 2
+    with torch.no_grad():
+        both = net(point)
+        second = net(Point.from_clouds([point.coord[half:]], [point.feat[half:]]))
+    torch.testing.assert_close(both[half:], second, rtol=1e-4, atol=1e-5)
+
+
 def test_non_finite_points_get_rows():
     point, _ = scene(600)
     coord = point.coord.clone()

@@ -7,7 +7,8 @@ the device (the next batch is gathered, and a tensor batch copied, on a worker t
 the current one runs), autocast, a progress bar, and adapting to out-of-memory errors.
 
 Out of memory (``torch.OutOfMemoryError`` only; nothing else is caught): the batch is
-halved and retried; at batch 1 the domain moves its accumulators to the CPU. The batch
+halved and retried; at batch 1 a domain that packs several windows into a call (a scene's
+small tiles) runs one window a call, and then the domain moves its accumulators to the CPU. The batch
 size that worked is remembered per (device, window shape) for the next case.
 """
 
@@ -55,6 +56,17 @@ class Domain(Protocol):
 
     def finalize(self) -> Any:
         """The domain's result once every window has been accumulated."""
+
+
+def _batch_len(domain: Any, windows: Sequence[Any], start: int, batch_size: int, single: bool) -> int:
+    """How many windows from ``start`` form the next batch: ``batch_size``, unless the domain
+    sizes its own batches (``domain.batch_len``, e.g. a scene packing small tiles up to a points
+    budget) or ``single`` (after an out-of-memory error at batch 1); always at least one."""
+    sized = getattr(domain, "batch_len", None)
+    if single:
+        return 1
+    n = sized(start, batch_size) if sized is not None else batch_size
+    return max(1, min(int(n), len(windows) - start))
 
 
 @dataclass
@@ -168,12 +180,15 @@ def run_windows(
         return x if isinstance(x, torch.Tensor) else x.to(device)
 
     pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    single = False  # one window a call: set by an out-of-memory error at batch 1 on a packed batch
 
-    def submit(start: int, size: int) -> Future | torch.Tensor | None:
-        ws = wins[start : start + size]
-        if not ws:
+    def submit(start: int, size: int) -> tuple[int, Future | Any] | None:
+        """Start loading the batch at ``start``; returns (its window count, its future or data)."""
+        if start >= len(wins):
             return None
-        return pool.submit(load, ws) if pool is not None else load(ws)
+        n = _batch_len(domain, wins, start, size, single)
+        ws = wins[start : start + n]
+        return n, (pool.submit(load, ws) if pool is not None else load(ws))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,9 +198,10 @@ def run_windows(
     pending = submit(0, bs)
     try:
         while i < len(wins):
-            batch = wins[i : i + bs]
-            x = take(pending)
-            pending = submit(i + bs, bs)  # the next batch loads while this one runs
+            n, loading = pending
+            batch = wins[i : i + n]
+            x = take(loading)
+            pending = submit(i + n, bs)  # the next batch loads while this one runs
             filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
             try:
                 if filled:  # inside the try: on a GPU the full batch may not fit
@@ -203,10 +219,10 @@ def run_windows(
                 rep.oom_events += 1
                 del x
                 out = None
-                if isinstance(pending, Future):
-                    pending.cancel()
+                if pending is not None and isinstance(pending[1], Future):
+                    pending[1].cancel()
                     with contextlib.suppress(Exception):
-                        pending.result()
+                        pending[1].result()
                 pending = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -214,6 +230,9 @@ def run_windows(
                     bs //= 2
                     _BATCH_LIMIT[key] = bs
                     rep.notes.append(f"out of memory: batch size lowered to {bs}")
+                elif len(batch) > 1 and not single:
+                    single = True
+                    rep.notes.append("out of memory at batch 1: one window a call")
                 elif domain.accumulate_on_cpu():
                     rep.notes.append("out of memory at batch 1: accumulating on the CPU")
                 else:

@@ -43,6 +43,10 @@ from pipelines.engine.runner import EngineReport, ring_runs, run_windows
 
 log = logging.getLogger(__name__)
 
+MAX_TILES_PER_CALL = 64
+"""Tiles packed into one call, per unit of batch size, at most: FlatFormer pads each cloud's last
+group (up to 63 tokens), so thousands of tiny tiles in one call would be mostly padding."""
+
 EDGE_WEIGHT = 1e-3
 """Weight at a tile's edge relative to its centre (never 0, so edge-only points count)."""
 
@@ -137,7 +141,9 @@ class PointScene:
         tile_size: tile edge in metres.
         overlap: fraction of a tile shared with its neighbour, in [0, 1); or give ``stride``.
         stride: tile step in metres.
-        max_points: points budget per tile; denser tiles are halved across their longer side until they fit.
+        max_points: points budget per tile; denser tiles are halved across their longer side until they
+            fit. It also sizes the net's calls: consecutive tiles are packed into one call while
+            they hold at most ``batch_size * max_points`` points together (see :meth:`batch_len`).
         num_classes: logits per point (checked against the net's output).
         coords_in_features: put the tile-relative ``x, y, z`` before the features given to the net.
     """
@@ -275,6 +281,24 @@ class PointScene:
     # ---------------------------------------------------------------- domain API
     def windows(self) -> list[Tile]:
         return self.tiles
+
+    def batch_len(self, start: int, batch_size: int) -> int:
+        """Tiles from ``start`` that run in one call: as many consecutive tiles as hold at most
+        ``batch_size * max_points`` points together, and at most ``batch_size * MAX_TILES_PER_CALL``.
+
+        Each tile holds at most ``max_points``, so a call never holds fewer tiles than
+        ``batch_size`` (the budget the memory bound was set for is unchanged), and a sparse
+        scene's many small tiles share calls instead of paying the net's per-call cost each
+        (the 1,065-point ``simple.las`` at 50 m tiles: 1,797 tiles, one call each, 18 s). The
+        nets treat each tile of a call as its own cloud.
+        """
+        budget = batch_size * self.max_points
+        last = min(len(self.tiles), start + batch_size * MAX_TILES_PER_CALL)
+        total, end = 0, start
+        while end < last and total + self.tiles[end].n_points <= budget:
+            total += self.tiles[end].n_points
+            end += 1
+        return max(1, end - start)
 
     def _tile_points(self, t: Tile) -> tuple[np.ndarray, np.ndarray]:
         """Sorted indices of the tile's points and their weights."""
