@@ -107,7 +107,7 @@ def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile:
             sync_device(dev)
             times.append(time.perf_counter() - t0)
         seconds = float(np.median(times))
-        tiles = 1
+        tiles = calls = 1
     else:
         from pipelines.engine.scene import segment_scene
 
@@ -115,9 +115,9 @@ def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile:
         _, rep = segment_scene(xyz, feats, net, tile_size=tile, overlap=0.25, max_points=150_000, device=dev,
                                coords_in_features=True)
         seconds = time.perf_counter() - t0
-        tiles = rep.windows_run
+        tiles, calls = rep.windows_run, rep.calls
     return {"kind": kind, "backbone": backbone, "source": source, "points": int(len(xyz)), "seconds": seconds,
-            "points_per_s": len(xyz) / seconds, "tiles": tiles, "peak_rss": _peak_rss(), "rss_after_data": rss_data,
+            "points_per_s": len(xyz) / seconds, "tiles": tiles, "calls": calls, "peak_rss": _peak_rss(), "rss_after_data": rss_data,
             "peak_reset_after_data": reset,
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None}
 
@@ -209,7 +209,7 @@ def format_result(res: dict) -> str:
         return f" {'peak GPU GiB':>13}" if r is None else f" {_gib(r.get('peak_gpu')):>13}"
 
     out = [f"lidar bench: equal width {res['width']}, voxel {res['voxel']} m, tiles {res['tile']} m", "",
-           f"{'input':<26} {'backbone':<12} {'points':>10} {'latency s':>10} {'points/s':>11} {'tiles':>6} {'peak RSS GiB':>13}"
+           f"{'input':<26} {'backbone':<12} {'points':>10} {'latency s':>10} {'points/s':>11} {'tiles':>6} {'calls':>6} {'peak RSS GiB':>13}"
            + gpu_col(None)]
     order = {k: i for i, k in enumerate(dict.fromkeys(r["input"] for r in res["backbones"]))}
     for r in sorted(res["backbones"], key=lambda r: (order[r["input"]], BACKBONES.index(r["backbone"]))):
@@ -217,7 +217,7 @@ def format_result(res: dict) -> str:
             out.append(f"{r['input']:<26} {r['backbone']:<12} failed: {r['error']}")
             continue
         out.append(f"{r['input']:<26} {r['backbone']:<12} {r['points']:>10,} {r['seconds']:>10.2f} {r['points_per_s']:>11,.0f} "
-                   f"{r['tiles']:>6} {_gib(r['peak_rss']):>13}" + gpu_col(r))
+                   f"{r['tiles']:>6} {r.get('calls', '-'):>6} {_gib(r['peak_rss']):>13}" + gpu_col(r))
     out += ["", "scene size vs memory (flatformer, tiled):",
             f"{'input':<22} {'points':>11} {'seconds':>8} {'peak RSS GiB':>13} {'RSS after reading GiB':>22} {'engine share GiB':>17}"
             + gpu_col(None)]

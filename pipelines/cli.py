@@ -211,7 +211,7 @@ def lidar_segment(
     checkpoint: Annotated[Path, typer.Option(help="A LiDAR .safetensors checkpoint (with its .json sidecar).")],
     tile_size: Annotated[Optional[float], typer.Option(help="Tile edge in metres; default from the checkpoint.")] = None,
     overlap: Annotated[Optional[float], typer.Option(help="Tile overlap in [0, 1).")] = None,
-    max_points: Annotated[Optional[int], typer.Option(help="Points budget per tile; denser tiles are split.")] = None,
+    max_points: Annotated[Optional[int], typer.Option(help="Points budget per tile and per net call; denser tiles are split, sparse ones share a call.")] = None,
     format: Annotated[Optional[LabelFormat], typer.Option("--format", help="label (SemanticKITTI), npy, or las; default: las for LAS input, else label.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
@@ -238,7 +238,7 @@ def lidar_segment(
         if r.n_outside:
             extra.append(f"{r.n_outside} outside point_range")
         e = r.engine
-        typer.echo(f"{s} -> {r.labels_path}: {r.n_points} points, {e.windows_run} tiles, {e.seconds:.1f} s"
+        typer.echo(f"{s} -> {r.labels_path}: {r.n_points} points, {e.windows_run} tiles in {e.calls} calls, {e.seconds:.1f} s"
                    + (f" ({'; '.join(extra)}, labelled {model.config.infer.unlabelled})" if extra else ""))
 
 

@@ -95,7 +95,7 @@ def test_small_tiles_share_calls_up_to_the_points_budget():
     sc = PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=40)
     assert len(sc.tiles) > 300
     labels, rep = run_windows(sc, counting, batch_size=2)
-    assert sum(b for b, _ in sizes) == len(sc.tiles) == rep.windows_run
+    assert sum(b for b, _ in sizes) == len(sc.tiles) == rep.windows_run and rep.calls == len(sizes)
     assert len(sizes) < len(sc.tiles) / 5
     assert max(n for _, n in sizes) <= 2 * 40
     assert max(b for b, _ in sizes) <= 2 * scene_module.MAX_TILES_PER_CALL

@@ -76,6 +76,8 @@ class EngineReport:
     windows_planned: int = 0
     windows_run: int = 0
     windows_skipped: int = 0
+    calls: int = 0
+    """Predictor calls that went through (a scene packs several tiles into one)."""
     batch_size: int = 0
     seconds: float = 0.0
     model_seconds: float = 0.0
@@ -243,6 +245,7 @@ def run_windows(
                 pending = submit(i, bs)
                 continue
             i += len(batch)
+            rep.calls += 1
             bar.update(len(batch))
         result = domain.finalize()
     finally:
