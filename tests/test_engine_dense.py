@@ -161,6 +161,31 @@ def test_out_of_memory_lowers_the_batch_then_moves_to_cpu():
     assert rep2.oom_events == 0 and rep2.batch_size == 1
 
 
+def test_out_of_memory_while_the_ring_is_allocated_is_retried(monkeypatch):
+    """An out-of-memory error in the accumulator's first allocation leaves the grid as it was:
+    the runner's retry (at batch 1, then on the CPU) sets it up again and the scores match."""
+    import sys
+
+    from pipelines.engine import dense, runner
+
+    monkeypatch.setattr(runner, "_BATCH_LIMIT", {})
+    x = torch.randn(1, 20, 12, 12)
+    net = random_net(1, 3, seed=7)
+    ref, _ = segment_volume(x, net, roi_size=(8, 8, 8), output="scores", batch_size=2)
+    zeros, failed = torch.zeros, []
+
+    def zeros_failing_twice(*a, **k):
+        if len(failed) < 2 and sys._getframe(1).f_code.co_name == "_setup":
+            failed.append(1)
+            raise torch.OutOfMemoryError("simulated")
+        return zeros(*a, **k)
+
+    monkeypatch.setattr(dense.torch, "zeros", zeros_failing_twice)
+    grid, rep = segment_volume(x, net, roi_size=(8, 8, 8), output="scores", batch_size=2)
+    assert rep.oom_events == 2 and "accumulating on the CPU" in rep.notes[-1]
+    assert torch.allclose(grid.scores, ref.scores, atol=1e-6)
+
+
 def test_input_goes_to_the_gpu_only_when_it_fits(monkeypatch):
     """The whole input is copied to the GPU once when it takes at most a quarter of its free memory."""
     from pipelines.engine import dense

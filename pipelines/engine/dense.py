@@ -178,23 +178,25 @@ class DenseGrid:
         return True
 
     def _setup(self, out: torch.Tensor) -> None:
-        self.n_classes = int(out.shape[1])
-        if self.acc_device is None:
-            self.acc_device = out.device
+        # Everything is allocated first and recorded last: an out-of-memory error part-way
+        # leaves the grid as it was, so the runner's retry sets it up again.
+        k = int(out.shape[1])
+        dev = self.acc_device if self.acc_device is not None else out.device
         _, h, x = self.shape
         # A ring of one window's depth: depth d lives at d % roi[0]. Depths are finalised
         # before a window that starts past them is added, so the live range never exceeds it.
         cap = self.roi[0]
-        self._acc = torch.zeros((self.n_classes, cap, h, x), dtype=torch.float32, device=self.acc_device)
-        self._wsum = torch.zeros((cap, h, x), dtype=torch.float32, device=self.acc_device)
+        acc = torch.zeros((k, cap, h, x), dtype=torch.float32, device=dev)
+        wsum = torch.zeros((cap, h, x), dtype=torch.float32, device=dev)
         if self.output in ("labels", "both"):
-            self.labels = torch.zeros(self.original_shape, dtype=label_dtype(self.n_classes))
+            self.labels = torch.zeros(self.original_shape, dtype=label_dtype(k))
         if self.output in ("scores", "both"):
-            shape = (self.n_classes, *self.original_shape)
+            shape = (k, *self.original_shape)
             if self.scores_path is not None:
                 self.scores = np.lib.format.open_memmap(str(self.scores_path), mode="w+", dtype=np.float32, shape=shape)
             else:
                 self.scores = torch.zeros(shape, dtype=torch.float32)
+        self._acc, self._wsum, self.acc_device, self.n_classes = acc, wsum, dev, k
 
     def _ring(self, d0: int, d1: int) -> list[tuple[slice, slice]]:
         """(ring slice, offset slice within [d0, d1)) pairs covering depths [d0, d1)."""

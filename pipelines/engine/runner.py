@@ -202,10 +202,11 @@ def run_windows(
         while i < len(wins):
             n, loading = pending
             batch = wins[i : i + n]
-            x = take(loading)
-            pending = submit(i + n, bs)  # the next batch loads while this one runs
-            filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
+            x = None
             try:
+                x = take(loading)  # inside the try: the copy to the device may not fit either
+                pending = submit(i + n, bs)  # the next batch loads while this one runs
+                filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
                 if filled:  # inside the try: on a GPU the full batch may not fit
                     x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
                 tm = time.perf_counter()
@@ -219,8 +220,7 @@ def run_windows(
                 domain.accumulate(batch, out)
             except torch.OutOfMemoryError:
                 rep.oom_events += 1
-                del x
-                out = None
+                x = out = None
                 if pending is not None and isinstance(pending[1], Future):
                     pending[1].cancel()
                     with contextlib.suppress(Exception):
