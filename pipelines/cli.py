@@ -146,10 +146,13 @@ def evaluate(
 
 @app.command()
 def series(folder: Annotated[Path, typer.Argument(help="A folder of DICOM files.")]) -> None:
-    """List the DICOM series in FOLDER (UID, description, slice count)."""
+    """List the DICOM series in FOLDER (UID, modality, file count, description)."""
     from medvit.io import list_dicom_series
 
-    for s in list_dicom_series(folder):
+    found = list_dicom_series(folder)
+    if not found:
+        raise MedvitError(f"{folder}: no DICOM series found")
+    for s in found:
         typer.echo(f"{s.uid}\t{s.modality}\t{s.n_files} files\t{s.description}")
 
 
@@ -224,6 +227,8 @@ def lidar_segment(
         raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
     if tile_size is not None and tile_size <= 0:
         raise MedvitError(f"--tile-size must be positive, got {tile_size}")
+    if max_points is not None and max_points < 1:
+        raise MedvitError(f"--max-points must be at least 1, got {max_points}")
     for s in scans:
         if not Path(s).is_file():
             raise MedvitError(f"{s}: no such file")
@@ -310,6 +315,19 @@ def bench_engine(
         raise MedvitError(f"--output must be labels or scores, got {output!r}")
     if skip_below_hu is not None and input is None:
         raise MedvitError("--skip-below-hu needs --input (a CT in HU); random input has no HU")
+    if not 0 <= overlap < 1:
+        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
+    if classes < 1:
+        raise MedvitError(f"--classes must be at least 1, got {classes}")
+    if batch < 1 or (our_batch is not None and our_batch < 1):
+        raise MedvitError(f"--batch and --our-batch must be at least 1, got {batch} and {our_batch}")
+    if output_device not in (None, "cpu", "cuda", "both"):
+        raise MedvitError(f"--output-device must be cpu, cuda or both, got {output_device!r}")
+    device = _device(device)
+    if output_device in ("cuda", "both") and not device.startswith("cuda"):
+        raise MedvitError(f"--output-device {output_device} needs --device cuda")
+    if min(_triple(shape, "--shape")) < 1 or min(_triple(spacing, "--spacing", float)) <= 0:
+        raise MedvitError(f"--shape and --spacing must be positive, got {shape!r} and {spacing!r}")
     if our_batch is None:
         our_batch = 1 if device == "cpu" else batch
     from medvit.nets.speedups import STEPS
@@ -356,10 +374,15 @@ def bench_lidar(
     from pipelines.bench_lidar import format_result, run
 
     folder = data or Path(os.environ.get("MEDVIT_TEST_DATA", "../shared/data"))
+    if not folder.is_dir():
+        raise MedvitError(f"{folder}: no such data folder (the shared data with mmdet3d/ and friends; give --data)")
     try:
         n = tuple(int(v) for v in sizes.split(","))
     except ValueError:
         raise MedvitError(f"--sizes must be comma-separated point counts, got {sizes!r}") from None
+    if min(n) < 1 or tile <= 0:
+        raise MedvitError(f"--sizes and --tile must be positive, got {sizes!r} and {tile}")
+    device = _device(device)
     from medvit.io.writers import atomic_path
 
     where = machine()  # once, before the workers run (on a GPU it makes this process's CUDA context)

@@ -199,6 +199,16 @@ def _grid_difference(a_shape, a_affine: np.ndarray, b_shape, b_affine: np.ndarra
     return None
 
 
+def _reoriented(arr: np.ndarray, affine: np.ndarray, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``arr`` with its axes permuted and flipped to the closest match of ``like``'s axis
+    directions, and the affine that places the result where ``arr`` was (nibabel's orientations)."""
+    import nibabel as nib
+    from nibabel import orientations as ornt
+
+    t = ornt.ornt_transform(nib.io_orientation(affine), nib.io_orientation(like))
+    return ornt.apply_orientation(arr, t), affine @ ornt.inv_ornt_aff(t, arr.shape)
+
+
 def evaluate_files(
     pred_path: str | Path,
     gt_path: str | Path,
@@ -210,7 +220,8 @@ def evaluate_files(
 
     Both are read with :func:`medvit.io.read_label`; their shapes must be equal and their
     affines must place the grid within 1e-3 mm of each other, else :class:`InputError`
-    naming the prediction. Spacing is the affine's column norms. See :func:`evaluate_labels`.
+    naming the prediction. A reference holding the same grid in another axis order or
+    direction (flipped along an axis, say) is reoriented to the prediction's first. Spacing is the affine's column norms. See :func:`evaluate_labels`.
     """
     from medvit.io import read_label
 
@@ -218,13 +229,18 @@ def evaluate_files(
     gt_m = read_label(gt_path)
     pred_aff = np.asarray(pred_m.affine, dtype=np.float64)
     gt_aff = np.asarray(gt_m.affine, dtype=np.float64)
-    diff = _grid_difference(pred_m.shape[1:], pred_aff, gt_m.shape[1:], gt_aff)
-    if diff is not None:
-        raise InputError(pred_path, f"grid differs from the reference {gt_path}: {diff}")
-    spacing = tuple(float(s) for s in np.linalg.norm(gt_aff[:3, :3], axis=0))
-
     pred = pred_m.as_tensor()[0].numpy()
     gt = gt_m.as_tensor()[0].numpy()
+    diff = _grid_difference(pred.shape, pred_aff, gt.shape, gt_aff)
+    if diff is not None:
+        # The same voxels stored in another axis order or direction (a reference written by
+        # another tool, e.g. flipped along j) is the same grid: reorient it to the prediction's.
+        gt_r, gt_aff_r = _reoriented(gt, gt_aff, pred_aff)
+        if _grid_difference(pred.shape, pred_aff, gt_r.shape, gt_aff_r) is not None:
+            raise InputError(pred_path, f"grid differs from the reference {gt_path}: {diff}")
+        gt, gt_aff = gt_r, gt_aff_r
+    spacing = tuple(float(s) for s in np.linalg.norm(gt_aff[:3, :3], axis=0))
+
     for p, a in ((pred_path, pred), (gt_path, gt)):
         if a.size and a.min() < 0:
             raise InputError(p, f"label map holds negative values (minimum {a.min()})")

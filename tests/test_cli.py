@@ -219,6 +219,19 @@ def test_series_lists_uids(data_dir, capsys):
     assert code == 0 and "3 files" in out
 
 
+def test_series_on_a_folder_without_dicom_is_an_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    assert_user_error(["series", str(tmp_path)], capsys, str(tmp_path), "no DICOM series found")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_without_a_gpu_or_data_folder_fails_in_one_line(tmp_path, capsys):
+    assert_user_error(["bench", "engine", "--model", "small", "--device", "cuda"], capsys, "no CUDA device")
+    assert_user_error(["bench", "lidar", "--data", str(tmp_path / "none")], capsys, "none: no such data folder")
+    assert_user_error(["bench", "lidar", "--data", str(tmp_path), "--device", "cuda"], capsys, "no CUDA device")
+    assert_user_error(["bench", "lidar", "--data", str(tmp_path), "--sizes", "0"], capsys, "--sizes and --tile must be positive")
+
+
 def test_console_script_exit_status(tmp_path):
     """The installed entry point itself: exit 2, one line on stderr, no traceback."""
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "segment", str(tmp_path / "none.nii.gz"), "-o", str(tmp_path / "o"),
@@ -255,6 +268,12 @@ def test_skip_below_hu_outside_the_window_tests_hu_not_the_clipped_input(ckpt, p
     (["--speedups", "sdpa", "--batch-sweep", "8,x"], "--batch-sweep takes batch sizes"),
     (["--batch-sweep", "8"], "needs eager --speedups"),
     (["--speedups", "sdpa,compile", "--batch-sweep", "8"], "needs eager --speedups"),
+    (["--overlap", "1.5"], "--overlap must lie in [0, 1)"),
+    (["--batch", "0"], "--batch and --our-batch must be at least 1"),
+    (["--classes", "0"], "--classes must be at least 1"),
+    (["--output-device", "bogus"], "--output-device must be cpu, cuda or both"),
+    (["--output-device", "cuda", "--no-peer"], "needs --device cuda"),
+    (["--shape", "0,8,8"], "--shape and --spacing must be positive"),
 ])
 def test_bench_engine_bad_options(args, needle, capsys):
     """Bad bench options fail in one line before any worker starts."""

@@ -72,3 +72,11 @@ def test_brats_manifest_finds_cases_by_glob(tmp_path):
     assert len(dl["validation"][0]["image"]) == 4 and dl["validation"][0]["image"][0].endswith("BraTS2021_00001_flair.nii.gz")
     with pytest.raises(InputError, match="no case folders"):
         build_datalist(REPO / "data_manifests" / "brats2021.json", tmp_path / "BraTS2021_00000")
+    # ROOT may also be the folder holding the manifest's layout root (BraTS2021_Training_Data/),
+    # which itself matches the case pattern BraTS2021_*
+    outer = tmp_path.parent / (tmp_path.name + "_outer")
+    (outer / "BraTS2021_Training_Data").mkdir(parents=True)
+    for case in (tmp_path).iterdir():
+        case.rename(outer / "BraTS2021_Training_Data" / case.name)
+    dl2 = build_datalist(REPO / "data_manifests" / "brats2021.json", outer, fold=1)
+    assert len(dl2["training"]) == 5 and dl2["validation"][0]["image"][0].endswith("BraTS2021_00001_flair.nii.gz")

@@ -228,3 +228,28 @@ def test_totalsegmentator_fast_against_full(ts_pair):
     assert swapped["labels"]["13"]["status"] == STATUS_MISSING_REF
     assert swapped["n_reference_labels"] == 40
     assert swapped["labels"]["1"]["dice"] == pytest.approx(r["labels"]["spleen"]["dice"], abs=1e-6)
+
+
+def test_a_reference_stored_flipped_or_transposed_is_the_same_grid(tmp_path):
+    """The same voxels written in another axis order or direction (the TotalSegmentator DICOM
+    reference is stored flipped along j) are reoriented, not refused; a real offset still is."""
+    aff = np.diag([*SPACING, 1.0])
+    pred_arr = _cube(shift=(3, -2, 1))
+    pred = _write(pred_arr, aff, tmp_path / "pred.nii.gz")
+    gt_arr = _cube()
+    flip_j = aff.copy()
+    flip_j[:3, 1] *= -1
+    flip_j[1, 3] = (gt_arr.shape[1] - 1) * SPACING[1]  # voxel j of the flipped file is voxel n-1-j
+    flipped = _write(np.ascontiguousarray(gt_arr[:, ::-1]), flip_j, tmp_path / "flipped.nii.gz")
+    transposed = _write(np.ascontiguousarray(gt_arr.transpose(2, 1, 0)), aff[:, [2, 1, 0, 3]],
+                        tmp_path / "transposed.nii.gz")
+    plain = _write(gt_arr, aff, tmp_path / "gt.nii.gz")
+    want = evaluate_files(pred, plain)["labels"]["1"]
+    assert want["dice"] < 1
+    for ref in (flipped, transposed):
+        got = evaluate_files(pred, ref)["labels"]["1"]
+        assert got["dice"] == pytest.approx(want["dice"]) and got["hd95_mm"] == pytest.approx(want["hd95_mm"])
+    flip_j[1, 3] += 0.5
+    off = _write(np.ascontiguousarray(gt_arr[:, ::-1]), flip_j, tmp_path / "off.nii.gz")
+    with pytest.raises(InputError, match=r"pred\.nii\.gz.*affine differs"):
+        evaluate_files(pred, off)

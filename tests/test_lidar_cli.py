@@ -113,6 +113,8 @@ def test_bad_scans(ckpt, tmp_path, capsys):
                       capsys, "odd.bin", "43", out_dir=out)
     assert_user_error(["lidar", "segment", str(tmp_path / "none.bin"), "-o", str(out), "--checkpoint", str(ckpt)],
                       capsys, "none.bin", out_dir=out)
+    assert_user_error(["lidar", "segment", str(tmp_path / "odd.bin"), "-o", str(out), "--checkpoint", str(ckpt),
+                       "--max-points", "0"], capsys, "--max-points must be at least 1", out_dir=out)
     nan = np.full((5, 4), np.nan, np.float32)
     nan.tofile(tmp_path / "allnan.bin")
     assert_user_error(["lidar", "segment", str(tmp_path / "allnan.bin"), "-o", str(out), "--checkpoint", str(ckpt)],

@@ -56,13 +56,17 @@ def _glob_cases(manifest: dict[str, Any], root: Path, fold: int, n_folds: int) -
 def build_datalist(manifest_path: str | Path, root: str | Path, *, fold: int = 0, n_folds: int = 5, sha256: bool = False) -> dict[str, Any]:
     """A MONAI datalist with absolute paths for a local copy of a manifest's dataset.
 
-    Every file the manifest names must exist under ``root``; the first missing one is
-    named in the error together with how many are missing.
+    ``root`` is the dataset's folder, or the folder holding it under the manifest's
+    ``layout.root`` name (``BraTS2021_Training_Data/``). Every file the manifest names must
+    exist under it; the first missing one is named in the error together with how many are missing.
     """
     manifest = read_manifest(manifest_path)
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "no such dataset folder")
+    sub = manifest["layout"].get("root")
+    if sub and (root / sub).is_dir():  # ROOT may be the dataset's folder or the one holding it
+        root = root / sub
     if "case_glob" in manifest["layout"]:
         train, val = _glob_cases(manifest, root, fold, n_folds)
         if not train and not val:
