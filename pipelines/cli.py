@@ -46,6 +46,11 @@ def _override_train(cfg, config: Path, **overrides) -> None:
             setattr(cfg.train, key, value)
 
 
+def _check_overlap(overlap: float | None) -> None:
+    if overlap is not None and not 0 <= overlap < 1:
+        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
+
+
 def _echo_trained(res, metric: str) -> None:
     best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
     typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation {metric} {best}")
@@ -106,8 +111,7 @@ def segment(
 
     if batch_size is not None and batch_size < 1:
         raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
-    if overlap is not None and not 0 <= overlap < 1:
-        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
+    _check_overlap(overlap)
     dev = _device(device)
     cfg = load_config(config) if config is not None else None
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
@@ -223,8 +227,7 @@ def lidar_segment(
     from pipelines.scene import segment_scan
     from pointcloud.checkpoint import load_point_checkpoint
 
-    if overlap is not None and not 0 <= overlap < 1:
-        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
+    _check_overlap(overlap)
     if tile_size is not None and tile_size <= 0:
         raise MedvitError(f"--tile-size must be positive, got {tile_size}")
     if max_points is not None and max_points < 1:
@@ -315,8 +318,7 @@ def bench_engine(
         raise MedvitError(f"--output must be labels or scores, got {output!r}")
     if skip_below_hu is not None and input is None:
         raise MedvitError("--skip-below-hu needs --input (a CT in HU); random input has no HU")
-    if not 0 <= overlap < 1:
-        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
+    _check_overlap(overlap)
     if classes < 1:
         raise MedvitError(f"--classes must be at least 1, got {classes}")
     if batch < 1 or (our_batch is not None and our_batch < 1):
@@ -326,7 +328,8 @@ def bench_engine(
     device = _device(device)
     if output_device in ("cuda", "both") and not device.startswith("cuda"):
         raise MedvitError(f"--output-device {output_device} needs --device cuda")
-    if min(_triple(shape, "--shape")) < 1 or min(_triple(spacing, "--spacing", float)) <= 0:
+    shape3, spacing3 = _triple(shape, "--shape"), _triple(spacing, "--spacing", float)
+    if min(shape3) < 1 or min(spacing3) <= 0:
         raise MedvitError(f"--shape and --spacing must be positive, got {shape!r} and {spacing!r}")
     if our_batch is None:
         our_batch = 1 if device == "cpu" else batch
@@ -344,8 +347,8 @@ def bench_engine(
     outputs = ("cpu", "cuda") if output_device == "both" else (output_device,)
     if output_device == "both":
         output_device = None
-    case = Case(model=model, shape=_triple(shape, "--shape"), classes=classes, overlap=overlap, batch=batch, our_batch=our_batch,
-                input=str(input) if input else None, spacing=_triple(spacing, "--spacing", float),
+    case = Case(model=model, shape=shape3, classes=classes, overlap=overlap, batch=batch, our_batch=our_batch,
+                input=str(input) if input else None, spacing=spacing3,
                 skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output,
                 speedups=steps, fp32_reference=fp32_reference, batch_sweep=sweep)
     res = compare(case, peer=peer, peer_outputs=outputs)

@@ -221,7 +221,8 @@ def evaluate_files(
     Both are read with :func:`medvit.io.read_label`; their shapes must be equal and their
     affines must place the grid within 1e-3 mm of each other, else :class:`InputError`
     naming the prediction. A reference holding the same grid in another axis order or
-    direction (flipped along an axis, say) is reoriented to the prediction's first. Spacing is the affine's column norms. See :func:`evaluate_labels`.
+    direction (flipped along an axis, say) is reoriented to the prediction's first. Spacing
+    is the affine's column norms. See :func:`evaluate_labels`.
     """
     from medvit.io import read_label
 

@@ -252,17 +252,22 @@ class PointScene:
         return lo + perm[a:b]
 
     def _split(self, col: int, x0: float, y0: float, width: float, height: float, out: list[Tile],
-               depth: int, seen: set[tuple[float, float, float, float]], crowded: bool = False) -> None:
-        idx = self._members(x0, y0, width, height)
+               depth: int, seen: set[tuple[float, float, float, float]], crowded: bool = False,
+               idx: np.ndarray | None = None) -> None:
+        """Append the tile [x0, x0 + width] × [y0, y0 + height] to ``out``, or its pieces when it
+        holds more than the budget; ``idx``: its members, when the caller has them already."""
+        if idx is None:
+            idx = self._members(x0, y0, width, height)
         n = len(idx)
         if n == 0:
             return
         if n > self.max_points and depth < 32:
             if not crowded:
                 halves = self._halves(x0, y0, width, height)
-                if sum(len(self._members(*h)) for h in halves) <= 1.9 * n:
-                    for h in halves:
-                        self._split(col, *h, out, depth + 1, seen)
+                members = [self._members(*h) for h in halves]
+                if sum(map(len, members)) <= 1.9 * n:
+                    for h, m in zip(halves, members):
+                        self._split(col, *h, out, depth + 1, seen, idx=m)
                     return
             # A poor cut: nearly every point lies in the halves' overlap (a dense cluster near
             # the middle), and halving on would copy it into every piece. From here on this
