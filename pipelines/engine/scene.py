@@ -197,6 +197,7 @@ class PointScene:
         self._columns_lock = threading.Lock()  # gather runs on the runner's copy thread
         self._ready: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (members, weights), from gather
         self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
+        self.overlap = 1 - self.stride / self.tile_size  # also when the stride was given
         self.num_classes = num_classes
         self.coords_in_features = coords_in_features
         self.window_shape = ("tile", self.max_points)
@@ -288,7 +289,7 @@ class PointScene:
         """Two halves of a tile across its longer side, each widened so they overlap by the grid's
         overlap fraction (their seam is blended too); a half still over budget is halved again,
         across the other side, so a tile that needs four pieces still gets quarters."""
-        grow = (1 + (1 - self.stride / self.tile_size)) / 2
+        grow = (1 + self.overlap) / 2
         if width >= height:
             sub = width * grow
             return [(x0, y0, sub, height), (x0 + width - sub, y0, sub, height)]
@@ -302,7 +303,7 @@ class PointScene:
         holds about ``(1 + overlap) / 2`` of them as halves of an evenly filled tile do; each
         piece is the box of its points. Empty when the points share one position on both axes."""
         p = self.xyz[self.order[idx], :2]
-        f = (1 - self.stride / self.tile_size) / 2
+        f = self.overlap / 2
         for axis in ((0, 1) if prefer_x else (1, 0)):
             v = p[:, axis]
             lo_q, hi_q = np.quantile(v, [0.5 - f, 0.5 + f])
