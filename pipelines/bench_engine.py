@@ -128,7 +128,7 @@ def _ours(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, am
                                amp_dtype=amp, full_batches=full_batches)
     out = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
     return out, {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0], "windows": rep.windows_run,
-                 "skipped": rep.windows_skipped, "input_device": rep.input_device,
+                 "skipped": rep.windows_skipped, "input_device": rep.input_device, "notes": rep.notes,
                  "peak_gpu": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}
 
 

@@ -108,6 +108,7 @@ def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile:
             times.append(time.perf_counter() - t0)
         seconds = float(np.median(times))
         tiles = calls = 1
+        notes: list[str] = []
     else:
         from pipelines.engine.scene import segment_scene
 
@@ -115,9 +116,9 @@ def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile:
         _, rep = segment_scene(xyz, feats, net, tile_size=tile, overlap=0.25, max_points=150_000, device=dev,
                                coords_in_features=True)
         seconds = time.perf_counter() - t0
-        tiles, calls = rep.windows_run, rep.calls
+        tiles, calls, notes = rep.windows_run, rep.calls, rep.notes  # notes: out-of-memory fallbacks
     return {"kind": kind, "backbone": backbone, "source": source, "points": int(len(xyz)), "seconds": seconds,
-            "points_per_s": len(xyz) / seconds, "tiles": tiles, "calls": calls, "peak_rss": _peak_rss(), "rss_after_data": rss_data,
+            "points_per_s": len(xyz) / seconds, "tiles": tiles, "calls": calls, "notes": notes, "peak_rss": _peak_rss(), "rss_after_data": rss_data,
             "peak_reset_after_data": reset,
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None}
 

@@ -126,6 +126,7 @@ def segment(
         extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])
         e = r.engine
         run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
+        run += "".join(f"; {n}" for n in e.notes) if e else ""  # out-of-memory fallbacks, taken or remembered
         typer.echo(f"{', '.join(r.input)} -> {r.labels_path}" + (f" ({', '.join(extra)})" if extra else "") + run)
 
 
@@ -247,6 +248,7 @@ def lidar_segment(
             extra.append(f"{r.n_outside} outside point_range")
         e = r.engine
         typer.echo(f"{s} -> {r.labels_path}: {r.n_points} points, {e.windows_run} tiles in {e.calls} calls, {e.seconds:.1f} s"
+                   + "".join(f"; {n}" for n in e.notes)
                    + (f" ({'; '.join(extra)}, labelled {model.config.infer.unlabelled})" if extra else ""))
 
 

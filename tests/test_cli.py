@@ -251,6 +251,20 @@ def test_skip_below_hu_and_tta(ckpt, phantom, tmp_path, capsys):
     assert " 0 skipped" in stdout or "skipped as empty" in stdout
 
 
+def test_segment_says_when_it_runs_a_smaller_batch_after_out_of_memory(ckpt, phantom, tmp_path, capsys, monkeypatch):
+    from pipelines.engine import runner
+
+    class Remembered(dict):  # every window shape on every device: batch 1 fitted last time
+        def setdefault(self, key, default=None):
+            return super().setdefault(key, runner._Learnt(batch=1))
+
+    monkeypatch.setattr(runner, "_LEARNT", Remembered())
+    code, stdout, err = run_cli(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                                 "--batch-size", "2"], capsys)
+    assert code == 0, err
+    assert "; batch 1: remembered from an earlier out-of-memory error" in stdout
+
+
 def test_skip_below_hu_outside_the_window_tests_hu_not_the_clipped_input(ckpt, phantom, tmp_path, capsys):
     """620 HU lies above the checkpoint's window (-1000..600), where the clipped input reads 1 for
     everything: the test must see HU, so the windows holding the phantom's 641 HU voxels run."""

@@ -168,7 +168,7 @@ def test_out_of_memory_while_the_ring_is_allocated_is_retried(monkeypatch):
 
     from pipelines.engine import dense, runner
 
-    monkeypatch.setattr(runner, "_BATCH_LIMIT", {})
+    monkeypatch.setattr(runner, "_LEARNT", {})
     x = torch.randn(1, 20, 12, 12)
     net = random_net(1, 3, seed=7)
     ref, _ = segment_volume(x, net, roi_size=(8, 8, 8), output="scores", batch_size=2)
@@ -184,6 +184,37 @@ def test_out_of_memory_while_the_ring_is_allocated_is_retried(monkeypatch):
     grid, rep = segment_volume(x, net, roi_size=(8, 8, 8), output="scores", batch_size=2)
     assert rep.oom_events == 2 and "accumulating on the CPU" in rep.notes[-1]
     assert torch.allclose(grid.scores, ref.scores, atol=1e-6)
+
+
+def test_accumulating_on_the_cpu_is_remembered_for_as_large_an_accumulator(monkeypatch):
+    """After the device could not hold the accumulator, the next case whose accumulator is at
+    least that large starts on the CPU without an error; a smaller one still tries the device."""
+    import sys
+
+    from pipelines.engine import dense, runner
+
+    monkeypatch.setattr(runner, "_LEARNT", {})
+    zeros, limit = torch.zeros, 3 * 8 * 16 * 16 * 4  # bytes of "device" memory for a ring
+
+    def device_holds_little(*a, **k):
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "_setup" and frame.f_locals["self"].acc_device is None:
+            if "device" in k and torch.Size(a[0]).numel() * 4 > limit:  # the ring, not the CPU outputs
+                raise torch.OutOfMemoryError("simulated")
+        return zeros(*a, **k)
+
+    monkeypatch.setattr(dense.torch, "zeros", device_holds_little)
+    big, small = torch.randn(1, 20, 24, 24), torch.randn(1, 20, 12, 12)
+    net = random_net(1, 3, seed=8)
+    _, rep = segment_volume(big, net, roi_size=(8, 8, 8), batch_size=1)
+    assert rep.oom_events == 1 and "accumulating on the CPU" in rep.notes[-1]
+    _, rep = segment_volume(big, net, roi_size=(8, 8, 8), batch_size=1)
+    assert rep.oom_events == 0 and rep.notes == ["accumulating on the CPU: remembered from an earlier out-of-memory error"]
+    grid, rep = segment_volume(small, net, roi_size=(8, 8, 8), batch_size=1, output="scores")
+    assert rep.oom_events == 0 and rep.notes == []
+    monkeypatch.setattr(dense.torch, "zeros", zeros)
+    ref, _ = segment_volume(small, net, roi_size=(8, 8, 8), batch_size=1, output="scores")
+    assert torch.equal(grid.scores, ref.scores)
 
 
 def test_input_goes_to_the_gpu_only_when_it_fits(monkeypatch):
@@ -225,7 +256,7 @@ def test_full_batches_feed_one_batch_shape_and_keep_the_output(monkeypatch):
     """A compiled predictor sees one batch shape: the short last batch is filled, its filler dropped."""
     from pipelines.engine import runner
 
-    monkeypatch.setattr(runner, "_BATCH_LIMIT", {})  # no batch size remembered from another test's OOM
+    monkeypatch.setattr(runner, "_LEARNT", {})  # no batch size remembered from another test's OOM
     x = torch.randn(1, 21, 18, 13)
     net = random_net(1, 3, seed=4)
     seen = []

@@ -106,6 +106,29 @@ def test_small_tiles_share_calls_up_to_the_points_budget():
     assert all(sc.batch_len(i, 3) >= min(3, len(sc.tiles) - i) for i in range(len(sc.tiles)))
 
 
+def test_one_tile_a_call_after_out_of_memory_is_remembered_for_the_next_scene(monkeypatch):
+    """Packed calls that run out of memory at batch 1 fall back to one tile a call; the next
+    scene on the same device and budget starts there instead of paying the error again."""
+    from pipelines.engine import runner
+
+    monkeypatch.setattr(runner, "_LEARNT", {})
+    xyz, feats = scene(n=600, extent=(400.0, 200.0), seed=6)
+    net = LinearPointNet(seed=6)
+
+    def one_tile_only(p):
+        if p.batch_size > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return net(p)
+
+    kw = dict(tile_size=20.0, overlap=0.25, max_points=40)
+    ref, _ = run_windows(PointScene(xyz, feats, **kw), net, batch_size=1)
+    first, rep = run_windows(PointScene(xyz, feats, **kw), one_tile_only, batch_size=1)
+    assert rep.oom_events == 1 and "one window a call" in rep.notes[-1]
+    again, rep2 = run_windows(PointScene(xyz, feats, **kw), one_tile_only, batch_size=1)
+    assert rep2.oom_events == 0 and rep2.calls == rep2.windows_run and "remembered" in rep2.notes[0]
+    assert np.array_equal(first, ref) and np.array_equal(again, ref)
+
+
 def test_a_tile_just_over_budget_is_halved_not_quartered():
     """One cut suffices: two pieces across the longer side, overlapping by the overlap fraction."""
     xyz, feats = scene(n=2000, extent=(40.0, 40.0), seed=4)
@@ -332,7 +355,7 @@ def test_out_of_memory_while_the_ring_is_allocated_or_the_tiles_copied_is_retrie
     xyz, feats = scene(seed=5)
     net = LinearPointNet(seed=5)
     kw = dict(tile_size=30.0, overlap=0.5, max_points=1000)  # several calls, a few tiles each
-    monkeypatch.setattr(runner, "_BATCH_LIMIT", {})  # each run starts at batch 2
+    monkeypatch.setattr(runner, "_LEARNT", {})  # each run starts at batch 2
     ref, _ = run_windows(PointScene(xyz, feats, **kw), net, batch_size=2)
 
     zeros, failed = torch.zeros, []
@@ -347,7 +370,7 @@ def test_out_of_memory_while_the_ring_is_allocated_or_the_tiles_copied_is_retrie
     labels, rep = run_windows(PointScene(xyz, feats, **kw), net, batch_size=2)
     monkeypatch.setattr(scene_module.torch, "zeros", zeros)
     assert failed and rep.oom_events == 1 and np.array_equal(labels, ref)
-    runner._BATCH_LIMIT.clear()
+    runner._LEARNT.clear()
 
     to, copies = scene_module.TileBatch.to, []
 

@@ -177,6 +177,10 @@ class DenseGrid:
             self._acc, self._wsum = self._acc.cpu(), self._wsum.cpu()
         return True
 
+    def accumulator_bytes(self, n_classes: int) -> int:
+        _, h, x = self.shape
+        return (n_classes + 1) * self.roi[0] * h * x * 4  # the float32 ring and its weight sums
+
     def _setup(self, out: torch.Tensor) -> None:
         # Everything is allocated first and recorded last: an out-of-memory error part-way
         # leaves the grid as it was, so the runner's retry sets it up again.

@@ -8,8 +8,9 @@ the current one runs), autocast, a progress bar, and adapting to out-of-memory e
 
 Out of memory (``torch.OutOfMemoryError`` only; nothing else is caught): the batch is
 halved and retried; at batch 1 a domain that packs several windows into a call (a scene's
-small tiles) runs one window a call, and then the domain moves its accumulators to the CPU. The batch
-size that worked is remembered per (device, window shape) for the next case.
+small tiles) runs one window a call, and then the domain moves its accumulators to the CPU. What
+worked is remembered per (device, window shape) for the next case: the batch size, one window a
+call, and the accumulator size from which accumulation starts on the CPU.
 """
 
 from __future__ import annotations
@@ -26,8 +27,20 @@ from tqdm import tqdm
 
 from medvit.errors import MedvitError
 
-_BATCH_LIMIT: dict[tuple[str, tuple[int, ...]], int] = {}
-"""Largest batch that fitted, per (device, window shape), learnt from out-of-memory errors."""
+@dataclass
+class _Learnt:
+    """What out-of-memory errors taught about one (device, window shape)."""
+
+    batch: int | None = None
+    """The largest batch that fitted."""
+    single: bool = False
+    """Packed calls did not fit even at batch 1: one window a call."""
+    cpu_from: int | None = None
+    """Accumulator bytes that did not fit beside the net: an accumulator this large or larger
+    starts on the CPU."""
+
+
+_LEARNT: dict[tuple[str, tuple[Any, ...]], _Learnt] = {}
 
 
 class Domain(Protocol):
@@ -52,7 +65,13 @@ class Domain(Protocol):
         """Weight and add a batch of outputs; must allocate before it adds anything."""
 
     def accumulate_on_cpu(self) -> bool:
-        """Move accumulators to the CPU after an out-of-memory error; False if they already are."""
+        """Move accumulators to the CPU after an out-of-memory error; False if they already are.
+
+        Also called before the first ``accumulate``, when an earlier case learnt that an
+        accumulator of this size does not fit on the device."""
+
+    def accumulator_bytes(self, n_classes: int) -> int:
+        """Bytes the device-side accumulators take for ``n_classes`` output channels."""
 
     def finalize(self) -> Any:
         """The domain's result once every window has been accumulated."""
@@ -67,6 +86,12 @@ def _batch_len(domain: Any, windows: Sequence[Any], start: int, batch_size: int,
         return 1
     n = sized(start, batch_size) if sized is not None else batch_size
     return max(1, min(int(n), len(windows) - start))
+
+
+def _accumulator_bytes(domain: Any, n_classes: int) -> int | None:
+    """The domain's accumulator size for ``n_classes`` channels; None if it cannot tell."""
+    size = getattr(domain, "accumulator_bytes", None)
+    return int(size(n_classes)) if size is not None else None
 
 
 @dataclass
@@ -161,10 +186,14 @@ def run_windows(
     rep = report or EngineReport()
     wins = list(domain.windows())
     rep.windows_run = len(wins)
-    key = (str(device), tuple(domain.window_shape))
-    bs = min(batch_size, _BATCH_LIMIT.get(key, batch_size))
+    learnt = _LEARNT.setdefault((str(device), tuple(domain.window_shape)), _Learnt())
+    bs = min(batch_size, learnt.batch or batch_size)
     if bs < batch_size:
         rep.notes.append(f"batch {bs}: remembered from an earlier out-of-memory error")
+    single = learnt.single  # one window a call: set by an out-of-memory error at batch 1 on a packed batch
+    if single:
+        rep.notes.append("one window a call: remembered from an earlier out-of-memory error")
+    classes: int | None = None  # the output's channels, once the net has answered
     pin = device.type == "cuda"
 
     def load(ws: Sequence[Any]) -> Any:
@@ -182,7 +211,6 @@ def run_windows(
         return x if isinstance(x, torch.Tensor) else x.to(device)
 
     pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
-    single = False  # one window a call: set by an out-of-memory error at batch 1 on a packed batch
 
     def submit(start: int, size: int) -> tuple[int, Future | Any] | None:
         """Start loading the batch at ``start``; returns (its window count, its future or data)."""
@@ -217,6 +245,12 @@ def run_windows(
                 sync_device(device)
                 rep.model_seconds += time.perf_counter() - tm
                 domain.check(batch, out)
+                if classes is None:
+                    classes = int(out.shape[1])
+                    size = _accumulator_bytes(domain, classes)
+                    if learnt.cpu_from is not None and size is not None and size >= learnt.cpu_from:
+                        if domain.accumulate_on_cpu():
+                            rep.notes.append("accumulating on the CPU: remembered from an earlier out-of-memory error")
                 domain.accumulate(batch, out)
             except torch.OutOfMemoryError:
                 rep.oom_events += 1
@@ -230,12 +264,15 @@ def run_windows(
                     torch.cuda.empty_cache()
                 if bs > 1:
                     bs //= 2
-                    _BATCH_LIMIT[key] = bs
+                    learnt.batch = bs
                     rep.notes.append(f"out of memory: batch size lowered to {bs}")
                 elif len(batch) > 1 and not single:
-                    single = True
+                    single = learnt.single = True
                     rep.notes.append("out of memory at batch 1: one window a call")
                 elif domain.accumulate_on_cpu():
+                    size = _accumulator_bytes(domain, classes) if classes is not None else None
+                    if size is not None:
+                        learnt.cpu_from = size if learnt.cpu_from is None else min(learnt.cpu_from, size)
                     rep.notes.append("out of memory at batch 1: accumulating on the CPU")
                 else:
                     raise MedvitError(

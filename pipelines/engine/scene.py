@@ -398,6 +398,9 @@ class PointScene:
             self._acc = self._acc.cpu()
         return True
 
+    def accumulator_bytes(self, n_classes: int) -> int:
+        return self._cap * (self.num_classes or n_classes) * 4  # the float32 logit ring
+
     def _finalize_until(self, upto: int) -> None:
         """Sorted points [_done, upto) are final: argmax their logits and clear their ring rows."""
         if upto <= self._done:
