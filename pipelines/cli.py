@@ -225,7 +225,7 @@ def lidar_segment(
     progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
 ) -> None:
     """Per-point labels for each scan, in the scan's point order and count."""
-    from pipelines.scene import segment_scan
+    from pipelines.scene import check_scan_outputs, segment_scan
     from pointcloud.checkpoint import load_point_checkpoint
 
     _check_overlap(overlap)
@@ -233,17 +233,18 @@ def lidar_segment(
         raise MedvitError(f"--tile-size must be positive, got {tile_size}")
     if max_points is not None and max_points < 1:
         raise MedvitError(f"--max-points must be at least 1, got {max_points}")
-    for s in scans:
-        if not Path(s).is_file():
-            raise MedvitError(f"{s}: no such file")
+    label_format = format.value if format else None
+    protect = check_scan_outputs(scans, out, label_format)
     dev = _device(device)
     model = load_point_checkpoint(checkpoint, device=dev)
-    for s in scans:
-        r = segment_scan(s, model, out, label_format=format.value if format else None, protect=scans,
+    for s in scans:  # a scan that fails stops the run here; the earlier scans' outputs stay
+        r = segment_scan(s, model, out, label_format=label_format, protect=protect,
                          tile_size=tile_size, overlap=overlap, max_points=max_points, device=dev, progress=progress)
         extra = []
         if r.n_dropped:
             extra.append(f"{r.n_dropped} non-finite points dropped")
+        if r.n_bad_features:
+            extra.append(f"{r.n_bad_features} with NaN/inf {'/'.join(model.config.features)}")
         if r.n_outside:
             extra.append(f"{r.n_outside} outside point_range")
         e = r.engine

@@ -24,6 +24,8 @@ from pipelines.fit import SeededSamples, TrainResult, fit
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
 from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
+from pointcloud.io.kitti import sibling_label_path
+from pointcloud.io.readers import detect_format
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +72,28 @@ class ScanResult:
     n_outside: int
     engine: EngineReport | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    n_bad_features: int = 0
+    """Points left unlabelled because a feature the net reads is NaN or infinite."""
 
 
 def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float | None = None,
                    overlap: float | None = None, max_points: int | None = None, device: str | torch.device = "cpu",
-                   progress: bool = False) -> tuple[np.ndarray, int, EngineReport]:
-    """Labels ``(N,)`` for the cloud's points (unlabelled outside ``point_range``), outside count, report."""
+                   progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
+    """Labels ``(N,)`` for the cloud's points, the count outside ``point_range``, the engine's
+    report, and the count whose net features are NaN or infinite; both kinds are left unlabelled."""
     cfg = model.config
     inside = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
     n_out = int((~inside).sum())
+    feats = net_features(cloud, cfg)  # a missing field is an error even when no point is in range
+    finite = np.isfinite(feats).all(1)
+    n_bad = int((inside & ~finite).sum())
+    if n_bad:
+        log.warning("%s: %d points have NaN or infinite %s; left unlabelled (%d)", cloud.source, n_bad,
+                    "/".join(cfg.features), cfg.infer.unlabelled)
+    inside &= finite
     labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
     rep = EngineReport()
     if inside.any():
-        feats = net_features(cloud, cfg)
         dev = torch.device(device)
         amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
         lab, rep = segment_scene(cloud.xyz[inside], feats[inside], model.net,
@@ -91,7 +102,46 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float
                                  max_points=max_points or cfg.infer.max_points, batch_size=cfg.infer.batch_size,
                                  device=dev, amp_dtype=amp, progress=progress, coords_in_features=True)
         labels[inside] = lab
-    return labels, n_out, rep
+    return labels, n_out, rep, n_bad
+
+
+def scan_output(path: str | Path, out_dir: Path, label_format: str | None = None) -> Path:
+    """Where :func:`segment_scan` writes ``path``'s labels: ``OUT/NAME.label`` (or ``.npy``), and for
+    LAS/LAZ input (or ``label_format="las"``) ``OUT/NAME.las``/``.laz``."""
+    is_las = str(path).lower().endswith((".las", ".laz"))
+    fmt = label_format or ("las" if is_las else "label")
+    if fmt == "las":
+        return out_dir / f"{scan_name(path)}{'.laz' if str(path).lower().endswith('.laz') else '.las'}"
+    return out_dir / f"{scan_name(path)}.{fmt}"
+
+
+def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None = None) -> list[str]:
+    """The inputs to protect when segmenting ``scans`` into ``out_dir``, after checking, before any
+    scan runs, that every scan is a file of a known format, no two scans write the same output, and
+    no output would overwrite an input (a scan, or the SemanticKITTI labels read beside a ``.bin``).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "is a file; the output must be a folder")
+    inputs: dict[Path, str] = {}
+    for s in scans:
+        p = Path(s)
+        if p.is_dir():
+            raise InputError(s, "is a folder, not a scan file")
+        if not p.is_file():
+            raise InputError(s, "no such file")
+        inputs[p.resolve()] = s
+        if detect_format(p) == "kitti" and (lab := sibling_label_path(p)) is not None:
+            inputs[lab.resolve()] = str(lab)
+    targets: dict[Path, str] = {}
+    for s in scans:
+        t = scan_output(s, out_dir, label_format).resolve()
+        if t in targets:
+            raise InputError(s, f"would write the same output {t.name} as {targets[t]}; segment them into separate folders")
+        if t in inputs:
+            raise InputError(inputs[t], f"is an input and would be overwritten by the labels of {s}; choose another output folder")
+        targets[t] = s
+    return list(inputs.values())
 
 
 def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_format: str | None = None,
@@ -104,25 +154,24 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     cfg = model.config
     cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None)
     dropped = int(cloud.meta.get("dropped_nonfinite", 0))
-    labels, n_out, rep = segment_points(cloud, model, **kwargs)
+    target = scan_output(path, Path(out_dir), label_format)
+    is_las = target.suffix.lower() in (".las", ".laz")
+    if is_las and dropped:  # before the net runs: the output could not keep the scan's count
+        raise InputError(path, f"{dropped} points have NaN or infinite coordinates, which a LAS file cannot store; "
+                               "choose --format label or npy to keep the scan's point count")
+    labels, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
     if n_out:
         log.warning("%s: %d points outside point_range %s were left unlabelled (%d)", path, n_out,
                     list(cfg.point_range), cfg.infer.unlabelled)
-    name = scan_name(path)
-    is_las = str(path).lower().endswith((".las", ".laz"))
-    fmt = label_format or ("las" if is_las else "label")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    guard = [path] + list(protect or [])
-    if fmt == "las":
+    guard = [path] + list(protect or []) + ([cloud.meta["label_path"]] if "label_path" in cloud.meta else [])
+    if is_las:
         if cfg.infer.unlabelled > 255 or labels.max(initial=0) > 255:
             raise InputError(path, "LAS classification holds 0..255; choose --format label or npy")
-        target = out_dir / f"{name}{'.laz' if str(path).lower().endswith('.laz') else '.las'}"
         write_las(cloud, labels, target, protect=guard)
     else:
-        target = out_dir / f"{name}.{fmt}"
         write_labels(to_file_order(cloud, labels, fill=cfg.infer.unlabelled), target, protect=guard)
     counts = {cfg.labels.get(int(k), str(int(k))): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
-    return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts)
+    return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts, n_bad)
 
 
 # ------------------------------------------------------------------------------- training
@@ -137,10 +186,17 @@ class Scan:
 
 def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     cloud = read_points(item["image"], label_path=item.get("label"))
-    if cfg.point_range is not None:
-        keep = points_in_range(cloud, cfg.point_range)
-        cloud = cloud.select(keep)
-    return Scan(cloud.xyz, net_features(cloud, cfg), train_labels(cloud, cfg, ignore))
+    keep = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
+    feats = net_features(cloud, cfg)
+    finite = np.isfinite(feats).all(1)  # one NaN intensity would turn every loss into NaN
+    if (keep & ~finite).any():
+        log.warning("%s: %d points with NaN or infinite %s left out of training", cloud.source,
+                    int((keep & ~finite).sum()), "/".join(cfg.features))
+    keep &= finite
+    if not keep.any():
+        raise InputError(cloud.source, "has no point with finite features inside point_range to train on")
+    cloud = cloud.select(keep)
+    return Scan(cloud.xyz, feats[keep], train_labels(cloud, cfg, ignore))
 
 
 class RandomCrop:

@@ -50,7 +50,7 @@ class SceneInferConfig(_Strict):
     overlap: float = Field(0.25, ge=0, lt=1)
     max_points: int = Field(200_000, ge=1)
     batch_size: int = Field(1, ge=1)
-    unlabelled: int = Field(255, ge=0)
+    unlabelled: int = Field(255, ge=0, le=65535)  # a SemanticKITTI .label keeps 16 bits of semantic id
     """Label written for points that were not segmented (non-finite or outside ``point_range``)."""
 
 

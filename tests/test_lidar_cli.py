@@ -121,6 +121,64 @@ def test_bad_scans(ckpt, tmp_path, capsys):
                       capsys, "allnan.bin", out_dir=out)
 
 
+def test_nan_intensity_is_left_unlabelled_and_reported(ckpt, tmp_path, capsys):
+    """A NaN in a feature the net reads crashed the voxeliser (all NaN) or labelled the point
+    silently (a few): such points are now left unlabelled and counted, like NaN coordinates."""
+    rng = np.random.default_rng(2)
+    xyz, intensity = rng.uniform(-20, 20, (2000, 3)), rng.uniform(0, 1, 2000)
+    intensity[[3, 9]] = np.nan
+    intensity[11] = np.inf
+    write_kitti(xyz, intensity, None, tmp_path / "scan")
+    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
+                              str(ckpt), "--no-progress"], capsys)
+    assert code == 0, err
+    lab = np.fromfile(tmp_path / "o" / "scan.label", dtype=np.uint32)
+    assert len(lab) == 2000 and set(lab[[3, 9, 11]]) == {255} and np.all(np.delete(lab, [3, 9, 11]) < 5)
+    assert "3 with NaN/inf intensity" in out
+    write_kitti(xyz, np.full(2000, np.nan), None, tmp_path / "allnan")
+    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "allnan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
+                              str(ckpt), "--no-progress"], capsys)
+    assert code == 0 and "2000 with NaN/inf intensity" in out, err
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(ckpt, tmp_path, capsys):
+    """Checked before any scan runs (found by review): the SemanticKITTI labels read beside a
+    scan were overwritten by its predictions, and two scans of one name wrote one file."""
+    rng = np.random.default_rng(3)
+    xyz, intensity = rng.uniform(-20, 20, (500, 3)), rng.uniform(0, 1, 500)
+    seq = tmp_path / "seq"
+    write_kitti(xyz, intensity, np.full(500, 40, np.uint32), seq / "velodyne" / "000")
+    (seq / "labels").mkdir()
+    (seq / "velodyne" / "000.label").rename(seq / "labels" / "000.label")
+    truth = (seq / "labels" / "000.label").read_bytes()
+    assert_user_error(["lidar", "segment", str(seq / "velodyne" / "000.bin"), "-o", str(seq / "labels"),
+                       "--checkpoint", str(ckpt)], capsys, "000.label: is an input and would be overwritten")
+    assert (seq / "labels" / "000.label").read_bytes() == truth
+    for sub in ("a", "b"):
+        write_kitti(xyz, intensity, None, tmp_path / sub / "scan")
+    out = tmp_path / "o"
+    assert_user_error(["lidar", "segment", str(tmp_path / "a" / "scan.bin"), str(tmp_path / "b" / "scan.bin"), "-o",
+                       str(out), "--checkpoint", str(ckpt)], capsys, "would write the same output scan.label as",
+                      out_dir=out)
+    (tmp_path / "afile").write_text("")
+    assert_user_error(["lidar", "segment", str(tmp_path / "a" / "scan.bin"), "-o", str(tmp_path / "afile"),
+                       "--checkpoint", str(ckpt)], capsys, "afile: is a file; the output must be a folder")
+    assert_user_error(["lidar", "segment", str(tmp_path / "a"), "-o", str(out), "--checkpoint", str(ckpt)],
+                      capsys, "is a folder, not a scan file", out_dir=out)
+
+
+def test_las_output_of_a_scan_with_nan_points_is_refused(ckpt, tmp_path, capsys):
+    """LAS cannot store NaN coordinates, so its output would lose the scan's point count."""
+    rng = np.random.default_rng(4)
+    xyz = rng.uniform(-20, 20, (500, 3))
+    xyz[7, 1] = np.nan
+    write_kitti(xyz, rng.uniform(0, 1, 500), None, tmp_path / "scan")
+    out = tmp_path / "o"
+    assert_user_error(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(out), "--checkpoint", str(ckpt),
+                       "--format", "las"], capsys, "1 points have NaN or infinite coordinates, which a LAS file cannot store",
+                      out_dir=out)
+
+
 def test_las_without_the_feature_the_net_needs(tmp_path, data_dir, capsys):
     ck = make_ckpt(tmp_path, features={"nir": 1.0})  # near infrared: only LAS point formats 8 and 10
     out = tmp_path / "o"
@@ -170,7 +228,8 @@ def test_label_length_mismatch_in_training_data(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("patch, needle", [({"labels": {0: "a", 2: "b"}}, "labels"), ({"voxel_size": -1}, "voxel_size"),
-                                           ({"model": {"name": "nope"}}, "unknown point-cloud net")])
+                                           ({"model": {"name": "nope"}}, "unknown point-cloud net"),
+                                           ({"infer": {**TINY["infer"], "unlabelled": 70000}}, "unlabelled")])
 def test_bad_lidar_configs(patch, needle, tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({**TINY, **patch, "train": {"datalist": "x.json"}}))

@@ -149,6 +149,19 @@ def test_npy_plain_and_structured(tmp_path):
     cloud = read_points(tmp_path / "s.npy", fields=["intensity"])
     assert cloud.feature_names == ["intensity"] and cloud.labels.tolist() == [7, 8, 9]
     np.testing.assert_array_equal(cloud.xyz[:, 0], [1, 2, 3])
+    # fields that are not one number a point, and labels that are not whole numbers (found by review)
+    for name, extra in [("text", ("name", "U4")), ("triple", ("rgb", "f4", (3,)))]:
+        bad = np.zeros(2, dtype=[("x", "f8"), ("y", "f8"), ("z", "f8"), extra])
+        np.save(tmp_path / f"{name}.npy", bad)
+        with pytest.raises(InputError, match=rf"{name}\.npy: structured \.npy field '{extra[0]}' is .*one number a point"):
+            read_points(tmp_path / f"{name}.npy")
+    rec = np.zeros(2, dtype=[("x", "f8"), ("y", "f8"), ("z", "f8"), ("label", "f4")])
+    rec["label"] = [1, np.nan]
+    np.save(tmp_path / "nanlabel.npy", rec)
+    with pytest.raises(InputError, match=r"nanlabel\.npy: field 'label' holds nan"):
+        read_points(tmp_path / "nanlabel.npy")
+    with pytest.raises(InputError, match=r"is a folder, not a scan file"):
+        read_points(tmp_path)
 
 
 def test_nonfinite_dropped_with_kept_index(tmp_path, caplog):
@@ -257,13 +270,39 @@ def test_ply_colours_labels_and_corrupt_files(tmp_path):
     np.testing.assert_array_equal(cloud.features[:, 0], [0, 10, 20, 30, 40])
     np.testing.assert_array_equal(cloud.xyz[:, 1], [0, 2, 4, 6, 8])
     (tmp_path / "short.ply").write_text(head + "\n".join(rows.split("\n")[:3]) + "\n")
-    with pytest.raises(InputError, match=r"short\.ply: PLY ascii data has 3 rows, the header promises 5"):
+    with pytest.raises(InputError, match=r"short\.ply: PLY ascii data ends at row 3 of element 'vertex', the header promises 5"):
         read_points(tmp_path / "short.ply")
+    # open3d only prints a warning for these and hands back garbage coordinates (found by review)
+    (tmp_path / "text.ply").write_text(head + rows.replace("2 -1", "a -1") + "\n")
+    with pytest.raises(InputError, match=r"text\.ply: PLY ascii row 1 of element 'vertex' holds a non-numeric value"):
+        read_points(tmp_path / "text.ply")
+    (tmp_path / "narrow.ply").write_text(head + rows.replace(" 20 30 1\n", " 20 1\n") + "\n")
+    with pytest.raises(InputError, match=r"narrow\.ply: PLY ascii row 1 of element 'vertex' holds 6 values, its 7"):
+        read_points(tmp_path / "narrow.ply")
+    (tmp_path / "nan_label.ply").write_text(head.replace("int label", "float label") + rows.replace(" 30 2\n", " 30 nan\n") + "\n")
+    with pytest.raises(InputError, match=r"nan_label\.ply: field 'label' holds nan, which is not a whole-number label"):
+        read_points(tmp_path / "nan_label.ply")
+    (tmp_path / "none.ply").write_text(head.replace("vertex 5", "vertex 0"))
+    with pytest.raises(InputError, match=r"none\.ply: holds no points"):
+        read_points(tmp_path / "none.ply")
+    (tmp_path / "negative.ply").write_text(head.replace("vertex 5", "vertex -3"))
+    with pytest.raises(InputError, match=r"negative\.ply: corrupt PLY header line: element vertex -3"):
+        read_points(tmp_path / "negative.ply")
     binary = ("ply\nformat binary_little_endian 1.0\nelement vertex 4\nproperty float x\nproperty float y\n"
               "property float z\nend_header\n").encode()
     (tmp_path / "cut.ply").write_bytes(binary + np.zeros(10, F32).tobytes())
-    with pytest.raises(InputError, match=r"cut\.ply: PLY binary data holds 40 bytes, the header promises 48"):
+    with pytest.raises(InputError, match=r"cut\.ply: PLY binary data holds 40 bytes, the header promises at least 48"):
         read_points(tmp_path / "cut.ply")
+    # a face list before the vertices: its rows are walked to find where the vertices start
+    faces_first = ("ply\nformat binary_little_endian 1.0\nelement face 2\nproperty list uchar int vertex_indices\n"
+                   "element vertex 3\nproperty float x\nproperty float y\nproperty float z\nend_header\n").encode()
+    face = np.array([3], np.uint8).tobytes() + np.array([0, 1, 2], "<i4").tobytes()
+    xyz = np.arange(9, dtype="<f4").tobytes()
+    (tmp_path / "faces_first.ply").write_bytes(faces_first + face * 2 + xyz)
+    np.testing.assert_array_equal(read_points(tmp_path / "faces_first.ply").xyz, np.arange(9.0).reshape(3, 3))
+    (tmp_path / "faces_cut.ply").write_bytes(faces_first + face * 2 + xyz[:20])
+    with pytest.raises(InputError, match=r"faces_cut\.ply: PLY binary data holds 46 bytes, the header promises at least 62"):
+        read_points(tmp_path / "faces_cut.ply")
     (tmp_path / "faces.ply").write_text("ply\nformat ascii 1.0\nelement face 0\nproperty list uchar int "
                                         "vertex_indices\nend_header\n")
     with pytest.raises(InputError, match=r"faces\.ply: PLY has no vertex element"):

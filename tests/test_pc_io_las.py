@@ -112,11 +112,25 @@ def test_non_las_cloud_written_at_mm(tmp_path):
     assert back.labels.tolist() == [1, 2, 40] and back.meta["point_format"] == 6
 
 
+def test_a_cloud_wider_than_int32_millimetres_gets_a_coarser_scale(tmp_path):
+    """3,000 km across does not fit LAS int32 at 1 mm: that axis is written at 1 cm instead of failing."""
+    xyz = np.array([[0.0, 0.0, 0.0], [3e6, 10.0, 1.0]])
+    cloud = PointCloud(xyz=xyz, features=np.zeros((2, 0)), feature_names=[], meta={"format": "npy"})
+    back = read_points(write_las(cloud, np.array([1, 2]), tmp_path / "wide.las"))
+    assert back.meta["scale"] == [0.01, 0.001, 0.001]
+    np.testing.assert_allclose(back.xyz, xyz, rtol=0, atol=0.005)
+
+
 def test_corrupt_las(tmp_path, utm_las):
     raw = utm_las.read_bytes()
     (tmp_path / "cut.las").write_bytes(raw[: len(raw) - 100])
     with pytest.raises(InputError, match=r"cut\.las: LAS file is truncated: \d+ bytes, its header promises \d+"):
         read_points(tmp_path / "cut.las")
+    zero = laspy.read(utm_las)
+    zero.header.scales = [0.001, 0.0, 0.001]
+    zero.write(tmp_path / "zero.las")
+    with pytest.raises(InputError, match=r"zero\.las: LAS header scale \[0\.001, 0\.0, 0\.001\] has a zero"):
+        read_points(tmp_path / "zero.las")
     (tmp_path / "junk.las").write_bytes(b"not a las file at all" * 20)
     with pytest.raises(InputError, match=r"junk\.las: not a readable LAS/LAZ file"):
         read_points(tmp_path / "junk.las")

@@ -143,6 +143,15 @@ def test_ascii_rgb_as_pcl_integer_and_nan_points(tmp_path):
     (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA binary_compressed\n", struct.pack("<II", 3, 24) + bytes([5, 1, 2]),
      "binary_compressed data is corrupt"),
     (b"FIELDS x y z\nWIDTH 0\nPOINTS 0\nDATA binary\n", b"", "holds no points"),
+    # found by review: each of these raised IndexError, KeyError or ValueError, or read wrong values
+    (b"FIELDS x y z\nWIDTH\nPOINTS 1\nDATA ascii\n", b"1 2 3\n", "WIDTH needs one integer, got nothing"),
+    (b"FIELDS x y z\nWIDTH 1\nPOINTS\nDATA ascii\n", b"1 2 3\n", "POINTS needs one integer"),
+    (b"FIELDS x y z\nCOUNT 2 1 1\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 1 2 3\n", "field 'x' has COUNT 2"),
+    (b"FIELDS x y z rgb\nSIZE 4 4 4 8\nTYPE F F F F\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 2 3 4\n",
+     "'rgb' has COUNT 1 SIZE 8"),
+    (b"FIELDS x y z x\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 2 3 4\n", "field 'x' appears more than once"),
+    (b"FIELDS x y z label\nSIZE 4 4 4 1\nTYPE F F F U\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 2 3 300\n",
+     r"'label' holds 300, outside its TYPE U SIZE 1 \(0..255\)"),
 ])
 def test_corrupt_pcd(tmp_path, head, body, message):
     (tmp_path / "bad.pcd").write_bytes(head + body)

@@ -92,6 +92,18 @@ class PointCloud:
         )
 
 
+def integer_labels(values: np.ndarray, source, field: str = "label") -> np.ndarray:
+    """``values`` as int64 labels; InputError naming ``source`` when a value is NaN, infinite or
+    not a whole number (a float column cast blindly gives -2**63 for NaN)."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.integer):
+        bad = ~np.isfinite(values) | (values != np.round(values))
+        if bad.any():
+            raise InputError(source, f"field {field!r} holds {values[bad][0]}, which is not a whole-number label "
+                                     f"({int(bad.sum())} such points)")
+    return values.astype(np.int64)
+
+
 def drop_nonfinite(cloud: PointCloud, mode: str = "drop") -> PointCloud:
     """Remove (``"drop"``) or refuse (``"error"``) points whose coordinates are NaN or infinite.
 

@@ -67,6 +67,8 @@ def read_las(path: Path, fields: Sequence[str] | None = None) -> PointCloud:
     the point format's dimension names including extra bytes (InputError naming a missing one).
     """
     las = _read(path)
+    if not np.all(np.asarray(las.header.scales) != 0):  # every point would collapse onto the offset
+        raise InputError(path, f"LAS header scale {las.header.scales.tolist()} has a zero")
     available = list(las.point_format.dimension_names)
     names = list(DEFAULT_FIELDS if fields is None else fields)
     missing = [f for f in names if f not in available]
@@ -118,13 +120,23 @@ def _from_source(cloud: PointCloud) -> laspy.LasData:
 
 
 def _from_points(cloud: PointCloud, point_format: int) -> laspy.LasData:
-    """A new LAS holding only the cloud's coordinates, at mm resolution unless ``meta`` gives a scale."""
+    """A new LAS holding only the cloud's coordinates, at mm resolution unless ``meta`` gives a scale;
+    an axis spanning over 2,147 km gets the finest power-of-ten scale its int32 can hold."""
     header = laspy.LasHeader(point_format=point_format, version="1.4" if point_format >= 6 else "1.2")
-    scale = np.asarray(cloud.meta.get("scale", [0.001] * 3), dtype=np.float64)
     offset = np.asarray(cloud.meta.get("offset", np.floor(cloud.xyz.min(axis=0)) if len(cloud) else [0.0] * 3))
+    if "scale" in cloud.meta:
+        scale = np.asarray(cloud.meta["scale"], dtype=np.float64)
+    else:
+        span = np.abs(cloud.xyz - offset).max(axis=0) if len(cloud) else np.zeros(3)
+        scale = np.full(3, 0.001)
+        while np.any(span / scale > np.iinfo(np.int32).max):
+            scale = np.where(span / scale > np.iinfo(np.int32).max, scale * 10, scale)
+        if np.any(scale > 0.001):
+            logger.warning("%s: coordinates span up to %.0f m, beyond LAS int32 at 1 mm: written at scale %s",
+                           cloud.source, span.max(), scale.tolist())
     ints = np.round((cloud.xyz - offset) / scale)
     if len(cloud) and (np.abs(ints).max() > np.iinfo(np.int32).max):
-        raise ValueError(f"coordinates do not fit LAS int32 at scale {scale.tolist()} and offset {offset.tolist()}")
+        raise InputError(cloud.source, f"coordinates do not fit LAS int32 at scale {scale.tolist()} and offset {offset.tolist()}")
     header.scales, header.offsets = scale, offset
     las = laspy.LasData(header)
     las.X, las.Y, las.Z = (ints[:, k].astype(np.int32) for k in range(3))

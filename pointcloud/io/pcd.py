@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medvit.errors import InputError
-from pointcloud.io.cloud import PointCloud
+from pointcloud.io.cloud import PointCloud, integer_labels
 from pointcloud.io.lzf import LZFError, lzf_compress, lzf_decompress
 
 _TYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("I", 1): "i1", ("I", 2): "<i2", ("I", 4): "<i4", ("I", 8): "<i8",
@@ -56,6 +56,13 @@ def _ints(path: Path, key: str, values: list[str]) -> list[int]:
         raise InputError(path, f"corrupt PCD header: {key} {' '.join(values)} is not a list of integers") from None
 
 
+def _int(path: Path, key: str, values: list[str]) -> int:
+    """The single integer a header line such as ``WIDTH`` or ``POINTS`` holds."""
+    if len(values) != 1:
+        raise InputError(path, f"corrupt PCD header: {key} needs one integer, got {' '.join(values) or 'nothing'}")
+    return _ints(path, key, values)[0]
+
+
 def read_pcd_header(path: Path) -> PcdHeader:
     """Parse the text header up to and including the ``DATA`` line (InputError naming what is wrong)."""
     entries: dict[str, list[str]] = {}
@@ -93,9 +100,17 @@ def read_pcd_header(path: Path) -> PcdHeader:
                                    "expected F 4/8, I or U 1/2/4/8")
         if count < 1:
             raise InputError(path, f"corrupt PCD header: field {name!r} has COUNT {count}")
-    width = _ints(path, "WIDTH", entries.get("WIDTH", ["-1"]))[0]
-    height = _ints(path, "HEIGHT", entries.get("HEIGHT", ["1"]))[0]
-    points = _ints(path, "POINTS", entries.get("POINTS", [str(width * height)]))[0]
+        if name in ("x", "y", "z", "label") and count != 1:
+            raise InputError(path, f"corrupt PCD header: field {name!r} has COUNT {count}; it must hold one value a point")
+        if name in ("rgb", "rgba") and (count, size) != (1, 4):
+            raise InputError(path, f"corrupt PCD header: field {name!r} has COUNT {count} SIZE {size}; a packed "
+                                   "colour is one 4-byte value")
+    repeated = sorted({f for f in fields if f != "_" and fields.count(f) > 1})  # PCL repeats only its "_" padding
+    if repeated:
+        raise InputError(path, f"corrupt PCD header: field {', '.join(map(repr, repeated))} appears more than once in FIELDS")
+    width = _int(path, "WIDTH", entries.get("WIDTH", ["-1"]))
+    height = _int(path, "HEIGHT", entries.get("HEIGHT", ["1"]))
+    points = _int(path, "POINTS", entries.get("POINTS", [str(width * height)]))
     if points < 0 or width < 0 and "POINTS" not in entries:
         raise InputError(path, "corrupt PCD header: neither POINTS nor WIDTH gives the point count")
     if width >= 0 and width * height != points:
@@ -134,8 +149,14 @@ def _ascii_records(path: Path, header: PcdHeader, dtype: np.dtype) -> np.ndarray
             else:
                 # integers via float64 would lose bits above 2**53, so parse them as integers
                 values = text.astype(np.float64 if typ == "F" else np.int64)
+                if typ != "F":  # a value outside the field's type would wrap around silently
+                    info = np.iinfo(target)
+                    if values.size and (values.min() < info.min or values.max() > info.max):
+                        bad = values[(values < info.min) | (values > info.max)][0]
+                        raise InputError(path, f"PCD ascii field {name.split('__')[0]!r} holds {bad}, outside its "
+                                               f"TYPE {typ} SIZE {target.itemsize} ({info.min}..{info.max})")
                 records[name] = values.astype(target).reshape(records[name].shape)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InputError(path, f"PCD ascii field {name.split('__')[0]!r} holds a non-numeric value") from None
     return records
 
@@ -218,7 +239,7 @@ def read_pcd(path: Path) -> PointCloud:
     meta = {"format": "pcd", "pcd_version": header.version, "pcd_data": header.data, "width": header.width,
             "height": header.height, "viewpoint": header.viewpoint}
     return PointCloud(xyz=xyz, features=features, feature_names=names,
-                      labels=None if labels is None else labels.astype(np.int64), source=str(path), meta=meta)
+                      labels=None if labels is None else integer_labels(labels, path), source=str(path), meta=meta)
 
 
 def write_pcd(cloud: PointCloud, path: str | os.PathLike, *, data: str = "binary",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medvit.errors import InputError
-from pointcloud.io.cloud import PointCloud
+from pointcloud.io.cloud import PointCloud, integer_labels
 
 _SIZES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
           "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
@@ -19,7 +19,8 @@ _RENAME = {"positions": None, "colors": ["r", "g", "b"], "normals": ["normal_x",
 
 
 def _header(path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], int]:
-    """``(format, [(element, count, [(property, type)])], header bytes)``; lists are typed ``list``."""
+    """``(format, [(element, count, [(property, type)])], header bytes)``; a list property's type
+    is ``list COUNT_TYPE ITEM_TYPE``."""
     elements: list[tuple[str, int, list[tuple[str, str]]]] = []
     with open(path, "rb") as f:
         if f.readline().strip() != b"ply":
@@ -38,9 +39,14 @@ def _header(path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]
                 if words[0] == "format":
                     fmt = words[1]
                 elif words[0] == "element":
+                    if int(words[2]) < 0:
+                        raise ValueError
                     elements.append((words[1], int(words[2]), []))
                 elif words[0] == "property":
-                    elements[-1][2].append((words[-1], "list" if words[1] == "list" else words[1]))
+                    kind = " ".join(words[1:4]) if words[1] == "list" else words[1]
+                    if any(t not in _SIZES for t in kind.split()[kind.startswith("list"):]) or len(words) < 3:
+                        raise ValueError
+                    elements[-1][2].append((words[-1], kind))
             except (IndexError, ValueError):
                 raise InputError(path, f"corrupt PLY header line: {raw.decode(errors='replace').strip()}") from None
     raise InputError(path, "PLY header has no end_header line")
@@ -55,24 +61,76 @@ def _check_body(path: Path, fmt: str, elements, offset: int) -> int:
     props = [p for p, _ in vertex[2]]
     if not {"x", "y", "z"} <= set(props):
         raise InputError(path, f"PLY vertices lack x/y/z (properties: {', '.join(props)})")
+    if vertex[1] == 0:
+        raise InputError(path, "holds no points (element vertex 0)")
     before = elements[: names.index("vertex") + 1]
-    size = path.stat().st_size - offset
     if fmt == "ascii":
-        with open(path, "rb") as f:
-            f.seek(offset)
-            rows = sum(1 for line in f if line.strip())
-        need = sum(count for _, count, _ in before)
-        if rows < need:
-            raise InputError(path, f"PLY ascii data has {rows} rows, the header promises {need} up to the vertices")
+        _check_ascii(path, before, offset)
     elif fmt in ("binary_little_endian", "binary_big_endian"):
-        if all(t != "list" for _, _, ps in before for _, t in ps):
-            need = sum(count * sum(_SIZES.get(t, 0) for _, t in ps) for _, count, ps in before)
-            if size < need:
-                raise InputError(path, f"PLY binary data holds {size} bytes, the header promises {need} "
-                                       "up to the vertices")
+        _check_binary(path, before, offset, "<" if fmt == "binary_little_endian" else ">")
     else:
         raise InputError(path, f"PLY format {fmt!r} is not ascii, binary_little_endian or binary_big_endian")
     return vertex[1]
+
+
+def _check_ascii(path: Path, elements, offset: int) -> None:
+    """Every row up to the last vertex holds numbers only, and a vertex row one per property:
+    open3d's reader only prints a warning for a bad row and fills the point with garbage."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        rows = (line.split() for line in f)
+        rows = (r for r in rows if r)
+        for name, count, props in elements:
+            fixed = all(not t.startswith("list") for _, t in props)
+            for k in range(count):
+                row = next(rows, None)
+                if row is None:
+                    raise InputError(path, f"PLY ascii data ends at row {k} of element {name!r}, the header promises {count}")
+                try:
+                    [float(v) for v in row]
+                except ValueError:
+                    raise InputError(path, f"PLY ascii row {k} of element {name!r} holds a non-numeric value: "
+                                           f"{b' '.join(row).decode(errors='replace')[:80]}") from None
+                if fixed and len(row) != len(props):
+                    raise InputError(path, f"PLY ascii row {k} of element {name!r} holds {len(row)} values, "
+                                           f"its {len(props)} properties need {len(props)}")
+
+
+def _check_binary(path: Path, elements, offset: int, order: str) -> None:
+    """The data holds every row up to the last vertex (list properties walked row by row)."""
+    size = path.stat().st_size - offset
+    pos = 0
+    with open(path, "rb") as f:
+        for name, count, props in elements:
+            if all(not t.startswith("list") for _, t in props):
+                pos += count * sum(_SIZES[t] for _, t in props)
+                continue
+            f.seek(offset + pos)
+            data = memoryview(f.read())  # an element with lists: walk its rows
+            at = 0
+            for _ in range(count):
+                for _, t in props:
+                    if not t.startswith("list"):
+                        at += _SIZES[t]
+                        continue
+                    _, count_type, item_type = t.split()
+                    width = _SIZES[count_type]
+                    if at + width > len(data):
+                        at = len(data) + 1
+                        break
+                    n = int(np.frombuffer(data[at : at + width], dtype=_numpy_type(count_type, order))[0])
+                    at += width + n * _SIZES[item_type]
+                if at > len(data):
+                    break
+            pos += at
+    if size < pos:
+        raise InputError(path, f"PLY binary data holds {size} bytes, the header promises at least {pos} up to the vertices")
+
+
+def _numpy_type(ply_type: str, order: str) -> np.dtype:
+    kind = {"char": "i", "int8": "i", "short": "i", "int16": "i", "int": "i", "int32": "i",
+            "uchar": "u", "uint8": "u", "ushort": "u", "uint16": "u", "uint": "u", "uint32": "u"}.get(ply_type, "f")
+    return np.dtype(f"{order}{kind}{_SIZES[ply_type]}")
 
 
 def read_ply(path: Path) -> PointCloud:
@@ -97,7 +155,7 @@ def read_ply(path: Path) -> PointCloud:
     for key, values in attrs.items():
         values = values.reshape(len(values), -1)
         if key == "label" and values.shape[1] == 1:
-            labels = values[:, 0].astype(np.int64)
+            labels = integer_labels(values[:, 0], path)
             continue
         rename = _RENAME.get(key)
         if key == "positions":

@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 
 from medvit.errors import InputError
-from pointcloud.io.cloud import PointCloud, drop_nonfinite
+from pointcloud.io.cloud import PointCloud, drop_nonfinite, integer_labels
 from pointcloud.io.kitti import RAW_LAYOUTS, read_label_file, read_raw_scan, sibling_label_path
 
 # format key -> suffixes; ".pcd.bin" is matched before ".bin"
@@ -48,11 +48,16 @@ def _read_npy(path: Path) -> PointCloud:
         missing = [a for a in "xyz" if a not in array.dtype.names]
         if missing or array.ndim != 1:
             raise InputError(path, f"structured .npy needs a 1-D array with x, y, z fields, got {array.dtype}")
+        for n in array.dtype.names:
+            kind = array.dtype[n]
+            if kind.subdtype is not None or not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)
+                                                 or kind == np.bool_):
+                raise InputError(path, f"structured .npy field {n!r} is {kind}; every field must be one number a point")
         names = [n for n in array.dtype.names if n not in ("x", "y", "z", "label")]
         xyz = np.stack([array[a].astype(np.float64) for a in "xyz"], axis=1)
         features = np.stack([array[n].astype(np.float32) for n in names], axis=1) if names \
             else np.zeros((len(xyz), 0), np.float32)
-        labels = array["label"].astype(np.int64) if "label" in array.dtype.names else None
+        labels = integer_labels(array["label"], path) if "label" in array.dtype.names else None
         return PointCloud(xyz=xyz, features=features, feature_names=names, labels=labels, source=str(path), meta=meta)
     if array.ndim != 2 or array.shape[1] < 3 or not np.issubdtype(array.dtype, np.number):
         raise InputError(path, f"expected an (N, >=3) numeric array (x, y, z, features...), got {array.dtype} "
@@ -107,15 +112,17 @@ def read_points(
     ``meta["n_points_file"]`` is the number of points in the file, before any are dropped.
     """
     path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a scan file")
+    if not path.is_file():
+        raise InputError(path, "is not a file")
     key = detect_format(path) if format is None else format.lower()
     if key not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if nonfinite not in ("drop", "error"):
         raise ValueError(f"nonfinite must be 'drop' or 'error', got {nonfinite!r}")
-    if not path.exists():
-        raise InputError(path, "file not found")
-    if not path.is_file():
-        raise InputError(path, "is not a file")
     if key in RAW_LAYOUTS:
         cloud = read_raw_scan(path, key)
     elif key == "pcd":
