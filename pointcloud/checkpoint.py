@@ -53,8 +53,10 @@ def load_point_checkpoint(path: str | Path, *, device: str | torch.device = "cpu
     try:
         cfg = parse_lidar_config(meta["config"], checkpoint_sidecar(path))
         net = build_from_config(cfg)
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{checkpoint_sidecar(path)}: {e}") from None
+    except ConfigError as e:  # already names the sidecar and the key
+        raise CheckpointError(str(e)) from None
+    except KeyError as e:
+        raise CheckpointError(f"{checkpoint_sidecar(path)}: missing key {e}") from None
     check_fit(path, state, net, f"{cfg.model.name}(in_channels={cfg.in_channels}, num_classes={cfg.num_classes})")
     net.load_state_dict(state, strict=True)
     return LoadedPointNet(net=net.to(device).eval(), config=cfg, meta={**meta, "checkpoint": str(path)})

@@ -150,6 +150,7 @@ def test_ascii_rgb_as_pcl_integer_and_nan_points(tmp_path):
     (b"FIELDS x y z rgb\nSIZE 4 4 4 8\nTYPE F F F F\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 2 3 4\n",
      "'rgb' has COUNT 1 SIZE 8"),
     (b"FIELDS x y z x\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 2 3 4\n", "field 'x' appears more than once"),
+    (b"FIELDS x y z\nWIDTH -1\nHEIGHT -1\nPOINTS 1\nDATA ascii\n", b"1 2 3\n", "WIDTH -1 x HEIGHT -1"),
     (b"FIELDS x y z label\nSIZE 4 4 4 1\nTYPE F F F U\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 2 3 300\n",
      r"'label' holds 300, outside its TYPE U SIZE 1 \(0..255\)"),
 ])

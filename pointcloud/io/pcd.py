@@ -111,6 +111,8 @@ def read_pcd_header(path: Path) -> PcdHeader:
     width = _int(path, "WIDTH", entries.get("WIDTH", ["-1"]))
     height = _int(path, "HEIGHT", entries.get("HEIGHT", ["1"]))
     points = _int(path, "POINTS", entries.get("POINTS", [str(width * height)]))
+    if height < 1 or "WIDTH" in entries and width < 0:
+        raise InputError(path, f"corrupt PCD header: WIDTH {width} x HEIGHT {height}")
     if points < 0 or width < 0 and "POINTS" not in entries:
         raise InputError(path, "corrupt PCD header: neither POINTS nor WIDTH gives the point count")
     if width >= 0 and width * height != points:

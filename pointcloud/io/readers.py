@@ -59,7 +59,8 @@ def _read_npy(path: Path) -> PointCloud:
             else np.zeros((len(xyz), 0), np.float32)
         labels = integer_labels(array["label"], path) if "label" in array.dtype.names else None
         return PointCloud(xyz=xyz, features=features, feature_names=names, labels=labels, source=str(path), meta=meta)
-    if array.ndim != 2 or array.shape[1] < 3 or not np.issubdtype(array.dtype, np.number):
+    if array.ndim != 2 or array.shape[1] < 3 or not (np.issubdtype(array.dtype, np.integer)
+                                                    or np.issubdtype(array.dtype, np.floating)):
         raise InputError(path, f"expected an (N, >=3) numeric array (x, y, z, features...), got {array.dtype} "
                                f"{array.shape}")
     names = [f"f{k}" for k in range(array.shape[1] - 3)]
