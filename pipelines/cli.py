@@ -107,7 +107,7 @@ def segment(
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry."""
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
-    from pipelines.volume import segment_case, segment_inputs
+    from pipelines.volume import segment_inputs
 
     if batch_size is not None and batch_size < 1:
         raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
@@ -118,10 +118,7 @@ def segment(
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
               progress=progress)
-    single = [i for i in inputs if "," not in i]
-    results = segment_inputs(single, model, out, **kw)
-    for group in (i for i in inputs if "," in i):
-        results.append(segment_case(group.split(","), model, out, **kw))
+    results = segment_inputs([i.split(",") for i in inputs], model, out, **kw)
     for r in results:
         extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])
         e = r.engine
@@ -141,11 +138,17 @@ def evaluate(
     """Per-label Dice, HD95 and surface Dice of PRED against GT."""
     from pipelines.evaluate import evaluate_files, format_table, read_label_names, write_json
 
+    if out is not None:  # before the work: a bad -o should not cost the metrics' time
+        from medvit.io.writers import refuse_protected
+
+        refuse_protected(out, [pred, gt] + ([labels] if labels is not None else []))
+        if out.is_dir():
+            raise MedvitError(f"{out}: is a folder; -o takes the JSON file's name")
     names = read_label_names(labels) if labels is not None else None
     result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance)
     typer.echo(format_table(result))
     if out is not None:
-        write_json(result, out)
+        write_json(result, out, protect=(pred, gt))
         typer.echo(f"written: {out}")
 
 

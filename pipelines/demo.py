@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from medvit.data.phantom import LABELS, make_phantom
-from medvit.io import atomic_path, write_image, write_label_map
+from medvit.io import atomic_path, make_output_folder, write_image, write_label_map
 
 DEMO_CONFIG: dict = {
     "labels": LABELS,
@@ -93,7 +93,7 @@ def write_run_config(out: str | Path, config: dict, *, seed: int, data: str, nam
     """Make ``out`` and write a demo's config there (a deep copy of ``config`` with the seed, the
     datalist under ``out/data`` and the run folder ``out/run``); returns ``(out, config, path)``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     raw = json.loads(json.dumps(config))
     raw["train"].update(seed=seed, datalist=str((out / data / "datalist.json").resolve()),
                         output_dir=str((out / "run").resolve()))

@@ -74,8 +74,16 @@ def _as_label_array(a: Any, what: str) -> np.ndarray:
 
 def _objects(a: np.ndarray) -> dict[int, tuple[slice, ...]]:
     """Bounding box of every non-zero label in one pass (scipy's find_objects)."""
-    boxes = ndimage.find_objects(a) if a.size else []
-    return {i + 1: b for i, b in enumerate(boxes) if b is not None}
+    if not a.size:
+        return {}
+    if int(a.max()) <= 4 * a.size:
+        return {i + 1: b for i, b in enumerate(ndimage.find_objects(a)) if b is not None}
+    # find_objects keeps a slot per id up to the largest (2e9 ids: out of memory): renumber first
+    ids, dense = np.unique(a, return_inverse=True)
+    dense = dense.reshape(a.shape)
+    if ids[0] != 0:  # no background voxel: keep 0 free, find_objects skips it
+        ids, dense = np.r_[0, ids], dense + 1
+    return {int(ids[i + 1]): b for i, b in enumerate(ndimage.find_objects(dense)) if b is not None}
 
 
 def _union_box(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -279,11 +287,14 @@ def format_table(result: dict) -> str:
     return "\n".join(out)
 
 
-def write_json(result: dict, path: str | Path) -> Path:
-    """Write a result as JSON through a temporary file and a rename; returns the path."""
+def write_json(result: dict, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
+    """Write a result as JSON through a temporary file and a rename; returns the path. Refuses to
+    overwrite a path in ``protect`` (the label maps evaluated)."""
     from medvit.io import atomic_path
+    from medvit.io.writers import refuse_protected
 
     path = Path(path)
+    refuse_protected(path, protect)
     text = json.dumps(result, indent=1, allow_nan=False)  # None, never NaN, for undefined metrics
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text + "\n")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from medvit.config import TrainConfig
 from medvit.errors import InputError
-from medvit.io import atomic_path
+from medvit.io import atomic_path, make_output_folder
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -130,7 +130,7 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
     """Train ``net`` on ``task`` with the settings ``tc``; see the module docstring."""
     device = torch.device(device)
     out = Path(tc.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     state_path = out / STATE_FILE
     if resume and not state_path.is_file():
         raise InputError(state_path, "nothing to resume: no resume checkpoint in the output folder")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.io import atomic_path
+from medvit.io import atomic_path, make_output_folder
 
 DEMO_LIDAR_CONFIG: dict = {
     "labels": {0: "ground", 1: "building", 2: "car", 3: "pole", 4: "vegetation"},
@@ -53,7 +53,7 @@ def write_scene_set(folder: Path, *, seed: int, n_train: int = N_TRAIN_MAPS, tra
     from pointcloud.data.synthetic import make_aggregated_scene
 
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder)
     lists: dict[str, list] = {"training": [], "validation": [], "test": []}
     plan = [("training", train_points)] * n_train + [("validation", train_points), ("test", held_out_points)]
     for i, (split, n) in enumerate(plan):

@@ -38,7 +38,7 @@ class CaseResult:
 def case_name(path: str | Path) -> str:
     """Output stem for an input: the file name without image extensions, or the folder name."""
     p = Path(path)
-    name = p.name
+    name = p.name or p.resolve().name  # "." or "..": the folder's own name
     for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
@@ -159,7 +159,6 @@ def segment_case(
         labels = torch.as_tensor(inv)[0]
     labels = labels.cpu().numpy().astype(np.int32)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report)
     write_label_map(labels, affine, result.labels_path, protect=list(paths) + list(protect or []))
     if stats or preview:
@@ -178,23 +177,38 @@ def segment_case(
 
 
 def segment_inputs(
-    inputs: list[str],
+    cases: list[list[str]],
     model: LoadedModel,
     out_dir: str | Path,
     **kwargs,
 ) -> list[CaseResult]:
-    """Segment each input in turn (a file, or a DICOM folder); see :func:`segment_case`."""
+    """Segment each case in turn (one path, or one path per channel); see :func:`segment_case`.
+
+    Checked before any case runs: every path exists, the output folder is not a file, no two
+    cases write the same output name, and no output would replace an input.
+    """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "is a file; the output must be a folder")
+    every = [p for case in cases for p in case]
+    resolved = {Path(p).resolve(): p for p in every}
     names: dict[str, str] = {}
-    resolved = {Path(p).resolve(): p for p in inputs}
-    for p in inputs:
-        if not Path(p).exists():
-            raise InputError(p, "no such file or folder")
-        n = case_name(p)
+    outputs = ["_seg.nii.gz"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
+        (["_preview.png"] if kwargs.get("preview") else [])
+    for case in cases:
+        shown = ",".join(case)
+        if not case or any(not p for p in case):
+            raise InputError(shown, "has an empty path (a stray comma?); write one case as a,b with a path on each side")
+        for p in case:
+            if not Path(p).exists():
+                raise InputError(p, "no such file or folder")
+        n = case_name(case[0])
         if n in names:
-            raise InputError(p, f"would write the same output name '{n}' as {names[n]}; segment them into separate folders")
-        names[n] = p
-        target = (out_dir / f"{n}_seg.nii.gz").resolve()
-        if target in resolved:
-            raise InputError(resolved[target], f"is an input and would be overwritten by the labels of {p}; choose another output folder")
-    return [segment_case([p], model, out_dir, protect=inputs, **kwargs) for p in inputs]
+            raise InputError(shown, f"would write the same output name '{n}' as {names[n]}; segment them into separate folders")
+        names[n] = shown
+        for suffix in outputs:
+            target = (out_dir / f"{n}{suffix}").resolve()
+            if target in resolved:
+                raise InputError(resolved[target], f"is an input and would be overwritten by the output of {shown}; "
+                                                   "choose another output folder")
+    return [segment_case(case, model, out_dir, protect=every, **kwargs) for case in cases]

@@ -108,6 +108,36 @@ def test_segment_refuses_to_overwrite_an_input(ckpt, phantom, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["y.nii.gz", "y_seg.nii.gz"]
 
 
+def test_grouped_channels_are_checked_like_single_inputs(ckpt, phantom, tmp_path, capsys):
+    """A comma group (one case, a file per channel) was neither protected nor checked for name
+    clashes (found by review: an input named x_seg.nii.gz was replaced by x,y's labels)."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        for n in ("x", "y"):
+            shutil.copy(phantom, tmp_path / sub / f"{n}.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = out / "x_seg.nii.gz"
+    shutil.copy(phantom, victim)
+    before = victim.read_bytes()
+    group = f"{tmp_path / 'a' / 'x.nii.gz'},{tmp_path / 'a' / 'y.nii.gz'}"
+    assert_user_error(["segment", str(victim), group, "-o", str(out), "--checkpoint", str(ckpt)], capsys,
+                      "x_seg.nii.gz: is an input and would be overwritten by the output of")
+    assert victim.read_bytes() == before
+    other = f"{tmp_path / 'b' / 'x.nii.gz'},{tmp_path / 'b' / 'y.nii.gz'}"
+    assert_user_error(["segment", group, other, "-o", str(tmp_path / "o2"), "--checkpoint", str(ckpt)], capsys,
+                      "would write the same output name 'x'", out_dir=tmp_path / "o2")
+    assert_user_error(["segment", f"{phantom},", "-o", str(tmp_path / "o3"), "--checkpoint", str(ckpt)], capsys,
+                      "has an empty path (a stray comma?)", out_dir=tmp_path / "o3")
+
+
+def test_segment_output_that_is_a_file_or_cannot_be_made(ckpt, phantom, tmp_path, capsys):
+    assert_user_error(["segment", str(phantom), "-o", str(phantom), "--checkpoint", str(ckpt)], capsys,
+                      "case.nii.gz: is a file; the output must be a folder")
+    assert_user_error(["segment", str(phantom), "-o", "/proc/medvit_cannot_be_made", "--checkpoint", str(ckpt),
+                       "--no-progress"], capsys, "/proc/medvit_cannot_be_made")
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
     f = tmp_path_factory.mktemp("bad")
@@ -212,6 +242,10 @@ def test_evaluate_prints_table_and_writes_json(tmp_path, capsys):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["labels"]["1"]["dice"] == pytest.approx(0.9) and r["labels"]["1"]["hd95_mm"] == pytest.approx(2.0)
     assert "0.900" in out
+    before = (tmp_path / "gt.nii.gz").read_bytes()  # -o naming an input replaced it with JSON (review)
+    assert_user_error(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "-o", str(tmp_path / "gt.nii.gz")],
+                      capsys, "refusing to overwrite the input file")
+    assert (tmp_path / "gt.nii.gz").read_bytes() == before
 
 
 def test_series_lists_uids(data_dir, capsys):

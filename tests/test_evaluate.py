@@ -53,6 +53,16 @@ def test_identical_maps_are_perfect():
     assert r["mean_dice"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("big", [np.int32(2_000_000_000), np.uint32(4_000_000_000)])
+def test_label_ids_in_the_billions_are_scored(big):
+    """find_objects keeps a slot per id up to the largest: ids near 2**32 ran out of memory."""
+    a = (_cube() * big).astype(type(big)) + _cube(start=(18, 18, 18), size=6, value=2).astype(type(big))
+    r = evaluate_labels(a, a.copy(), SPACING)
+    assert set(r["labels"]) == {str(int(big)), "2"} and r["mean_dice"] == pytest.approx(1.0)
+    full = np.full((6, 6, 6), big)  # no background voxel at all
+    assert evaluate_labels(full, full.copy(), SPACING)["labels"][str(int(big))]["dice"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("axis,k", [(0, 2), (1, 1), (2, 3)])
 def test_shifted_cubes(axis, k):
     """A 10-voxel cube shifted by k voxels along one axis: Dice (10-k)/10, HD95 = k x spacing (mm)."""

@@ -193,6 +193,18 @@ def test_truncated_slice_is_refused_naming_it(data, tmp_path):
         read_image(tmp_path)
 
 
+@pytest.mark.parametrize("keep", [132, 300, 700])
+def test_a_slice_cut_inside_its_header_is_refused_not_left_out(data, tmp_path, keep):
+    """Cut inside the header, pydicom reads a slice as no elements or the few before the cut; it
+    was skipped as 'not part of a series', and the other two slices read as the whole series."""
+    for n in ("02.dcm", "03.dcm"):
+        shutil.copy(data / "dcmqi" / "segmentations" / "ct-3slice" / n, tmp_path / n)
+    raw = (data / "dcmqi" / "segmentations" / "ct-3slice" / "01.dcm").read_bytes()
+    (tmp_path / "01.dcm").write_bytes(raw[:keep])
+    with pytest.raises(InputError, match=r"01\.dcm: is a DICOM file that ends before its SeriesInstanceUID"):
+        read_image(tmp_path)
+
+
 # ---------------------------------------------------------------- synthetic series
 
 

@@ -65,6 +65,9 @@ def _sop_class(ds: Dataset) -> str:
     return sop
 
 
+_DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory: a file index, part of no series
+
+
 def _series_key(ds: Dataset) -> str | None:
     """SeriesInstanceUID, or for files where it is blank a stable name from tags a series shares."""
     uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -138,6 +141,23 @@ def _read_header(path: Path) -> Dataset | None:
         raise InputError(path, f"unreadable DICOM header ({e})") from None
 
 
+def _cut_short(path: Path, ds: Dataset) -> bool:
+    """True for a DICOM file whose header stops before SeriesInstanceUID (pydicom reads a file cut
+    mid-header as the elements before the cut) and that is not a part of no series (a DICOMDIR);
+    an image object without its UID is read in full to see whether its pixel data is there."""
+    if ds.get("SeriesInstanceUID") or _sop_class(ds) == _DICOMDIR:
+        return False
+    if len(ds) == 0:
+        return True
+    sop = _sop_class(ds)
+    if not sop.startswith(_STORAGE) or _is_non_image_sop(sop):
+        return False
+    try:  # only files with a blank UID get here; large values are skipped, not loaded
+        return "PixelData" not in pydicom.dcmread(path, defer_size="1 KB")
+    except (InvalidDicomError, EOFError, OSError, ValueError):
+        return True
+
+
 def _instance_number(ds: Dataset) -> int | None:
     value = ds.get("InstanceNumber")
     try:
@@ -194,6 +214,10 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
     for f in _candidate_files(folder):
         ds = _read_header(f)
         key = None if ds is None else _series_key(ds)
+        if ds is not None and _cut_short(f, ds):
+            # a slice cut short reads as an empty or partial header: left out, the series would be
+            # read without it, and an end slice lost that way leaves no gap to notice
+            raise InputError(f, "is a DICOM file that ends before its SeriesInstanceUID or pixel data: cut short or damaged")
         if key is not None:
             groups[key].append((f, ds))
     series = [_make_series(uid, items) for uid, items in groups.items()]

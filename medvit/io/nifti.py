@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
 
@@ -14,12 +15,28 @@ from medvit.errors import InputError
 from medvit.io.common import RawVolume, native, source_info
 
 # What nibabel raises on a damaged file: a bad header, a cut gzip stream, a short data block.
+log = logging.getLogger(__name__)
 _NIBABEL_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError)
 
 
 def is_nifti(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _warn_if_forms_disagree(img, path: Path) -> None:
+    """Both sform and qform set but placing voxels differently: we (like nibabel and FSL) use
+    the sform, ITK-based viewers may use the qform, and the labels would then look misplaced."""
+    sform, s_code = img.get_sform(coded=True)
+    qform, q_code = img.get_qform(coded=True)
+    if not (s_code and q_code) or sform is None or qform is None:
+        return
+    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1)
+                        for k in (0, (img.shape[2] if img.ndim > 2 else 1) - 1)])
+    gap = float(np.abs(corners @ (sform - qform).T).max())
+    if gap > 1e-2:
+        log.warning("%s: the sform and qform disagree by up to %.1f mm at the grid's corners; using the sform "
+                    "(as nibabel does); ITK-based tools may place the image by the qform", path, gap)
 
 
 def read_nifti(path: Path) -> RawVolume:
@@ -47,4 +64,8 @@ def read_nifti(path: Path) -> RawVolume:
         raise InputError(path, f"NIfTI with shape {tuple(data.shape)} is not supported "
                                "(expected 3D, or 4D with channels last)")
     affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "has a NaN, infinite or singular voxel-to-world affine (its sform/qform); "
+                               "its voxels have no position in space")
+    _warn_if_forms_disagree(img, path)
     return RawVolume(np.ascontiguousarray(data), affine, path, source_info("nifti"))

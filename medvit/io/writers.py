@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -16,6 +17,7 @@ import torch
 from medvit.errors import InputError
 
 PathLike = str | os.PathLike
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.ENOTDIR}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
@@ -51,13 +53,27 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 tmp.unlink()
+        if isinstance(e, OSError) and e.errno in _UNWRITABLE:  # the folder, not the data, is at fault
+            raise InputError(path, f"cannot be written ({e.strerror})") from None
         raise
+
+
+def make_output_folder(path: PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents); InputError when it cannot be made."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "is a file; the output must be a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(path, f"cannot create the output folder ({e.strerror})") from None
+    return path
 
 
 def _same_file(a: Path, b: Path) -> bool:
