@@ -44,7 +44,8 @@ def _header(path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]
                     elements.append((words[1], int(words[2]), []))
                 elif words[0] == "property":
                     kind = " ".join(words[1:4]) if words[1] == "list" else words[1]
-                    if any(t not in _SIZES for t in kind.split()[kind.startswith("list"):]) or len(words) < 3:
+                    if len(words) != (5 if words[1] == "list" else 3) or \
+                            any(t not in _SIZES for t in kind.split()[kind.startswith("list"):]):
                         raise ValueError
                     elements[-1][2].append((words[-1], kind))
             except (IndexError, ValueError):
@@ -119,7 +120,7 @@ def _check_binary(path: Path, elements, offset: int, order: str) -> None:
                         at = len(data) + 1
                         break
                     n = int(np.frombuffer(data[at : at + width], dtype=_numpy_type(count_type, order))[0])
-                    at += width + n * _SIZES[item_type]
+                    at = at + width + n * _SIZES[item_type] if n >= 0 else len(data) + 1  # a negative count: corrupt
                 if at > len(data):
                     break
             pos += at
