@@ -123,8 +123,13 @@ def segment(
         extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])
         e = r.engine
         run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
-        run += "".join(f"; {n}" for n in e.notes) if e else ""  # out-of-memory fallbacks, taken or remembered
+        run += _notes(e) if e else ""
         typer.echo(f"{', '.join(r.input)} -> {r.labels_path}" + (f" ({', '.join(extra)})" if extra else "") + run)
+
+
+def _notes(report) -> str:
+    """The engine's notes (out-of-memory fallbacks, taken or remembered) as "; note" parts."""
+    return "".join(f"; {n}" for n in report.notes)
 
 
 @app.command()
@@ -252,7 +257,7 @@ def lidar_segment(
             extra.append(f"{r.n_outside} outside point_range")
         e = r.engine
         typer.echo(f"{s} -> {r.labels_path}: {r.n_points} points, {e.windows_run} tiles in {e.calls} calls, {e.seconds:.1f} s"
-                   + "".join(f"; {n}" for n in e.notes)
+                   + _notes(e)
                    + (f" ({'; '.join(extra)}, labelled {model.config.infer.unlabelled})" if extra else ""))
 
 

@@ -18,6 +18,7 @@ import torch
 
 from medvit.data.datalist import read_datalist
 from medvit.errors import ConfigError, InputError
+from medvit.io import check_output_folder
 from pipelines.engine import EngineReport
 from pipelines.engine.scene import segment_scene
 from pipelines.fit import SeededSamples, TrainResult, fit
@@ -120,9 +121,7 @@ def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None
     scan runs, that every scan is a file of a known format, no two scans write the same output, and
     no output would overwrite an input (a scan, or the SemanticKITTI labels read beside a ``.bin``).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "is a file; the output must be a folder")
+    out_dir = check_output_folder(out_dir)
     inputs: dict[Path, str] = {}
     for s in scans:
         p = Path(s)

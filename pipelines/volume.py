@@ -12,7 +12,7 @@ import torch
 
 from medvit.checkpoint import LoadedModel
 from medvit.errors import InputError, MedvitError
-from medvit.io import LoadVolumed, write_label_map
+from medvit.io import LoadVolumed, check_output_folder, write_label_map
 from medvit.transforms import infer_transforms, invert_prediction
 from pipelines.engine import EngineReport, segment_volume
 
@@ -187,9 +187,7 @@ def segment_inputs(
     Checked before any case runs: every path exists, the output folder is not a file, no two
     cases write the same output name, and no output would replace an input.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "is a file; the output must be a folder")
+    out_dir = check_output_folder(out_dir)
     every = [p for case in cases for p in case]
     resolved = {Path(p).resolve(): p for p in every}
     names: dict[str, str] = {}

@@ -18,6 +18,7 @@ _WHERE = {
     "read_image": "medvit.io.reader",
     "read_label": "medvit.io.reader",
     "atomic_path": "medvit.io.writers",
+    "check_output_folder": "medvit.io.writers",
     "make_output_folder": "medvit.io.writers",
     "write_image": "medvit.io.writers",
     "write_label_map": "medvit.io.writers",

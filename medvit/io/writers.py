@@ -64,11 +64,17 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def make_output_folder(path: PathLike) -> Path:
-    """Create the output folder ``path`` (and its parents); InputError when it cannot be made."""
+def check_output_folder(path: PathLike) -> Path:
+    """InputError when ``path``, meant as an output folder, is an existing file; creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(path, "is a file; the output must be a folder")
+    return path
+
+
+def make_output_folder(path: PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents); InputError when it cannot be made."""
+    path = check_output_folder(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
