@@ -30,6 +30,7 @@ import torch
 from scipy import ndimage
 
 from medvit.errors import InputError
+from medvit.io.common import corner_offset_mm
 
 STATUS_OK = "ok"
 STATUS_MISSING_PRED = "missing in prediction"
@@ -198,12 +199,9 @@ def _grid_difference(a_shape, a_affine: np.ndarray, b_shape, b_affine: np.ndarra
     if tuple(a_shape) != tuple(b_shape):
         fmt = lambda s: "x".join(str(int(n)) for n in s)  # noqa: E731
         return f"shape {fmt(a_shape)} vs {fmt(b_shape)}"
-    # Compare where the two affines put the grid's corners: an error in mm, not in matrix entries.
-    corners = np.array(np.meshgrid(*[[0, max(int(n) - 1, 0)] for n in a_shape], indexing="ij")).reshape(3, -1)
-    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
-    off = np.linalg.norm((np.asarray(a_affine, float) @ corners - np.asarray(b_affine, float) @ corners)[:3], axis=0)
-    if not np.isfinite(off).all() or off.max() > GRID_TOLERANCE_MM:
-        return f"affine differs by up to {off.max():.4g} mm at the grid corners"
+    off = corner_offset_mm(a_shape, a_affine, b_affine)
+    if not off <= GRID_TOLERANCE_MM:  # NaN too
+        return f"affine differs by up to {off:.4g} mm at the grid corners"
     return None
 
 

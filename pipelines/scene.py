@@ -26,7 +26,7 @@ from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_
 from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
 from pointcloud.io.kitti import sibling_label_path
-from pointcloud.io.readers import detect_format
+from pointcloud.io.readers import check_scan_file, detect_format
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,7 @@ def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None
     out_dir = check_output_folder(out_dir)
     inputs: dict[Path, str] = {}
     for s in scans:
-        p = Path(s)
-        if p.is_dir():
-            raise InputError(s, "is a folder, not a scan file")
-        if not p.is_file():
-            raise InputError(s, "no such file")
+        p = check_scan_file(s)
         inputs[p.resolve()] = s
         if detect_format(p) == "kitti" and (lab := sibling_label_path(p)) is not None:
             inputs[lab.resolve()] = str(lab)

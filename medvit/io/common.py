@@ -35,6 +35,16 @@ def source_info(fmt: str, series_uid: str = "", series_description: str = "") ->
     return {"format": fmt, "series_uid": series_uid, "series_description": series_description}
 
 
+def corner_offset_mm(shape, a_affine: np.ndarray, b_affine: np.ndarray) -> float:
+    """The largest distance in mm between where two voxel->world affines put the corners of a
+    grid of ``shape`` (up to 3 axes): an error in mm, not in matrix entries; NaN if either is not finite."""
+    dims = [max(int(n) - 1, 0) for n in tuple(shape)[:3]] + [0] * (3 - min(len(shape), 3))
+    corners = np.array(np.meshgrid(*[[0, d] for d in dims], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    off = np.linalg.norm((np.asarray(a_affine, float) @ corners - np.asarray(b_affine, float) @ corners)[:3], axis=0)
+    return float(off.max()) if np.isfinite(off).all() else float("nan")
+
+
 def itk_affine(origin, spacing, direction) -> np.ndarray:
     """RAS voxel->world ``(4, 4)`` from an ITK image's LPS origin, spacing and row-major direction."""
     dim = len(origin)

@@ -12,10 +12,10 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from medvit.errors import InputError
-from medvit.io.common import RawVolume, native, source_info
+from medvit.io.common import RawVolume, corner_offset_mm, native, source_info
 
-# What nibabel raises on a damaged file: a bad header, a cut gzip stream, a short data block.
 log = logging.getLogger(__name__)
+# What nibabel raises on a damaged file: a bad header, a cut gzip stream, a short data block.
 _NIBABEL_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError)
 
 
@@ -31,9 +31,7 @@ def _warn_if_forms_disagree(img, path: Path) -> None:
     qform, q_code = img.get_qform(coded=True)
     if not (s_code and q_code) or sform is None or qform is None:
         return
-    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1)
-                        for k in (0, (img.shape[2] if img.ndim > 2 else 1) - 1)])
-    gap = float(np.abs(corners @ (sform - qform).T).max())
+    gap = corner_offset_mm(img.shape, sform, qform)
     if gap > 1e-2:
         log.warning("%s: the sform and qform disagree by up to %.1f mm at the grid's corners; using the sform "
                     "(as nibabel does); ITK-based tools may place the image by the qform", path, gap)

@@ -27,6 +27,18 @@ SUPPORTED = ("KITTI/SemanticKITTI .bin, nuScenes .pcd.bin, .pcd (ascii, binary, 
              ".las, .laz, .npy")
 
 
+def check_scan_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; InputError when it is missing, a folder, or not a regular file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a scan file")
+    if not path.is_file():
+        raise InputError(path, "is not a file")
+    return path
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """The format key for ``path``'s suffix (InputError listing the supported ones)."""
     name = Path(path).name.lower()
@@ -34,6 +46,11 @@ def detect_format(path: str | os.PathLike) -> str:
         if any(name.endswith(s) for s in suffixes):
             return key
     raise InputError(path, f"unknown point-cloud suffix; supported: {SUPPORTED}")
+
+
+def _real(dtype: np.dtype) -> bool:
+    """Integer or floating (not complex, string or object): what a coordinate or feature can be."""
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
 
 
 def _read_npy(path: Path) -> PointCloud:
@@ -50,8 +67,7 @@ def _read_npy(path: Path) -> PointCloud:
             raise InputError(path, f"structured .npy needs a 1-D array with x, y, z fields, got {array.dtype}")
         for n in array.dtype.names:
             kind = array.dtype[n]
-            if kind.subdtype is not None or not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)
-                                                 or kind == np.bool_):
+            if kind.subdtype is not None or not (_real(kind) or kind == np.bool_):
                 raise InputError(path, f"structured .npy field {n!r} is {kind}; every field must be one number a point")
         names = [n for n in array.dtype.names if n not in ("x", "y", "z", "label")]
         xyz = np.stack([array[a].astype(np.float64) for a in "xyz"], axis=1)
@@ -59,8 +75,7 @@ def _read_npy(path: Path) -> PointCloud:
             else np.zeros((len(xyz), 0), np.float32)
         labels = integer_labels(array["label"], path) if "label" in array.dtype.names else None
         return PointCloud(xyz=xyz, features=features, feature_names=names, labels=labels, source=str(path), meta=meta)
-    if array.ndim != 2 or array.shape[1] < 3 or not (np.issubdtype(array.dtype, np.integer)
-                                                    or np.issubdtype(array.dtype, np.floating)):
+    if array.ndim != 2 or array.shape[1] < 3 or not _real(array.dtype):
         raise InputError(path, f"expected an (N, >=3) numeric array (x, y, z, features...), got {array.dtype} "
                                f"{array.shape}")
     names = [f"f{k}" for k in range(array.shape[1] - 3)]
@@ -112,13 +127,7 @@ def read_points(
 
     ``meta["n_points_file"]`` is the number of points in the file, before any are dropped.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file not found")
-    if path.is_dir():
-        raise InputError(path, "is a folder, not a scan file")
-    if not path.is_file():
-        raise InputError(path, "is not a file")
+    path = check_scan_file(path)
     key = detect_format(path) if format is None else format.lower()
     if key not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
