@@ -154,6 +154,13 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     if is_las and dropped:  # before the net runs: the output could not keep the scan's count
         raise InputError(path, f"{dropped} points have NaN or infinite coordinates, which a LAS file cannot store; "
                                "choose --format label or npy to keep the scan's point count")
+    if cfg.point_range is not None and len(cloud) and not points_in_range(cloud, cfg.point_range).any():
+        # An all-unlabelled output is never what was wanted: usually the scan is in another frame
+        # (map or UTM coordinates against a sensor-centred net).
+        lo, hi = np.nanmin(cloud.xyz, 0), np.nanmax(cloud.xyz, 0)
+        span = ", ".join(f"{a} {l:.6g}..{h:.6g}" for a, l, h in zip("xyz", lo, hi))
+        raise InputError(path, f"no point lies inside the checkpoint's point_range {list(cfg.point_range)} "
+                               f"(the scan spans {span}); is it in the frame the net was trained in?")
     labels, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
     if n_out:
         log.warning("%s: %d points outside point_range %s were left unlabelled (%d)", path, n_out,

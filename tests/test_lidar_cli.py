@@ -103,6 +103,17 @@ def test_points_outside_range_are_reported(tmp_path, capsys):
     assert np.all(lab[outside] == 255) and np.all(lab[~outside] < 5)
 
 
+def test_scan_with_no_point_in_range_is_refused(tmp_path, capsys):
+    ck = make_ckpt(tmp_path, point_range=[-10, -10, -5, 10, 10, 5])
+    rng = np.random.default_rng(2)
+    xyz = rng.uniform(0, 50, (500, 3)) + [500000.0, 5400000.0, 100.0]  # UTM-like, far from the sensor frame
+    write_kitti(xyz, rng.uniform(0, 1, 500), None, tmp_path / "utm")
+    out = tmp_path / "o"
+    msg = assert_user_error(["lidar", "segment", str(tmp_path / "utm.bin"), "-o", str(out), "--checkpoint", str(ck)],
+                            capsys, "utm.bin", "no point lies inside", out_dir=out)
+    assert "x 5e+05" in msg or "x 500" in msg
+
+
 def test_bad_scans(ckpt, tmp_path, capsys):
     out = tmp_path / "o"
     (tmp_path / "empty.bin").write_bytes(b"")
