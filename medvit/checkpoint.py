@@ -314,6 +314,10 @@ def _check_fit(path: Path, state: dict[str, torch.Tensor], net: nn.Module, net_d
     reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     unexpected = [k for k in state if k not in expected]
     if not (missing or reshaped or unexpected):
+        # fits: a diverged run's NaN weights would only show as an error deep inside the first window
+        bad_values = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad_values is not None:
+            raise CheckpointError(f"{path}: key '{bad_values}' holds NaN or infinite values (saved from a diverged run?)")
         return
     bad = set(missing) | set(reshaped)
     first = next((k for k in expected if k in bad), None)

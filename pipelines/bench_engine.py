@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medvit.errors import MedvitError
 from pipelines.engine.runner import autocast_context, sync_device
 
 NETS = {
@@ -314,9 +315,16 @@ def worker(impl: str, case: Case, out: Path) -> dict:
     return {"impl": impl, "peak_rss": _peak_rss_bytes(), **run, "rss_before": rss_before, "shape": list(x.shape[1:]), **extra}
 
 
+USER_ERROR = "medvit-bench-worker: user error: "
+"""Prefix of the line a worker prints for a user error (a bad input), so the parent can repeat it."""
+
+
 def _spawn(impl: str, case: Case, out: Path) -> dict:
     cmd = [sys.executable, "-m", "pipelines.bench_engine", "--worker", impl, "--case", json.dumps(case.__dict__), "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
+    said = [ln[len(USER_ERROR):] for ln in r.stderr.splitlines() if ln.startswith(USER_ERROR)]
+    if r.returncode == MedvitError.exit_code and said:
+        raise MedvitError(said[-1])
     if r.returncode != 0:
         raise RuntimeError(f"{impl} worker failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -448,7 +456,11 @@ def main(argv: list[str] | None = None) -> None:
     d["spacing"] = tuple(d["spacing"])
     d["speedups"] = tuple(d.get("speedups") or ())
     d["batch_sweep"] = tuple(d.get("batch_sweep") or ())
-    print(json.dumps(worker(a.worker, Case(**d), Path(a.out))))
+    try:
+        print(json.dumps(worker(a.worker, Case(**d), Path(a.out))))
+    except MedvitError as e:  # a bad --input: the parent turns this line back into a user error
+        print(f"{USER_ERROR}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ imports happen inside the commands so ``medvit --help`` stays quick.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medvit.errors import MedvitError
+from medvit.errors import InputError, MedvitError
 
 app = typer.Typer(
     name="medvit",
@@ -62,9 +63,19 @@ def _device(device: str | None) -> str:
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MedvitError(f"--device {device}: no CUDA device is available on this machine")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise MedvitError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MedvitError(f"--device {device}: no CUDA device is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MedvitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    return str(dev)
 
 
 @app.command()
@@ -297,6 +308,19 @@ def _triple(text: str, what: str, cast=int) -> tuple:
     return vals
 
 
+def _check_json_out(json_out: Path | None, inputs: list[Path]) -> None:
+    """Before a bench runs for minutes: its --json must be a file name that replaces no input."""
+    if json_out is None:
+        return
+    from medvit.io.writers import check_output_folder, refuse_protected
+
+    if json_out.is_dir():
+        raise InputError(json_out, "is a folder; --json takes a file name")
+    check_output_folder(json_out.parent)
+    protect = [f for p in inputs for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
+    refuse_protected(json_out, protect)
+
+
 @bench_app.command("engine")
 def bench_engine(
     model: Annotated[str, typer.Option(help="unetr, swin_unetr, or small (a tiny UNETR).")] = "unetr",
@@ -339,8 +363,9 @@ def bench_engine(
     device = _device(device)
     if output_device in ("cuda", "both") and not device.startswith("cuda"):
         raise MedvitError(f"--output-device {output_device} needs --device cuda")
+    _check_json_out(json_out, [input] if input else [])
     shape3, spacing3 = _triple(shape, "--shape"), _triple(spacing, "--spacing", float)
-    if min(shape3) < 1 or min(spacing3) <= 0:
+    if not all(math.isfinite(v) for v in spacing3) or min(shape3) < 1 or min(spacing3) <= 0:
         raise MedvitError(f"--shape and --spacing must be positive, got {shape!r} and {spacing!r}")
     if our_batch is None:
         our_batch = 1 if device == "cpu" else batch
@@ -394,9 +419,10 @@ def bench_lidar(
         n = tuple(int(v) for v in sizes.split(","))
     except ValueError:
         raise MedvitError(f"--sizes must be comma-separated point counts, got {sizes!r}") from None
-    if min(n) < 1 or tile <= 0:
+    if min(n) < 1 or not tile > 0 or not math.isfinite(tile):
         raise MedvitError(f"--sizes and --tile must be positive, got {sizes!r} and {tile}")
     device = _device(device)
+    _check_json_out(json_out, [folder / "mmdet3d" / "demo" / "data"])  # the scans it reads
     from medvit.io.writers import atomic_path
 
     where = machine()  # once, before the workers run (on a GPU it makes this process's CUDA context)
@@ -415,11 +441,29 @@ def bench_lidar(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors → one line on stderr and exit status 2."""
+    # click's exceptions, from whichever click typer runs on (newer typer vendors its own copy)
+    click = sys.modules[typer.BadParameter.__module__]
+    no_args_help = getattr(click, "NoArgsIsHelpError", ())
     try:
-        app(args=argv, prog_name="medvit")
+        rv = app(args=argv, prog_name="medvit", standalone_mode=False)
     except MedvitError as e:
         typer.echo(f"medvit: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except no_args_help as e:  # a bare command group: its help (already printed by typer), as click exits
+        if e.format_message().strip():
+            typer.echo(e.format_message(), err=True)
+        sys.exit(e.exit_code)
+    except click.UsageError as e:  # a bad or missing option: one line too, not click's boxed panel
+        where = e.ctx.command_path if e.ctx is not None else "medvit"
+        typer.echo(f"medvit: error: {' '.join(e.format_message().split())} (see '{where} --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        typer.echo(f"medvit: error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
+    except (typer.Abort, getattr(click, "Abort", typer.Abort)):
+        typer.echo("medvit: aborted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medvit.errors import InputError
+from medvit.errors import InputError, MedvitError
 from medvit.io.common import corner_offset_mm
 
 STATUS_OK = "ok"
@@ -137,7 +137,7 @@ def evaluate_labels(
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive numbers, got {spacing}")
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
-        raise ValueError(f"tolerance_mm must be finite and >= 0, got {tolerance_mm}")
+        raise MedvitError(f"the surface Dice tolerance must be a finite distance of at least 0 mm, got {tolerance_mm}")
     names = {int(k): str(v) for k, v in (labels or {}).items()}
 
     box_p, box_g = _objects(pred), _objects(gt)

@@ -246,6 +246,9 @@ def test_evaluate_prints_table_and_writes_json(tmp_path, capsys):
     assert_user_error(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "-o", str(tmp_path / "gt.nii.gz")],
                       capsys, "refusing to overwrite the input file")
     assert (tmp_path / "gt.nii.gz").read_bytes() == before
+    for tol in ("-1", "nan"):
+        assert_user_error(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "--tolerance", tol],
+                          capsys, "surface Dice tolerance")
 
 
 def test_series_lists_uids(data_dir, capsys):
@@ -264,6 +267,47 @@ def test_bench_without_a_gpu_or_data_folder_fails_in_one_line(tmp_path, capsys):
     assert_user_error(["bench", "lidar", "--data", str(tmp_path / "none")], capsys, "none: no such data folder")
     assert_user_error(["bench", "lidar", "--data", str(tmp_path), "--device", "cuda"], capsys, "no CUDA device")
     assert_user_error(["bench", "lidar", "--data", str(tmp_path), "--sizes", "0"], capsys, "--sizes and --tile must be positive")
+
+
+@pytest.mark.parametrize("device", ["foo", "CPU", "", "mps", "meta", "cudafoo", "cuda:-1"])
+def test_bad_device_is_one_line(device, ckpt, phantom, tmp_path, capsys):
+    assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt), "--device", device],
+                      capsys, "--device", "expected cpu, cuda or cuda:N", out_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["segment"], "Missing argument"),
+    (["segment", "x.nii.gz", "-o", "o"], "Missing option '--checkpoint'"),
+    (["segment", "x.nii.gz", "-o", "o", "--checkpoint", "c", "--overlap", "abc"], "'--overlap'"),
+    (["segment", "x.nii.gz", "-o", "o", "--checkpoint", "c", "--resample", "foo"], "'--resample'"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_usage_errors_are_one_line(args, needle, capsys):
+    """click's own usage errors too: one line naming the option and where to look, not a boxed panel."""
+    err = assert_user_error(args, capsys, needle)
+    assert "--help" in err
+
+
+def test_checkpoint_with_nan_weights_is_refused_at_load(phantom, tmp_path, capsys):
+    cfg = parse_config(TINY)
+    net = build_net(cfg.model)
+    with torch.no_grad():
+        next(net.parameters())[0] = float("nan")  # as saved by a run that diverged
+    bad = save_checkpoint(net, tmp_path / "diverged.safetensors", config=cfg)
+    assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(bad)], capsys,
+                      "diverged.safetensors", "NaN or infinite", out_dir=tmp_path / "o")
+
+
+def test_bench_engine_refuses_a_json_over_its_input_and_a_bad_input(tmp_path, capsys):
+    ct = tmp_path / "ct.nii.gz"
+    ct.write_bytes(b"not a NIfTI")
+    assert_user_error(["bench", "engine", "--model", "small", "--input", str(ct), "--json", str(ct)], capsys,
+                      "refusing to overwrite the input file")
+    assert ct.read_bytes() == b"not a NIfTI"
+    assert_user_error(["bench", "engine", "--model", "small", "--input", str(ct), "--json", str(tmp_path)], capsys,
+                      "is a folder")
+    # the input is read by the bench's worker process: its one-line error comes back as ours
+    assert_user_error(["bench", "engine", "--model", "small", "--input", str(ct), "--no-peer"], capsys, "ct.nii.gz")
 
 
 def test_console_script_exit_status(tmp_path):
@@ -322,6 +366,8 @@ def test_skip_below_hu_outside_the_window_tests_hu_not_the_clipped_input(ckpt, p
     (["--output-device", "bogus"], "--output-device must be cpu, cuda or both"),
     (["--output-device", "cuda", "--no-peer"], "needs --device cuda"),
     (["--shape", "0,8,8"], "--shape and --spacing must be positive"),
+    (["--input", __file__, "--spacing", "nan,1,1"], "--shape and --spacing must be positive"),
+    (["--device", "foo"], "expected cpu, cuda or cuda:N"),
 ])
 def test_bench_engine_bad_options(args, needle, capsys):
     """Bad bench options fail in one line before any worker starts."""

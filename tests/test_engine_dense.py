@@ -111,12 +111,58 @@ def test_mirror_tta_averages_flips():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(overlap=1.0), "overlap"), (dict(overlap=-0.1), "overlap"), (dict(batch_size=0), "batch size")],
+    [(dict(overlap=1.0), "overlap"), (dict(overlap=-0.1), "overlap"), (dict(batch_size=0), "batch size"),
+     (dict(overlap=[0.5, 0.5]), "one per spatial axis"), (dict(mode="foo"), "gaussian or constant"),
+     (dict(mirror_axes=(-1,)), "mirror axes"), (dict(mirror_axes=(3,)), "mirror axes"),
+     (dict(mirror_axes=(0, 0)), "mirror axes")],
 )
 def test_bad_arguments(kwargs, match):
     x = torch.randn(1, 8, 8, 8)
     with pytest.raises(MedvitError, match=match):
         segment_volume(x, random_net(1, 2, 0), roi_size=(8, 8, 8), **kwargs)
+
+
+@pytest.mark.parametrize("step, match", [((4, 4), "three sizes"), ((12, 8, 8), "larger than the roi")])
+def test_steps_that_would_leave_voxels_unscored_are_refused(step, match):
+    with pytest.raises(MedvitError, match=match):
+        DenseGrid(torch.randn(1, 30, 30, 30), (8, 8, 8), step=step)
+
+
+def test_one_size_stands_for_all_three_axes():
+    x = torch.randn(1, 1, 20, 15, 9)
+    net = random_net(1, 2, seed=6)
+    a = sliding_window(x, net, roi_size=8)
+    b = sliding_window(x, net, roi_size=(8, 8, 8))
+    assert torch.equal(a, b)
+
+
+def test_every_window_skipped_still_gives_zero_scores(tmp_path):
+    x = torch.zeros(1, 20, 15, 9)
+    grid, rep = segment_volume(x, random_net(1, 3, 0), roi_size=8, output="both", skip_below=0.5, n_classes=3,
+                               scores_path=tmp_path / "p.npy")
+    assert rep.windows_run == 0 and int(grid.labels.max()) == 0
+    on_disk = np.load(tmp_path / "p.npy")
+    assert on_disk.shape == (3, 20, 15, 9) and not on_disk.any()
+    with pytest.raises(MedvitError, match="n_classes"):
+        segment_volume(x, random_net(1, 3, 0), roi_size=8, output="scores", skip_below=0.5)
+
+
+def test_a_failed_run_leaves_no_scores_file(tmp_path):
+    x = torch.randn(1, 24, 8, 8)
+    calls = iter(range(100))
+
+    def fails_on_third(t):
+        if next(calls) == 2:
+            raise RuntimeError("boom")
+        return torch.zeros(t.shape[0], 2, *t.shape[2:])
+
+    target = tmp_path / "p.npy"
+    target.write_bytes(b"earlier")
+    with pytest.raises(RuntimeError, match="boom"):
+        segment_volume(x, fails_on_third, roi_size=8, batch_size=1, output="scores", scores_path=target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy"] and target.read_bytes() == b"earlier"
+    with pytest.raises(MedvitError, match="no such folder"):
+        segment_volume(x, fails_on_third, roi_size=8, output="scores", scores_path=tmp_path / "nope" / "p.npy")
 
 
 def test_predictor_with_wrong_shape_or_channels_is_named():
@@ -127,6 +173,8 @@ def test_predictor_with_wrong_shape_or_channels_is_named():
     flaky = lambda t: torch.zeros(t.shape[0], 2 + (next(calls) > 0), *t.shape[2:])  # noqa: E731
     with pytest.raises(MedvitError, match="3 channels, earlier windows had 2"):
         segment_volume(x, flaky, roi_size=(8, 8, 8), batch_size=1)
+    with pytest.raises(MedvitError, match="0 channels"):
+        segment_volume(x, lambda t: t[:, :0], roi_size=(8, 8, 8))
 
 
 def test_nan_output_names_the_window():

@@ -14,6 +14,7 @@ memory map on disk.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +64,14 @@ class DenseGrid:
     Args:
         image: ``(C, D, H, W)`` input on the CPU (or the device); padded with ``pad_value``
             where it is smaller than the window, as MONAI does, and cropped back at the end.
-        roi_size: window size per spatial axis.
+        roi_size: window size per spatial axis (or one size for all three).
         overlap: fraction shared by neighbouring windows, in [0, 1) (per axis or one value).
-        step: window step per axis in voxels; overrides ``overlap`` when given.
+        step: window step per axis in voxels, at most the roi; overrides ``overlap`` when given.
         mode: ``gaussian`` or ``constant`` blending; ``sigma_scale`` as in MONAI.
         output: ``labels`` (argmax per slab into uint8, or int32 past 256 classes),
             ``scores`` (blended predictor outputs), or ``both``.
-        scores_path: with scores, a ``.npy`` file to stream them to instead of memory.
+        scores_path: with scores, a ``.npy`` file to stream them to instead of memory; written
+            under a hidden temporary name beside it and renamed by :meth:`finalize`.
         skip_below: skip windows whose input has no voxel above this value (in the input's
             units); skipped-only voxels get label 0 and zero scores, and are counted.
         skip_source: ``(C', D, H, W)`` on the image's grid to test ``skip_below`` on instead of
@@ -80,10 +82,10 @@ class DenseGrid:
     def __init__(
         self,
         image: torch.Tensor,
-        roi_size: Sequence[int],
+        roi_size: int | Sequence[int],
         *,
         overlap: float | Sequence[float] = 0.5,
-        step: Sequence[int] | None = None,
+        step: int | Sequence[int] | None = None,
         mode: str = "gaussian",
         sigma_scale: float = 0.125,
         output: Literal["labels", "scores", "both"] = "labels",
@@ -93,14 +95,21 @@ class DenseGrid:
         accumulate_device: torch.device | str | None = None,
         pad_value: float = 0.0,
     ):
-        if image.ndim != 4:
-            raise MedvitError(f"DenseGrid takes a (C, D, H, W) volume, got shape {tuple(image.shape)}")
-        roi = tuple(int(r) for r in roi_size)
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            got = f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+            raise MedvitError(f"DenseGrid takes a (C, D, H, W) torch tensor, got {got}")
+        roi = (int(roi_size),) * 3 if isinstance(roi_size, (int, np.integer)) else tuple(int(r) for r in roi_size)
         if len(roi) != 3 or min(roi) < 1:
             raise MedvitError(f"roi_size must be three positive sizes, got {roi_size}")
         ov = tuple(float(o) for o in (overlap if isinstance(overlap, Sequence) else (overlap,) * 3))
+        if len(ov) == 1:
+            ov *= 3
+        if len(ov) != 3:  # zip would silently plan windows on fewer axes and leave voxels unscored
+            raise MedvitError(f"overlap must be one value or one per spatial axis (3), got {overlap}")
         if any(not 0 <= o < 1 for o in ov):
             raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
+        if mode not in ("gaussian", "constant"):
+            raise MedvitError(f"mode must be gaussian or constant, got {mode!r}")
         if output not in ("labels", "scores", "both"):
             raise MedvitError(f"output must be labels, scores or both, got {output!r}")
         self.original_shape = tuple(image.shape[1:])
@@ -119,15 +128,21 @@ class DenseGrid:
         self.window_shape = (image.shape[0], *roi)
         self.roi = roi
         if step is not None:
-            self.step = tuple(int(s) for s in step)
-            if min(self.step) < 1:
-                raise MedvitError(f"step must be at least 1 voxel, got {step}")
+            self.step = (int(step),) * 3 if isinstance(step, (int, np.integer)) else tuple(int(s) for s in step)
+            if len(self.step) != 3 or min(self.step) < 1:
+                raise MedvitError(f"step must be three sizes of at least 1 voxel, got {step}")
+            if any(s > r for s, r in zip(self.step, roi)):
+                raise MedvitError(f"step {self.step} is larger than the roi {roi} in an axis: voxels between "
+                                  "windows would get no score")
         else:
             self.step = scan_interval(self.shape, roi, ov)
         slices = dense_patch_slices(self.shape, roi, self.step, return_slice=False)
         starts = sorted(tuple(int(v) for v in s[:, 0]) for s in np.asarray(slices))
         self.mode, self.sigma_scale = mode, sigma_scale
-        self.output, self.scores_path = output, scores_path
+        self.output, self.scores_path = output, Path(scores_path) if scores_path is not None else None
+        self._scores_tmp: Path | None = None  # the memory map is written here and renamed by finalize
+        if self.scores_path is not None and not self.scores_path.parent.is_dir():
+            raise MedvitError(f"{self.scores_path.parent}: no such folder for the class scores")
         self.acc_device = torch.device(accumulate_device) if accumulate_device is not None else None
         self.all_windows = [Window(i, s) for i, s in enumerate(starts)]
         if skip_below is not None:
@@ -161,12 +176,14 @@ class DenseGrid:
         if not isinstance(out, torch.Tensor) or out.ndim != 5 or (out.shape[0], *out.shape[2:]) != want:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise MedvitError(f"the predictor returned {got} for a batch of {len(ws)} windows; expected ({len(ws)}, K, {', '.join(map(str, self.roi))})")
+        if out.shape[1] < 1:
+            raise MedvitError(f"the predictor returned 0 channels for a batch of {len(ws)} windows; expected one per class")
         if self.n_classes is not None and out.shape[1] != self.n_classes:
             raise MedvitError(f"the predictor returned {out.shape[1]} channels, earlier windows had {self.n_classes}")
         finite = torch.isfinite(out).flatten(1).all(1)
         if not bool(finite.all()):
             bad = ws[int((~finite).nonzero()[0])]
-            at = tuple(s - p[0] for s, p in zip(bad.start, self.pad))
+            at = tuple(max(s - p[0], 0) for s, p in zip(bad.start, self.pad))  # in the input, not its padding
             raise MedvitError(f"the predictor returned NaN or inf for the window starting at voxel {at} (size {self.roi})")
 
     def accumulate_on_cpu(self) -> bool:
@@ -196,11 +213,22 @@ class DenseGrid:
             self.labels = torch.zeros(self.original_shape, dtype=label_dtype(k))
         if self.output in ("scores", "both"):
             shape = (k, *self.original_shape)
-            if self.scores_path is not None:
-                self.scores = np.lib.format.open_memmap(str(self.scores_path), mode="w+", dtype=np.float32, shape=shape)
-            else:
-                self.scores = torch.zeros(shape, dtype=torch.float32)
+            self.scores = self._zero_scores(shape)
         self._acc, self._wsum, self.acc_device, self.n_classes = acc, wsum, dev, k
+
+    def _zero_scores(self, shape: tuple[int, ...]) -> torch.Tensor | np.ndarray:
+        if self.scores_path is None:
+            return torch.zeros(shape, dtype=torch.float32)
+        # a hidden name beside the target until finalize: a failed run leaves no partial .npy there
+        self._scores_tmp = self.scores_path.with_name(f".{self.scores_path.name}.tmp-{os.getpid()}")
+        return np.lib.format.open_memmap(str(self._scores_tmp), mode="w+", dtype=np.float32, shape=shape)
+
+    def discard(self) -> None:
+        """Remove the half-written scores file of a run that failed."""
+        if self._scores_tmp is not None:
+            self.scores = None
+            self._scores_tmp.unlink(missing_ok=True)
+            self._scores_tmp = None
 
     def _ring(self, d0: int, d1: int) -> list[tuple[slice, slice]]:
         """(ring slice, offset slice within [d0, d1)) pairs covering depths [d0, d1)."""
@@ -263,9 +291,30 @@ class DenseGrid:
         if self.n_classes is None:
             raise MedvitError("no window was run: every window was skipped as empty, so there is no output to stitch")
         self._finalize_until(self.shape[0])  # (already done after the last window; a no-op then)
+        self._publish_scores()
+        return self
+
+    def finalize_all_skipped(self, n_classes: int | None) -> DenseGrid:
+        """Outputs for a grid whose windows were all skipped: background labels, zero scores.
+
+        Zero scores need the class count, which no predictor call gave here: ``n_classes``.
+        """
+        if self.output in ("labels", "both"):
+            self.labels = empty_result_labels(self.original_shape)
+        if self.output in ("scores", "both"):
+            if n_classes is None:
+                raise MedvitError("every window was skipped as empty, so the predictor never said how many classes "
+                                  "it has: pass n_classes for the zero class scores")
+            self.scores = self._zero_scores((int(n_classes), *self.original_shape))
+            self._publish_scores()
+        return self
+
+    def _publish_scores(self) -> None:
         if isinstance(self.scores, np.memmap):
             self.scores.flush()
-        return self
+        if self._scores_tmp is not None:
+            os.replace(self._scores_tmp, self.scores_path)  # the open map stays valid on the renamed file
+            self._scores_tmp = None
 
 
 def empty_result_labels(shape: Sequence[int]) -> torch.Tensor:
@@ -287,7 +336,7 @@ def segment_volume(
     image: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
     *,
-    roi_size: Sequence[int],
+    roi_size: int | Sequence[int],
     batch_size: int = 4,
     overlap: float = 0.5,
     mode: str = "gaussian",
@@ -301,6 +350,7 @@ def segment_volume(
     progress: bool = False,
     input_on_device: bool | None = None,
     full_batches: bool = False,
+    n_classes: int | None = None,
 ) -> tuple[DenseGrid, EngineReport]:
     """Sliding-window inference over one ``(C, D, H, W)`` volume through the engine.
 
@@ -312,7 +362,11 @@ def segment_volume(
     the CPU and copied by a thread while the previous one runs. On the CPU, windows are cropped
     in turn with no thread. ``full_batches``: run the last batch at the
     full batch size too (see :func:`~pipelines.engine.runner.run_windows`), for a compiled predictor.
+    ``n_classes``: the predictor's class count, needed only for the zero scores of a volume whose
+    windows are all skipped. ``scores_path`` is written under a temporary name and renamed at the end.
     """
+    if not isinstance(image, torch.Tensor):
+        raise MedvitError(f"segment_volume takes a (C, D, H, W) torch tensor, got {type(image).__name__}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if input_on_device is None:
         input_on_device = dev.type == "cuda" and image.device.type == "cpu" and fits_on_device(image, dev)
@@ -324,16 +378,19 @@ def segment_volume(
     rep.input_device = str(image.device)
     if not grid.run:
         rep.notes.append("every window was skipped as empty")
-        grid.labels = empty_result_labels(grid.original_shape)
-        return grid, rep
+        return grid.finalize_all_skipped(n_classes), rep
     pred = mirrored(predictor, mirror_axes) if mirror_axes else predictor
     # A copy thread only where there is a copy: cropping on the GPU is a few kernel launches (a
     # thread would compete with the launching one for the GIL), and on the CPU there is nothing
     # to overlap while a thread running torch ops adds a second OpenMP thread team (UNETR on the
     # 2-core CPU: 20.1 / 19.7 s with the thread, 19.9 / 18.8 s without)
-    grid, rep = run_windows(grid, pred, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
-                            progress=progress, report=rep, prefetch=image.device.type == "cpu" and dev.type != "cpu",
-                            full_batches=full_batches)
+    try:
+        grid, rep = run_windows(grid, pred, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
+                                progress=progress, report=rep, prefetch=image.device.type == "cpu" and dev.type != "cpu",
+                                full_batches=full_batches)
+    except BaseException:
+        grid.discard()
+        raise
     rep.accumulate_device = str(grid.acc_device)
     return grid, rep
 

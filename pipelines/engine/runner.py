@@ -147,6 +147,9 @@ def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[i
     ``axes`` are spatial axes (0 is the first spatial axis). Outputs are flipped back before
     averaging, so the result lines up with the unflipped input.
     """
+    if any(int(a) != a or not 0 <= a <= 2 for a in axes) or len(set(axes)) != len(axes):
+        # a negative axis would flip the class channel: labels wrong with no error
+        raise MedvitError(f"mirror axes must be distinct spatial axes among 0, 1, 2, got {tuple(axes)}")
     dims = [int(a) + 2 for a in axes]
     combos = [[d for j, d in enumerate(dims) if (m >> j) & 1] for m in range(1 << len(dims))]
 
