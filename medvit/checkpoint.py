@@ -110,9 +110,7 @@ def write_weights(net: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> 
 
 def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and sidecar of a ``.safetensors`` checkpoint of ``kind`` (volume or lidar)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    path = _checkpoint_file(path)
     if path.suffix != WEIGHTS_SUFFIX:
         raise CheckpointError(f"{path}: expected a {WEIGHTS_SUFFIX} checkpoint with its .json sidecar")
     meta = _read_sidecar(path)
@@ -120,6 +118,16 @@ def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor
     if have != kind:
         raise CheckpointError(f"{path}: this is a {have} checkpoint, not a {kind} one")
     return _read_safetensors(path), meta
+
+
+def _checkpoint_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give the checkpoint file in it (a .safetensors with its .json "
+                              "sidecar, or a MONAI bundle's models/model.pt)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path
 
 
 def check_fit(path: str | Path, state: dict[str, torch.Tensor], net: nn.Module, net_desc: str) -> None:
@@ -138,9 +146,7 @@ def load_checkpoint(
     Raises :class:`CheckpointError` for a missing, unreadable or unsafe file, a missing sidecar, or
     weights that do not fit the net (naming the first key that does not).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    path = _checkpoint_file(path)
     if path.suffix == WEIGHTS_SUFFIX:
         meta = _read_sidecar(path)
         if meta.get("kind", "volume") != "volume":

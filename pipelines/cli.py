@@ -154,12 +154,8 @@ def evaluate(
     """Per-label Dice, HD95 and surface Dice of PRED against GT."""
     from pipelines.evaluate import evaluate_files, format_table, read_label_names, write_json
 
-    if out is not None:  # before the work: a bad -o should not cost the metrics' time
-        from medvit.io.writers import refuse_protected
-
-        refuse_protected(out, [pred, gt] + ([labels] if labels is not None else []))
-        if out.is_dir():
-            raise MedvitError(f"{out}: is a folder; -o takes the JSON file's name")
+    # before the work: a bad -o should not cost the metrics' time
+    _check_output_file(out, [pred, gt] + ([labels] if labels is not None else []), "-o")
     names = read_label_names(labels) if labels is not None else None
     result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance)
     typer.echo(format_table(result))
@@ -308,17 +304,23 @@ def _triple(text: str, what: str, cast=int) -> tuple:
     return vals
 
 
-def _check_json_out(json_out: Path | None, inputs: list[Path]) -> None:
-    """Before a bench runs for minutes: its --json must be a file name that replaces no input."""
-    if json_out is None:
+def _check_output_file(path: Path | None, inputs: list[Path], option: str = "--json") -> None:
+    """Before the work (a bench runs for minutes): ``option``'s file must be a writable file name
+    that replaces no input (a folder input protects every file in it)."""
+    if path is None:
         return
+    import os
+
     from medvit.io.writers import check_output_folder, refuse_protected
 
-    if json_out.is_dir():
-        raise InputError(json_out, "is a folder; --json takes a file name")
-    check_output_folder(json_out.parent)
+    if path.is_dir():
+        raise InputError(path, f"is a folder; {option} takes a file name")
+    check_output_folder(path.parent)
     protect = [f for p in inputs for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
-    refuse_protected(json_out, protect)
+    refuse_protected(path, protect)
+    existing = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot be written ({existing} is not writable)")
 
 
 @bench_app.command("engine")
@@ -363,7 +365,7 @@ def bench_engine(
     device = _device(device)
     if output_device in ("cuda", "both") and not device.startswith("cuda"):
         raise MedvitError(f"--output-device {output_device} needs --device cuda")
-    _check_json_out(json_out, [input] if input else [])
+    _check_output_file(json_out, [input] if input else [])
     shape3, spacing3 = _triple(shape, "--shape"), _triple(spacing, "--spacing", float)
     if not all(math.isfinite(v) for v in spacing3) or min(shape3) < 1 or min(spacing3) <= 0:
         raise MedvitError(f"--shape and --spacing must be positive, got {shape!r} and {spacing!r}")
@@ -380,6 +382,8 @@ def bench_engine(
         raise MedvitError(f"--batch-sweep takes batch sizes like 8,16, got {batch_sweep!r}") from None
     if sweep and (not steps or "compile" in steps or min(sweep) < 1):
         raise MedvitError("--batch-sweep takes positive batch sizes and needs eager --speedups (compile would recompile per size)")
+    if fp32_reference and not (amp and steps):
+        raise MedvitError("--fp32-reference compares bf16 runs with fp32: it needs --amp and --speedups")
     outputs = ("cpu", "cuda") if output_device == "both" else (output_device,)
     if output_device == "both":
         output_device = None
@@ -422,7 +426,7 @@ def bench_lidar(
     if min(n) < 1 or not tile > 0 or not math.isfinite(tile):
         raise MedvitError(f"--sizes and --tile must be positive, got {sizes!r} and {tile}")
     device = _device(device)
-    _check_json_out(json_out, [folder / "mmdet3d" / "demo" / "data"])  # the scans it reads
+    _check_output_file(json_out, [folder / "mmdet3d" / "demo" / "data"])  # the scans it reads
     from medvit.io.writers import atomic_path
 
     where = machine()  # once, before the workers run (on a GPU it makes this process's CUDA context)

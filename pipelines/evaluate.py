@@ -304,9 +304,12 @@ def _id_names(obj: Any) -> dict[int, str] | None:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, str) for v in obj.values()):
         return None
     try:
-        return {int(k): v for k, v in obj.items()}
+        ids = [int(k) for k in obj]
     except ValueError:
         return None
+    if len(set(ids)) < len(ids) or min(ids) < 0:  # "1" and "01" would name one label twice
+        return None
+    return dict(zip(ids, obj.values()))
 
 
 def read_label_names(path: str | Path) -> dict[int, str]:
@@ -330,4 +333,5 @@ def read_label_names(path: str | Path) -> dict[int, str]:
         names = _id_names(c)
         if names is not None:
             return names
-    raise InputError(path, "expected a JSON object of label id -> name, or one with a 'labels' entry")
+    raise InputError(path, "expected a JSON object of label id -> name (distinct ids of at least 0), "
+                           "or one with a 'labels' entry")

@@ -13,6 +13,7 @@ import torch
 from medvit.checkpoint import LoadedModel
 from medvit.errors import InputError, MedvitError
 from medvit.io import LoadVolumed, check_output_folder, write_label_map
+from medvit.io.reader import source_format
 from medvit.transforms import infer_transforms, invert_prediction
 from pipelines.engine import DenseGrid, EngineReport, segment_volume
 
@@ -188,9 +189,9 @@ def segment_inputs(
         shown = ",".join(case)
         if not case or any(not p for p in case):
             raise InputError(shown, "has an empty path (a stray comma?); write one case as a,b with a path on each side")
-        for p in case:
-            if not Path(p).exists():
-                raise InputError(p, "no such file or folder")
+        formats = [source_format(Path(p)) for p in case]  # missing or unsupported: refused before any case runs
+        if kwargs.get("series") is not None and "dicom" not in formats:
+            raise InputError(shown, f"--series {kwargs['series']} picks a DICOM series, but this input is not DICOM")
         n = case_name(case[0])
         if n in names:
             raise InputError(shown, f"would write the same output name '{n}' as {names[n]}; segment them into separate folders")

@@ -198,6 +198,14 @@ def test_mixed_series_lists_both_and_series_option_picks_one(bad_inputs, ckpt, t
     code, _, err = run_cli(["segment", str(bad_inputs["mixed"]), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt), "--series", one.uid], capsys)
     assert code == 0, err
     assert nib.load(tmp_path / "o" / "mixed_seg.nii.gz").shape == (512, 512, 3)
+    # --series with a NIfTI among the inputs: refused before the DICOM case before it is written
+    nifti = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), nifti)
+    assert_user_error(["segment", str(bad_inputs["mixed"]), str(nifti), "-o", str(tmp_path / "p"), "--checkpoint", str(ckpt),
+                       "--series", one.uid], capsys, "ct.nii.gz", "is not DICOM", out_dir=tmp_path / "p")
+    # a folder given as the checkpoint
+    assert_user_error(["segment", str(nifti), "-o", str(tmp_path / "p"), "--checkpoint", str(tmp_path)], capsys,
+                      "is a folder; give the checkpoint file in it", out_dir=tmp_path / "p")
 
 
 def test_nonfinite_replace_is_reported(bad_inputs, ckpt, tmp_path, capsys, caplog):
@@ -368,6 +376,7 @@ def test_skip_below_hu_outside_the_window_tests_hu_not_the_clipped_input(ckpt, p
     (["--shape", "0,8,8"], "--shape and --spacing must be positive"),
     (["--input", __file__, "--spacing", "nan,1,1"], "--shape and --spacing must be positive"),
     (["--device", "foo"], "expected cpu, cuda or cuda:N"),
+    (["--fp32-reference"], "needs --amp and --speedups"),
 ])
 def test_bench_engine_bad_options(args, needle, capsys):
     """Bad bench options fail in one line before any worker starts."""

@@ -161,6 +161,8 @@ def test_a_failed_run_leaves_no_scores_file(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         segment_volume(x, fails_on_third, roi_size=8, batch_size=1, output="scores", scores_path=target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy"] and target.read_bytes() == b"earlier"
+    with pytest.raises(MedvitError, match="written as a .npy file"):
+        segment_volume(x, fails_on_third, roi_size=8, output="scores", scores_path=tmp_path / "p.zarr")
     with pytest.raises(MedvitError, match="no such folder"):
         segment_volume(x, fails_on_third, roi_size=8, output="scores", scores_path=tmp_path / "nope" / "p.npy")
 

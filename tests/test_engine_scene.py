@@ -181,6 +181,8 @@ def test_center_weights_favour_the_tile_a_point_is_central_in():
         (np.zeros((3, 3)), {"overlap": 1.0}, "overlap"),
         (np.zeros((3, 3)), {"max_points": 0}, "budget"),
         (np.zeros((3, 3)), {"tile_size": 0}, "tile size"),
+        (np.zeros((3, 3)), {"tile_size": float("nan")}, "tile size"),
+        (np.zeros((3, 3)), {"max_points": float("nan")}, "budget"),
     ],
 )
 def test_bad_scenes(xyz, kwargs, match):

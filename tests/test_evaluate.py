@@ -198,6 +198,10 @@ def test_read_label_names(tmp_path):
     assert read_label_names(p) == {1: "spleen"}
     p.write_text(json.dumps({"labels": {"2": "kidney"}}))
     assert read_label_names(p) == {2: "kidney"}
+    for twice in ('{"1": "spleen", "01": "liver"}', '{"-1": "spleen"}'):  # one id named twice; a negative id
+        p.write_text(twice)
+        with pytest.raises(InputError, match="distinct ids of at least 0"):
+            read_label_names(p)
     p.write_text(json.dumps({"total": {"1": "spleen"}, "other": {"1": "x"}}))
     with pytest.raises(InputError, match="names.json: expected a JSON object of label id"):
         read_label_names(p)

@@ -99,7 +99,7 @@ def _fix_nonfinite(array: np.ndarray, path: Path, mode: str) -> int:
     if n == 0:
         return 0
     if mode == "error":
-        raise InputError(path, f"{n} voxels are NaN or infinite (read with nonfinite='replace' to set them to the minimum)")
+        raise InputError(path, f"{n} voxels are NaN or infinite (medvit segment --nonfinite replace, or nonfinite='replace' in Python, sets them to the minimum)")
     if n == array.size:
         raise InputError(path, "every voxel is NaN or infinite")
     low = float(array[~bad].min())

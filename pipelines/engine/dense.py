@@ -141,6 +141,8 @@ class DenseGrid:
         self.mode, self.sigma_scale = mode, sigma_scale
         self.output, self.scores_path = output, Path(scores_path) if scores_path is not None else None
         self._scores_tmp: Path | None = None  # the memory map is written here and renamed by finalize
+        if self.scores_path is not None and self.scores_path.suffix != ".npy":  # np.load reads it back; nothing else here
+            raise MedvitError(f"{self.scores_path}: class scores are written as a .npy file")
         if self.scores_path is not None and not self.scores_path.parent.is_dir():
             raise MedvitError(f"{self.scores_path.parent}: no such folder for the class scores")
         self.acc_device = torch.device(accumulate_device) if accumulate_device is not None else None

@@ -171,15 +171,15 @@ class PointScene:
             raise MedvitError(f"features must be (N={len(xyz)}, F), got shape {feats.shape}")
         if not np.isfinite(xyz).all():
             raise MedvitError("the scene has NaN or inf coordinates; drop them when reading")
-        if tile_size <= 0:
-            raise MedvitError(f"tile size must be positive, got {tile_size}")
+        if not (math.isfinite(tile_size) and tile_size > 0):
+            raise MedvitError(f"tile size must be a positive number of metres, got {tile_size}")
         if stride is None:
             if not 0 <= overlap < 1:
                 raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
             stride = tile_size * (1 - overlap)
         if not 0 < stride <= tile_size:
             raise MedvitError(f"stride must lie in (0, tile size], got {stride}")
-        if max_points < 1:
+        if not (math.isfinite(max_points) and max_points >= 1):
             raise MedvitError(f"the points budget per tile must be at least 1, got {max_points}")
         self.n = len(xyz)
         # no sorted copies of the scene: the x-sort order and the sorted x (16 bytes a point)
