@@ -102,7 +102,9 @@ def write_weights(net: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> 
     text = json.dumps(sidecar, indent=2) + "\n"
     tensors = _portable_state_dict(net)
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        # bytes written by us, not save_file: its own temporary file is made 0600 (unreadable to
+        # colleagues on a shared server) and its write errors are not OSErrors
+        Path(tmp).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
     with atomic_path(checkpoint_sidecar(path)) as tmp:
         Path(tmp).write_text(text)
     return path
@@ -254,9 +256,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _read_torch_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_torch_file(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with a corrupt, truncated or unsafe file
+    as a one-line :class:`CheckpointError`."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {_unpickler_reason(e)}") from None
     except (RuntimeError, OSError, EOFError, struct.error, ValueError, IndexError, KeyError, AssertionError) as e:
@@ -266,6 +270,9 @@ def _read_torch_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[st
         first = (e.strerror if isinstance(e, OSError) else str(e).split(". ")[0]) or "unexpected end of data"
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from None
 
+
+def _read_torch_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    obj = load_torch_file(path)
     meta: dict[str, Any] = {"format": "torch-state-dict", "wrapper": None, "stripped_prefix": None}
     if isinstance(obj, dict) and not _is_state_dict(obj):
         for key in STATE_DICT_WRAPPERS:

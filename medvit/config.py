@@ -31,7 +31,8 @@ IntTriple = tuple[int, int, int]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or inf anywhere: a learning rate of .inf or a NaN scale fails here, not mid-run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class IntensityConfig(_Strict):
@@ -100,6 +101,12 @@ class AugmentConfig(_Strict):
     scale_intensity: float = Field(0.1, ge=0)
     scale_prob: float = Field(0.2, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _some_crops(self) -> AugmentConfig:
+        if self.pos + self.neg <= 0:
+            raise ValueError("pos and neg weigh foreground against background crops: at least one must be above 0")
+        return self
+
 
 class ModelConfig(_Strict):
     name: str
@@ -128,7 +135,7 @@ class TrainConfig(_Strict):
     val_every: int = Field(1, ge=1)
     amp: bool = True
     """Autocast where the device supports it (CUDA); ignored on the CPU."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     num_workers: int = Field(0, ge=0)
     cache: bool = True
     """Cache preprocessed volumes in memory (MONAI CacheDataset)."""

@@ -7,6 +7,7 @@ imports happen inside the commands so ``medvit --help`` stays quick.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -47,6 +48,19 @@ def _override_train(cfg, config: Path, **overrides) -> None:
             setattr(cfg.train, key, value)
 
 
+@contextlib.contextmanager
+def _naming_config(config: Path):
+    """A config error raised past loading (the net's own checks of model.*) names the config file too."""
+    from medvit.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        if str(e).startswith(str(config)):
+            raise
+        raise ConfigError(f"{config}: {e}") from None
+
+
 def _check_overlap(overlap: float | None) -> None:
     if overlap is not None and not 0 <= overlap < 1:
         raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
@@ -55,7 +69,8 @@ def _check_overlap(overlap: float | None) -> None:
 def _echo_trained(res, metric: str) -> None:
     best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
     typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation {metric} {best}")
-    typer.echo(f"checkpoints: {res.output_dir / 'best.safetensors'}, {res.output_dir / 'last.safetensors'}")
+    names = (["best.safetensors"] if res.best_metric is not None else []) + ["last.safetensors"]  # no validation: no best
+    typer.echo("checkpoints: " + ", ".join(str(res.output_dir / n) for n in names))
 
 
 def _device(device: str | None) -> str:
@@ -94,7 +109,8 @@ def train(
 
     cfg = load_config(config)
     _override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
-    _echo_trained(run_train(cfg, device=_device(device), resume=resume, progress=progress), "mean Dice")
+    with _naming_config(config):
+        _echo_trained(run_train(cfg, device=_device(device), resume=resume, progress=progress), "mean Dice")
 
 
 @app.command()
@@ -286,7 +302,8 @@ def lidar_train(
     _override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
     from pipelines.engine.scene import bounded_onednn_cache
 
-    with bounded_onednn_cache():  # training's varying crop shapes would fill oneDNN's cache as tiles do
+    # training's varying crop shapes would fill oneDNN's cache as tiles do
+    with bounded_onednn_cache(), _naming_config(config):
         _echo_trained(train_lidar(cfg, device=_device(device), resume=resume, progress=progress), "mIoU")
 
 
@@ -443,8 +460,17 @@ def bench_lidar(
     typer.echo(format_result(res))
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors → one line on stderr and exit status 2."""
+    import signal
+
+    # SIGTERM (kill, a batch scheduler's time limit) unwinds like Ctrl-C, so temporary files are removed
+    with contextlib.suppress(ValueError):  # (only the main thread may set it)
+        signal.signal(signal.SIGTERM, _terminated)
     # click's exceptions, from whichever click typer runs on (newer typer vendors its own copy)
     click = sys.modules[typer.BadParameter.__module__]
     no_args_help = getattr(click, "NoArgsIsHelpError", ())

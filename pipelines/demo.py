@@ -133,7 +133,7 @@ def run_demo(
 
     print(f"[2/4] training {cfg.model.name} on {n_train} phantoms ({cfg.train.epochs} epochs, {device})", flush=True)
     t0 = time.time()
-    res = train(cfg, device=device)
+    res = train(cfg, device=device, restart=True)  # the demo's own folder: a rerun starts afresh
     t_train = time.time() - t0
     ckpt = res.output_dir / "best.safetensors"
     print(f"      done in {t_train:.0f} s; best validation mean Dice {res.best_metric:.3f}; checkpoint {ckpt}", flush=True)

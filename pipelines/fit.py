@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from medvit.config import TrainConfig
-from medvit.errors import InputError
+from medvit.errors import InputError, MedvitError
 from medvit.io import atomic_path, make_output_folder
 
 if TYPE_CHECKING:
@@ -125,15 +125,53 @@ def _save_state(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torch.device = "cpu",
-        resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``net`` on ``task`` with the settings ``tc``; see the module docstring."""
-    device = torch.device(device)
-    out = Path(tc.output_dir)
-    make_output_folder(out)
+RUN_FILES = (STATE_FILE, "metrics.jsonl", "best.safetensors", "best.json", "last.safetensors", "last.json")
+"""What a run writes in its output folder."""
+
+STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "global_step", "best_metric",
+              "best_epoch", "rng")
+
+
+def prepare_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> Path:
+    """The output folder, made and checked before any data is read: it must be writable, hold a
+    run to resume with ``resume``, and hold none without (two runs would mix in one metrics log,
+    and a stale best checkpoint would outlive them) unless ``restart`` removes the earlier run's files."""
+    out = make_output_folder(Path(tc.output_dir))
+    with atomic_path(out / ".medvit-write-test") as tmp:  # an unwritable folder fails now, not after an epoch
+        tmp.write_bytes(b"")
+    (out / ".medvit-write-test").unlink()
+    for stale in out.glob(".*.tmp-*"):  # atomic_path's temporary files, left by a run killed mid-write
+        stale.unlink(missing_ok=True)
     state_path = out / STATE_FILE
     if resume and not state_path.is_file():
         raise InputError(state_path, "nothing to resume: no resume checkpoint in the output folder")
+    if not resume and state_path.exists():
+        if not restart:
+            raise InputError(out, f"already holds a training run ({STATE_FILE}); add --resume to continue it, "
+                                  "or choose another output folder")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _load_state(path: Path, net: torch.nn.Module) -> dict[str, Any]:
+    from medvit.checkpoint import check_fit, load_torch_file
+
+    st = load_torch_file(path)
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise InputError(path, f"not a resume checkpoint of this trainer (no '{missing[0]}')")
+    check_fit(path, st["model"], net, f"the config's net ({type(net).__name__})")
+    return st
+
+
+def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torch.device = "cpu",
+        resume: bool = False, progress: bool = True, restart: bool = False) -> TrainResult:
+    """Train ``net`` on ``task`` with the settings ``tc``; see the module docstring. ``restart``
+    replaces an earlier run in the output folder (see :func:`prepare_output`)."""
+    device = torch.device(device)
+    out = prepare_output(tc, resume=resume, restart=restart)
+    state_path = out / STATE_FILE
     train_ds = task.train_samples()
     net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -149,11 +187,14 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
     epoch, batch_in_epoch, global_step = 0, 0, 0
     best_metric, best_epoch = None, None
     if resume:
-        st = torch.load(state_path, map_location=device, weights_only=True)
+        st = _load_state(state_path, net)
         net.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"])
+        try:
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            scaler.load_state_dict(st["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise InputError(state_path, f"its optimiser state does not fit this run ({' '.join(str(e).split())[:120]})") from None
         epoch, batch_in_epoch, global_step = st["epoch"], st["batch_in_epoch"], st["global_step"]
         best_metric, best_epoch = st["best_metric"], st["best_epoch"]
         _set_rng_state(st["rng"])
@@ -201,6 +242,9 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
         for batch in loader:
             with _autocast(device, amp):
                 loss = task.loss(net, batch, device) / tc.accumulate
+            if not bool(torch.isfinite(loss)) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
+                raise MedvitError(f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, batch "
+                                  f"{batch_in_epoch + 1}; lower train.lr (now {tc.lr:g}) or check the data")
             scaler.scale(loss).backward()
             losses.append(float(loss.detach()) * tc.accumulate)
             batch_in_epoch += 1
@@ -217,12 +261,17 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
         record = {"epoch": epoch + 1, "step": global_step, "loss": float(np.mean(losses)) if losses else None,
                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
         epoch, batch_in_epoch = epoch + 1, 0
+        if not all(bool(torch.isfinite(w).all()) for w in net.parameters()):  # the last step's update went bad
+            raise MedvitError(f"training diverged: the weights hold NaN or inf after epoch {epoch}; lower train.lr "
+                              f"(now {tc.lr:g}) or check the data")
         if epoch % tc.val_every == 0 or epoch == tc.epochs:
             v = task.validate(net, device, amp)
             if v is not None:
-                record.update({f"val_{task.metric}": v["score"], f"val_{task.per_label}": v["per_label"]})
-                if best_metric is None or v["score"] > best_metric:
-                    best_metric, best_epoch = v["score"], epoch
+                # no score (NaN: nothing to score) is logged as null, and never picks the best checkpoint
+                score = v["score"] if v["score"] is not None and math.isfinite(v["score"]) else None
+                record.update({f"val_{task.metric}": score, f"val_{task.per_label}": v["per_label"]})
+                if score is not None and (best_metric is None or score > best_metric):
+                    best_metric, best_epoch = score, epoch
                     task.save(net, out / "best.safetensors", {"epoch": epoch, f"val_{task.metric}": best_metric})
             net.train()
         task.save(net, out / "last.safetensors", {"epoch": epoch, "global_step": global_step})

@@ -90,7 +90,7 @@ def run_lidar_demo(out: Path, *, device: str = "cpu", seed: int = 0, config: dic
 
     print(f"[2/4] training {cfg.model.name} on {n_train} maps ({cfg.train.epochs} epochs, {device})", flush=True)
     t0 = time.time()
-    res = train_lidar(cfg, device=device)
+    res = train_lidar(cfg, device=device, restart=True)  # the demo's own folder: a rerun starts afresh
     t_train = time.time() - t0
     ckpt = res.output_dir / "best.safetensors"
     print(f"      done in {t_train:.0f} s; best validation mIoU {res.best_metric:.3f}; checkpoint {ckpt}", flush=True)

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError, InputError
+from medvit.errors import ConfigError, InputError, MedvitError
 from medvit.io import check_output_folder
 from pipelines.engine import EngineReport
-from pipelines.engine.scene import segment_scene
-from pipelines.fit import SeededSamples, TrainResult, fit
+from pipelines.engine.scene import check_scene_extent, segment_scene
+from pipelines.fit import SeededSamples, TrainResult, fit, prepare_output
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
 from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
@@ -97,11 +97,16 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float
     if inside.any():
         dev = torch.device(device)
         amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
-        lab, rep = segment_scene(cloud.xyz[inside], feats[inside], model.net,
-                                 tile_size=tile_size or cfg.infer.tile_size,
-                                 overlap=cfg.infer.overlap if overlap is None else overlap,
-                                 max_points=max_points or cfg.infer.max_points, batch_size=cfg.infer.batch_size,
-                                 device=dev, amp_dtype=amp, progress=progress, coords_in_features=True)
+        try:
+            lab, rep = segment_scene(cloud.xyz[inside], feats[inside], model.net,
+                                     tile_size=tile_size or cfg.infer.tile_size,
+                                     overlap=cfg.infer.overlap if overlap is None else overlap,
+                                     max_points=max_points or cfg.infer.max_points, batch_size=cfg.infer.batch_size,
+                                     device=dev, amp_dtype=amp, progress=progress, coords_in_features=True)
+        except InputError:
+            raise
+        except MedvitError as e:  # the engine's (a stray far point, NaN from the net): say which scan
+            raise InputError(cloud.source, str(e)) from None
         labels[inside] = lab
     return labels, n_out, rep, n_bad
 
@@ -198,7 +203,20 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     if not keep.any():
         raise InputError(cloud.source, "has no point with finite features inside point_range to train on")
     cloud = cloud.select(keep)
-    return Scan(cloud.xyz, feats[keep], train_labels(cloud, cfg, ignore))
+    try:  # validation tiles the whole scan: a stray far point fails here, not after the first epoch
+        check_scene_extent(cloud.xyz, cfg.infer.tile_size, cfg.infer.tile_size * (1 - cfg.infer.overlap))
+    except MedvitError as e:
+        raise InputError(cloud.source, str(e)) from None
+    labels = train_labels(cloud, cfg, ignore)
+    if (labels == ignore).all():
+        raw = np.unique(cloud.labels) if cloud.labels is not None else np.array([], np.int64)
+        log.warning("%s: none of its label ids (%s) is a train id of the config (labels/label_map): nothing to learn "
+                    "from it", item.get("label") or cloud.source, _ids(raw))
+    return Scan(cloud.xyz, feats[keep], labels)
+
+
+def _ids(raw: np.ndarray, shown: int = 8) -> str:
+    return ", ".join(str(int(v)) for v in raw[:shown]) + (f", ... ({len(raw)} ids)" if len(raw) > shown else "") or "none"
 
 
 class RandomCrop:
@@ -253,9 +271,14 @@ class ScanTask:
         tc = cfg.train
         self.cfg = cfg
         self.scans = [load_training_scan(it, cfg, self.IGNORE)
-                      for it in read_datalist(tc.datalist, "training", base_dir=tc.data_root)]
+                      for it in read_datalist(tc.datalist, "training", base_dir=tc.data_root, need_label=True)]
         self.val = [load_training_scan(it, cfg, self.IGNORE)
-                    for it in read_datalist(tc.datalist, "validation", base_dir=tc.data_root, required=False)]
+                    for it in read_datalist(tc.datalist, "validation", base_dir=tc.data_root, required=False,
+                                            need_label=True)]
+        for scans, what in ((self.scans, "training"), (self.val, "validation")):
+            if scans and all((sc.labels == self.IGNORE).all() for sc in scans):
+                raise InputError(tc.datalist, f"no {what} scan has a point whose label id is a train id of the config "
+                                              "(labels, or label_map for raw ids): there is nothing to learn or score")
         self.loss_fn = CELovaszLoss(ce_weight=cfg.loss.ce_weight, lovasz_weight=cfg.loss.lovasz_weight,
                                     ignore_index=self.IGNORE)
 
@@ -289,10 +312,12 @@ class ScanTask:
 
 
 def train_lidar(cfg: LidarConfig, *, device: str | torch.device = "cpu", resume: bool = False,
-                progress: bool = True) -> TrainResult:
+                progress: bool = True, restart: bool = False) -> TrainResult:
+    """Train ``cfg.model`` on the scans of ``cfg.train.datalist``; as :func:`pipelines.train.train`."""
     if cfg.train is None:
         raise ConfigError("config has no 'train' section")
     torch.manual_seed(cfg.train.seed)
     net = build_from_config(cfg)  # first: a bad net config fails before scans are read
+    prepare_output(cfg.train, resume=resume, restart=restart)
     task = ScanTask(cfg)
     return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)

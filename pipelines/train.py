@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.data import DataLoader, list_data_collate
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import Compose, Randomizable
@@ -20,11 +20,11 @@ from monai.transforms import Compose, Randomizable
 from medvit.checkpoint import save_checkpoint
 from medvit.config import Config
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError
+from medvit.errors import ConfigError, MedvitError
 from medvit.nets import build_net
 from medvit.transforms import train_transforms, val_transforms
 from pipelines.engine import sliding_window_labels
-from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor  # noqa: F401  (re-exported)
+from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor, prepare_output  # noqa: F401  (re-exported)
 
 
 def split_random(chain: Compose) -> tuple[Compose, Compose]:
@@ -62,6 +62,53 @@ def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, am
     return {"mean_dice": float(np.mean(valid)) if valid else float("nan"), "per_label": per_label}
 
 
+def user_error(e: BaseException) -> MedvitError | None:
+    """The MedvitError behind ``e``: MONAI's ``apply_transform`` wraps a transform's error in a
+    RuntimeError naming the transform, which would print as a traceback instead of one line."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MedvitError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def run_chain(chain: Compose, item: dict) -> Any:
+    try:
+        return chain(item)
+    except Exception as e:
+        found = user_error(e)
+        if found is None:
+            raise
+        raise found from None
+
+
+class CheckedCases(torch.utils.data.Dataset):
+    """``chain`` over every case, run once now on this thread.
+
+    A bad case (a corrupt file, a label on another grid, label values past the class count)
+    fails here with its one-line error, before training starts, not hours in or on a cache
+    thread. With ``cache`` the outputs are kept (as MONAI's CacheDataset would, without its
+    thread pool); without, each case is read again when drawn.
+    """
+
+    def __init__(self, files: list[dict], chain: Compose, *, cache: bool):
+        self.files, self.chain = files, chain
+        items = []
+        for f in files:
+            out = run_chain(chain, f)
+            if cache:
+                items.append(out)
+        self.items = items if cache else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index] if self.items is not None else run_chain(self.chain, self.files[index])
+
+
 class VolumeTask:
     """Random patches with DiceCE; validation Dice on whole preprocessed volumes."""
 
@@ -70,21 +117,19 @@ class VolumeTask:
     def __init__(self, cfg: Config):
         tc = cfg.train
         self.cfg = cfg
-        self.files = read_datalist(tc.datalist, "training", base_dir=tc.data_root)
-        val_files = read_datalist(tc.datalist, "validation", base_dir=tc.data_root, required=False)
+        self.files = read_datalist(tc.datalist, "training", base_dir=tc.data_root, need_label=True)
+        val_files = read_datalist(tc.datalist, "validation", base_dir=tc.data_root, required=False, need_label=True)
+        # the deterministic prefix of the training chain: cached; the random rest runs per sample
+        self.fixed, self.rand = split_random(train_transforms(cfg))
+        self.cases = CheckedCases(self.files, self.fixed, cache=tc.cache)
         self.val_loader = None
         if val_files:
-            chain = val_transforms(cfg)
-            vds = CacheDataset(val_files, chain, progress=False) if tc.cache else Dataset(val_files, chain)
+            vds = CheckedCases(val_files, val_transforms(cfg), cache=tc.cache)
             self.val_loader = DataLoader(vds, batch_size=1, num_workers=0)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def train_samples(self) -> SeededSamples:
-        tc = self.cfg.train
-        # the deterministic prefix of the chain is cached; the random rest runs per sample
-        fixed, rand = split_random(train_transforms(self.cfg))
-        cached = CacheDataset(self.files, fixed, progress=False) if tc.cache else Dataset(self.files, fixed)
-        return SeededSamples(cached, rand, tc.seed)
+        return SeededSamples(self.cases, self.rand, self.cfg.train.seed)
 
     def loss(self, net: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         return self.loss_fn(net(batch["image"].to(device)), batch["label"].to(device))
@@ -99,10 +144,16 @@ class VolumeTask:
         save_checkpoint(net, path, config=self.cfg, extra=extra)
 
 
-def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.train.datalist``; checkpoints and metrics go to ``cfg.train.output_dir``."""
+def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
+          restart: bool = False) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.train.datalist``; checkpoints and metrics go to ``cfg.train.output_dir``.
+
+    ``restart`` replaces an earlier run in that folder (the demo's); without it, or ``resume``, an
+    earlier run there is an error (see :func:`pipelines.fit.prepare_output`).
+    """
     if cfg.train is None:
         raise ConfigError("config has no 'train' section")
+    prepare_output(cfg.train, resume=resume, restart=restart)  # before the data is read: a bad folder fails at once
     task = VolumeTask(cfg)
     torch.manual_seed(cfg.train.seed)
     net = build_net(cfg.model)

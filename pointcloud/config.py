@@ -23,6 +23,10 @@ from pydantic import Field, model_validator
 from medvit.config import TrainConfig, _Strict, read_yaml, validate_mapping
 
 
+MIN_VOXEL_SIZE = 1e-3
+"""Metres: finer voxels would overflow the integer voxel grid over a scene's extent."""
+
+
 class PointModelConfig(_Strict):
     name: str
     """A registered point net: see ``pointcloud.nets.available_point_nets()``."""
@@ -44,6 +48,13 @@ class PointAugmentConfig(_Strict):
     jitter: float = Field(0.01, ge=0)
     """Standard deviation of Gaussian coordinate noise in metres."""
 
+    @model_validator(mode="after")
+    def _scale(self) -> PointAugmentConfig:
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale is a (low, high) range of positive factors with low <= high, got {list(self.scale)}")
+        return self
+
 
 class SceneInferConfig(_Strict):
     tile_size: float = Field(50.0, gt=0)
@@ -57,6 +68,12 @@ class SceneInferConfig(_Strict):
 class LossConfig(_Strict):
     ce_weight: float = Field(1.0, ge=0)
     lovasz_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> LossConfig:
+        if self.ce_weight + self.lovasz_weight <= 0:
+            raise ValueError("ce_weight and lovasz_weight are both 0: there would be no loss to train on")
+        return self
 
 
 class LidarConfig(_Strict):
@@ -78,6 +95,8 @@ class LidarConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> LidarConfig:
         ids = sorted(self.labels)
+        if len(ids) < 2:
+            raise ValueError(f"labels must name at least two classes, got {ids}")
         if ids != list(range(len(ids))):
             raise ValueError(f"labels must be the train ids 0..K-1 without gaps, got {ids}")
         if self.label_map is not None:
@@ -85,8 +104,8 @@ class LidarConfig(_Strict):
             if bad:
                 raise ValueError(f"label_map points at train ids that are not labels: {bad}")
         vs = self.voxel_size if isinstance(self.voxel_size, tuple) else (self.voxel_size,)
-        if min(vs) <= 0:
-            raise ValueError(f"voxel_size must be positive, got {self.voxel_size}")
+        if min(vs) < MIN_VOXEL_SIZE:
+            raise ValueError(f"voxel_size must be at least {MIN_VOXEL_SIZE} m, got {self.voxel_size}")
         r = self.point_range
         if r is not None and not all(r[i] < r[i + 3] for i in range(3)):
             raise ValueError(f"point_range must be (xmin, ymin, zmin, xmax, ymax, zmax) with min < max, got {list(r)}")

@@ -226,6 +226,7 @@ def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
     assert (tmp_path / "run" / "best.safetensors").is_file() and load_point_checkpoint(tmp_path / "run" / "last.safetensors")
     code, out, err = run_cli(["lidar", "train", str(p), "--resume", "--no-progress"], capsys)  # nothing left to do
     assert code == 0 and "trained 2 epochs" in out
+    assert_user_error(["lidar", "train", str(p), "--no-progress"], capsys, "already holds a training run")
 
 
 def test_label_length_mismatch_in_training_data(tmp_path, capsys):
@@ -238,9 +239,30 @@ def test_label_length_mismatch_in_training_data(tmp_path, capsys):
     assert_user_error(["lidar", "train", str(p)], capsys, "s0.label", out_dir=tmp_path / "run")
 
 
+def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsys):
+    dl = _train_set(tmp_path, n_scans=1)
+    cfg = {**TINY, "label_map": {90: 0, 91: 1}, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"),
+                                                          "epochs": 1}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    # no raw id of the scans is in the label map: nothing to learn (it trained on, reporting mIoU NaN)
+    assert_user_error(["lidar", "train", str(p)], capsys, "dl.json", "no training scan has a point", out_dir=tmp_path / "run")
+    # five points at x = 1e30 in the validation scan: planning its tiles would not end
+    xyz = np.fromfile(tmp_path / "s1.bin", dtype=np.float32).reshape(-1, 4)
+    xyz[:5, 0] = 1e30
+    xyz.tofile(tmp_path / "s1.bin")
+    p.write_text(yaml.safe_dump({**cfg, "label_map": None}))
+    assert_user_error(["lidar", "train", str(p)], capsys, "s1.bin", "stray points", out_dir=tmp_path / "run")
+
+
 @pytest.mark.parametrize("patch, needle", [({"labels": {0: "a", 2: "b"}}, "labels"), ({"voxel_size": -1}, "voxel_size"),
                                            ({"model": {"name": "nope"}}, "unknown point-cloud net"),
-                                           ({"infer": {**TINY["infer"], "unlabelled": 70000}}, "unlabelled")])
+                                           ({"infer": {**TINY["infer"], "unlabelled": 70000}}, "unlabelled"),
+                                           ({"loss": {"ce_weight": 0, "lovasz_weight": 0}}, "both 0"),
+                                           ({"augment": {"scale": [1.05, 0.95]}}, "low <= high"),
+                                           ({"labels": {0: "a"}}, "at least two classes"),
+                                           ({"voxel_size": 1e-6}, "voxel_size"),
+                                           ({"features": {"intensity": float("nan")}}, "features")])
 def test_bad_lidar_configs(patch, needle, tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({**TINY, **patch, "train": {"datalist": "x.json"}}))

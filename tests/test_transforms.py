@@ -102,11 +102,12 @@ def pre_cfg(modality: str, *, orientation="RAS", spacing=None, crop=False, **kw)
 
 
 def full_cfg(pre: PreprocessConfig, roi=(16, 16, 8), **augment) -> Config:
+    # the MRI cases have two channels (see case())
     return Config(
         labels={0: "background", 1: "organ", 2: "lesion"},
         preprocess=pre,
         augment=AugmentConfig(**augment),
-        model=ModelConfig(name="unetr", roi_size=roi),
+        model=ModelConfig(name="unetr", roi_size=roi, in_channels=2 if pre.intensity.modality == "mri" else 1),
     )
 
 

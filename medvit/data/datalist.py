@@ -8,11 +8,13 @@ from pathlib import Path
 from medvit.errors import InputError
 
 
-def read_datalist(path: str | Path, key: str = "training", *, base_dir: str | Path | None = None, required: bool = True) -> list[dict]:
+def read_datalist(path: str | Path, key: str = "training", *, base_dir: str | Path | None = None, required: bool = True,
+                  need_label: bool = False) -> list[dict]:
     """The entries under ``key`` with paths made absolute against ``base_dir`` (default: the file's folder).
 
     An entry's "image" may be one path or a list (one channel per file). Every file named
-    must exist, so a typo fails before training starts, not hours into it.
+    must exist, so a typo fails before training starts, not hours into it. A ``required``
+    list must hold at least one entry; with ``need_label`` every entry must name a label.
     """
     path = Path(path)
     if not path.is_file():
@@ -30,9 +32,16 @@ def read_datalist(path: str | Path, key: str = "training", *, base_dir: str | Pa
         return []
     if not isinstance(entries, list):
         raise InputError(path, f"'{key}' must be a list of {{\"image\": ..., \"label\": ...}} entries")
+    if required and not entries:
+        if "layout" in data:  # one of data_manifests/ whose split is not listed (BraTS): it names no files
+            raise InputError(path, f"is a dataset manifest with no '{key}' files listed, not a datalist; build one with "
+                                   "'medvit datalist MANIFEST DATASET_FOLDER -o datalist.json' and give that")
+        raise InputError(path, f"the '{key}' list is empty")
     base = Path(base_dir) if base_dir is not None else path.parent
 
     def resolve(p: str) -> str:
+        if not isinstance(p, str) or not p:
+            raise InputError(path, f"'{key}' holds {p!r} where a file path (a string) belongs")
         full = Path(p) if Path(p).is_absolute() else base / p
         if not full.exists():
             raise InputError(path, f"'{key}' names a file that does not exist: {full}")
@@ -44,6 +53,8 @@ def read_datalist(path: str | Path, key: str = "training", *, base_dir: str | Pa
             e = {"image": e}
         if not isinstance(e, dict) or "image" not in e:
             raise InputError(path, f"'{key}' entry {i} has no 'image'")
+        if need_label and "label" not in e:
+            raise InputError(path, f"'{key}' entry {i} ({e['image']}) has no 'label'; training and validation need one")
         item = dict(e)
         for k in ("image", "label"):
             if k in item:

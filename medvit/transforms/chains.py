@@ -70,6 +70,14 @@ def _load(keys: tuple[str, ...], label_keys: tuple[str, ...] = (), **kwargs) -> 
     return LoadVolumed(keys=list(keys), label_keys=list(label_keys), **kwargs)
 
 
+def _check(cfg: Config) -> MapTransform:
+    """Channels, label grid and label range of a loaded case, checked before preprocessing changes the grid."""
+    from medvit.transforms.checks import CheckCased
+
+    return CheckCased(IMAGE_KEY, LABEL_KEY, in_channels=cfg.model.in_channels, n_classes=int(cfg.model.out_channels),
+                      net=cfg.model.name)
+
+
 def preprocess_transforms(
     cfg: PreprocessConfig, *, image_key: str = IMAGE_KEY, label_key: str | None = None
 ) -> list[Transform]:
@@ -154,6 +162,7 @@ def train_transforms(cfg: Config, *, load: bool = True) -> Compose:
     aug = cfg.augment
     keys = [IMAGE_KEY, LABEL_KEY]
     ts: list[Transform] = [_load((IMAGE_KEY, LABEL_KEY), (LABEL_KEY,))] if load else []
+    ts.append(_check(cfg))
     ts += preprocess_transforms(cfg.preprocess, image_key=IMAGE_KEY, label_key=LABEL_KEY)
     ts.append(SpatialPadd(keys=keys, spatial_size=roi))
     ts.append(
@@ -184,6 +193,7 @@ def val_transforms(cfg: Config, *, load: bool = True) -> Compose:
     image and ``(1, X', Y', Z')`` label.
     """
     ts: list[Transform] = [_load((IMAGE_KEY, LABEL_KEY), (LABEL_KEY,))] if load else []
+    ts.append(_check(cfg))
     ts += preprocess_transforms(cfg.preprocess, image_key=IMAGE_KEY, label_key=LABEL_KEY)
     return Compose(ts)
 

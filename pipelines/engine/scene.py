@@ -135,6 +135,23 @@ def _starts(lo: float, hi: float, size: float, stride: float) -> list[float]:
     return [min(lo + i * stride, hi - size) for i in range(n)]
 
 
+MAX_TILE_GRID = 4_000_000
+"""Tile positions a scene's xy extent may span (2,000 x 2,000: 75 km square at 50 m tiles and 0.25
+overlap). Past that the extent is almost always a few stray points (x = 1e30) far from the rest,
+and planning the tiles alone would not end."""
+
+
+def check_scene_extent(xyz: np.ndarray, tile_size: float, stride: float) -> None:
+    """MedvitError when the xy extent of ``xyz`` spans more than :data:`MAX_TILE_GRID` tile positions."""
+    lo, hi = xyz[:, :2].min(0), xyz[:, :2].max(0)
+    ext = hi - lo
+    n = math.prod(1 if e <= tile_size else math.ceil((e - tile_size) / stride) + 1 for e in ext)
+    if n > MAX_TILE_GRID:
+        raise MedvitError(f"the points span {ext[0]:.4g} m x {ext[1]:.4g} m, {n:.3g} tile positions of {tile_size:g} m "
+                          f"(at most {MAX_TILE_GRID:,}): stray points far from the rest? Crop them with point_range "
+                          "in the config, or use larger tiles")
+
+
 class PointScene:
     """Overlapping xy tiles over one scene.
 
@@ -181,6 +198,7 @@ class PointScene:
             raise MedvitError(f"stride must lie in (0, tile size], got {stride}")
         if not (math.isfinite(max_points) and max_points >= 1):
             raise MedvitError(f"the points budget per tile must be at least 1, got {max_points}")
+        check_scene_extent(xyz, tile_size, stride)
         self.n = len(xyz)
         # no sorted copies of the scene: the x-sort order and the sorted x (16 bytes a point)
         self.xyz, self.feats = xyz, feats

@@ -1,0 +1,64 @@
+"""``CheckCased``: refuse a training or validation case that does not fit the net, before it trains.
+
+A label map on another grid than its image would train on misaligned voxels without any
+error, and label values past the class count fail deep inside the loss with an index error
+naming no file; both are checked here, on the loaded volumes, with one line naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform
+from monai.utils import ImageMetaKey
+
+from medvit.errors import InputError
+from medvit.io.common import corner_offset_mm
+
+LABEL_GRID_TOLERANCE_MM = 0.01
+"""How far (mm, at the grid's corners) a label map's affine may lie from its image's: float
+rounding in headers, not a shift."""
+
+
+def _source(value: object, key: Hashable) -> str:
+    meta = getattr(value, "meta", None) or {}
+    return str(meta.get(ImageMetaKey.FILENAME_OR_OBJ, key))
+
+
+class CheckCased(MapTransform):
+    """Check a loaded ``{"image", "label"}`` case against the net and against each other.
+
+    The image must have ``in_channels`` channels; the label (when present) the image's grid
+    (shape, and affine within :data:`LABEL_GRID_TOLERANCE_MM`) and values in
+    ``0 .. n_classes - 1``. Raises :class:`InputError` naming the file; passes the case on unchanged.
+    """
+
+    def __init__(self, image_key: str, label_key: str, *, in_channels: int, n_classes: int, net: str = "net") -> None:
+        super().__init__((image_key, label_key), allow_missing_keys=True)
+        self.image_key, self.label_key = image_key, label_key
+        self.in_channels, self.n_classes, self.net = int(in_channels), int(n_classes), net
+
+    def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
+        image, label = data[self.image_key], data.get(self.label_key)
+        src = _source(image, self.image_key)
+        if image.shape[0] != self.in_channels:
+            raise InputError(src, f"has {image.shape[0]} channel(s) but the config's {self.net} takes {self.in_channels}")
+        if label is None:
+            return data
+        lsrc = _source(label, self.label_key)
+        if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            raise InputError(lsrc, f"label grid {tuple(label.shape[1:])} differs from its image's "
+                                   f"{tuple(image.shape[1:])} ({src})")
+        if hasattr(label, "affine") and hasattr(image, "affine"):
+            off = corner_offset_mm(image.shape[1:], np.asarray(label.affine), np.asarray(image.affine))
+            if not off <= LABEL_GRID_TOLERANCE_MM:
+                raise InputError(lsrc, f"lies up to {off:.4g} mm from its image's grid ({src}); label and image "
+                                       "must share one grid")
+        lab = torch.as_tensor(label)
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi >= self.n_classes:
+            raise InputError(lsrc, f"holds label values {lo}..{hi}, but the config has {self.n_classes} classes "
+                                   f"(0..{self.n_classes - 1})")
+        return data

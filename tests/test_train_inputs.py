@@ -1,0 +1,150 @@
+"""Bad training data, configs and output folders: one line naming the file, exit 2, before training."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.helpers import tiny_config, write_tiny_set
+from tests.test_cli import assert_user_error, run_cli
+
+RUN_FILES = ("best.safetensors", "last.safetensors", "last_state.pt", "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    return write_tiny_set(tmp_path_factory.mktemp("phantoms"), n_train=2)
+
+
+def _copy_set(tiny_set: Path, folder: Path) -> Path:
+    dst = folder / "data"
+    shutil.copytree(tiny_set.parent, dst)
+    return dst / tiny_set.name
+
+
+def _edit_nifti(path: Path, *, data=None, affine=None) -> None:
+    img = nib.load(path)
+    arr = np.asarray(img.dataobj) if data is None else data
+    nib.save(nib.Nifti1Image(arr, img.affine if affine is None else affine), path)
+
+
+def _no_run_written(out: Path) -> None:
+    assert not any((out / n).exists() for n in RUN_FILES), list(out.iterdir()) if out.exists() else None
+
+
+def _label(dl: Path, split: str = "training") -> Path:
+    return dl.parent / json.loads(dl.read_text())[split][0]["label"]
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("label_out_of_range", ["training_0_label.nii.gz", "label values 0..9", "6 classes"]),
+    ("label_negative", ["training_0_label.nii.gz", "label values -1.."]),
+    ("label_other_shape", ["training_0_label.nii.gz", "differs from its image"]),
+    ("label_shifted", ["training_0_label.nii.gz", "mm from its image's grid"]),
+    ("image_nan", ["training_0.nii.gz", "NaN or infinite"]),
+    ("val_label_out_of_range", ["validation_0_label.nii.gz", "label values"]),
+    ("no_label", ["datalist.json", "has no 'label'"]),
+    ("empty_training", ["datalist.json", "'training' list is empty"]),
+    ("manifest", ["is a dataset manifest with no 'training' files listed", "medvit datalist"]),
+])
+def test_bad_training_data_fails_before_training(case, needles, tiny_set, tmp_path, capsys):
+    dl = _copy_set(tiny_set, tmp_path)
+    lab = _label(dl)
+    arr = np.asarray(nib.load(lab).dataobj).astype(np.int16)
+    if case == "label_out_of_range":
+        arr[0, 0, 0] = 9
+        _edit_nifti(lab, data=arr)
+    elif case == "label_negative":
+        arr[0, 0, 0] = -1
+        _edit_nifti(lab, data=arr)
+    elif case == "label_other_shape":
+        _edit_nifti(lab, data=arr[:-3])
+    elif case == "label_shifted":
+        aff = nib.load(lab).affine.copy()
+        aff[0, 3] += 50.0
+        _edit_nifti(lab, affine=aff)
+    elif case == "image_nan":
+        img = dl.parent / "training_0.nii.gz"
+        a = np.asarray(nib.load(img).dataobj).astype(np.float32)
+        a[3, 3, 3] = np.nan
+        _edit_nifti(img, data=a)
+    elif case == "val_label_out_of_range":
+        v = _label(dl, "validation")
+        a = np.asarray(nib.load(v).dataobj).astype(np.int16)
+        a[1, 1, 1] = 7
+        _edit_nifti(v, data=a)
+    elif case == "no_label":
+        d = json.loads(dl.read_text())
+        del d["training"][0]["label"]
+        dl.write_text(json.dumps(d))
+    elif case == "empty_training":
+        dl.write_text(json.dumps({"training": [], "validation": json.loads(dl.read_text())["validation"]}))
+    elif case == "manifest":
+        shutil.copy(Path(__file__).resolve().parents[1] / "data_manifests" / "brats2021.json", dl)
+    cfg = tiny_config(tmp_path, dl)
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, *needles)
+    _no_run_written(tmp_path / "run")
+
+
+def test_image_channels_must_match_the_config(tiny_set, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tiny_set)
+    d = yaml.safe_load(cfg.read_text())
+    d["model"]["in_channels"] = 2
+    cfg.write_text(yaml.safe_dump(d))
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "training_0.nii.gz", "1 channel(s)", "takes 2")
+
+
+def test_resume_checks_and_a_second_run_without_resume(tiny_set, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tiny_set, epochs=1)
+    code, out, err = run_cli(["train", str(cfg), "--no-progress"], capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    log = (run / "metrics.jsonl").read_text()
+    # a second run into the same folder would mix its log and checkpoints with the first's
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "already holds a training run", "--resume")
+    assert (run / "metrics.jsonl").read_text() == log
+    # a resume checkpoint for another net (other classes)
+    d = yaml.safe_load(cfg.read_text())
+    d["labels"] = {**d["labels"], 6: "extra"}
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(d))
+    assert_user_error(["train", str(other), "--resume", "--no-progress"], capsys, "last_state.pt", "shape")
+    # damaged and foreign resume checkpoints
+    state = run / "last_state.pt"
+    good = state.read_bytes()
+    state.write_bytes(good[: len(good) // 2])
+    assert_user_error(["train", str(cfg), "--resume", "--no-progress"], capsys, "last_state.pt", "not a readable torch checkpoint")
+    torch.save({"weights": torch.zeros(2)}, state)
+    assert_user_error(["train", str(cfg), "--resume", "--no-progress"], capsys, "last_state.pt", "not a resume checkpoint")
+
+
+def test_diverging_training_names_the_learning_rate(tiny_set, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tiny_set, epochs=2, lr=1e12)
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "training diverged", "train.lr")
+
+
+def test_unwritable_output_folder_fails_before_training(tiny_set, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = tiny_config(tmp_path, tiny_set, output_dir=str(blocker / "run"))
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "file")
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"augment": {"num_samples": 1, "pos": 0, "neg": 0}}, "pos and neg"),
+    ({"train": {"lr": float("inf")}}, "train.lr"),
+    ({"train": {"seed": 2**70}}, "train.seed"),
+    ({"model": {"roi_size": [24, 24, 24]}}, "model.roi_size"),
+])
+def test_bad_training_configs_name_the_file(patch, needle, tiny_set, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tiny_set)
+    d = yaml.safe_load(cfg.read_text())
+    for k, v in patch.items():
+        d[k] = {**d.get(k, {}), **v}
+    cfg.write_text(yaml.safe_dump(d))
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, str(cfg), needle)
