@@ -17,11 +17,13 @@ becomes a loss, validation, and how a checkpoint is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,6 +38,8 @@ from medvit.io import atomic_path, make_output_folder
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "last_state.pt"
 
@@ -154,6 +158,20 @@ def prepare_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> P
     return out
 
 
+@contextlib.contextmanager
+def prepared_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> Iterator[Path]:
+    """:func:`prepare_output` around a whole training run: a folder it made that is still empty
+    when the run fails (say, a bad case found while the data is read) is removed again."""
+    made = not Path(tc.output_dir).exists()
+    out = prepare_output(tc, resume=resume, restart=restart)
+    try:
+        yield out
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def _load_state(path: Path, net: torch.nn.Module) -> dict[str, Any]:
     from medvit.checkpoint import check_fit, load_torch_file
 
@@ -195,6 +213,10 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
             scaler.load_state_dict(st["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise InputError(state_path, f"its optimiser state does not fit this run ({' '.join(str(e).split())[:120]})") from None
+        saved_lr = opt.param_groups[0].get("initial_lr", tc.lr)
+        if not math.isclose(saved_lr, tc.lr, rel_tol=1e-9):  # the schedule restored is the saved run's
+            logger.warning("resuming with the saved run's learning rate %g; train.lr %g applies to new runs only",
+                        saved_lr, tc.lr)
         epoch, batch_in_epoch, global_step = st["epoch"], st["batch_in_epoch"], st["global_step"]
         best_metric, best_epoch = st["best_metric"], st["best_epoch"]
         _set_rng_state(st["rng"])
@@ -243,7 +265,7 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
             with _autocast(device, amp):
                 loss = task.loss(net, batch, device) / tc.accumulate
             if not bool(torch.isfinite(loss)) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
-                raise MedvitError(f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, batch "
+                raise MedvitError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, batch "
                                   f"{batch_in_epoch + 1}; lower train.lr (now {tc.lr:g}) or check the data")
             scaler.scale(loss).backward()
             losses.append(float(loss.detach()) * tc.accumulate)

@@ -21,7 +21,7 @@ from medvit.errors import ConfigError, InputError, MedvitError
 from medvit.io import check_output_folder
 from pipelines.engine import EngineReport
 from pipelines.engine.scene import check_scene_extent, segment_scene
-from pipelines.fit import SeededSamples, TrainResult, fit, prepare_output
+from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
 from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
@@ -318,6 +318,6 @@ def train_lidar(cfg: LidarConfig, *, device: str | torch.device = "cpu", resume:
         raise ConfigError("config has no 'train' section")
     torch.manual_seed(cfg.train.seed)
     net = build_from_config(cfg)  # first: a bad net config fails before scans are read
-    prepare_output(cfg.train, resume=resume, restart=restart)
-    task = ScanTask(cfg)
-    return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)
+    with prepared_output(cfg.train, resume=resume, restart=restart):
+        task = ScanTask(cfg)
+        return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)

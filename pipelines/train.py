@@ -24,7 +24,7 @@ from medvit.errors import ConfigError, MedvitError
 from medvit.nets import build_net
 from medvit.transforms import train_transforms, val_transforms
 from pipelines.engine import sliding_window_labels
-from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor, prepare_output  # noqa: F401  (re-exported)
+from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor, prepared_output  # noqa: F401  (re-exported)
 
 
 def split_random(chain: Compose) -> tuple[Compose, Compose]:
@@ -153,8 +153,9 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = Fal
     """
     if cfg.train is None:
         raise ConfigError("config has no 'train' section")
-    prepare_output(cfg.train, resume=resume, restart=restart)  # before the data is read: a bad folder fails at once
-    task = VolumeTask(cfg)
-    torch.manual_seed(cfg.train.seed)
-    net = build_net(cfg.model)
-    return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)
+    # the folder is checked before the data is read: a bad folder fails at once
+    with prepared_output(cfg.train, resume=resume, restart=restart):
+        task = VolumeTask(cfg)
+        torch.manual_seed(cfg.train.seed)
+        net = build_net(cfg.model)
+        return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)
