@@ -125,6 +125,8 @@ class TrainConfig(_Strict):
     data_root: Path | None = None
     """Base folder for relative paths in the datalist; default: the datalist's folder."""
     output_dir: Path = Path("runs/default")
+    """Relative to the folder the command runs in (outputs go where you work), unlike ``datalist``
+    and ``data_root``, which are relative to the config file's folder (inputs travel with it)."""
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(1, ge=1)
     accumulate: int = Field(1, ge=1)
