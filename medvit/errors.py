@@ -34,3 +34,7 @@ class ConfigError(MedvitError):
 
 class CheckpointError(MedvitError):
     """A checkpoint that cannot be read or does not fit the net it is loaded into."""
+
+
+class NonFiniteOutput(MedvitError):
+    """A net returned NaN or inf (the engine names the window or tile); in training, divergence."""

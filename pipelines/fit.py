@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from medvit.config import TrainConfig
-from medvit.errors import InputError, MedvitError
+from medvit.errors import InputError, MedvitError, NonFiniteOutput
 from medvit.io import atomic_path, make_output_folder
 
 if TYPE_CHECKING:
@@ -162,13 +162,15 @@ def prepare_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> P
 def prepared_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> Iterator[Path]:
     """:func:`prepare_output` around a whole training run: a folder it made that is still empty
     when the run fails (say, a bad case found while the data is read) is removed again."""
-    made = not Path(tc.output_dir).exists()
+    target = Path(tc.output_dir).absolute()
+    made = [d for d in (target, *target.parents) if not d.exists()]  # deepest first
     out = prepare_output(tc, resume=resume, restart=restart)
     try:
         yield out
     except BaseException:
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for d in made:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
         raise
 
 
@@ -283,11 +285,16 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
         record = {"epoch": epoch + 1, "step": global_step, "loss": float(np.mean(losses)) if losses else None,
                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
         epoch, batch_in_epoch = epoch + 1, 0
-        if not all(bool(torch.isfinite(w).all()) for w in net.parameters()):  # the last step's update went bad
+        # the last step's update went bad (weights, or the running statistics of batch norm)
+        if not all(bool(torch.isfinite(t).all()) for t in net.state_dict().values() if t.is_floating_point()):
             raise MedvitError(f"training diverged: the weights hold NaN or inf after epoch {epoch}; lower train.lr "
                               f"(now {tc.lr:g}) or check the data")
         if epoch % tc.val_every == 0 or epoch == tc.epochs:
-            v = task.validate(net, device, amp)
+            try:
+                v = task.validate(net, device, amp)
+            except NonFiniteOutput as e:  # finite weights so large that the outputs overflow
+                raise MedvitError(f"training diverged: after epoch {epoch} the net's outputs on validation data are NaN "
+                                  f"or inf ({e}); lower train.lr (now {tc.lr:g}) or check the data") from None
             if v is not None:
                 # no score (NaN: nothing to score) is logged as null, and never picks the best checkpoint
                 score = v["score"] if v["score"] is not None and math.isfinite(v["score"]) else None

@@ -189,6 +189,7 @@ class Scan:
     xyz: np.ndarray  # (N, 3) float64
     feats: np.ndarray  # (N, F) float32
     labels: np.ndarray  # (N,) int64 train ids, ignore where unlabelled
+    unusable: str | None = None  # why no label of it is a train id (its raw ids), when none is
 
 
 def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
@@ -208,11 +209,12 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     except MedvitError as e:
         raise InputError(cloud.source, str(e)) from None
     labels = train_labels(cloud, cfg, ignore)
+    unusable = None
     if (labels == ignore).all():
         raw = np.unique(cloud.labels) if cloud.labels is not None else np.array([], np.int64)
-        log.warning("%s: none of its label ids (%s) is a train id of the config (labels/label_map): nothing to learn "
-                    "from it", item.get("label") or cloud.source, _ids(raw))
-    return Scan(cloud.xyz, feats[keep], labels)
+        unusable = (f"{item.get('label') or cloud.source}: none of its label ids ({_ids(raw)}) is a train id of the "
+                    "config (labels/label_map): nothing to learn from it")
+    return Scan(cloud.xyz, feats[keep], labels, unusable)
 
 
 def _ids(raw: np.ndarray, shown: int = 8) -> str:
@@ -276,9 +278,13 @@ class ScanTask:
                     for it in read_datalist(tc.datalist, "validation", base_dir=tc.data_root, required=False,
                                             need_label=True)]
         for scans, what in ((self.scans, "training"), (self.val, "validation")):
-            if scans and all((sc.labels == self.IGNORE).all() for sc in scans):
+            if scans and all(sc.unusable for sc in scans):
                 raise InputError(tc.datalist, f"no {what} scan has a point whose label id is a train id of the config "
-                                              "(labels, or label_map for raw ids): there is nothing to learn or score")
+                                              f"(labels, or label_map for raw ids): there is nothing to learn or score; "
+                                              f"first: {scans[0].unusable}")
+        for sc in self.scans + self.val:  # only when others have labels: else the error above says it once
+            if sc.unusable:
+                log.warning(sc.unusable)
         self.loss_fn = CELovaszLoss(ce_weight=cfg.loss.ce_weight, lovasz_weight=cfg.loss.lovasz_weight,
                                     ignore_index=self.IGNORE)
 

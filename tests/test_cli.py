@@ -166,6 +166,9 @@ def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
     nan[3, 4, 5] = np.nan
     nan[1, 1, 1] = np.inf
     nib.save(nib.Nifti1Image(nan, img.affine), f / "nan.nii.gz")
+    huge = np.asarray(img.dataobj).astype(np.float64)
+    huge[2, 2, 2] = 1e300  # past float32: inf once cast, and numpy's overflow warning must not add a line
+    nib.save(nib.Nifti1Image(huge, img.affine), f / "huge.nii.gz")
     return {p.name: p for p in f.iterdir()}
 
 
@@ -180,6 +183,7 @@ def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
         ("seg", ["SEG"]),
         ("twochannel.nii.gz", ["twochannel.nii.gz", "2 channel", "takes 1"]),
         ("nan.nii.gz", ["nan.nii.gz", "2", "NaN"]),
+        ("huge.nii.gz", ["huge.nii.gz", "1 voxels are NaN or infinite (or beyond float32)"]),
     ],
 )
 def test_segment_bad_inputs(name, needles, bad_inputs, ckpt, tmp_path, capsys):

@@ -194,6 +194,8 @@ def test_bad_net_outputs_are_named():
     xyz, feats = scene(n=500)
     with pytest.raises(MedvitError, match="expected"):
         segment_scene(xyz, feats, lambda p: torch.zeros(3, 4), tile_size=50.0)
+    with pytest.raises(MedvitError, match="0 classes"):
+        segment_scene(xyz, feats, lambda p: torch.zeros(p.num_points, 0), tile_size=50.0)
 
     def nan_net(p):
         out = torch.zeros(p.num_points, 3)

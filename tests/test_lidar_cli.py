@@ -229,6 +229,15 @@ def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
     assert_user_error(["lidar", "train", str(p), "--no-progress"], capsys, "already holds a training run")
 
 
+def test_diverging_lidar_training_says_so(tmp_path, capsys):
+    dl = _train_set(tmp_path, n_scans=1)
+    cfg = {**TINY, "augment": {"crop_points": 3000, "crop_size": 20.0},
+           "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 2, "lr": 1e6}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert_user_error(["lidar", "train", str(p), "--no-progress"], capsys, "training diverged", "train.lr")
+
+
 def test_label_length_mismatch_in_training_data(tmp_path, capsys):
     dl = _train_set(tmp_path, n_scans=1)
     lab = np.fromfile(tmp_path / "s0.label", dtype=np.uint32)

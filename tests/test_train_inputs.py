@@ -89,6 +89,25 @@ def test_bad_training_data_fails_before_training(case, needles, tiny_set, tmp_pa
     _no_run_written(tmp_path / "run")
 
 
+def test_folders_made_for_a_failed_run_are_removed_and_a_tiny_label_offset_is_accepted(tiny_set, tmp_path, capsys):
+    dl = _copy_set(tiny_set, tmp_path)
+    lab = _label(dl)
+    aff = nib.load(lab).affine.copy()
+    aff[0, 3] += 0.2  # 0.2 mm on 8 mm voxels: rounding in a header, not a shift (the limit is 5 % of a voxel)
+    _edit_nifti(lab, affine=aff)
+    d = yaml.safe_load(tiny_config(tmp_path, dl, epochs=1).read_text())
+    d["train"]["output_dir"] = str(tmp_path / "new" / "sub" / "run")
+    d["train"]["datalist"] = str(tmp_path / "missing.json")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "missing.json")
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again, parents too
+    d["train"]["datalist"] = str(dl)
+    cfg.write_text(yaml.safe_dump(d))
+    code, _, err = run_cli(["train", str(cfg), "--no-progress"], capsys)
+    assert code == 0, err
+
+
 def test_image_channels_must_match_the_config(tiny_set, tmp_path, capsys):
     cfg = tiny_config(tmp_path, tiny_set)
     d = yaml.safe_load(cfg.read_text())

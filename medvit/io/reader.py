@@ -99,7 +99,8 @@ def _fix_nonfinite(array: np.ndarray, path: Path, mode: str) -> int:
     if n == 0:
         return 0
     if mode == "error":
-        raise InputError(path, f"{n} voxels are NaN or infinite (medvit segment --nonfinite replace, or nonfinite='replace' in Python, sets them to the minimum)")
+        raise InputError(path, f"{n} voxels are NaN or infinite (or beyond float32); mend the file, or let "
+                               "medvit segment replace them by the minimum (--nonfinite replace)")
     if n == array.size:
         raise InputError(path, "every voxel is NaN or infinite")
     low = float(array[~bad].min())
@@ -141,7 +142,8 @@ def read_image(
         if diff > GRID_ATOL:
             raise InputError(r.path, f"affine differs from {first.path}'s by up to {diff:.4g} mm; "
                                      "channels of one case must share a grid")
-    array = np.concatenate([r.array.astype(np.float32, copy=False) for r in raws], axis=0)
+    with np.errstate(over="ignore"):  # a float64 voxel past float32's range becomes inf, reported just below
+        array = np.concatenate([r.array.astype(np.float32, copy=False) for r in raws], axis=0)
     replaced = _fix_nonfinite(array, first.path, nonfinite)
     return _to_metatensor(array, first, replaced)
 

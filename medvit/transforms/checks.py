@@ -17,9 +17,9 @@ from monai.utils import ImageMetaKey
 from medvit.errors import InputError
 from medvit.io.common import corner_offset_mm
 
-LABEL_GRID_TOLERANCE_MM = 0.01
-"""How far (mm, at the grid's corners) a label map's affine may lie from its image's: float
-rounding in headers, not a shift."""
+LABEL_GRID_TOLERANCE = 0.05
+"""How far a label map's grid may lie from its image's (at the grid's corners), as a share of
+the smallest voxel side, and at least 0.01 mm: rounding in headers, not a shift that matters."""
 
 
 def _source(value: object, key: Hashable) -> str:
@@ -31,7 +31,7 @@ class CheckCased(MapTransform):
     """Check a loaded ``{"image", "label"}`` case against the net and against each other.
 
     The image must have ``in_channels`` channels; the label (when present) the image's grid
-    (shape, and affine within :data:`LABEL_GRID_TOLERANCE_MM`) and values in
+    (shape, and affine within :data:`LABEL_GRID_TOLERANCE`) and values in
     ``0 .. n_classes - 1``. Raises :class:`InputError` naming the file; passes the case on unchanged.
     """
 
@@ -52,8 +52,10 @@ class CheckCased(MapTransform):
             raise InputError(lsrc, f"label grid {tuple(label.shape[1:])} differs from its image's "
                                    f"{tuple(image.shape[1:])} ({src})")
         if hasattr(label, "affine") and hasattr(image, "affine"):
-            off = corner_offset_mm(image.shape[1:], np.asarray(label.affine), np.asarray(image.affine))
-            if not off <= LABEL_GRID_TOLERANCE_MM:
+            aff = np.asarray(image.affine, dtype=np.float64)
+            tol = max(0.01, LABEL_GRID_TOLERANCE * float(np.linalg.norm(aff[:3, :3], axis=0).min()))
+            off = corner_offset_mm(image.shape[1:], np.asarray(label.affine), aff)
+            if not off <= tol:
                 raise InputError(lsrc, f"lies up to {off:.4g} mm from its image's grid ({src}); label and image "
                                        "must share one grid")
         lab = torch.as_tensor(label)

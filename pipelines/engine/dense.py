@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-from medvit.errors import MedvitError
+from medvit.errors import MedvitError, NonFiniteOutput
 from pipelines.engine.runner import EngineReport, mirrored, ring_runs, run_windows
 
 _IMPORTANCE: dict[tuple, torch.Tensor] = {}
@@ -186,7 +186,7 @@ class DenseGrid:
         if not bool(finite.all()):
             bad = ws[int((~finite).nonzero()[0])]
             at = tuple(max(s - p[0], 0) for s, p in zip(bad.start, self.pad))  # in the input, not its padding
-            raise MedvitError(f"the predictor returned NaN or inf for the window starting at voxel {at} (size {self.roi})")
+            raise NonFiniteOutput(f"the predictor returned NaN or inf for the window starting at voxel {at} (size {self.roi})")
 
     def accumulate_on_cpu(self) -> bool:
         if self.acc_device is not None and self.acc_device.type == "cpu":

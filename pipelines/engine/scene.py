@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medvit.errors import MedvitError
+from medvit.errors import MedvitError, NonFiniteOutput
 from pipelines.engine.runner import EngineReport, ring_runs, run_windows
 
 log = logging.getLogger(__name__)
@@ -395,6 +395,8 @@ class PointScene:
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise MedvitError(f"the point net returned {got} for {n} points in {len(ts)} tile(s); expected ({n}, K)")
+        if out.shape[1] < 1:
+            raise MedvitError(f"the point net returned 0 classes for {n} points; expected one logit per class")
         k = self.num_classes
         if k is not None and out.shape[1] != k:
             raise MedvitError(f"the point net returned {out.shape[1]} classes per point; expected {k}")
@@ -406,7 +408,7 @@ class PointScene:
                     bad = t
                     break
                 start += t.n_points
-            raise MedvitError(f"the point net returned NaN or inf for the tile at x={bad.x0:.2f}, y={bad.y0:.2f} m ({bad.width:g} × {bad.height:g} m)")
+            raise NonFiniteOutput(f"the point net returned NaN or inf for the tile at x={bad.x0:.2f}, y={bad.y0:.2f} m ({bad.width:g} × {bad.height:g} m)")
 
     def accumulate_on_cpu(self) -> bool:
         if self._acc_device is not None and self._acc_device.type == "cpu":
