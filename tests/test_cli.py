@@ -258,6 +258,10 @@ def test_evaluate_prints_table_and_writes_json(tmp_path, capsys):
     assert_user_error(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "-o", str(tmp_path / "gt.nii.gz")],
                       capsys, "refusing to overwrite the input file")
     assert (tmp_path / "gt.nii.gz").read_bytes() == before
+    if Path("/proc/self").is_dir():  # nothing can be written there, not even by root: refused before the metrics
+        code, out, err = run_cli(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "-o",
+                                  "/proc/medvit-nope/r.json"], capsys)
+        assert code == 2 and "cannot be written" in err and out == ""
     for tol in ("-1", "nan"):
         assert_user_error(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "--tolerance", tol],
                           capsys, "surface Dice tolerance")
