@@ -7,6 +7,8 @@ every other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -38,3 +40,15 @@ class CheckpointError(MedvitError):
 
 class NonFiniteOutput(MedvitError):
     """A net returned NaN or inf (the engine names the window or tile); in training, divergence."""
+
+
+@contextlib.contextmanager
+def about(path: str | Path, note: str = "") -> Iterator[None]:
+    """A :class:`MedvitError` raised inside that names no file (the engine's, say) becomes an
+    :class:`InputError` about ``path``, with ``note`` appended; an InputError passes unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except MedvitError as e:
+        raise InputError(path, f"{e}{note}") from None

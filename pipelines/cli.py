@@ -326,23 +326,14 @@ def _check_output_file(path: Path | None, inputs: list[Path], option: str = "--j
     that replaces no input (a folder input protects every file in it)."""
     if path is None:
         return
-    import os
-
-    from medvit.io.writers import check_output_folder, refuse_protected
+    from medvit.io.writers import check_output_folder, check_writable, refuse_protected
 
     if path.is_dir():
         raise InputError(path, f"is a folder; {option} takes a file name")
     check_output_folder(path.parent)
     protect = [f for p in inputs for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
     refuse_protected(path, protect)
-    # a file made and removed in the nearest existing folder: os.access says yes to root even on /proc
-    existing = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
-    probe = existing / f".medvit-write-test-{os.getpid()}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise InputError(path, f"cannot be written ({existing}: {e.strerror})") from None
+    check_writable(path)
 
 
 @bench_app.command("engine")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from medvit.config import TrainConfig
 from medvit.errors import InputError, MedvitError, NonFiniteOutput
 from medvit.io import atomic_path, make_output_folder
+from medvit.io.writers import check_writable
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -141,9 +142,7 @@ def prepare_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> P
     run to resume with ``resume``, and hold none without (two runs would mix in one metrics log,
     and a stale best checkpoint would outlive them) unless ``restart`` removes the earlier run's files."""
     out = make_output_folder(Path(tc.output_dir))
-    with atomic_path(out / ".medvit-write-test") as tmp:  # an unwritable folder fails now, not after an epoch
-        tmp.write_bytes(b"")
-    (out / ".medvit-write-test").unlink()
+    check_writable(out / STATE_FILE)  # an unwritable folder fails now, not after an epoch
     for stale in out.glob(".*.tmp-*"):  # atomic_path's temporary files, left by a run killed mid-write
         stale.unlink(missing_ok=True)
     state_path = out / STATE_FILE

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError, InputError, MedvitError
+from medvit.errors import ConfigError, InputError, about
 from medvit.io import check_output_folder
 from pipelines.engine import EngineReport
 from pipelines.engine.scene import check_scene_extent, segment_scene
@@ -97,16 +97,12 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float
     if inside.any():
         dev = torch.device(device)
         amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
-        try:
+        with about(cloud.source):  # the engine's errors (a stray far point, NaN from the net) name the scan
             lab, rep = segment_scene(cloud.xyz[inside], feats[inside], model.net,
                                      tile_size=tile_size or cfg.infer.tile_size,
                                      overlap=cfg.infer.overlap if overlap is None else overlap,
                                      max_points=max_points or cfg.infer.max_points, batch_size=cfg.infer.batch_size,
                                      device=dev, amp_dtype=amp, progress=progress, coords_in_features=True)
-        except InputError:
-            raise
-        except MedvitError as e:  # the engine's (a stray far point, NaN from the net): say which scan
-            raise InputError(cloud.source, str(e)) from None
         labels[inside] = lab
     return labels, n_out, rep, n_bad
 
@@ -204,10 +200,8 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     if not keep.any():
         raise InputError(cloud.source, "has no point with finite features inside point_range to train on")
     cloud = cloud.select(keep)
-    try:  # validation tiles the whole scan: a stray far point fails here, not after the first epoch
+    with about(cloud.source):  # validation tiles the whole scan: a stray far point fails here, not after an epoch
         check_scene_extent(cloud.xyz, cfg.infer.tile_size, cfg.infer.tile_size * (1 - cfg.infer.overlap))
-    except MedvitError as e:
-        raise InputError(cloud.source, str(e)) from None
     labels = train_labels(cloud, cfg, ignore)
     unusable = None
     if (labels == ignore).all():

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from medvit.checkpoint import LoadedModel
-from medvit.errors import InputError, MedvitError
+from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, write_label_map
 from medvit.io.reader import source_format
 from medvit.transforms import infer_transforms, invert_prediction
-from pipelines.engine import DenseGrid, EngineReport, segment_volume
+from pipelines.engine import EngineReport, segment_volume
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -132,13 +132,25 @@ def segment_case(
     dev = torch.device(device)
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
-    try:
-        grid, report = _segment_prepared(prep, model, dev, batch_size=batch_size, overlap=overlap, how=how, tta=tta,
-                                         amp=amp, progress=progress)
-    except InputError:
-        raise
-    except MedvitError as e:  # from the engine (say NaN from the net): say which case and checkpoint
-        raise InputError(", ".join(paths), f"{e} (on the preprocessed grid; checkpoint {model.meta.get('checkpoint')})") from None
+    # an engine error (say NaN from the net) names the case and the checkpoint
+    with about(", ".join(paths), f"; window positions are on the preprocessed grid; checkpoint {model.meta.get('checkpoint')}"):
+        grid, report = segment_volume(
+            prep.image,
+            model.net,
+            roi_size=cfg.model.roi_size,
+            # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
+            batch_size=batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size),
+            overlap=cfg.infer.overlap if overlap is None else overlap,
+            mode=cfg.infer.mode,
+            output="scores" if how == "probs" else "labels",
+            skip_below=prep.skip_below,
+            skip_source=prep.skip_source,
+            mirror_axes=(0, 1, 2) if tta else (),
+            device=dev,
+            amp_dtype=amp,
+            progress=progress,
+            n_classes=int(cfg.model.out_channels),
+        )
     if report.windows_run == 0:
         # every window was skipped as empty: background everywhere, on the input grid
         labels = torch.zeros(original.shape[1:], dtype=torch.int32)
@@ -202,25 +214,3 @@ def segment_inputs(
                 raise InputError(resolved[target], f"is an input and would be overwritten by the output of {shown}; "
                                                    "choose another output folder")
     return [segment_case(case, model, out_dir, protect=every, **kwargs) for case in cases]
-
-
-def _segment_prepared(prep: Prepared, model: LoadedModel, dev: torch.device, *, batch_size: int | None, overlap: float | None,
-                      how: str, tta: bool, amp: torch.dtype | None, progress: bool) -> tuple[DenseGrid, EngineReport]:
-    cfg = model.config
-    return segment_volume(
-        prep.image,
-        model.net,
-        roi_size=cfg.model.roi_size,
-        # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
-        batch_size=batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size),
-        overlap=cfg.infer.overlap if overlap is None else overlap,
-        mode=cfg.infer.mode,
-        output="scores" if how == "probs" else "labels",
-        skip_below=prep.skip_below,
-        skip_source=prep.skip_source,
-        mirror_axes=(0, 1, 2) if tta else (),
-        device=dev,
-        amp_dtype=amp,
-        progress=progress,
-        n_classes=int(cfg.model.out_channels),
-    )

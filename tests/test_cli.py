@@ -314,6 +314,23 @@ def test_checkpoint_with_nan_weights_is_refused_at_load(phantom, tmp_path, capsy
                       "diverged.safetensors", "NaN or infinite", out_dir=tmp_path / "o")
 
 
+def test_nan_from_the_net_names_the_case_and_the_checkpoint(ckpt, phantom, tmp_path, capsys, monkeypatch):
+    import medvit.checkpoint
+
+    load = medvit.checkpoint.load_checkpoint
+
+    def nan_net(*args, **kwargs):  # finite weights whose outputs are not (as after a diverged run)
+        loaded = load(*args, **kwargs)
+        net = loaded.net
+        loaded.net = lambda x: net(x) * float("nan")
+        return loaded
+
+    monkeypatch.setattr(medvit.checkpoint, "load_checkpoint", nan_net)
+    assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt), "--no-progress"],
+                      capsys, "case.nii.gz: the predictor returned NaN or inf", "checkpoint", "tiny.safetensors",
+                      out_dir=tmp_path / "o")
+
+
 def test_bench_engine_refuses_a_json_over_its_input_and_a_bad_input(tmp_path, capsys):
     ct = tmp_path / "ct.nii.gz"
     ct.write_bytes(b"not a NIfTI")

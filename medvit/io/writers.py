@@ -64,6 +64,20 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def check_writable(path: PathLike) -> None:
+    """InputError when the file ``path`` could not be created: a probe file is made and removed in
+    its folder or, where that does not exist yet, in the nearest folder above that does
+    (``os.access`` says yes to root even on ``/proc``). Creates no folder."""
+    path = Path(path).absolute()
+    existing = next(p for p in path.parents if p.exists())
+    probe = existing / f".medvit-write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(path, f"cannot be written ({existing}: {e.strerror})") from None
+
+
 def check_output_folder(path: PathLike) -> Path:
     """InputError when ``path``, meant as an output folder, is an existing file; creates nothing."""
     path = Path(path)
