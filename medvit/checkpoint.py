@@ -122,6 +122,11 @@ def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor
     return _read_safetensors(path), meta
 
 
+def nonfinite_key(state: dict[str, torch.Tensor]) -> str | None:
+    """The first key of ``state`` whose floating tensor holds NaN or inf, else None."""
+    return next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
 def _checkpoint_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -328,7 +333,7 @@ def _check_fit(path: Path, state: dict[str, torch.Tensor], net: nn.Module, net_d
     unexpected = [k for k in state if k not in expected]
     if not (missing or reshaped or unexpected):
         # fits: a diverged run's NaN weights would only show as an error deep inside the first window
-        bad_values = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        bad_values = nonfinite_key(state)
         if bad_values is not None:
             raise CheckpointError(f"{path}: key '{bad_values}' holds NaN or infinite values (saved from a diverged run?)")
         return

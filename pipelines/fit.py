@@ -35,6 +35,7 @@ from tqdm import tqdm
 from medvit.config import TrainConfig
 from medvit.errors import InputError, MedvitError, NonFiniteOutput
 from medvit.io import atomic_path, make_output_folder
+from medvit.checkpoint import nonfinite_key
 from medvit.io.writers import check_writable
 
 if TYPE_CHECKING:
@@ -185,11 +186,11 @@ def _load_state(path: Path, net: torch.nn.Module) -> dict[str, Any]:
 
 
 def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torch.device = "cpu",
-        resume: bool = False, progress: bool = True, restart: bool = False) -> TrainResult:
-    """Train ``net`` on ``task`` with the settings ``tc``; see the module docstring. ``restart``
-    replaces an earlier run in the output folder (see :func:`prepare_output`)."""
+        resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``net`` on ``task`` with the settings ``tc``; see the module docstring. Run it inside
+    :func:`prepared_output`, which checks the output folder before the task reads its data."""
     device = torch.device(device)
-    out = prepare_output(tc, resume=resume, restart=restart)
+    out = Path(tc.output_dir)
     state_path = out / STATE_FILE
     train_ds = task.train_samples()
     net = net.to(device)
@@ -285,7 +286,7 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
         epoch, batch_in_epoch = epoch + 1, 0
         # the last step's update went bad (weights, or the running statistics of batch norm)
-        if not all(bool(torch.isfinite(t).all()) for t in net.state_dict().values() if t.is_floating_point()):
+        if nonfinite_key(net.state_dict()) is not None:
             raise MedvitError(f"training diverged: the weights hold NaN or inf after epoch {epoch}; lower train.lr "
                               f"(now {tc.lr:g}) or check the data")
         if epoch % tc.val_every == 0 or epoch == tc.epochs:
