@@ -378,10 +378,10 @@ def segment_volume(
                      skip_below=skip_below, skip_source=skip_source)
     rep = EngineReport(windows_planned=len(grid.all_windows), windows_skipped=grid.skipped)
     rep.input_device = str(image.device)
+    pred = mirrored(predictor, mirror_axes) if mirror_axes else predictor  # (checks the axes even if none runs)
     if not grid.run:
         rep.notes.append("every window was skipped as empty")
         return grid.finalize_all_skipped(n_classes), rep
-    pred = mirrored(predictor, mirror_axes) if mirror_axes else predictor
     # A copy thread only where there is a copy: cropping on the GPU is a few kernel launches (a
     # thread would compete with the launching one for the GIL), and on the CPU there is nothing
     # to overlap while a thread running torch ops adds a second OpenMP thread team (UNETR on the
