@@ -126,13 +126,16 @@ class TileBatch:
         return Point.from_clouds(self.coords, self.feats, device=device)
 
 
+def _n_starts(extent: float, size: float, stride: float) -> int:
+    """How many tiles of ``size`` at ``stride`` cover ``extent`` along one axis (see :func:`_starts`)."""
+    return 1 if extent <= size else math.ceil((extent - size) / stride) + 1
+
+
 def _starts(lo: float, hi: float, size: float, stride: float) -> list[float]:
     """Tile starts along one axis covering [lo, hi]: evenly spaced, the last flush with hi."""
-    extent = hi - lo
-    if extent <= size:
+    if hi - lo <= size:
         return [lo]
-    n = math.ceil((extent - size) / stride) + 1
-    return [min(lo + i * stride, hi - size) for i in range(n)]
+    return [min(lo + i * stride, hi - size) for i in range(_n_starts(hi - lo, size, stride))]
 
 
 MAX_TILE_GRID = 4_000_000
@@ -145,7 +148,7 @@ def check_scene_extent(xyz: np.ndarray, tile_size: float, stride: float) -> None
     """MedvitError when the xy extent of ``xyz`` spans more than :data:`MAX_TILE_GRID` tile positions."""
     lo, hi = xyz[:, :2].min(0), xyz[:, :2].max(0)
     ext = hi - lo
-    n = math.prod(1 if e <= tile_size else math.ceil((e - tile_size) / stride) + 1 for e in ext)
+    n = math.prod(_n_starts(float(e), tile_size, stride) for e in ext)
     if n > MAX_TILE_GRID:
         raise MedvitError(f"the points span {ext[0]:.4g} m x {ext[1]:.4g} m, {n:.3g} tile positions of {tile_size:g} m "
                           f"(at most {MAX_TILE_GRID:,}): stray points far from the rest? Crop them with point_range "
