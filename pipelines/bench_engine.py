@@ -347,17 +347,22 @@ def _gib(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**30:.2f}"
 
 
-def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ...] | None = None) -> dict:
+def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ...] | None = None,
+            on_result=None) -> dict:
     """Run ours, then MONAI (when ``peer``) once per output device in ``peer_outputs``
-    (default: ``case.output_device``); returns every measurement and the comparisons."""
+    (default: ``case.output_device``); returns every measurement and the comparisons.
+    ``on_result(partial result)`` is called after each run, so that a run stopped by a time
+    limit (a GPU machine's) still leaves what it measured."""
+    on_result = on_result or (lambda res: None)
     with tempfile.TemporaryDirectory() as tmp:
         ours = _spawn("ours", case, Path(tmp) / "ours.npy")
         res = {"case": case.__dict__, "ours": ours}
+        on_result(res)
         if not peer:
             return res
         a = np.load(Path(tmp) / "ours.npy")
         body = _input(case)[0][0].numpy() > 0 if case.input is not None else None  # above -175 HU
-        runs = []
+        runs: list[dict] = []
         for od in peer_outputs or (case.output_device,):
             m = _spawn("monai", replace(case, output_device=od), Path(tmp) / "monai.npy")
             b = np.load(Path(tmp) / "monai.npy")
@@ -369,7 +374,8 @@ def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ..
             if body is not None:
                 m["labels_equal_in_body"] = float((la[body] == lb[body]).mean())
             runs.append(m)
-        res["monai_runs"] = runs
+            res["monai_runs"] = runs
+            on_result(res)
     return res
 
 

@@ -404,15 +404,21 @@ def bench_engine(
                 input=str(input) if input else None, spacing=spacing3,
                 skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output,
                 speedups=steps, fp32_reference=fp32_reference, batch_sweep=sweep)
-    res = compare(case, peer=peer, peer_outputs=outputs)
+
+    def save(res: dict) -> None:  # after every run: a run cut short by a time limit keeps what it measured
+        if json_out is not None:
+            from medvit.io.writers import atomic_path
+
+            with atomic_path(json_out) as tmp:
+                Path(tmp).write_text(json.dumps(res, indent=1))
+
+    # the machine is named at the end: naming the GPU starts CUDA in this process, which
+    # should not hold GPU memory while the workers are measured
+    res = compare(case, peer=peer, peer_outputs=outputs, on_result=save)
     res["machine"] = machine()
+    save(res)
     typer.echo(f"machine: {res['machine']}")
     typer.echo(format_result(res))
-    if json_out is not None:
-        from medvit.io.writers import atomic_path
-
-        with atomic_path(json_out) as tmp:
-            Path(tmp).write_text(json.dumps(res, indent=1))
 
 
 @bench_app.command("lidar")
