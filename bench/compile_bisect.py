@@ -1,0 +1,142 @@
+"""Which part of SwinUNETR does ``torch.compile`` get wrong on the GPU?
+
+On the H100 and the H200, SwinUNETR (SDPA, bf16 autocast) compiled whole was 12 % of its
+largest logit off the unmodified net, where eager bf16 is within about 1 %. On the 2-core CPU
+the compiled net stayed within bf16's own error. This script compiles the whole net, then one
+top-level part at a time (the others eager), and reports each against the fp32 net with the
+engine bench's tolerance rule (``pipelines.bench_engine.within_bf16_tolerance``): the part
+whose compiled form carries the error is where to look next (``--parts`` takes dotted names,
+e.g. ``swinViT.layers1``, to go deeper). The inductor settings that change numerics are tried
+on the whole net last. The JSON is rewritten after every row, so a run cut short keeps what
+it measured.
+
+On the GPU machine (carry ``.whl``; ~5 minutes on an H200):
+    source bench/gpu_env.sh && python3 bench/compile_bisect.py --json $OUT/compile_bisect.json
+A dry run here: python3 bench/compile_bisect.py --device cpu --feature-size 12 --batch 2 --parts out --no-whole
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from medvit.config import ModelConfig
+from medvit.nets import build_net
+from medvit.nets.speedups import use_sdpa
+from pipelines.bench_engine import Case, _window_batch, within_bf16_tolerance
+from pipelines.engine.runner import autocast_context, sync_device
+
+KNOBS = {"emulate_precision_casts": True}
+"""Inductor settings tried on the whole net (those that exist in this torch): rounding
+intermediates to bf16 where eager would, instead of keeping them in fp32."""
+
+
+def _set(net: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf, module)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--feature-size", type=int, default=48)
+    ap.add_argument("--roi", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--parts", default="", help="comma-separated (dotted) submodule names; default: every top-level one")
+    ap.add_argument("--no-whole", action="store_true", help="skip compiling the whole net first")
+    ap.add_argument("--time-limit", type=float, default=540.0, help="start no new compile after this many seconds")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    dev = torch.device(a.device)
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="swin_unetr", in_channels=1, out_channels=14, roi_size=(a.roi,) * 3,
+                      options={"feature_size": a.feature_size})
+    net = build_net(cfg).to(dev).eval()
+    use_sdpa(net)
+    case = Case(model="swin_unetr", shape=(a.roi * 3 // 2,) * 3, classes=14, roi=a.roi)
+    x = torch.rand((1, *case.shape), generator=torch.Generator().manual_seed(0))
+    xb = _window_batch(case, x, a.batch, dev)
+    ref32 = net(xb).float()
+    scale = float(ref32.abs().max())
+
+    def bf16(fn) -> torch.Tensor:
+        with autocast_context(dev, torch.bfloat16):
+            y = fn(xb).float()
+        sync_device(dev)
+        return y
+
+    eager = bf16(net)
+    rows: list[dict] = []
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "feature_size": a.feature_size, "roi": a.roi, "batch": a.batch, "rows": rows}
+
+    def row(label: str, y: torch.Tensor, compile_s: float | None) -> None:
+        r = {"compiled": label, "compile_s": compile_s,
+             "max_abs_diff_fp32": float((y - ref32).abs().max()),
+             "labels_equal_fp32": float((y.argmax(1) == ref32.argmax(1)).float().mean()),
+             "max_abs_diff_eager_bf16": float((y - eager).abs().max())}
+        r["max_rel_diff_fp32"] = r["max_abs_diff_fp32"] / max(scale, 1e-12)
+        if rows:
+            r["within_bf16_tolerance"] = within_bf16_tolerance(r, rows[0])
+        rows.append(r)
+        print(f"{label:<34} {'' if compile_s is None else format(compile_s, '6.1f') + ' s':>8}  vs fp32: "
+              f"{100 * r['max_rel_diff_fp32']:6.2f} % of max |logit|, argmax {100 * r['labels_equal_fp32']:.3f} %"
+              + ("" if "within_bf16_tolerance" not in r else "  ok" if r["within_bf16_tolerance"] else "  OUTSIDE"), flush=True)
+        if a.json:
+            tmp = a.json.with_name(f".{a.json.name}.tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(a.json)
+
+    row("nothing (eager bf16)", eager, None)
+    longest = 0.0
+
+    def compiled(label: str, module_name: str | None, knobs: dict | None = None) -> None:
+        nonlocal longest
+        if time.perf_counter() - t_start + 1.5 * longest > a.time_limit:
+            print(f"{label}: not run, time limit", flush=True)
+            return
+        import torch._inductor.config as inductor
+
+        saved = {k: getattr(inductor, k) for k in knobs or {}}
+        orig = net.get_submodule(module_name) if module_name else net
+        torch._dynamo.reset()
+        try:
+            for k, v in (knobs or {}).items():
+                setattr(inductor, k, v)
+            c = torch.compile(orig, dynamic=False)
+            if module_name:
+                _set(net, module_name, c)
+            t0 = time.perf_counter()
+            y = bf16(c if module_name is None else net)
+            took = time.perf_counter() - t0
+            longest = max(longest, took)
+            row(label, y, took)
+        except Exception as e:  # a part that fails to compile is a finding too
+            print(f"{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        finally:
+            if module_name:
+                _set(net, module_name, orig)
+            for k, v in saved.items():
+                setattr(inductor, k, v)
+
+    if not a.no_whole:
+        compiled("whole net", None)
+    parts = [p for p in a.parts.split(",") if p] or [n for n, _ in net.named_children()]
+    for name in parts:
+        compiled(name, name)
+    import torch._inductor.config as inductor
+
+    for k, v in KNOBS.items():
+        if hasattr(inductor, k) and not a.no_whole:
+            compiled(f"whole net, {k}={v}", None, {k: v})
+
+
+if __name__ == "__main__":
+    main()
