@@ -1,18 +1,24 @@
-"""Which part of SwinUNETR does ``torch.compile`` get wrong on the GPU?
+"""Which part of SwinUNETR does ``torch.compile`` get wrong on the GPU, and which way round it is exact?
 
 On the H100 and the H200, SwinUNETR (SDPA, bf16 autocast) compiled whole was 12 % of its
 largest logit off the unmodified net, where eager bf16 is within about 1 %. On the 2-core CPU
-the compiled net stayed within bf16's own error. This script compiles the whole net, then one
-top-level part at a time (the others eager), and reports each against the fp32 net with the
-engine bench's tolerance rule (``pipelines.bench_engine.within_bf16_tolerance``): the part
-whose compiled form carries the error is where to look next (``--parts`` takes dotted names,
-e.g. ``swinViT.layers1``, to go deeper). The inductor settings that change numerics are tried
-on the whole net last. The JSON is rewritten after every row, so a run cut short keeps what
-it measured.
+the compiled net stayed within bf16's own error. Every row here is judged against the fp32 net
+with the engine bench's rule (``pipelines.bench_engine.within_bf16_tolerance``), in this order:
 
-On the GPU machine (carry ``.whl``; ~5 minutes on an H200):
-    source bench/gpu_env.sh && python3 bench/compile_bisect.py --json $OUT/compile_bisect.json
-A dry run here: python3 bench/compile_bisect.py --device cpu --feature-size 12 --batch 2 --parts out --no-whole
+1. the whole net compiled with the other attention paths (each row timed per batch, so a path
+   that stays within tolerance comes with its speed): MONAI's explicit softmax attention; SDPA
+   with only its math backend;
+2. one top-level part compiled at a time, the rest eager (SDPA): the part whose compiled form
+   carries the error is where to look next (``--parts`` takes dotted names, e.g.
+   ``swinViT.layers1``, to go deeper);
+3. the whole net with SDPA as ``bench engine --speedups sdpa,compile`` runs it (the deviation
+   itself, known from the two GPU runs), then with the inductor settings that change numerics
+   (``KNOBS``).
+
+The JSON is rewritten after every row, so a run cut short keeps what it measured.
+On the GPU machine (carry ``.whl``; about 8 minutes on an H200):
+    source bench/gpu_env.sh && timeout 570 python3 bench/compile_bisect.py --json $OUT/compile_bisect.json
+A dry run here: python3 bench/compile_bisect.py --device cpu --feature-size 12 --batch 2 --parts out --time-limit 120
 """
 
 from __future__ import annotations
@@ -40,6 +46,24 @@ def _set(net: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     setattr(net.get_submodule(parent) if parent else net, leaf, module)
 
 
+def _attention(net: torch.nn.Module, sdpa: bool) -> None:
+    """MONAI's switch between SDPA and its explicit softmax attention, on every block."""
+    for m in net.modules():
+        if hasattr(m, "use_flash_attention"):
+            m.use_flash_attention = sdpa
+
+
+def _math_sdpa(net: torch.nn.Module):
+    """``net`` with SDPA restricted to its math backend (no fused kernel), as one callable to compile."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return net(x)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -47,13 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--roi", type=int, default=96)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--parts", default="", help="comma-separated (dotted) submodule names; default: every top-level one")
-    ap.add_argument("--no-whole", action="store_true", help="skip compiling the whole net first")
     ap.add_argument("--time-limit", type=float, default=540.0, help="start no new compile after this many seconds")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
     dev = torch.device(a.device)
+    reps = 10 if dev.type == "cuda" else 1
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     cfg = ModelConfig(name="swin_unetr", in_channels=1, out_channels=14, roi_size=(a.roi,) * 3,
@@ -66,27 +90,37 @@ def main(argv: list[str] | None = None) -> None:
     ref32 = net(xb).float()
     scale = float(ref32.abs().max())
 
-    def bf16(fn) -> torch.Tensor:
+    def bf16(fn, timed: bool = False) -> tuple[torch.Tensor, float, float | None]:
+        """(output, seconds of the first call, then milliseconds per call when ``timed``)."""
         with autocast_context(dev, torch.bfloat16):
+            t0 = time.perf_counter()
             y = fn(xb).float()
-        sync_device(dev)
-        return y
+            sync_device(dev)
+            first = time.perf_counter() - t0
+            if not timed:
+                return y, first, None
+            fn(xb)
+            sync_device(dev)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(xb)
+            sync_device(dev)
+        return y, first, (time.perf_counter() - t0) / reps * 1e3
 
-    eager = bf16(net)
     rows: list[dict] = []
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "feature_size": a.feature_size, "roi": a.roi, "batch": a.batch, "rows": rows}
 
-    def row(label: str, y: torch.Tensor, compile_s: float | None) -> None:
-        r = {"compiled": label, "compile_s": compile_s,
+    def row(label: str, y: torch.Tensor, first_s: float | None, ms: float | None) -> None:
+        r = {"compiled": label, "first_call_s": first_s, "ms_per_batch": ms,
              "max_abs_diff_fp32": float((y - ref32).abs().max()),
-             "labels_equal_fp32": float((y.argmax(1) == ref32.argmax(1)).float().mean()),
-             "max_abs_diff_eager_bf16": float((y - eager).abs().max())}
+             "labels_equal_fp32": float((y.argmax(1) == ref32.argmax(1)).float().mean())}
         r["max_rel_diff_fp32"] = r["max_abs_diff_fp32"] / max(scale, 1e-12)
         if rows:
             r["within_bf16_tolerance"] = within_bf16_tolerance(r, rows[0])
         rows.append(r)
-        print(f"{label:<34} {'' if compile_s is None else format(compile_s, '6.1f') + ' s':>8}  vs fp32: "
+        print(f"{label:<44} {'' if ms is None else format(ms, '8.1f') + ' ms':>11} "
+              f"{'' if first_s is None else format(first_s, '6.1f') + ' s':>8}  vs fp32: "
               f"{100 * r['max_rel_diff_fp32']:6.2f} % of max |logit|, argmax {100 * r['labels_equal_fp32']:.3f} %"
               + ("" if "within_bf16_tolerance" not in r else "  ok" if r["within_bf16_tolerance"] else "  OUTSIDE"), flush=True)
         if a.json:
@@ -94,12 +128,16 @@ def main(argv: list[str] | None = None) -> None:
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(a.json)
 
-    row("nothing (eager bf16)", eager, None)
-    longest = 0.0
+    row("nothing: eager bf16, SDPA", *bf16(net, timed=True))
+    _attention(net, False)
+    row("nothing: eager bf16, explicit attention", *bf16(net, timed=True))
+    _attention(net, True)
+    longest = {True: 0.0, False: 0.0}  # the longest first call so far, whole net / one part
 
-    def compiled(label: str, module_name: str | None, knobs: dict | None = None) -> None:
-        nonlocal longest
-        if time.perf_counter() - t_start + 1.5 * longest > a.time_limit:
+    def compiled(label: str, module_name: str | None = None, *, sdpa: bool = True, math: bool = False,
+                 knobs: dict | None = None) -> None:
+        whole = module_name is None
+        if time.perf_counter() - t_start + 1.5 * longest[whole] > a.time_limit:
             print(f"{label}: not run, time limit", flush=True)
             return
         import torch._inductor.config as inductor
@@ -107,35 +145,35 @@ def main(argv: list[str] | None = None) -> None:
         saved = {k: getattr(inductor, k) for k in knobs or {}}
         orig = net.get_submodule(module_name) if module_name else net
         torch._dynamo.reset()
+        _attention(net, sdpa)
         try:
             for k, v in (knobs or {}).items():
                 setattr(inductor, k, v)
-            c = torch.compile(orig, dynamic=False)
+            c = torch.compile(_math_sdpa(net) if math else orig, dynamic=False)
             if module_name:
                 _set(net, module_name, c)
-            t0 = time.perf_counter()
-            y = bf16(c if module_name is None else net)
-            took = time.perf_counter() - t0
-            longest = max(longest, took)
-            row(label, y, took)
+            y, first, ms = bf16(c if whole else net, timed=whole)
+            longest[whole] = max(longest[whole], first)
+            row(label, y, first, ms)
         except Exception as e:  # a part that fails to compile is a finding too
             print(f"{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
         finally:
             if module_name:
                 _set(net, module_name, orig)
+            _attention(net, True)
             for k, v in saved.items():
                 setattr(inductor, k, v)
 
-    if not a.no_whole:
-        compiled("whole net", None)
-    parts = [p for p in a.parts.split(",") if p] or [n for n, _ in net.named_children()]
-    for name in parts:
-        compiled(name, name)
+    compiled("whole net, explicit attention", sdpa=False)
+    compiled("whole net, SDPA math backend only", math=True)
+    for name in [p for p in a.parts.split(",") if p] or [n for n, _ in net.named_children()]:
+        compiled(f"{name} only (SDPA)", name)
+    compiled("whole net, SDPA (as benched)")
     import torch._inductor.config as inductor
 
     for k, v in KNOBS.items():
-        if hasattr(inductor, k) and not a.no_whole:
-            compiled(f"whole net, {k}={v}", None, {k: v})
+        if hasattr(inductor, k):
+            compiled(f"whole net, SDPA, {k}={v}", knobs={k: v})
 
 
 if __name__ == "__main__":
