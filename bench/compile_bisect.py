@@ -5,8 +5,8 @@ largest logit off the unmodified net, where eager bf16 is within about 1 %. On t
 the compiled net stayed within bf16's own error. Every row here is judged against the fp32 net
 with the engine bench's rule (``pipelines.bench_engine.within_bf16_tolerance``), in this order:
 
-1. the whole net compiled with the other attention paths (each row timed per batch, so a path
-   that stays within tolerance comes with its speed): MONAI's explicit softmax attention; SDPA
+1. the whole net compiled with the other attention paths (every row is timed per batch, so a
+   path that stays within tolerance comes with its speed): MONAI's explicit softmax attention; SDPA
    with only its math backend;
 2. one top-level part compiled at a time, the rest eager (SDPA): the part whose compiled form
    carries the error is where to look next (``--parts`` takes dotted names, e.g.
@@ -33,8 +33,7 @@ import torch
 from medvit.config import ModelConfig
 from medvit.nets import build_net
 from medvit.nets.speedups import use_sdpa
-from pipelines.bench_engine import Case, _window_batch, within_bf16_tolerance
-from pipelines.engine.runner import autocast_context, sync_device
+from pipelines.bench_engine import Case, _time_batch, _window_batch, within_bf16_tolerance
 
 KNOBS = {"emulate_precision_casts": True}
 """Inductor settings tried on the whole net (those that exist in this torch): rounding
@@ -90,22 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     ref32 = net(xb).float()
     scale = float(ref32.abs().max())
 
-    def bf16(fn, timed: bool = False) -> tuple[torch.Tensor, float, float | None]:
-        """(output, seconds of the first call, then milliseconds per call when ``timed``)."""
-        with autocast_context(dev, torch.bfloat16):
-            t0 = time.perf_counter()
-            y = fn(xb).float()
-            sync_device(dev)
-            first = time.perf_counter() - t0
-            if not timed:
-                return y, first, None
-            fn(xb)
-            sync_device(dev)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn(xb)
-            sync_device(dev)
-        return y, first, (time.perf_counter() - t0) / reps * 1e3
+    def bf16(fn) -> tuple[torch.Tensor, float, float]:
+        """(output, seconds of the first call, milliseconds per later call), as ``bench engine`` times a step."""
+        return _time_batch(fn, xb, dev, torch.bfloat16, reps)
 
     rows: list[dict] = []
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -128,9 +114,9 @@ def main(argv: list[str] | None = None) -> None:
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(a.json)
 
-    row("nothing: eager bf16, SDPA", *bf16(net, timed=True))
+    row("nothing: eager bf16, SDPA", *bf16(net))
     _attention(net, False)
-    row("nothing: eager bf16, explicit attention", *bf16(net, timed=True))
+    row("nothing: eager bf16, explicit attention", *bf16(net))
     _attention(net, True)
     longest = {True: 0.0, False: 0.0}  # the longest first call so far, whole net / one part
 
@@ -152,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             c = torch.compile(_math_sdpa(net) if math else orig, dynamic=False)
             if module_name:
                 _set(net, module_name, c)
-            y, first, ms = bf16(c if whole else net, timed=whole)
+            y, first, ms = bf16(c if whole else net)
             longest[whole] = max(longest[whole], first)
             row(label, y, first, ms)
         except Exception as e:  # a part that fails to compile is a finding too
