@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from medvit.config import ModelConfig
+from medvit.io.writers import atomic_path
 from medvit.nets import build_net
 from medvit.nets.speedups import use_sdpa
 from pipelines.bench_engine import Case, _time_batch, _window_batch, within_bf16_tolerance
@@ -46,10 +47,13 @@ def _set(net: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
 
 
 def _attention(net: torch.nn.Module, sdpa: bool) -> None:
-    """MONAI's switch between SDPA and its explicit softmax attention, on every block."""
+    """SDPA as ``bench engine`` switches it on (``use_sdpa``), or MONAI's explicit softmax attention on every block."""
+    if sdpa:
+        use_sdpa(net)
+        return
     for m in net.modules():
         if hasattr(m, "use_flash_attention"):
-            m.use_flash_attention = sdpa
+            m.use_flash_attention = False
 
 
 def _math_sdpa(net: torch.nn.Module):
@@ -110,9 +114,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * r['max_rel_diff_fp32']:6.2f} % of max |logit|, argmax {100 * r['labels_equal_fp32']:.3f} %"
               + ("" if "within_bf16_tolerance" not in r else "  ok" if r["within_bf16_tolerance"] else "  OUTSIDE"), flush=True)
         if a.json:
-            tmp = a.json.with_name(f".{a.json.name}.tmp")
-            tmp.write_text(json.dumps(res, indent=1))
-            tmp.replace(a.json)
+            with atomic_path(a.json) as tmp:
+                tmp.write_text(json.dumps(res, indent=1))
 
     row("nothing: eager bf16, SDPA", *bf16(net))
     _attention(net, False)

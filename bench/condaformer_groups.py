@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from medvit.io.writers import atomic_path
 from pipelines import bench_lidar
 from pointcloud.nets import condaformer
 
@@ -51,9 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             gpu = "" if r["peak_gpu"] is None else f", peak GPU {r['peak_gpu'] / 2**30:.2f} GiB"
             print(f"MIN_GROUP_SIZE {size:>8}  {label:<15} {r['seconds']:.4f} s{gpu}", flush=True)
             if a.json:
-                tmp = a.json.with_name(f".{a.json.name}.tmp")
-                tmp.write_text(json.dumps({"device": str(dev), "rows": rows}, indent=1))
-                tmp.replace(a.json)
+                with atomic_path(a.json) as tmp:
+                    tmp.write_text(json.dumps({"device": str(dev), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
