@@ -18,10 +18,10 @@ Example (see ``configs/``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from medvit.errors import ConfigError
 
@@ -30,9 +30,23 @@ M = TypeVar("M", bound=BaseModel)
 IntTriple = tuple[int, int, int]
 
 
+def _takes_bool(tp: Any) -> bool:
+    """Whether a field's type admits a boolean (``bool``, ``Any``, or a union or container of them)."""
+    return tp is bool or tp is Any or any(_takes_bool(a) for a in get_args(tp))
+
+
 class _Strict(BaseModel):
     # no NaN or inf anywhere: a learning rate of .inf or a NaN scale fails here, not mid-run
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true/false as 1/0 where a number is wanted: `epochs: yes` would train one epoch
+        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
+            if not _takes_bool(cls.model_fields[info.field_name].annotation):
+                raise ValueError("expected a number, not a boolean")
+        return v
 
 
 class IntensityConfig(_Strict):

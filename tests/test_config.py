@@ -45,6 +45,26 @@ def test_bad_values_name_the_key(patch, key):
     assert msg.startswith("cfg.yaml: ") and key in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize(
+    "patch, key",
+    [
+        ({"train": {"datalist": "x.json", "epochs": True}}, "train.epochs"),
+        ({"train": {"datalist": "x.json", "lr": False}}, "train.lr"),
+        ({"model": {"name": "unetr", "roi_size": [96, True, 96]}}, "model.roi_size"),
+    ],
+)
+def test_yaml_booleans_are_not_numbers(patch, key):
+    # YAML reads yes/no/true as booleans, which pydantic alone would take as 1 and 0
+    with pytest.raises(ConfigError, match=f"key '{key}'.*not a boolean"):
+        parse_config({**MINIMAL, **patch}, "cfg.yaml")
+
+
+def test_boolean_fields_and_net_options_still_take_booleans():
+    cfg = parse_config({**MINIMAL, "model": {"name": "unetr", "options": {"qkv_bias": True}},
+                        "preprocess": {"intensity": {"modality": "ct", "clip": False}}})
+    assert cfg.model.options == {"qkv_bias": True} and cfg.preprocess.intensity.clip is False
+
+
 def test_missing_model_named():
     with pytest.raises(ConfigError, match="missing key 'model'"):
         parse_config({"labels": {0: "bg"}}, "cfg.yaml")
