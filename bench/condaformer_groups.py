@@ -33,11 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="2,8,32,128,1048576", help="MIN_GROUP_SIZE values (1048576: one group)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    scans = {
-        "nuScenes sweep": next((a.data / "mmdet3d/demo/data/nuscenes").glob("*.pcd.bin"), None),
-        "KITTI scan": a.data / "mmdet3d/demo/data/kitti/000008.bin",
-    }
-    scans = {k: v for k, v in scans.items() if v is not None and v.is_file()}
+    scans = bench_lidar.real_scans(a.data)
     if not scans:
         raise SystemExit(f"{a.data}: no mmdet3d demo scans under mmdet3d/demo/data")
     torch.set_grad_enabled(False)
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in (int(v) for v in a.sizes.split(",")):
         condaformer.MIN_GROUP_SIZE = size
         for label, path in scans.items():
-            r = bench_lidar.measure("scan", net, "condaformer", str(path), dev, 50.0)
+            r = bench_lidar.measure("scan", net, "condaformer", path, dev, 50.0)
             rows.append({"min_group_size": size, "input": label, "seconds": r["seconds"], "peak_gpu": r["peak_gpu"]})
             gpu = "" if r["peak_gpu"] is None else f", peak GPU {r['peak_gpu'] / 2**30:.2f} GiB"
             print(f"MIN_GROUP_SIZE {size:>8}  {label:<15} {r['seconds']:.4f} s{gpu}", flush=True)

@@ -173,15 +173,20 @@ def run(data_dir: Path, *, device: str = "cpu", sizes=(1_000_000, 4_000_000, 10_
         return _run(data_dir, Path(tmp), device=device, sizes=sizes, tile=tile, on_row=on_row or (lambda res: None))
 
 
-def _run(data_dir: Path, tmp: Path, *, device: str, sizes, tile: float, on_row) -> dict:
+def real_scans(data_dir: Path) -> dict[str, str]:
+    """The bench's real scans found under ``data_dir`` (the shared data), by label."""
     scans = {
         "nuScenes sweep": next((data_dir / "mmdet3d/demo/data/nuscenes").glob("*.pcd.bin"), None),
         "KITTI scan": data_dir / "mmdet3d/demo/data/kitti/000008.bin",
     }
+    return {label: str(path) for label, path in scans.items() if path is not None and Path(path).is_file()}
+
+
+def _run(data_dir: Path, tmp: Path, *, device: str, sizes, tile: float, on_row) -> dict:
     rows: list[dict] = []
     scaling: list[dict] = []
     res = {"backbones": rows, "scaling": scaling, "width": WIDTH, "voxel": VOXEL, "tile": tile}
-    scans = {label: str(path) for label, path in scans.items() if path is not None and Path(path).is_file()}
+    scans = real_scans(data_dir)
     synthetic = str(write_synthetic(1_000_000, tmp))
     for b in BACKBONES:
         jobs = [("scan", path) for path in scans.values()] + [("scene", synthetic)]

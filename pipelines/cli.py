@@ -336,6 +336,21 @@ def _check_output_file(path: Path | None, inputs: list[Path], option: str = "--j
     check_writable(path)
 
 
+def _json_writer(path: Path | None):
+    """A function that rewrites a bench result as JSON at ``path`` (through a temporary name; nothing
+    when ``path`` is None). The benches call it after every run, so that a run cut short by a time
+    limit (a GPU machine's) keeps what it measured."""
+
+    def write(res: dict) -> None:
+        if path is not None:
+            from medvit.io.writers import atomic_path
+
+            with atomic_path(path) as tmp:
+                Path(tmp).write_text(json.dumps(res, indent=1))
+
+    return write
+
+
 @bench_app.command("engine")
 def bench_engine(
     model: Annotated[str, typer.Option(help="unetr, swin_unetr, or small (a tiny UNETR).")] = "unetr",
@@ -404,14 +419,7 @@ def bench_engine(
                 input=str(input) if input else None, spacing=spacing3,
                 skip_below_hu=skip_below_hu, device=device, amp=amp, output_device=output_device, output=output,
                 speedups=steps, fp32_reference=fp32_reference, batch_sweep=sweep)
-
-    def save(res: dict) -> None:  # after every run: a run cut short by a time limit keeps what it measured
-        if json_out is not None:
-            from medvit.io.writers import atomic_path
-
-            with atomic_path(json_out) as tmp:
-                Path(tmp).write_text(json.dumps(res, indent=1))
-
+    save = _json_writer(json_out)
     # the machine is named at the end: naming the GPU starts CUDA in this process, which
     # should not hold GPU memory while the workers are measured
     res = compare(case, peer=peer, peer_outputs=outputs, on_result=save)
@@ -446,15 +454,12 @@ def bench_lidar(
         raise MedvitError(f"--sizes and --tile must be positive, got {sizes!r} and {tile}")
     device = _device(device)
     _check_output_file(json_out, [folder / "mmdet3d" / "demo" / "data"])  # the scans it reads
-    from medvit.io.writers import atomic_path
-
+    write = _json_writer(json_out)
     where = machine()  # once, before the workers run (on a GPU it makes this process's CUDA context)
 
     def save(res: dict) -> None:
         res["machine"] = where
-        if json_out is not None:
-            with atomic_path(json_out) as tmp:
-                Path(tmp).write_text(json.dumps(res, indent=1))
+        write(res)
 
     res = run(folder, device=device, sizes=n, tile=tile, on_row=save)
     save(res)
