@@ -366,7 +366,7 @@ def bench_engine(
     amp: Annotated[bool, typer.Option(help="bf16 autocast (meant for CUDA; on the CPU it runs, slowly).")] = False,
     output_device: Annotated[Optional[str], typer.Option(help="Where MONAI keeps its stitched output: cpu, cuda, or both (two MONAI runs).")] = None,
     output: Annotated[str, typer.Option(help="labels (argmax, bounded memory) or scores (blended outputs, compared exactly).")] = "labels",
-    speedups: Annotated[str, typer.Option(help="Ours, as a second run: comma-separated model speed-ups (sdpa, channels_last, compile), each timed.")] = "",
+    speedups: Annotated[str, typer.Option(help="Ours, as a second run: comma-separated model speed-ups (sdpa, cudnn_benchmark, channels_last, compile), each timed.")] = "",
     batch_sweep: Annotated[str, typer.Option(help="With eager --speedups: also time the sped-up net at these batch sizes (e.g. 8,16); its engine run uses the fastest per window.")] = "",
     fp32_reference: Annotated[bool, typer.Option(help="With --amp and --speedups: also run ours in fp32 and compare both bf16 runs' labels with it.")] = False,
     peer: Annotated[bool, typer.Option(help="Also run MONAI (off when its buffer cannot fit).")] = True,

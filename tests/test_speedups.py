@@ -50,3 +50,31 @@ def test_unknown_step_and_net_without_attention():
     cnn = build_net(ModelConfig(name="unet", in_channels=1, out_channels=2, roi_size=(32, 32, 32), options={}))
     with pytest.raises(MedvitError, match="no attention block"):
         speed_up(cnn, ["sdpa"])
+
+
+def test_cudnn_benchmark_needs_a_gpu():
+    _, net, _ = _pair("unetr")
+    with pytest.raises(MedvitError, match="cudnn_benchmark .* the net is on cpu"):
+        speed_up(net, ["cudnn_benchmark"])
+
+
+class _SeesFlag(torch.nn.Module):
+    """Records cuDNN's benchmark flag during its call."""
+
+    def forward(self, x):
+        self.seen = torch.backends.cudnn.benchmark
+        return x
+
+
+def test_cudnn_benchmark_is_on_only_inside_the_call(monkeypatch):
+    class OnGpu:
+        device = torch.device("cuda")
+
+    net = _SeesFlag()  # made to claim a GPU parameter, so no GPU is needed
+    monkeypatch.setattr(net, "parameters", lambda recurse=True: iter([OnGpu()]))
+    before = torch.backends.cudnn.benchmark
+    pred = speed_up(net, ["cudnn_benchmark"])
+    x = torch.ones(1, 1, 2, 2, 2)
+    assert torch.equal(pred(x), x)
+    assert net.seen is True
+    assert torch.backends.cudnn.benchmark == before

@@ -7,6 +7,11 @@ The nets stay MONAI's; these only change how they run:
   ``torch.nn.functional.scaled_dot_product_attention`` instead of an explicit softmax of the
   full score matrix. Same maths; on a GPU it runs fused kernels. Blocks that save their
   attention maps (``save_attn``) are left alone, since SDPA never forms the map.
+- ``cudnn_benchmark``: cuDNN times its convolution algorithms on the first call of each input
+  shape and keeps the fastest (``torch.backends.cudnn.benchmark``, which nnU-Net turns on for
+  inference); the engine feeds one window shape, so the search runs once. Only inside the
+  predictor's calls, so nothing else in the process changes. CUDA only. The algorithms differ in
+  summation order, not precision.
 - ``channels_last``: weights and inputs in ``torch.channels_last_3d`` layout, which cuDNN's
   3D convolutions prefer on tensor-core GPUs.
 - ``compile``: ``torch.compile`` of the whole net (fixed shapes: the engine always feeds the
@@ -27,7 +32,7 @@ from torch import nn
 
 from medvit.errors import MedvitError
 
-STEPS = ("sdpa", "channels_last", "compile")
+STEPS = ("sdpa", "cudnn_benchmark", "channels_last", "compile")
 
 
 def use_sdpa(net: nn.Module) -> int:
@@ -52,12 +57,25 @@ def speed_up(net: nn.Module, steps: Iterable[str]) -> Callable[[torch.Tensor], t
         raise MedvitError(f"unknown speed-up {bad[0]!r}; choose from {', '.join(STEPS)}")
     if "sdpa" in steps and use_sdpa(net) == 0:
         raise MedvitError(f"speed-up sdpa: {type(net).__name__} has no attention block with an SDPA switch")
+    tune = "cudnn_benchmark" in steps
+    if tune:
+        where = next((p.device for p in net.parameters()), torch.device("cpu"))
+        if where.type != "cuda":
+            raise MedvitError(f"speed-up cudnn_benchmark tunes cuDNN's convolutions on a GPU; the net is on {where}")
     layout = torch.channels_last_3d if "channels_last" in steps else None
     if layout is not None:
         net = net.to(memory_format=layout)
     run: Callable[[torch.Tensor], torch.Tensor] = torch.compile(net, dynamic=False) if "compile" in steps else net
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return run(x.contiguous(memory_format=layout) if layout is not None else x)
+        x = x.contiguous(memory_format=layout) if layout is not None else x
+        if not tune:
+            return run(x)
+        saved = torch.backends.cudnn.benchmark  # only this flag: cudnn.flags() would reset the others
+        torch.backends.cudnn.benchmark = True
+        try:
+            return run(x)
+        finally:
+            torch.backends.cudnn.benchmark = saved
 
     return predict
