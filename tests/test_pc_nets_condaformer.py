@@ -199,6 +199,9 @@ def test_plane_windows_are_planes():
                 assert span[THIN[w.plane]] == 0 and (span < 4).all()
                 assert indices[members, 0].unique().numel() == 1  # one cloud per window
                 assert torch.equal(w.window[members], w.window[members[:1]].expand(len(members)))
+            # the scatter back uses (sites, slots): exactly the filled slots, each with its voxel
+            assert torch.equal(g.slots.sort().values, g.valid.reshape(-1).nonzero().squeeze(1))
+            assert torch.equal(g.index.reshape(-1)[g.slots], g.sites)
 
 
 def test_windows_are_padded_per_size_group_not_to_the_largest():

@@ -99,11 +99,15 @@ class WindowGroup:
         valid: ``(G, n)`` bool, the slots that hold a voxel.
         pos: ``(G, n, 3)`` int64 position ``(x, y, z)`` of each slot's voxel inside its window
             (``0 <= pos < extent``; 0 in empty slots).
+        sites: ``(K,)`` int64 the group's voxel rows, and ``slots`` ``(K,)`` their slots in
+            ``index.reshape(-1)``: the scatter back needs no boolean mask (and so no host sync).
     """
 
     index: torch.Tensor
     valid: torch.Tensor
     pos: torch.Tensor
+    sites: torch.Tensor
+    slots: torch.Tensor
 
 
 MIN_GROUP_SIZE = 2
@@ -176,19 +180,33 @@ def plane_windows(
     rank[order] = torch.arange(m, device=device) - starts[window[order]]
     # size class: the first of MIN_GROUP_SIZE, 2x, 4x, ... that holds the window
     caps = MIN_GROUP_SIZE << torch.arange((extent[0] * extent[1] * extent[2]).bit_length(), device=device)
+    k = len(caps)
     cls = torch.searchsorted(caps, counts)
-    groups = []
+    site_cls = cls[window]
+    per_cls = torch.bincount(cls, minlength=k)
+    largest = torch.zeros(k, dtype=counts.dtype, device=device).scatter_reduce(0, cls, counts, "amax")
+    # one host sync for the whole layout (a GPU stalls at each): windows, voxels and largest window per class
+    n_windows, n_sites, n_slots = torch.stack([per_cls, torch.bincount(site_cls, minlength=k), largest]).tolist()
+    # windows and voxels sorted by class (stably, so both keep their order inside a class)
+    w_order = torch.argsort(cls, stable=True)
+    s_order = torch.argsort(site_cls, stable=True)
     local = torch.empty_like(counts)  # a window's row within its group
-    for c in cls.unique().tolist():
-        rows = (cls == c).nonzero().squeeze(1)
-        local[rows] = torch.arange(len(rows), device=device)
-        sites = (cls[window] == c).nonzero().squeeze(1)
-        n = int(counts[rows].max())
-        index = torch.full((len(rows), n), m, dtype=torch.long, device=device)
-        index[local[window[sites]], rank[sites]] = sites
-        slot_pos = torch.zeros(len(rows), n, 3, dtype=torch.long, device=device)
-        slot_pos[local[window[sites]], rank[sites]] = pos[sites]
-        groups.append(WindowGroup(index=index, valid=index < m, pos=slot_pos))
+    local[w_order] = torch.arange(len(counts), device=device) - (torch.cumsum(per_cls, 0) - per_cls)[cls[w_order]]
+    groups = []
+    s0 = 0
+    for c in range(k):
+        if n_windows[c] == 0:
+            continue
+        g, n = n_windows[c], n_slots[c]
+        sites = s_order[s0 : s0 + n_sites[c]]
+        s0 += n_sites[c]
+        slots = local[window[sites]] * n + rank[sites]
+        index = torch.full((g * n,), m, dtype=torch.long, device=device)
+        index[slots] = sites
+        slot_pos = torch.zeros(g * n, 3, dtype=torch.long, device=device)
+        slot_pos[slots] = pos[sites]
+        index = index.view(g, n)
+        groups.append(WindowGroup(index=index, valid=index < m, pos=slot_pos.view(g, n, 3), sites=sites, slots=slots))
     return PlaneWindows(plane=plane, extent=extent, shift=offs, window=window, groups=groups)
 
 
@@ -255,8 +273,7 @@ class DisassembledWindowAttention(nn.Module):
             res = self._attend(q1, k1, v1, grp, win.extent)  # (G, h, n, d)
             if out is None:
                 out = res.new_empty(m, h, d)  # every voxel is in exactly one window
-            sel = grp.valid.reshape(-1)
-            out[grp.index.reshape(-1)[sel]] = res.permute(0, 2, 1, 3).reshape(-1, h, d)[sel]
+            out[grp.sites] = res.permute(0, 2, 1, 3).reshape(-1, h, d)[grp.slots]
         return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grp: WindowGroup,
