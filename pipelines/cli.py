@@ -455,14 +455,9 @@ def bench_lidar(
     device = _device(device)
     _check_output_file(json_out, [folder / "mmdet3d" / "demo" / "data"])  # the scans it reads
     write = _json_writer(json_out)
-    where = machine()  # once, before the workers run (on a GPU it makes this process's CUDA context)
-
-    def save(res: dict) -> None:
-        res["machine"] = where
-        write(res)
-
-    res = run(folder, device=device, sizes=n, tile=tile, on_row=save)
-    save(res)
+    res = run(folder, device=device, sizes=n, tile=tile, on_row=write)
+    res["machine"] = machine()  # at the end, as bench engine: naming the GPU starts CUDA in this process
+    write(res)
     typer.echo(f"machine: {res['machine']}")
     typer.echo(format_result(res))
 

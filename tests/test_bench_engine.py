@@ -1,6 +1,9 @@
-"""The engine bench keeps what it measured when a time limit stops it part-way."""
+"""The engine and LiDAR benches keep what they measured when a time limit stops them part-way."""
+
+import json
 
 import numpy as np
+import pytest
 
 from pipelines import bench_engine
 from pipelines.bench_engine import Case, compare
@@ -22,3 +25,28 @@ def test_compare_reports_after_every_run(monkeypatch):
     # ours alone, then each MONAI run as it finishes
     assert seen == [[], ["cuda"], ["cuda", "cpu"]]
     assert [m["labels_equal"] for m in res["monai_runs"]] == [1.0, 0.0]
+
+
+def test_bench_lidar_writes_json_after_every_row_and_names_the_machine_last(monkeypatch, tmp_path):
+    from pipelines import bench_lidar
+    from pipelines.cli import main
+
+    events = []
+    out = tmp_path / "lidar.json"
+
+    def fake_run(folder, *, device, sizes, tile, on_row):  # the workers: two rows, each reported
+        res = {"backbones": [], "scaling": [], "width": 24, "voxel": 0.1, "tile": tile}
+        for b in ("sparse_unet", "flatformer"):
+            res["backbones"].append({"input": "scan", "backbone": b, "error": "stub"})
+            on_row(res)
+            events.append(("row", sorted(json.loads(out.read_text()))))
+        return res
+
+    monkeypatch.setattr(bench_lidar, "run", fake_run)
+    monkeypatch.setattr(bench_engine, "machine", lambda: events.append(("machine",)) or "test box")
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "lidar", "--data", str(tmp_path), "--json", str(out)])
+    assert done.value.code == 0
+    assert [e[0] for e in events] == ["row", "row", "machine"]
+    assert "machine" not in events[0][1]
+    assert json.loads(out.read_text())["machine"] == "test box"
