@@ -36,6 +36,10 @@ def utm_las(tmp_path) -> Path:
     las.red, las.green, las.blue = (rng.integers(0, 65535, n) for _ in range(3))
     las.return_number, las.number_of_returns = np.ones(n, np.uint8), np.full(n, 2, np.uint8)
     las.classification = rng.integers(0, 3, n)
+    las.scan_angle_rank = rng.integers(-90, 91, n)
+    las.synthetic = rng.integers(0, 2, n).astype(bool)
+    las.user_data = rng.integers(0, 256, n)
+    las.point_source_id = rng.integers(0, 65535, n)
     path = tmp_path / "utm.las"
     las.write(path)
     return path
@@ -60,8 +64,12 @@ def test_write_classification_keeps_points_bit_exact(utm_las, tmp_path, top, fmt
     ref = laspy.read(utm_las)
     assert back.point_format.id == fmt and str(back.header.version) == version
     np.testing.assert_array_equal(np.asarray(back.classification), labels)
-    for dim in ("X", "Y", "Z", "intensity", "gps_time", "red", "green", "blue", "return_number", "number_of_returns"):
+    for dim in ("X", "Y", "Z", "intensity", "gps_time", "red", "green", "blue", "return_number", "number_of_returns",
+                "synthetic", "user_data", "point_source_id"):
         np.testing.assert_array_equal(np.asarray(back[dim]), np.asarray(ref[dim]), err_msg=dim)
+    # the scan angle survives the upgrade: whole degrees in formats 0-5, 0.006 degree steps in 6-10
+    angle = np.asarray(back.scan_angle) * 0.006 if fmt >= 6 else np.asarray(back.scan_angle_rank)
+    np.testing.assert_allclose(angle, np.asarray(ref.scan_angle_rank), atol=0.003)
     np.testing.assert_array_equal(back.header.scales, ref.header.scales)
     np.testing.assert_array_equal(back.header.offsets, ref.header.offsets)
     again = read_points(out)
@@ -132,6 +140,9 @@ def test_corrupt_las(tmp_path, utm_las):
     with pytest.raises(InputError, match=r"zero\.las: LAS header scale \[0\.001, 0\.0, 0\.001\] has a zero"):
         read_points(tmp_path / "zero.las")
     (tmp_path / "junk.las").write_bytes(b"not a las file at all" * 20)
+    (tmp_path / "zeros.las").write_bytes(b"LASF" + bytes(300))  # a signature, then a header of zeros
+    with pytest.raises(InputError, match=r"zeros\.las: not a readable LAS/LAZ file"):
+        read_points(tmp_path / "zeros.las")
     with pytest.raises(InputError, match=r"junk\.las: not a readable LAS/LAZ file"):
         read_points(tmp_path / "junk.las")
     if DATA.is_dir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def _read(path: Path) -> laspy.LasData:
         raise InputError(path, f"not a readable LAS/LAZ file ({e})") from None
     except lazrs.LazrsError as e:
         raise InputError(path, f"LAZ data is corrupt or truncated ({e})") from None
+    except (ValueError, EOFError, struct.error) as e:  # a header or VLR cut short: laspy reads past the end
+        raise InputError(path, f"not a readable LAS/LAZ file: its header or VLRs are corrupt or truncated ({e})") from None
 
 
 def read_las(path: Path, fields: Sequence[str] | None = None) -> PointCloud:
@@ -171,7 +174,12 @@ def write_las(cloud: PointCloud, labels, path: str | os.PathLike, *,
             if crs and "wkt" not in crs:
                 logger.warning("%s: point format %d -> %d for classes above 31; its GeoTIFF CRS keys are kept "
                                "as they are (LAS 1.4 expects WKT for formats 6-10)", path, las.point_format.id, target)
+            logger.warning("%s: point format %d -> %d (LAS 1.4): formats 0-5 hold classes 0..31, these labels "
+                           "reach %d", path, las.point_format.id, target, int(classes.max()))
+            rank = np.asarray(las.scan_angle_rank, dtype=np.float64)
             las = laspy.convert(las, point_format_id=target, file_version="1.4")
+            # laspy copies dimensions by name: the whole-degree scan_angle_rank becomes scan_angle, in 0.006 degree steps
+            las.scan_angle = np.round(rank / 0.006).astype(np.int16)
     else:
         las = _from_points(cloud, 6 if wide else 0)
     las.classification = classes
