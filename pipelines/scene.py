@@ -148,7 +148,9 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     ``NAME.las``/``.laz`` copy with the classification set (``label_format`` overrides).
     """
     cfg = model.config
-    cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None)
+    # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
+    cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None,
+                        sibling_labels=False)
     dropped = int(cloud.meta.get("dropped_nonfinite", 0))
     target = scan_output(path, Path(out_dir), label_format)
     is_las = target.suffix.lower() in (".las", ".laz")
@@ -166,7 +168,8 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     if n_out:
         log.warning("%s: %d points outside point_range %s were left unlabelled (%d)", path, n_out,
                     list(cfg.point_range), cfg.infer.unlabelled)
-    guard = [path] + list(protect or []) + ([cloud.meta["label_path"]] if "label_path" in cloud.meta else [])
+    sibling = sibling_label_path(Path(path)) if detect_format(path) == "kitti" else None
+    guard = [path] + list(protect or []) + ([str(sibling)] if sibling is not None else [])
     if is_las:
         if cfg.infer.unlabelled > 255 or labels.max(initial=0) > 255:
             raise InputError(path, "LAS classification holds 0..255; choose --format label or npy")

@@ -165,6 +165,12 @@ def test_outputs_never_overwrite_inputs_or_each_other(ckpt, tmp_path, capsys):
     assert_user_error(["lidar", "segment", str(seq / "velodyne" / "000.bin"), "-o", str(seq / "labels"),
                        "--checkpoint", str(ckpt)], capsys, "000.label: is an input and would be overwritten")
     assert (seq / "labels" / "000.label").read_bytes() == truth
+    # segmenting needs no ground truth: a label file of the wrong length beside the scan is not read
+    (seq / "labels" / "000.label").write_bytes(truth[:-4])
+    code, out_text, err = run_cli(["lidar", "segment", str(seq / "velodyne" / "000.bin"), "-o", str(tmp_path / "pred"),
+                                   "--checkpoint", str(ckpt), "--no-progress"], capsys)
+    assert code == 0, err
+    assert np.fromfile(tmp_path / "pred" / "000.label", np.uint32).shape == (500,)
     for sub in ("a", "b"):
         write_kitti(xyz, intensity, None, tmp_path / sub / "scan")
     out = tmp_path / "o"

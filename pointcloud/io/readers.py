@@ -108,6 +108,7 @@ def read_points(
     label_path: str | os.PathLike | None = None,
     fields: Sequence[str] | None = None,
     nonfinite: Literal["drop", "error"] = "drop",
+    sibling_labels: bool = True,
 ) -> PointCloud:
     """Read a scan into a :class:`PointCloud` (``xyz`` ``(N, 3)`` float64, ``features`` ``(N, F)`` float32).
 
@@ -117,7 +118,7 @@ def read_points(
             x, y, z, intensity, ring), ``pcd``, ``ply``, ``las``, ``laz``, ``npy``; default from the suffix.
         label_path: per-point labels (SemanticKITTI ``.label`` or ``.npy``) filling ``labels`` and
             ``instance``. For ``kitti`` scans left ``None``, ``../labels/NAME.label`` is used when it
-            exists (SemanticKITTI's layout).
+            exists (SemanticKITTI's layout) and ``sibling_labels`` is true (segmenting needs no labels).
         fields: the per-point values to keep as features, in this order; InputError naming any the
             file lacks. For LAS these are dimension names (default ``["intensity"]``); elsewhere the
             default keeps every field the file has.
@@ -154,7 +155,7 @@ def read_points(
     cloud.meta["n_points_file"] = len(cloud)
     if fields is not None and key not in ("las", "laz"):
         cloud = _select_fields(cloud, fields)
-    if label_path is None and key == "kitti":
+    if label_path is None and key == "kitti" and sibling_labels:
         label_path = sibling_label_path(path)
     if label_path is not None:
         _attach_labels(cloud, Path(label_path))
