@@ -260,8 +260,8 @@ def lidar_segment(
     from pointcloud.checkpoint import load_point_checkpoint
 
     _check_overlap(overlap)
-    if tile_size is not None and tile_size <= 0:
-        raise MedvitError(f"--tile-size must be positive, got {tile_size}")
+    if tile_size is not None and not (math.isfinite(tile_size) and tile_size > 0):
+        raise MedvitError(f"--tile-size must be a positive number of metres, got {tile_size}")
     if max_points is not None and max_points < 1:
         raise MedvitError(f"--max-points must be at least 1, got {max_points}")
     label_format = format.value if format else None

@@ -80,8 +80,8 @@ class ScanResult:
 def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float | None = None,
                    overlap: float | None = None, max_points: int | None = None, device: str | torch.device = "cpu",
                    progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
-    """Labels ``(N,)`` for the cloud's points, the count outside ``point_range``, the engine's
-    report, and the count whose net features are NaN or infinite; both kinds are left unlabelled."""
+    """Train ids ``(N,)`` for the cloud's points, the count outside ``point_range``, the engine's
+    report, and the count whose net features are NaN or infinite; both kinds are left -1."""
     cfg = model.config
     inside = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
     n_out = int((~inside).sum())
@@ -92,7 +92,7 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float
         log.warning("%s: %d points have NaN or infinite %s; left unlabelled (%d)", cloud.source, n_bad,
                     "/".join(cfg.features), cfg.infer.unlabelled)
     inside &= finite
-    labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
+    labels = np.full(len(cloud), -1, dtype=np.int64)
     rep = EngineReport()
     if inside.any():
         dev = torch.device(device)
@@ -164,7 +164,10 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
         span = ", ".join(f"{a} {l:.6g}..{h:.6g}" for a, l, h in zip("xyz", lo, hi))
         raise InputError(path, f"no point lies inside the checkpoint's point_range {list(cfg.point_range)} "
                                f"(the scan spans {span}); is it in the frame the net was trained in?")
-    labels, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
+    train_ids, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
+    done = train_ids >= 0
+    labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
+    labels[done] = cfg.output_ids()[train_ids[done]]  # raw ids when the checkpoint has a label_map
     if n_out:
         log.warning("%s: %d points outside point_range %s were left unlabelled (%d)", path, n_out,
                     list(cfg.point_range), cfg.infer.unlabelled)
@@ -176,7 +179,9 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
         write_las(cloud, labels, target, protect=guard)
     else:
         write_labels(to_file_order(cloud, labels, fill=cfg.infer.unlabelled), target, protect=guard)
-    counts = {cfg.labels.get(int(k), str(int(k))): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+    counts = {cfg.labels[int(k)]: int(v) for k, v in zip(*np.unique(train_ids[done], return_counts=True))}
+    if not done.all():
+        counts["unlabelled"] = int((~done).sum())
     return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts, n_bad)
 
 
@@ -206,6 +211,11 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     with about(cloud.source):  # validation tiles the whole scan: a stray far point fails here, not after an epoch
         check_scene_extent(cloud.xyz, cfg.infer.tile_size, cfg.infer.tile_size * (1 - cfg.infer.overlap))
     labels = train_labels(cloud, cfg, ignore)
+    if cfg.label_map is None and (outside := (labels == ignore)).any() and not outside.all():
+        raw = np.unique(cloud.labels[outside])
+        log.warning("%s: %d of %d points (%.1f %%) carry label ids %s outside the config's train ids 0..%d and are "
+                    "ignored in training (a label_map maps raw ids to train ids)", item.get("label") or cloud.source,
+                    int(outside.sum()), len(labels), 100 * outside.mean(), _ids(raw), cfg.num_classes - 1)
     unusable = None
     if (labels == ignore).all():
         raw = np.unique(cloud.labels) if cloud.labels is not None else np.array([], np.int64)

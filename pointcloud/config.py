@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from medvit.config import TrainConfig, _Strict, read_yaml, validate_mapping
@@ -62,7 +63,8 @@ class SceneInferConfig(_Strict):
     max_points: int = Field(200_000, ge=1)
     batch_size: int = Field(1, ge=1)
     unlabelled: int = Field(255, ge=0, le=65535)  # a SemanticKITTI .label keeps 16 bits of semantic id
-    """Label written for points that were not segmented (non-finite or outside ``point_range``)."""
+    """Label written for points that were not segmented (non-finite or outside ``point_range``); in the
+    output's id space (raw ids when the config has a ``label_map``), so never an id a class is written as."""
 
 
 class LossConfig(_Strict):
@@ -80,7 +82,9 @@ class LidarConfig(_Strict):
     labels: dict[int, str]
     """Train id -> name, ids 0..K-1."""
     label_map: dict[int, int] | None = None
-    """Raw label id in the files -> train id (e.g. SemanticKITTI's 10 -> car); unmapped raw ids are ignored in training."""
+    """Raw label id in the files -> train id (e.g. SemanticKITTI's 10 -> car); unmapped raw ids are ignored in
+    training. Segmentations are written back in raw ids: each class as the smallest raw id mapped to it
+    (SemanticKITTI's ``learning_map_inv``), so that the dataset's own tools read them."""
     features: dict[str, float] = Field(default_factory=lambda: {"intensity": 1.0})
     """Point features given to the net (names as the reader reports them) and their scale."""
     voxel_size: float | tuple[float, float, float] = 0.1
@@ -99,10 +103,22 @@ class LidarConfig(_Strict):
             raise ValueError(f"labels must name at least two classes, got {ids}")
         if ids != list(range(len(ids))):
             raise ValueError(f"labels must be the train ids 0..K-1 without gaps, got {ids}")
+        unl = self.infer.unlabelled
         if self.label_map is not None:
             bad = sorted({v for v in self.label_map.values()} - set(ids))
             if bad:
                 raise ValueError(f"label_map points at train ids that are not labels: {bad}")
+            unreached = [i for i in ids if i not in self.label_map.values()]
+            if unreached:
+                raise ValueError(f"label_map maps no raw id to train ids {unreached} ({', '.join(self.labels[i] for i in unreached)}): "
+                                 "they could neither be learnt nor written back as raw ids")
+            if unl in self.label_map:
+                raise ValueError(f"infer.unlabelled {unl} is a raw id in label_map ({unl} -> {self.labels[self.label_map[unl]]}): "
+                                 "points left unsegmented would read as that class; choose an id outside label_map "
+                                 "(SemanticKITTI: 0, 'unlabeled')")
+        elif unl < len(ids):
+            raise ValueError(f"infer.unlabelled {unl} is the train id of '{self.labels[unl]}': points left unsegmented "
+                             f"would read as that class; choose an id of {len(ids)} or more (default 255)")
         vs = self.voxel_size if isinstance(self.voxel_size, tuple) else (self.voxel_size,)
         if min(vs) < MIN_VOXEL_SIZE:
             raise ValueError(f"voxel_size must be at least {MIN_VOXEL_SIZE} m, got {self.voxel_size}")
@@ -114,6 +130,15 @@ class LidarConfig(_Strict):
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    def output_ids(self) -> np.ndarray:
+        """``(K,)`` the id each train id is written as: itself, or with a ``label_map`` the smallest raw id
+        mapped to it."""
+        out = np.arange(self.num_classes, dtype=np.int64)
+        if self.label_map is not None:
+            for raw, train in sorted(self.label_map.items(), reverse=True):
+                out[train] = raw
+        return out
 
     @property
     def in_channels(self) -> int:

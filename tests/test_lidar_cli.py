@@ -126,6 +126,9 @@ def test_bad_scans(ckpt, tmp_path, capsys):
                       capsys, "none.bin", out_dir=out)
     assert_user_error(["lidar", "segment", str(tmp_path / "odd.bin"), "-o", str(out), "--checkpoint", str(ckpt),
                        "--max-points", "0"], capsys, "--max-points must be at least 1", out_dir=out)
+    for bad in ("nan", "inf", "-5"):
+        assert_user_error(["lidar", "segment", str(tmp_path / "odd.bin"), "-o", str(out), "--checkpoint", str(ckpt),
+                           "--tile-size", bad], capsys, "--tile-size must be a positive number of metres", out_dir=out)
     nan = np.full((5, 4), np.nan, np.float32)
     nan.tofile(tmp_path / "allnan.bin")
     assert_user_error(["lidar", "segment", str(tmp_path / "allnan.bin"), "-o", str(out), "--checkpoint", str(ckpt)],
@@ -182,6 +185,24 @@ def test_outputs_never_overwrite_inputs_or_each_other(ckpt, tmp_path, capsys):
                        "--checkpoint", str(ckpt)], capsys, "afile: is a file; the output must be a folder")
     assert_user_error(["lidar", "segment", str(tmp_path / "a"), "-o", str(out), "--checkpoint", str(ckpt)],
                       capsys, "is a folder, not a scan file", out_dir=out)
+
+
+def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
+    """SemanticKITTI's tools read raw ids: with a label_map each class is written as the smallest raw id
+    mapped to it (learning_map_inv), and unsegmented points as infer.unlabelled (0, 'unlabeled')."""
+    raw = {10: 0, 252: 0, 40: 1, 60: 1, 50: 2, 80: 3, 70: 4}
+    ckpt = make_ckpt(tmp_path, label_map=raw, point_range=[-10, -10, -5, 10, 10, 5],
+                     infer={**TINY["infer"], "unlabelled": 0})
+    rng = np.random.default_rng(5)
+    xyz = rng.uniform(-15, 15, (800, 3))
+    write_kitti(xyz, rng.uniform(0, 1, 800), None, tmp_path / "scan")
+    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
+                              str(ckpt), "--no-progress"], capsys)
+    assert code == 0, err
+    got = np.fromfile(tmp_path / "o" / "scan.label", np.uint32) & 0xFFFF
+    outside = np.any(np.abs(xyz) > [10, 10, 5], 1)
+    assert outside.any() and (got[outside] == 0).all()
+    assert set(np.unique(got[~outside]).tolist()) <= {10, 40, 50, 80, 70}
 
 
 def test_las_output_of_a_scan_with_nan_points_is_refused(ckpt, tmp_path, capsys):
@@ -256,8 +277,8 @@ def test_label_length_mismatch_in_training_data(tmp_path, capsys):
 
 def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsys):
     dl = _train_set(tmp_path, n_scans=1)
-    cfg = {**TINY, "label_map": {90: 0, 91: 1}, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"),
-                                                          "epochs": 1}}
+    cfg = {**TINY, "label_map": {90 + i: i for i in range(5)}, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"),
+                                                                         "epochs": 1}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     # no raw id of the scans is in the label map: nothing to learn (it trained on, reporting mIoU NaN)
@@ -273,6 +294,10 @@ def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsy
 @pytest.mark.parametrize("patch, needle", [({"labels": {0: "a", 2: "b"}}, "labels"), ({"voxel_size": -1}, "voxel_size"),
                                            ({"model": {"name": "nope"}}, "unknown point-cloud net"),
                                            ({"infer": {**TINY["infer"], "unlabelled": 70000}}, "unlabelled"),
+                                           ({"infer": {**TINY["infer"], "unlabelled": 3}}, "unlabelled 3 is the train id of 'pole'"),
+                                           ({"label_map": {10: 0, 11: 1, 12: 2, 13: 3, 255: 4}},
+                                            "unlabelled 255 is a raw id in label_map (255 -> vegetation)"),
+                                           ({"label_map": {10: 0, 11: 1}}, "maps no raw id to train ids [2, 3, 4]"),
                                            ({"loss": {"ce_weight": 0, "lovasz_weight": 0}}, "both 0"),
                                            ({"augment": {"scale": [1.05, 0.95]}}, "low <= high"),
                                            ({"labels": {0: "a"}}, "at least two classes"),
@@ -292,3 +317,17 @@ def test_shipped_lidar_configs_build_their_nets(name):
     assert cfg.num_classes == 19 and cfg.label_map[252] == 0
     net = build_from_config(cfg)
     assert sum(p.numel() for p in net.parameters()) > 100_000
+
+
+def test_label_ids_past_the_class_count_are_reported(tmp_path, caplog):
+    """Without a label_map, ids outside 0..K-1 are ignored in training, and the scan says how many."""
+    from pipelines.scene import load_training_scan
+
+    rng = np.random.default_rng(6)
+    labels = np.r_[np.zeros(300, np.uint32), np.full(100, 7, np.uint32)]
+    write_kitti(rng.uniform(-10, 10, (400, 3)), rng.uniform(0, 1, 400), labels, tmp_path / "s")
+    cfg = parse_lidar_config(TINY)
+    with caplog.at_level("WARNING"):
+        scan = load_training_scan({"image": str(tmp_path / "s.bin"), "label": str(tmp_path / "s.label")}, cfg, -100)
+    assert (scan.labels == -100).sum() == 100
+    assert "100 of 400 points (25.0 %) carry label ids 7 outside the config's train ids 0..4" in caplog.text

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import laspy
-import lazrs
 import numpy as np
 from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
@@ -20,6 +19,12 @@ from medvit.errors import InputError
 from pointcloud.io.cloud import PointCloud
 
 logger = logging.getLogger(__name__)
+
+try:
+    from lazrs import LazrsError
+except ImportError:  # LAS still reads and writes; laspy then refuses LAZ itself, naming the missing backend
+    class LazrsError(Exception):
+        pass
 
 DEFAULT_FIELDS = ("intensity",)
 _MAX_CLASS_LEGACY = 31  # point formats 0-5 keep classification in 5 bits
@@ -56,7 +61,7 @@ def _read(path: Path) -> laspy.LasData:
         return laspy.read(path)
     except laspy.errors.LaspyException as e:
         raise InputError(path, f"not a readable LAS/LAZ file ({e})") from None
-    except lazrs.LazrsError as e:
+    except LazrsError as e:
         raise InputError(path, f"LAZ data is corrupt or truncated ({e})") from None
     except (ValueError, EOFError, struct.error) as e:  # a header or VLR cut short: laspy reads past the end
         raise InputError(path, f"not a readable LAS/LAZ file: its header or VLRs are corrupt or truncated ({e})") from None
