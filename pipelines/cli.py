@@ -197,16 +197,18 @@ def datalist(
     manifest: Annotated[Path, typer.Argument(help="A file of data_manifests/, e.g. data_manifests/btcv.json.")],
     root: Annotated[Path, typer.Argument(help="Your local copy of the dataset.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Datalist JSON to write.")],
-    fold: Annotated[int, typer.Option(help="Validation fold, for manifests split by folds.")] = 0,
+    fold: Annotated[Optional[int], typer.Option(help="Validation fold 0..4, for manifests split by folds (default 0).")] = None,
     sha256: Annotated[bool, typer.Option(help="Record each file's SHA-256.")] = False,
 ) -> None:
     """Build a MONAI datalist for a local copy of a public dataset, checking every file exists."""
     import json
 
-    from medvit.data.manifest import build_datalist
+    from medvit.data.manifest import build_datalist, datalist_files
     from medvit.io.writers import atomic_path
 
     dl = build_datalist(manifest, root, fold=fold, sha256=sha256)
+    # neither the manifest nor a file of the dataset
+    _check_output_file(out, [manifest, *map(Path, datalist_files(dl))], option="-o")
     with atomic_path(out) as tmp:
         Path(tmp).write_text(json.dumps(dl, indent=1))
     typer.echo(f"{out}: {len(dl['training'])} training and {len(dl['validation'])} validation cases of {dl['name']}")

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,48 @@ def test_brats_manifest_finds_cases_by_glob(tmp_path):
         case.rename(outer / "BraTS2021_Training_Data" / case.name)
     dl2 = build_datalist(REPO / "data_manifests" / "brats2021.json", outer, fold=1)
     assert len(dl2["training"]) == 5 and dl2["validation"][0]["image"][0].endswith("BraTS2021_00001_flair.nii.gz")
+
+
+def _brats(tmp_path: Path, n: int = 3) -> Path:
+    for i in range(n):
+        case = f"BraTS2021_{i:05d}"
+        for suffix in ("flair", "t1", "t1ce", "t2", "seg"):
+            _touch(tmp_path, f"{case}/{case}_{suffix}.nii.gz")
+    return tmp_path
+
+
+def test_datalist_never_overwrites_its_manifest_or_a_dataset_file(tmp_path, capsys):
+    from tests.test_cli import assert_user_error
+
+    root = _brats(tmp_path / "data")
+    manifest = tmp_path / "man.json"
+    manifest.write_text((REPO / "data_manifests" / "brats2021.json").read_text())
+    before = manifest.read_text()
+    assert_user_error(["datalist", str(manifest), str(root), "-o", str(manifest)], capsys, "man.json", "refusing to overwrite")
+    assert manifest.read_text() == before
+    seg = root / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz"
+    assert_user_error(["datalist", str(manifest), str(root), "-o", str(seg)], capsys, "refusing to overwrite")
+    assert seg.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"layout": "BraTS2021_*"}, "'layout' must be an object"),
+    ({"layout": {"case_glob": "B*", "image": "{id}/x.nii.gz", "label": "{case}/s.nii.gz"}}, "may only use {case}"),
+    ({"layout": {"case_glob": "B*", "label": "{case}/s.nii.gz"}}, "needs 'image'"),
+    ({"layout": {"case_glob": "/abs/*", "image": "{case}/x", "label": "{case}/s"}}, "relative folder pattern"),
+    ({"layout": {}, "training": "all"}, "'training' must be a list"),
+    ({"layout": {}, "training": [{"image": 3, "label": "l.nii.gz"}]}, "'training[0].image' must be a relative path"),
+])
+def test_malformed_manifests_are_one_line_errors(patch, needle, tmp_path):
+    m = {"name": "x", "labels": {"0": "background"}, "layout": {}, **patch}
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    with pytest.raises(InputError, match=re.escape(needle)):
+        build_datalist(tmp_path / "m.json", tmp_path)
+
+
+def test_fold_out_of_range_or_on_a_fixed_split_is_refused(tmp_path):
+    root = _brats(tmp_path)
+    with pytest.raises(InputError, match=r"--fold must be 0\.\.4"):
+        build_datalist(REPO / "data_manifests" / "brats2021.json", root, fold=7)
+    with pytest.raises(InputError, match="fixed training/validation split"):
+        build_datalist(REPO / "data_manifests" / "msd_task09_spleen.json", root, fold=1)

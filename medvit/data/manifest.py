@@ -32,10 +32,51 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"a manifest is a JSON object, got {type(data).__name__}")
     for key in ("name", "labels", "layout"):
         if key not in data:
             raise InputError(path, f"a manifest needs '{key}'")
+    _check_layout(path, data)
     return data
+
+
+def _paths_ok(value: Any) -> bool:
+    """A relative path, or a non-empty list of them (one per channel)."""
+    items = value if isinstance(value, list) else [value]
+    return bool(items) and all(isinstance(v, str) and v and not Path(v).is_absolute() for v in items)
+
+
+def _check_layout(path: Path, data: dict[str, Any]) -> None:
+    """The keys ``build_datalist`` reads, checked up front so that a malformed manifest is one line."""
+    if not isinstance(data["labels"], dict):
+        raise InputError(path, "'labels' must be an object of label id -> name")
+    layout = data["layout"]
+    if not isinstance(layout, dict):
+        raise InputError(path, f"'layout' must be an object, got {type(layout).__name__}")
+    if "case_glob" in layout:
+        glob = layout["case_glob"]
+        if not isinstance(glob, str) or not glob or Path(glob).is_absolute():
+            raise InputError(path, f"'layout.case_glob' must be a relative folder pattern, got {glob!r}")
+        for key in ("image", "label"):
+            if key not in layout:
+                raise InputError(path, f"'layout' with a case_glob needs '{key}' (a path template using {{case}})")
+            if not _paths_ok(layout[key]):
+                raise InputError(path, f"'layout.{key}' must be a relative path template or a list of them, got {layout[key]!r}")
+            for t in layout[key] if isinstance(layout[key], list) else [layout[key]]:
+                try:
+                    t.format(case="x")
+                except (KeyError, IndexError, ValueError) as e:
+                    raise InputError(path, f"'layout.{key}' template {t!r} may only use {{case}} ({type(e).__name__}: {e})") from None
+        return
+    for split in ("training", "validation"):
+        entries = data.get(split, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InputError(path, f"'{split}' must be a list of {{\"image\": ..., \"label\": ...}} entries")
+        for i, e in enumerate(entries):
+            for key in ("image", "label"):
+                if key in e and not _paths_ok(e[key]):
+                    raise InputError(path, f"'{split}[{i}].{key}' must be a relative path or a list of them, got {e[key]!r}")
 
 
 def _glob_cases(manifest: dict[str, Any], root: Path, fold: int, n_folds: int) -> tuple[list[dict], list[dict]]:
@@ -53,14 +94,23 @@ def _glob_cases(manifest: dict[str, Any], root: Path, fold: int, n_folds: int) -
     return train, val
 
 
-def build_datalist(manifest_path: str | Path, root: str | Path, *, fold: int = 0, n_folds: int = 5, sha256: bool = False) -> dict[str, Any]:
+def build_datalist(manifest_path: str | Path, root: str | Path, *, fold: int | None = None, n_folds: int = 5,
+                   sha256: bool = False) -> dict[str, Any]:
     """A MONAI datalist with absolute paths for a local copy of a manifest's dataset.
 
     ``root`` is the dataset's folder, or the folder holding it under the manifest's
     ``layout.root`` name (``BraTS2021_Training_Data/``). Every file the manifest names must
     exist under it; the first missing one is named in the error together with how many are missing.
+    ``fold`` (default 0) picks the validation fold of a manifest split by folds (``case_glob``); a
+    manifest with a fixed split refuses one.
     """
     manifest = read_manifest(manifest_path)
+    if "case_glob" in manifest["layout"]:
+        fold = 0 if fold is None else fold
+        if not 0 <= fold < n_folds:
+            raise InputError(manifest_path, f"--fold must be 0..{n_folds - 1} ({n_folds} folds), got {fold}")
+    elif fold is not None:
+        raise InputError(manifest_path, "has a fixed training/validation split; --fold does not apply")
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "no such dataset folder")
@@ -95,7 +145,11 @@ def build_datalist(manifest_path: str | Path, root: str | Path, *, fold: int = 0
     if missing:
         raise InputError(root, f"{len(missing)} file(s) of {manifest['name']} are missing, first {missing[0]}")
     if sha256:
-        files = [p for e in result["training"] + result["validation"] for k in ("image", "label") if k in e
-                 for p in (e[k] if isinstance(e[k], list) else [e[k]])]
-        result["sha256"] = {p: _sha256(Path(p)) for p in files}
+        result["sha256"] = {p: _sha256(Path(p)) for p in datalist_files(result)}
     return result
+
+
+def datalist_files(datalist: dict[str, Any]) -> list[str]:
+    """Every image and label path of a datalist's training and validation entries."""
+    return [p for e in datalist["training"] + datalist["validation"] for k in ("image", "label") if k in e
+            for p in (e[k] if isinstance(e[k], list) else [e[k]])]
