@@ -66,6 +66,11 @@ def _check_overlap(overlap: float | None) -> None:
         raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
 
 
+def _check_hu(skip_below_hu: float | None) -> None:
+    if skip_below_hu is not None and not math.isfinite(skip_below_hu):  # nan skipped every window, silently
+        raise MedvitError(f"--skip-below-hu must be a finite HU value such as -500, got {skip_below_hu}")
+
+
 def _echo_trained(res, metric: str) -> None:
     best = "-" if res.best_metric is None else f"{res.best_metric:.4f} (epoch {res.best_epoch})"
     typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation {metric} {best}")
@@ -139,6 +144,7 @@ def segment(
     if batch_size is not None and batch_size < 1:
         raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
     _check_overlap(overlap)
+    _check_hu(skip_below_hu)
     dev = _device(device)
     cfg = load_config(config) if config is not None else None
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
@@ -383,6 +389,7 @@ def bench_engine(
         raise MedvitError(f"{input}: no such file or DICOM folder")
     if output not in ("labels", "scores"):
         raise MedvitError(f"--output must be labels or scores, got {output!r}")
+    _check_hu(skip_below_hu)
     if skip_below_hu is not None and input is None:
         raise MedvitError("--skip-below-hu needs --input (a CT in HU); random input has no HU")
     _check_overlap(overlap)

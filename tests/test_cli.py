@@ -136,6 +136,9 @@ def test_segment_output_that_is_a_file_or_cannot_be_made(ckpt, phantom, tmp_path
                       "case.nii.gz: is a file; the output must be a folder")
     assert_user_error(["segment", str(phantom), "-o", "/proc/medvit_cannot_be_made", "--checkpoint", str(ckpt),
                        "--no-progress"], capsys, "/proc/medvit_cannot_be_made")
+    for hu in ("nan", "inf"):  # nan skipped every window and wrote all background
+        assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                           "--skip-below-hu", hu], capsys, "--skip-below-hu must be a finite HU value", out_dir=tmp_path / "o")
 
 
 @pytest.fixture(scope="module")
