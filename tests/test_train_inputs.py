@@ -174,3 +174,15 @@ def test_bad_training_configs_name_the_file(patch, needle, tiny_set, tmp_path, c
         d[k] = {**d.get(k, {}), **v}
     cfg.write_text(yaml.safe_dump(d))
     assert_user_error(["train", str(cfg), "--no-progress"], capsys, str(cfg), needle)
+
+
+def test_label_ids_the_config_does_not_name_are_refused(tiny_set, tmp_path, capsys):
+    """Labels {0, 1, 2, 4, 5} on data holding 3 too trained 3 as a class no output names."""
+    d = yaml.safe_load(tiny_config(tmp_path, tiny_set).read_text())
+    assert 3 in d["labels"]
+    del d["labels"][3]
+    cfg = tmp_path / "gap.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "_label.nii.gz", "holds label values 3 that the "
+                      "config's labels do not name (it names 0, 1, 2, 4, 5)")
+    _no_run_written(tmp_path / "run")

@@ -32,13 +32,17 @@ class CheckCased(MapTransform):
 
     The image must have ``in_channels`` channels; the label (when present) the image's grid
     (shape, and affine within :data:`LABEL_GRID_TOLERANCE`) and values in
-    ``0 .. n_classes - 1``. Raises :class:`InputError` naming the file; passes the case on unchanged.
+    ``0 .. n_classes - 1``, all of them in ``label_ids`` when given (the config's named labels:
+    an unnamed id would train as a class no output names). Raises :class:`InputError` naming the
+    file; passes the case on unchanged.
     """
 
-    def __init__(self, image_key: str, label_key: str, *, in_channels: int, n_classes: int, net: str = "net") -> None:
+    def __init__(self, image_key: str, label_key: str, *, in_channels: int, n_classes: int, net: str = "net",
+                 label_ids: set[int] | None = None) -> None:
         super().__init__((image_key, label_key), allow_missing_keys=True)
         self.image_key, self.label_key = image_key, label_key
         self.in_channels, self.n_classes, self.net = int(in_channels), int(n_classes), net
+        self.label_ids = None if label_ids is None else {int(i) for i in label_ids}
 
     def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
         image, label = data[self.image_key], data.get(self.label_key)
@@ -63,4 +67,13 @@ class CheckCased(MapTransform):
         if lo < 0 or hi >= self.n_classes:
             raise InputError(lsrc, f"holds label values {lo}..{hi}, but the config has {self.n_classes} classes "
                                    f"(0..{self.n_classes - 1})")
+        if self.label_ids is not None and not set(range(lo, hi + 1)) <= self.label_ids:
+            unnamed = sorted(set(torch.unique(lab).long().tolist()) - self.label_ids)
+            if unnamed:
+                raise InputError(lsrc, f"holds label values {_short(unnamed)} that the config's labels do not name "
+                                       f"(it names {_short(sorted(self.label_ids))})")
         return data
+
+
+def _short(ids: list[int], shown: int = 10) -> str:
+    return ", ".join(map(str, ids[:shown])) + (f", ... ({len(ids)} in all)" if len(ids) > shown else "")
