@@ -20,9 +20,9 @@ from monai.transforms import Compose, Randomizable
 from medvit.checkpoint import save_checkpoint
 from medvit.config import Config
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError, MedvitError
+from medvit.errors import ConfigError
 from medvit.nets import build_net
-from medvit.transforms import train_transforms, val_transforms
+from medvit.transforms import run_chain, train_transforms, val_transforms
 from pipelines.engine import sliding_window_labels
 from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor, prepared_output  # noqa: F401  (re-exported)
 
@@ -62,26 +62,6 @@ def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, am
     return {"mean_dice": float(np.mean(valid)) if valid else float("nan"), "per_label": per_label}
 
 
-def user_error(e: BaseException) -> MedvitError | None:
-    """The MedvitError behind ``e``: MONAI's ``apply_transform`` wraps a transform's error in a
-    RuntimeError naming the transform, which would print as a traceback instead of one line."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, MedvitError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def run_chain(chain: Compose, item: dict) -> Any:
-    try:
-        return chain(item)
-    except Exception as e:
-        found = user_error(e)
-        if found is None:
-            raise
-        raise found from None
 
 
 class CheckedCases(torch.utils.data.Dataset):

@@ -14,7 +14,7 @@ from medvit.checkpoint import LoadedModel
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, write_label_map
 from medvit.io.reader import source_format
-from medvit.transforms import infer_transforms, invert_prediction
+from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import EngineReport, segment_volume
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def preprocess_case(pre, loaded: dict, skip_below_hu: float | None = None) -> Pr
         if unclip:
             pre = pre.model_copy(update={"intensity": icfg.model_copy(update={"clip": False})})
     chain = infer_transforms(pre, load=False)
-    data = chain(dict(loaded))
+    data = run_chain(chain, dict(loaded))  # a check's user error stays one line
     image = data["image"].as_tensor()
     if unclip:
         return Prepared(chain, data, image.clamp(0.0, 1.0), threshold, image)

@@ -172,6 +172,11 @@ def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
     huge = np.asarray(img.dataobj).astype(np.float64)
     huge[2, 2, 2] = 1e300  # past float32: inf once cast, and numpy's overflow warning must not add a line
     nib.save(nib.Nifti1Image(huge, img.affine), f / "huge.nii.gz")
+    metres = img.affine.copy()
+    metres[:3, :3] *= 1000.0  # spacing written in micrometres: a resample to a multi-TB grid
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), metres), f / "micrometres.nii.gz")
+    rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), f / "rgb.nii.gz")
     return {p.name: p for p in f.iterdir()}
 
 
@@ -187,6 +192,8 @@ def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
         ("twochannel.nii.gz", ["twochannel.nii.gz", "2 channel", "takes 1"]),
         ("nan.nii.gz", ["nan.nii.gz", "2", "NaN"]),
         ("huge.nii.gz", ["huge.nii.gz", "1 voxels are NaN or infinite (or beyond float32)"]),
+        ("micrometres.nii.gz", ["micrometres.nii.gz", "GiB), over half this machine's memory; is the header's spacing in mm?"]),
+        ("rgb.nii.gz", ["rgb.nii.gz", "RGB"]),
     ],
 )
 def test_segment_bad_inputs(name, needles, bad_inputs, ckpt, tmp_path, capsys):

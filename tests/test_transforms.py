@@ -253,7 +253,7 @@ def test_crop_keeps_a_volume_with_nothing_above_threshold():
 
 def test_preprocess_list_order_and_spacing_skip():
     names = [type(t).__name__ for t in preprocess_transforms(pre_cfg("ct", spacing=(1.0, 1.0, 1.0), crop=True))]
-    assert names == ["Orientationd", "CropForegroundd", "Spacingd", "ScaleIntensityRanged", "EnsureTyped"]
+    assert names == ["Orientationd", "CropForegroundd", "CheckResampleSized", "Spacingd", "ScaleIntensityRanged", "EnsureTyped"]
     names = [type(t).__name__ for t in preprocess_transforms(pre_cfg("mri"), label_key="label")]
     assert names == ["Orientationd", "NormalizeIntensityd", "EnsureTyped"]
 

@@ -142,14 +142,26 @@ def read_image(
         if diff > GRID_ATOL:
             raise InputError(r.path, f"affine differs from {first.path}'s by up to {diff:.4g} mm; "
                                      "channels of one case must share a grid")
+    for r in raws:
+        _check_scalar(r.array, r.path)
     with np.errstate(over="ignore"):  # a float64 voxel past float32's range becomes inf, reported just below
         array = np.concatenate([r.array.astype(np.float32, copy=False) for r in raws], axis=0)
     replaced = _fix_nonfinite(array, first.path, nonfinite)
     return _to_metatensor(array, first, replaced)
 
 
+def _check_scalar(array: np.ndarray, path: Path) -> None:
+    """One real number a voxel: an RGB (structured) or complex file would crash or lose a part in the cast."""
+    if array.dtype.names is not None:
+        raise InputError(path, f"holds RGB or other multi-part voxels ({', '.join(array.dtype.names)}); medvit reads "
+                               "grey-level volumes: save one file per component and give them as channels")
+    if np.iscomplexobj(array):
+        raise InputError(path, "holds complex voxels; give a real image (the magnitude, say)")
+
+
 def _label_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     """Integer labels: float files must hold whole finite numbers; odd int types are widened."""
+    _check_scalar(array, path)
     if array.dtype == np.bool_:
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):

@@ -4,6 +4,7 @@
 * :func:`train_transforms`, :func:`val_transforms`, :func:`infer_transforms`: whole chains
   (optionally starting with ``medvit.io.LoadVolumed``).
 * :func:`invert_prediction`: a prediction on the preprocessed grid back onto the input grid.
+* :func:`run_chain`: a chain applied with its transforms' user errors raised as themselves.
 """
 
 from medvit.transforms.chains import (
@@ -12,6 +13,7 @@ from medvit.transforms.chains import (
     ForegroundAbove,
     infer_transforms,
     preprocess_transforms,
+    run_chain,
     train_transforms,
     val_transforms,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "infer_transforms",
     "invert_prediction",
     "preprocess_transforms",
+    "run_chain",
     "train_transforms",
     "val_transforms",
 ]

@@ -14,7 +14,7 @@ labels, and one dtype whatever the spacing keeps batches collatable). The spatia
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from monai.transforms import (
@@ -36,6 +36,7 @@ from monai.transforms import (
 )
 
 from medvit.config import Config, PreprocessConfig
+from medvit.errors import MedvitError
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
@@ -121,6 +122,9 @@ def preprocess_transforms(
     if cfg.spacing is not None:
         # float32 grids: three times faster than MONAI's float64 default and exact enough for
         # millimetre geometry (the recorded affines stay float64).
+        from medvit.transforms.checks import CheckResampleSized
+
+        out.append(CheckResampleSized(image_key, cfg.spacing))  # a header in the wrong unit: one line, not an OOM
         out.append(Spacingd(keys=keys, pixdim=tuple(cfg.spacing), mode=modes, dtype=torch.float32))
     icfg = cfg.intensity
     if icfg.modality == "ct":
@@ -215,3 +219,26 @@ def infer_transforms(
     ts: list[Transform] = [_load((IMAGE_KEY,), series=series, nonfinite=nonfinite)] if load else []
     ts += preprocess_transforms(cfg, image_key=IMAGE_KEY)
     return Compose(ts)
+
+
+def user_error(e: BaseException) -> MedvitError | None:
+    """The MedvitError behind ``e``: MONAI's ``apply_transform`` wraps a transform's error in a
+    RuntimeError naming the transform, which would print as a traceback instead of one line."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MedvitError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def run_chain(chain: Compose, item: dict) -> Any:
+    """``chain(item)``, with a user error raised by one of its transforms re-raised as itself."""
+    try:
+        return chain(item)
+    except Exception as e:
+        found = user_error(e)
+        if found is None:
+            raise
+        raise found from None

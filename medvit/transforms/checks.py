@@ -7,6 +7,7 @@ naming no file; both are checked here, on the loaded volumes, with one line nami
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping
 
 import numpy as np
@@ -77,3 +78,39 @@ class CheckCased(MapTransform):
 
 def _short(ids: list[int], shown: int = 10) -> str:
     return ", ".join(map(str, ids[:shown])) + (f", ... ({len(ids)} in all)" if len(ids) > shown else "")
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
+class CheckResampleSized(MapTransform):
+    """Refuse a resample whose float32 output alone would take over half this machine's memory.
+
+    A header with its spacing in the wrong unit (1000 for 1 mm) asked MONAI's ``Spacingd`` for a
+    1.5 TB grid: a traceback from the allocator, or, a little smaller, a process killed for memory.
+    Checked on the image just before it is resampled to ``pixdim``; passes the case on unchanged.
+    """
+
+    def __init__(self, image_key: str, pixdim, *, budget: int | None = None) -> None:
+        super().__init__((image_key,))
+        self.image_key, self.pixdim = image_key, np.asarray(pixdim, dtype=np.float64)
+        mem = physical_memory_bytes()
+        self.budget = budget if budget is not None else (mem // 2 if mem else None)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
+        image = data[self.image_key]
+        if self.budget is None or not hasattr(image, "affine"):
+            return data
+        spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+        shape = np.ceil(np.asarray(image.shape[1:]) * spacing / self.pixdim).astype(np.int64)
+        need = int(np.prod(shape, dtype=np.float64) * image.shape[0] * 4)
+        if need > self.budget:
+            raise InputError(_source(image, self.image_key),
+                             f"resampling its {np.round(spacing, 4).tolist()} mm voxels to {self.pixdim.tolist()} mm makes "
+                             f"a {'x'.join(map(str, shape.tolist()))} grid ({need / 2**30:.1f} GiB), over half this "
+                             f"machine's memory; is the header's spacing in mm?")
+        return data
