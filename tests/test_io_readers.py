@@ -143,6 +143,22 @@ def test_vector_mha_becomes_channels(tmp_path):
     np.testing.assert_array_equal(img.numpy(), arr.transpose(3, 2, 1, 0))
 
 
+def test_mhd_without_its_data_file_and_a_truncated_mha(tmp_path, capfd):
+    """ITK's MetaIO printed its own lines to the terminal and SimpleITK gave errno as the reason."""
+    image = sitk.GetImageFromArray(np.random.default_rng(3).random((6, 7, 8)).astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "sep.mhd"))
+    (tmp_path / "sep.raw").rename(tmp_path / "elsewhere.raw")
+    with pytest.raises(InputError, match=r"sep\.mhd: its data file sep\.raw is missing"):
+        read_image(tmp_path / "sep.mhd")
+    sitk.WriteImage(image, str(tmp_path / "whole.mha"))
+    raw = (tmp_path / "whole.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(raw[: len(raw) // 2])
+    capfd.readouterr()
+    with pytest.raises(InputError, match=r"cut\.mha: not a readable mha image \(.*data not read completely"):
+        read_image(tmp_path / "cut.mha")
+    assert capfd.readouterr().err == ""  # nothing of ITK's own reached the terminal
+
+
 def test_nonfinite_error_and_replace(tmp_path, caplog):
     arr = np.arange(60, dtype=np.float32).reshape(3, 4, 5) - 7
     arr[0, 0, 0], arr[1, 2, 3], arr[2, 3, 4] = np.nan, np.inf, -np.inf

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,8 @@ import SimpleITK as sitk
 
 from medvit.errors import InputError
 from medvit.io.common import RawVolume, itk_affine, source_info
+
+log = logging.getLogger(__name__)
 
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
 
@@ -35,13 +42,52 @@ def sitk_to_raw(image: sitk.Image, path: Path, source: dict[str, str]) -> RawVol
     return RawVolume(arr, affine, path, source)
 
 
+@contextmanager
+def _native_stderr(lines: list[str]):
+    """Collect what C++ code writes to file descriptor 2 (ITK's MetaIO prints its reasons there and
+    raises a vaguer one) into ``lines``, instead of letting it reach the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            lines.extend(ln.strip() for ln in buf.read().decode(errors="replace").splitlines() if ln.strip())
+
+
+def _mhd_data_file(path: Path) -> None:
+    """A detached MetaImage header names its data file; a header copied without it is named as such."""
+    try:
+        head = path.read_bytes()[:65536].decode("latin-1")
+    except OSError:
+        return
+    for line in head.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            name = value.strip()
+            if name and name.upper() not in ("LOCAL", "LIST") and "%" not in name and not (path.parent / name).is_file():
+                raise InputError(path, f"its data file {name} is missing (an .mhd header reads the file it names, beside it)")
+            return
+
+
 def read_itk(path: Path) -> RawVolume:
     """Read an NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file; vector pixels become channels."""
+    if path.suffix.lower() == ".mhd":
+        _mhd_data_file(path)
+    said: list[str] = []
     try:
-        image = sitk.ReadImage(str(path))
+        with _native_stderr(said):
+            image = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        # MetaIO's own lines say what is wrong ("data not read completely"); SimpleITK's says errno
+        reason = "; ".join(said[:2]) or (str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable")
         raise InputError(path, f"not a readable {itk_format(path) or 'ITK'} image ({reason})") from None
+    for line in said:
+        log.warning("%s: %s", path, line)
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(path, "complex-valued images are not supported")
     return sitk_to_raw(image, path, source_info(itk_format(path) or "itk"))
