@@ -137,6 +137,27 @@ def test_ply_mesh_vertices(data):
     assert cloud.meta["ply_elements"] == {"vertex": 8171, "face": 16301}
 
 
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_ply_every_property_type_is_read(order, tmp_path):
+    """open3d's reader dropped ushort/short/uint/char properties without a word (a ushort intensity)."""
+    dt = np.dtype([("x", order + "f8"), ("y", order + "f8"), ("z", order + "f4"), ("intensity", order + "u2"),
+                   ("s", order + "i2"), ("u", order + "u4"), ("c", "i1"), ("red", "u1"), ("label", order + "i4")])
+    rows = np.zeros(3, dt)
+    rows["x"], rows["y"], rows["z"] = [500000.125, 1.5, 2.0], [4000000.25, 0, 0], [1.5, 2.5, 3.5]
+    rows["intensity"], rows["s"], rows["u"], rows["c"], rows["red"], rows["label"] = \
+        [65535, 7, 0], -3, 4_000_000_000, -5, 200, [1, 2, 3]
+    kinds = {"f8": "double", "f4": "float", "u2": "ushort", "i2": "short", "u4": "uint", "i1": "char", "u1": "uchar", "i4": "int"}
+    props = "".join(f"property {kinds[dt[n].str[1:]]} {n}\n" for n in dt.names)
+    fmt = "binary_little_endian" if order == "<" else "binary_big_endian"
+    (tmp_path / "s.ply").write_bytes(f"ply\nformat {fmt} 1.0\nelement vertex 3\n{props}end_header\n".encode() + rows.tobytes())
+    cloud = read_points(tmp_path / "s.ply")
+    assert cloud.feature_names == ["intensity", "s", "u", "c", "r"]
+    np.testing.assert_array_equal(cloud.xyz[:, 0], [500000.125, 1.5, 2.0])  # doubles stay doubles
+    np.testing.assert_array_equal(cloud.feature("intensity"), [65535, 7, 0])
+    np.testing.assert_array_equal(cloud.features[0, 1:], [-3, 4e9, -5, 200])
+    assert cloud.labels.tolist() == [1, 2, 3]
+
+
 def test_npy_plain_and_structured(tmp_path):
     arr = np.arange(20, dtype=np.float64).reshape(4, 5)
     np.save(tmp_path / "a.npy", arr)

@@ -1,7 +1,10 @@
-"""PLY through open3d's tensor reader (keeps extra vertex properties), with our own header check.
+"""PLY vertices: our own header parser and, for vertices of plain (non-list) properties, our own
+reader of every property type; open3d's tensor reader only for vertices that carry list properties.
 
 open3d reports a failed read only as a printed warning and may hand back a partly filled cloud, so
-the header is parsed here first and the file's size is checked against it.
+the header is parsed here first and the file's size is checked against it. Its reader also drops
+vertex properties of the types char, short, ushort and uint without a word (a ``ushort
+intensity`` vanished), which is why plain vertices are read here.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def _header(path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]
     raise InputError(path, "PLY header has no end_header line")
 
 
-def _check_body(path: Path, fmt: str, elements, offset: int) -> int:
-    """The vertex count, after checking the data can hold every row up to the vertices."""
+def _check_body(path: Path, fmt: str, elements, offset: int) -> tuple[int, int | None]:
+    """The vertex count and, for binary data, where the vertices start, after checking the data can
+    hold every row up to the vertices."""
     names = [e[0] for e in elements]
     if "vertex" not in names:
         raise InputError(path, f"PLY has no vertex element (elements: {', '.join(names) or 'none'})")
@@ -67,11 +71,10 @@ def _check_body(path: Path, fmt: str, elements, offset: int) -> int:
     before = elements[: names.index("vertex") + 1]
     if fmt == "ascii":
         _check_ascii(path, before, offset)
-    elif fmt in ("binary_little_endian", "binary_big_endian"):
-        _check_binary(path, before, offset, "<" if fmt == "binary_little_endian" else ">")
-    else:
-        raise InputError(path, f"PLY format {fmt!r} is not ascii, binary_little_endian or binary_big_endian")
-    return vertex[1]
+        return vertex[1], None
+    if fmt in ("binary_little_endian", "binary_big_endian"):
+        return vertex[1], _check_binary(path, before, offset, "<" if fmt == "binary_little_endian" else ">")
+    raise InputError(path, f"PLY format {fmt!r} is not ascii, binary_little_endian or binary_big_endian")
 
 
 def _check_ascii(path: Path, elements, offset: int) -> None:
@@ -97,12 +100,14 @@ def _check_ascii(path: Path, elements, offset: int) -> None:
                                            f"its {len(props)} properties need {len(props)}")
 
 
-def _check_binary(path: Path, elements, offset: int, order: str) -> None:
-    """The data holds every row up to the last vertex (list properties walked row by row)."""
+def _check_binary(path: Path, elements, offset: int, order: str) -> int:
+    """The data holds every row up to the last vertex (list properties walked row by row); returns
+    where the last element given (the vertices) starts, in bytes from the start of the file."""
     size = path.stat().st_size - offset
-    pos = 0
+    pos = start = 0
     with open(path, "rb") as f:
         for name, count, props in elements:
+            start = pos
             if all(not t.startswith("list") for _, t in props):
                 pos += count * sum(_SIZES[t] for _, t in props)
                 continue
@@ -126,6 +131,7 @@ def _check_binary(path: Path, elements, offset: int, order: str) -> None:
             pos += at
     if size < pos:
         raise InputError(path, f"PLY binary data holds {size} bytes, the header promises at least {pos} up to the vertices")
+    return offset + start
 
 
 def _numpy_type(ply_type: str, order: str) -> np.dtype:
@@ -134,37 +140,73 @@ def _numpy_type(ply_type: str, order: str) -> np.dtype:
     return np.dtype(f"{order}{kind}{_SIZES[ply_type]}")
 
 
-def read_ply(path: Path) -> PointCloud:
-    """The vertices of a PLY file (point cloud or mesh) as points.
+# PLY property names -> our feature names, as open3d's reader named them before
+_NAMES = {"red": "r", "green": "g", "blue": "b", "diffuse_red": "r", "diffuse_green": "g", "diffuse_blue": "b",
+          "nx": "normal_x", "ny": "normal_y", "nz": "normal_z"}
 
-    open3d's attribute names map to features: ``colors`` -> ``r, g, b``, ``normals`` ->
-    ``normal_x, normal_y, normal_z``, others (``intensity``, ``confidence``...) keep their names;
-    an attribute named ``label`` becomes ``labels``.
-    """
-    import open3d as o3d  # heavy (about 0.6 s): imported when a PLY is read
 
-    fmt, elements, offset = _header(path)
-    expected = _check_body(path, fmt, elements, offset)
+def _plain_vertices(path: Path, fmt: str, elements, offset: int, start: int | None) -> dict[str, np.ndarray]:
+    """Every property of the vertex element (none of them lists), by name, in file order."""
+    names = [e[0] for e in elements]
+    _, count, props = elements[names.index("vertex")]
+    if start is not None:  # binary: one structured read
+        order = "<" if fmt == "binary_little_endian" else ">"
+        dtype = np.dtype([(p, _numpy_type(t, order)) for p, t in props])
+        with open(path, "rb") as f:
+            f.seek(start)
+            rows = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype, count=count)
+        return {p: rows[p] for p, _ in props}
+    skip = sum(c for _, c, _ in elements[: names.index("vertex")])  # ascii: one row a line, checked already
+    with open(path, "rb") as f:
+        f.seek(offset)
+        lines = (ln for ln in f if ln.split())
+        for _ in range(skip):
+            next(lines)
+        table = np.array([[float(v) for v in next(lines).split()] for _ in range(count)], dtype=np.float64)
+    # each value as its declared type, as a binary file would hold it (a 'float' x is float32)
+    return {p: table[:, k].astype(_numpy_type(t, "=")) for k, (p, t) in enumerate(props)}
+
+
+def _open3d_vertices(path: Path, expected: int) -> dict[str, np.ndarray]:
+    """Vertices with list properties, through open3d (its names: positions, colors, normals, others)."""
+    import open3d as o3d  # heavy (about 0.6 s): imported only for these
+
     with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
         pcd = o3d.t.io.read_point_cloud(str(path))
     attrs = {k: pcd.point[k].numpy() for k in pcd.point}
     if "positions" not in attrs or len(attrs["positions"]) != expected:
         got = len(attrs.get("positions", ()))
         raise InputError(path, f"open3d read {got} vertices, the header declares {expected}")
-    names, columns = [], []
-    labels = None
+    out = {"x": attrs["positions"][:, 0], "y": attrs["positions"][:, 1], "z": attrs["positions"][:, 2]}
     for key, values in attrs.items():
         values = values.reshape(len(values), -1)
-        if key == "label" and values.shape[1] == 1:
-            labels = integer_labels(values[:, 0], path)
-            continue
-        rename = _RENAME.get(key)
         if key == "positions":
             continue
-        names += rename if rename and len(rename) == values.shape[1] else \
+        rename = _RENAME.get(key)
+        cols = rename if rename and len(rename) == values.shape[1] else \
             [key] if values.shape[1] == 1 else [f"{key}_{k}" for k in range(values.shape[1])]
-        columns.append(values.astype(np.float32))
-    features = np.concatenate(columns, axis=1) if columns else np.zeros((expected, 0), np.float32)
-    return PointCloud(xyz=attrs["positions"].astype(np.float64), features=features, feature_names=names,
-                      labels=labels, source=str(path),
+        out.update({c: values[:, k] for k, c in enumerate(cols)})
+    return out
+
+
+def read_ply(path: Path) -> PointCloud:
+    """The vertices of a PLY file (point cloud or mesh) as points.
+
+    ``x, y, z`` are the coordinates (float64); the other vertex properties are features by name,
+    colours as ``r, g, b`` and normals as ``normal_x, normal_y, normal_z``; a property named
+    ``label`` becomes ``labels``.
+    """
+    fmt, elements, offset = _header(path)
+    expected, start = _check_body(path, fmt, elements, offset)
+    vertex = elements[[e[0] for e in elements].index("vertex")]
+    if any(t.startswith("list") for _, t in vertex[2]):
+        columns = _open3d_vertices(path, expected)
+    else:
+        columns = {_NAMES.get(k, k): v for k, v in _plain_vertices(path, fmt, elements, offset, start).items()}
+    xyz = np.stack([np.asarray(columns.pop(a), dtype=np.float64) for a in "xyz"], axis=1)
+    labels = integer_labels(np.asarray(columns.pop("label")), path) if "label" in columns else None
+    names = list(columns)
+    features = np.stack([np.asarray(columns[n], dtype=np.float32) for n in names], axis=1) if names \
+        else np.zeros((expected, 0), np.float32)
+    return PointCloud(xyz=xyz, features=features, feature_names=names, labels=labels, source=str(path),
                       meta={"format": "ply", "ply_format": fmt, "ply_elements": {e: c for e, c, _ in elements}})
