@@ -260,6 +260,7 @@ def lidar_segment(
     overlap: Annotated[Optional[float], typer.Option(help="Tile overlap in [0, 1).")] = None,
     max_points: Annotated[Optional[int], typer.Option(help="Points budget per tile and per net call; denser tiles are split, sparse ones share a call.")] = None,
     format: Annotated[Optional[LabelFormat], typer.Option("--format", help="label (SemanticKITTI), npy, or las; default: las for LAS input, else label.")] = None,
+    bin_columns: Annotated[Optional[int], typer.Option(help="float32 columns of .bin scans when not KITTI's 4 (nuScenes .pcd.bin: 5), e.g. 6 for mmdet3d's Waymo files: x, y, z, intensity, f4, f5.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
 ) -> None:
@@ -272,12 +273,14 @@ def lidar_segment(
         raise MedvitError(f"--tile-size must be a positive number of metres, got {tile_size}")
     if max_points is not None and max_points < 1:
         raise MedvitError(f"--max-points must be at least 1, got {max_points}")
+    if bin_columns is not None and not 3 <= bin_columns <= 64:
+        raise MedvitError(f"--bin-columns must be 3..64 (x, y, z and up to 61 more), got {bin_columns}")
     label_format = format.value if format else None
     protect = check_scan_outputs(scans, out, label_format)
     dev = _device(device)
     model = load_point_checkpoint(checkpoint, device=dev)
     for s in scans:  # a scan that fails stops the run here; the earlier scans' outputs stay
-        r = segment_scan(s, model, out, label_format=label_format, protect=protect,
+        r = segment_scan(s, model, out, label_format=label_format, protect=protect, bin_columns=bin_columns,
                          tile_size=tile_size, overlap=overlap, max_points=max_points, device=dev, progress=progress)
         extra = []
         if r.n_dropped:

@@ -141,16 +141,17 @@ def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None
 
 
 def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_format: str | None = None,
-                 protect: list[str] | None = None, **kwargs: Any) -> ScanResult:
+                 protect: list[str] | None = None, bin_columns: int | None = None, **kwargs: Any) -> ScanResult:
     """Segment one scan file and write its labels in the file's order and point count.
 
     Output: ``OUT/NAME.label`` (SemanticKITTI uint32), ``.npy``, or for LAS/LAZ inputs a
     ``NAME.las``/``.laz`` copy with the classification set (``label_format`` overrides).
+    ``bin_columns``: the float32 width of ``.bin`` scans written with another than KITTI's 4.
     """
     cfg = model.config
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
     cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None,
-                        sibling_labels=False)
+                        sibling_labels=False, bin_columns=bin_columns)
     dropped = int(cloud.meta.get("dropped_nonfinite", 0))
     target = scan_output(path, Path(out_dir), label_format)
     is_las = target.suffix.lower() in (".las", ".laz")

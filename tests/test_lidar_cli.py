@@ -187,6 +187,18 @@ def test_outputs_never_overwrite_inputs_or_each_other(ckpt, tmp_path, capsys):
                       capsys, "is a folder, not a scan file", out_dir=out)
 
 
+def test_bin_columns_reads_a_six_column_bin(ckpt, data_dir, tmp_path, capsys):
+    """mmdet3d's S3DIS sample .bin is 100 points of 6 float32 (x y z r g b): as KITTI's 4 it reads as
+    150 points, which nothing in the file can reveal; --bin-columns 6 reads it as written."""
+    scan = data_dir / "mmdet3d/tests/data/s3dis/points/Area_1_office_2.bin"
+    code, out, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                              "--bin-columns", "6", "--no-progress"], capsys)
+    assert code == 0, err
+    assert np.fromfile(tmp_path / "o" / "Area_1_office_2.label", np.uint32).shape == (100,)
+    assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "p"), "--checkpoint", str(ckpt),
+                       "--bin-columns", "2"], capsys, "--bin-columns must be 3..64", out_dir=tmp_path / "p")
+
+
 def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
     """SemanticKITTI's tools read raw ids: with a label_map each class is written as the smallest raw id
     mapped to it (learning_map_inv), and unsegmented points as infer.unlabelled (0, 'unlabeled')."""

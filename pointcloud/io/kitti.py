@@ -24,9 +24,19 @@ def _records(path: Path, dtype: np.dtype, width: int, what: str) -> np.ndarray:
     return np.fromfile(path, dtype=dtype).reshape(-1, width)
 
 
-def read_raw_scan(path: Path, layout: str) -> PointCloud:
-    """A headerless little-endian float32 scan, ``(N, 3 + F)``: x, y, z then ``RAW_LAYOUTS[layout]``."""
-    names = RAW_LAYOUTS[layout]
+def read_raw_scan(path: Path, layout: str, columns: int | None = None) -> PointCloud:
+    """A headerless little-endian float32 scan, ``(N, 3 + F)``: x, y, z then ``RAW_LAYOUTS[layout]``.
+
+    ``columns`` overrides the layout's width for ``.bin`` files written with another one (mmdet3d's
+    ``load_dim``: Waymo's are 6 wide): x, y, z, then ``intensity``, then ``f4``, ``f5``, ...
+    The file cannot tell: a 6-column file of an even point count reads as 4 columns too.
+    """
+    if columns is None:
+        names = RAW_LAYOUTS[layout]
+    else:
+        if not 3 <= columns <= 64:
+            raise ValueError(f"columns must be 3..64, got {columns}")
+        names = ["intensity", *(f"f{k}" for k in range(4, columns))][: columns - 3]
     table = _records(path, np.dtype("<f4"), 3 + len(names), f"{layout} point (float32 x y z {' '.join(names)})")
     return PointCloud(xyz=table[:, :3].astype(np.float64), features=table[:, 3:], feature_names=list(names),
                       source=str(path), meta={"format": layout})

@@ -109,6 +109,7 @@ def read_points(
     fields: Sequence[str] | None = None,
     nonfinite: Literal["drop", "error"] = "drop",
     sibling_labels: bool = True,
+    bin_columns: int | None = None,
 ) -> PointCloud:
     """Read a scan into a :class:`PointCloud` (``xyz`` ``(N, 3)`` float64, ``features`` ``(N, F)`` float32).
 
@@ -122,6 +123,8 @@ def read_points(
         fields: the per-point values to keep as features, in this order; InputError naming any the
             file lacks. For LAS these are dimension names (default ``["intensity"]``); elsewhere the
             default keeps every field the file has.
+        bin_columns: float32 columns of a ``kitti``/``nuscenes`` file when not the layout's own
+            (4 and 5): x, y, z, intensity, then ``f4``, ``f5``, ...
         nonfinite: ``"drop"`` removes points with NaN/inf coordinates (count in
             ``meta["dropped_nonfinite"]``, survivors' file indices in ``meta["kept_index"]``, one
             logged warning); ``"error"`` raises InputError with the count.
@@ -135,7 +138,7 @@ def read_points(
     if nonfinite not in ("drop", "error"):
         raise ValueError(f"nonfinite must be 'drop' or 'error', got {nonfinite!r}")
     if key in RAW_LAYOUTS:
-        cloud = read_raw_scan(path, key)
+        cloud = read_raw_scan(path, key, bin_columns)
     elif key == "pcd":
         from pointcloud.io.pcd import read_pcd
 
