@@ -19,6 +19,7 @@ import torch
 from medvit.data.datalist import read_datalist
 from medvit.errors import ConfigError, InputError, about
 from medvit.io import check_output_folder
+from medvit.io.writers import check_writable
 from pipelines.engine import EngineReport
 from pipelines.engine.scene import check_scene_extent, segment_scene
 from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
@@ -137,6 +138,8 @@ def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None
         if t in inputs:
             raise InputError(inputs[t], f"is an input and would be overwritten by the labels of {s}; choose another output folder")
         targets[t] = s
+    if targets:  # a read-only folder, before the first scan runs rather than after its inference
+        check_writable(next(iter(targets)))
     return list(inputs.values())
 
 

@@ -13,6 +13,7 @@ import torch
 from medvit.checkpoint import LoadedModel
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, write_label_map
+from medvit.io.writers import check_writable
 from medvit.io.reader import source_format
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import EngineReport, segment_volume
@@ -188,8 +189,8 @@ def segment_inputs(
 ) -> list[CaseResult]:
     """Segment each case in turn (one path, or one path per channel); see :func:`segment_case`.
 
-    Checked before any case runs: every path exists, the output folder is not a file, no two
-    cases write the same output name, and no output would replace an input.
+    Checked before any case runs: every path exists, the output folder is not a file and can be
+    written, no two cases write the same output name, and no output would replace an input.
     """
     out_dir = check_output_folder(out_dir)
     every = [p for case in cases for p in case]
@@ -213,4 +214,6 @@ def segment_inputs(
             if target in resolved:
                 raise InputError(resolved[target], f"is an input and would be overwritten by the output of {shown}; "
                                                    "choose another output folder")
+    if names:  # a read-only folder, before the first case runs rather than after its inference
+        check_writable(out_dir / f"{next(iter(names))}{outputs[0]}")
     return [segment_case(case, model, out_dir, protect=every, **kwargs) for case in cases]

@@ -135,7 +135,7 @@ def test_segment_output_that_is_a_file_or_cannot_be_made(ckpt, phantom, tmp_path
     assert_user_error(["segment", str(phantom), "-o", str(phantom), "--checkpoint", str(ckpt)], capsys,
                       "case.nii.gz: is a file; the output must be a folder")
     assert_user_error(["segment", str(phantom), "-o", "/proc/medvit_cannot_be_made", "--checkpoint", str(ckpt),
-                       "--no-progress"], capsys, "/proc/medvit_cannot_be_made")
+                       "--no-progress"], capsys, "/proc/medvit_cannot_be_made/case_seg.nii.gz: cannot be written")  # before inference
     for hu in ("nan", "inf"):  # nan skipped every window and wrote all background
         assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
                            "--skip-below-hu", hu], capsys, "--skip-below-hu must be a finite HU value", out_dir=tmp_path / "o")

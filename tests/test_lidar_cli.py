@@ -185,6 +185,8 @@ def test_outputs_never_overwrite_inputs_or_each_other(ckpt, tmp_path, capsys):
                        "--checkpoint", str(ckpt)], capsys, "afile: is a file; the output must be a folder")
     assert_user_error(["lidar", "segment", str(tmp_path / "a"), "-o", str(out), "--checkpoint", str(ckpt)],
                       capsys, "is a folder, not a scan file", out_dir=out)
+    assert_user_error(["lidar", "segment", str(tmp_path / "a" / "scan.bin"), "-o", "/proc/medvit_no", "--checkpoint",
+                       str(ckpt)], capsys, "/proc/medvit_no/scan.label: cannot be written")
 
 
 def test_bin_columns_reads_a_six_column_bin(ckpt, data_dir, tmp_path, capsys):
