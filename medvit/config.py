@@ -196,6 +196,10 @@ def _describe(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     if first["type"] == "missing":
+        loc = first["loc"]
+        if loc and isinstance(loc[-1], int):  # a tuple field given too few values
+            whole = ".".join(str(p) for p in loc[:-1])
+            return f"key '{whole}': too few values (item {loc[-1]}, counting from 0, is missing)"
         return f"missing key '{key}'"
     got = first.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"

@@ -93,3 +93,8 @@ def test_relative_datalist_resolves_against_config_folder(tmp_path):
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.train is not None and cfg.train.datalist.is_file()
+
+
+def test_too_few_values_in_a_tuple_field_says_so():
+    with pytest.raises(ConfigError, match=r"key 'preprocess.spacing': too few values \(item 2, counting from 0, is missing\)"):
+        parse_config({"labels": {0: "bg", 1: "a"}, "model": {"name": "unetr"}, "preprocess": {"spacing": [8, 8]}})

@@ -99,8 +99,8 @@ def _fix_nonfinite(array: np.ndarray, path: Path, mode: str) -> int:
     if n == 0:
         return 0
     if mode == "error":
-        raise InputError(path, f"{n} voxels are NaN or infinite (or beyond float32); mend the file, or let "
-                               "medvit segment replace them by the minimum (--nonfinite replace)")
+        raise InputError(path, f"{n} voxels are NaN or infinite (or beyond float32); mend the file (when "
+                               "segmenting, --nonfinite replace sets them to the smallest finite value)")
     if n == array.size:
         raise InputError(path, "every voxel is NaN or infinite")
     low = float(array[~bad].min())
