@@ -137,7 +137,7 @@ def evaluate_labels(
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive numbers, got {spacing}")
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
-        raise MedvitError(f"the surface Dice tolerance must be a finite distance of at least 0 mm, got {tolerance_mm}")
+        raise MedvitError(f"--tolerance (the surface Dice tolerance) must be a finite distance of at least 0 mm, got {tolerance_mm}")
     names = {int(k): str(v) for k, v in (labels or {}).items()}
 
     box_p, box_g = _objects(pred), _objects(gt)
