@@ -175,6 +175,7 @@ def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
     metres = img.affine.copy()
     metres[:3, :3] *= 1000.0  # spacing written in micrometres: a resample to a multi-TB grid
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), metres), f / "micrometres.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((5, 0, 4), np.int16), img.affine), f / "novoxels.nii.gz")
     rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     nib.save(nib.Nifti1Image(rgb, np.eye(4)), f / "rgb.nii.gz")
     return {p.name: p for p in f.iterdir()}
@@ -194,6 +195,7 @@ def bad_inputs(tmp_path_factory, data_dir, phantom) -> dict[str, Path]:
         ("huge.nii.gz", ["huge.nii.gz", "1 voxels are NaN or infinite (or beyond float32)"]),
         ("micrometres.nii.gz", ["micrometres.nii.gz", "GiB), over half this machine's memory; is the header's spacing in mm?"]),
         ("rgb.nii.gz", ["rgb.nii.gz", "RGB"]),
+        ("novoxels.nii.gz", ["novoxels.nii.gz", "holds no voxels: its header's shape is (5, 0, 4)"]),
     ],
 )
 def test_segment_bad_inputs(name, needles, bad_inputs, ckpt, tmp_path, capsys):

@@ -50,6 +50,8 @@ def read_nifti(path: Path) -> RawVolume:
         data = native(np.asanyarray(img.dataobj))
     except _NIBABEL_ERRORS as e:
         raise InputError(path, f"not a readable NIfTI file ({e})") from None
+    if 0 in img.shape or data.size == 0:  # nibabel hands such data back as shape (0,)
+        raise InputError(path, f"holds no voxels: its header's shape is {tuple(img.shape)}")
     if data.ndim == 5 and data.shape[3] == 1:  # ITK writes vector images as (X, Y, Z, 1, C)
         data = data[:, :, :, 0, :]
     if data.ndim == 2:
