@@ -89,15 +89,20 @@ def test_nan_points_are_dropped_reported_and_written_unlabelled(ckpt, tmp_path, 
     assert "3 non-finite points dropped" in out
 
 
+def _segment_uniform(folder: Path, ckpt: Path, n: int, half: float, seed: int, capsys):
+    """``lidar segment`` on ``n`` points uniform in a cube of side ``2 * half``; ``(xyz, stdout, labels)``."""
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform(-half, half, (n, 3))
+    write_kitti(xyz, rng.uniform(0, 1, n), None, folder / "scan")
+    code, out, err = run_cli(["lidar", "segment", str(folder / "scan.bin"), "-o", str(folder / "o"), "--checkpoint",
+                              str(ckpt), "--no-progress"], capsys)
+    assert code == 0, err
+    return xyz, out, np.fromfile(folder / "o" / "scan.label", dtype=np.uint32)
+
+
 def test_points_outside_range_are_reported(tmp_path, capsys):
     ck = make_ckpt(tmp_path, point_range=[-10, -10, -5, 10, 10, 5])
-    rng = np.random.default_rng(1)
-    xyz = rng.uniform(-20, 20, (2000, 3))
-    write_kitti(xyz, rng.uniform(0, 1, 2000), None, tmp_path / "scan")
-    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
-                              str(ck), "--no-progress"], capsys)
-    assert code == 0, err
-    lab = np.fromfile(tmp_path / "o" / "scan.label", dtype=np.uint32)
+    xyz, out, lab = _segment_uniform(tmp_path, ck, 2000, 20.0, 1, capsys)
     outside = ~np.all((xyz >= [-10, -10, -5]) & (xyz < [10, 10, 5]), 1)
     assert f"{int(outside.sum())} outside point_range" in out
     assert np.all(lab[outside] == 255) and np.all(lab[~outside] < 5)
@@ -207,13 +212,8 @@ def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
     raw = {10: 0, 252: 0, 40: 1, 60: 1, 50: 2, 80: 3, 70: 4}
     ckpt = make_ckpt(tmp_path, label_map=raw, point_range=[-10, -10, -5, 10, 10, 5],
                      infer={**TINY["infer"], "unlabelled": 0})
-    rng = np.random.default_rng(5)
-    xyz = rng.uniform(-15, 15, (800, 3))
-    write_kitti(xyz, rng.uniform(0, 1, 800), None, tmp_path / "scan")
-    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
-                              str(ckpt), "--no-progress"], capsys)
-    assert code == 0, err
-    got = np.fromfile(tmp_path / "o" / "scan.label", np.uint32) & 0xFFFF
+    xyz, _, got = _segment_uniform(tmp_path, ckpt, 800, 15.0, 5, capsys)
+    got = got & 0xFFFF
     outside = np.any(np.abs(xyz) > [10, 10, 5], 1)
     assert outside.any() and (got[outside] == 0).all()
     assert set(np.unique(got[~outside]).tolist()) <= {10, 40, 50, 80, 70}
