@@ -87,6 +87,14 @@ def preprocess_case(pre, loaded: dict, skip_below_hu: float | None = None) -> Pr
     return Prepared(chain, data, image, threshold, None)
 
 
+def _is_2d_nifti(paths: list[str]) -> bool:
+    if len(paths) != 1 or source_format(Path(paths[0])) != "nifti":
+        return False
+    import nibabel as nib
+
+    return len(nib.load(paths[0]).shape) == 2  # the header alone
+
+
 def _choose_resample(resample: str, n_classes: int, in_grid_voxels: int) -> str:
     if resample == "auto":
         return "probs" if n_classes * in_grid_voxels * 4 <= PROB_RESAMPLE_BUDGET else "labels"
@@ -165,7 +173,9 @@ def segment_case(
     labels = labels.cpu().numpy().astype(np.int32)
 
     result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report)
-    write_label_map(labels, affine, result.labels_path, protect=list(paths) + list(protect or []))
+    # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
+    write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
+                    protect=list(paths) + list(protect or []))
     if stats or preview:
         from pipelines.report import label_stats, write_preview, write_stats
 

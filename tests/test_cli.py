@@ -83,6 +83,18 @@ def test_segment_writes_labels_in_input_geometry(ckpt, phantom, tmp_path, capsys
     assert "case_seg.nii.gz" in stdout
 
 
+def test_segment_2d_nifti_keeps_its_shape(ckpt, phantom, tmp_path, capsys):
+    """A 2D NIfTI (X, Y) runs as X x Y x 1; its label map came back (X, Y, 1)."""
+    src = nib.load(phantom)
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[:, :, 5], src.affine), tmp_path / "slice.nii.gz")
+    code, _, err = run_cli(["segment", str(tmp_path / "slice.nii.gz"), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                            "--stats"], capsys)
+    assert code == 0, err
+    seg = nib.load(tmp_path / "o" / "slice_seg.nii.gz")
+    assert seg.shape == src.shape[:2]
+    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
+
+
 def test_segment_dicom_folder_keeps_dicom_geometry(ckpt, data_dir, tmp_path, capsys):
     from medvit.io import read_image
 

@@ -152,7 +152,8 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 
 
 def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLike] = ()) -> Path:
-    """Write an integer label map ``(X, Y, Z)`` (or ``(1, X, Y, Z)``) as NIfTI, atomically.
+    """Write an integer label map ``(X, Y, Z)`` (or ``(1, X, Y, Z)``, or a 2D ``(X, Y)`` for a 2D
+    input) as NIfTI, atomically.
 
     Stored as uint8, or uint16 when a label exceeds 255; labels must lie in 0..65535. ``affine``
     (4, 4) voxel->RAS mm goes to both sform and qform, so nibabel reads it back to float32
@@ -163,8 +164,8 @@ def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLik
     data = _numpy(labels, "labels")
     if data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
-    if data.ndim != 3:
-        raise ValueError(f"labels must be (X, Y, Z) or (1, X, Y, Z), got shape {tuple(data.shape)}")
+    if data.ndim not in (2, 3):
+        raise ValueError(f"labels must be (X, Y, Z), (1, X, Y, Z) or (X, Y), got shape {tuple(data.shape)}")
     if data.dtype == np.bool_:
         data = data.astype(np.uint8)
     if not np.issubdtype(data.dtype, np.integer):
