@@ -210,11 +210,11 @@ def datalist(
     import json
 
     from medvit.data.manifest import build_datalist, datalist_files
-    from medvit.io.writers import atomic_path
+    from medvit.io.writers import atomic_path, refuse_protected
 
+    _check_output_file(out, [manifest], option="-o")  # before hashing a whole dataset
     dl = build_datalist(manifest, root, fold=fold, sha256=sha256)
-    # neither the manifest nor a file of the dataset
-    _check_output_file(out, [manifest, *map(Path, datalist_files(dl))], option="-o")
+    refuse_protected(out, datalist_files(dl))  # nor a file of the dataset
     with atomic_path(out) as tmp:
         Path(tmp).write_text(json.dumps(dl, indent=1))
     typer.echo(f"{out}: {len(dl['training'])} training and {len(dl['validation'])} validation cases of {dl['name']}")

@@ -161,6 +161,9 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     if is_las and dropped:  # before the net runs: the output could not keep the scan's count
         raise InputError(path, f"{dropped} points have NaN or infinite coordinates, which a LAS file cannot store; "
                                "choose --format label or npy to keep the scan's point count")
+    if is_las and max(cfg.infer.unlabelled, int(cfg.output_ids().max())) > 255:  # before the net runs too
+        raise InputError(path, f"LAS classification holds 0..255, this checkpoint writes ids up to "
+                               f"{max(cfg.infer.unlabelled, int(cfg.output_ids().max()))}; choose --format label or npy")
     if cfg.point_range is not None and len(cloud) and not points_in_range(cloud, cfg.point_range).any():
         # An all-unlabelled output is never what was wanted: usually the scan is in another frame
         # (map or UTM coordinates against a sensor-centred net).
@@ -178,8 +181,6 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     sibling = sibling_label_path(Path(path)) if detect_format(path) == "kitti" else None
     guard = [path] + list(protect or []) + ([str(sibling)] if sibling is not None else [])
     if is_las:
-        if cfg.infer.unlabelled > 255 or labels.max(initial=0) > 255:
-            raise InputError(path, "LAS classification holds 0..255; choose --format label or npy")
         write_las(cloud, labels, target, protect=guard)
     else:
         write_labels(to_file_order(cloud, labels, fill=cfg.infer.unlabelled), target, protect=guard)

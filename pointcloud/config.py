@@ -1,6 +1,6 @@
 """Typed, validated LiDAR configs (YAML), the scene-side twin of :mod:`medvit.config`.
 
-Example (see ``configs/lidar_*.yaml``)::
+Example (see ``configs/lidar/*.yaml``)::
 
     labels: {0: ground, 1: building, 2: car, 3: pole, 4: vegetation}
     features: {intensity: 1.0}

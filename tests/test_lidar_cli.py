@@ -219,6 +219,16 @@ def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
     assert set(np.unique(got[~outside]).tolist()) <= {10, 40, 50, 80, 70}
 
 
+def test_las_output_of_ids_past_255_is_refused_before_the_net_runs(tmp_path, capsys):
+    ck = make_ckpt(tmp_path, infer={**TINY["infer"], "unlabelled": 300})
+    rng = np.random.default_rng(7)
+    write_kitti(rng.uniform(-20, 20, (500, 3)), rng.uniform(0, 1, 500), None, tmp_path / "scan")
+    out = tmp_path / "o"
+    assert_user_error(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(out), "--checkpoint", str(ck),
+                       "--format", "las"], capsys, "LAS classification holds 0..255, this checkpoint writes ids up to 300",
+                      out_dir=out)
+
+
 def test_las_output_of_a_scan_with_nan_points_is_refused(ckpt, tmp_path, capsys):
     """LAS cannot store NaN coordinates, so its output would lose the scan's point count."""
     rng = np.random.default_rng(4)

@@ -1,8 +1,9 @@
 """Scan readers and per-point label writers.
 
 ``read_points`` reads KITTI/SemanticKITTI ``.bin``, nuScenes ``.pcd.bin``, PCD (ascii, binary,
-binary_compressed; our own parser), PLY (open3d), LAS/LAZ (laspy + lazrs) and ``.npy`` into one
-:class:`PointCloud` (float64 ``xyz``, float32 named ``features``, int64 ``labels``/``instance``).
+binary_compressed; our own parser), PLY (our own vertex reader; open3d for list properties),
+LAS/LAZ (laspy + lazrs) and ``.npy`` into one :class:`PointCloud` (float64 ``xyz``, float32 named
+``features``, int64 ``labels``/``instance``).
 Writers write a temporary file beside the target and rename it, and refuse to overwrite an input.
 """
 
