@@ -13,8 +13,8 @@ import torch
 from medvit.checkpoint import LoadedModel
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, write_label_map
-from medvit.io.writers import check_writable
 from medvit.io.reader import source_format
+from medvit.io.writers import check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import EngineReport, segment_volume
 

@@ -176,11 +176,10 @@ def write_las(cloud: PointCloud, labels, path: str | os.PathLike, *,
         if wide and las.point_format.id < 6:
             target = _UPGRADE[las.point_format.id]
             crs = _crs(las)
-            if crs and "wkt" not in crs:
-                logger.warning("%s: point format %d -> %d for classes above 31; its GeoTIFF CRS keys are kept "
-                               "as they are (LAS 1.4 expects WKT for formats 6-10)", path, las.point_format.id, target)
+            geotiff = "; its GeoTIFF CRS keys are kept as they are (LAS 1.4 expects WKT for formats 6-10)" \
+                if crs and "wkt" not in crs else ""
             logger.warning("%s: point format %d -> %d (LAS 1.4): formats 0-5 hold classes 0..31, these labels "
-                           "reach %d", path, las.point_format.id, target, int(classes.max()))
+                           "reach %d%s", path, las.point_format.id, target, int(classes.max()), geotiff)
             rank = np.asarray(las.scan_angle_rank, dtype=np.float64)
             las = laspy.convert(las, point_format_id=target, file_version="1.4")
             # laspy copies dimensions by name: the whole-degree scan_angle_rank becomes scan_angle, in 0.006 degree steps

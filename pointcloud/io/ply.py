@@ -56,9 +56,10 @@ def _header(path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]
     raise InputError(path, "PLY header has no end_header line")
 
 
-def _check_body(path: Path, fmt: str, elements, offset: int) -> tuple[int, int | None]:
-    """The vertex count and, for binary data, where the vertices start, after checking the data can
-    hold every row up to the vertices."""
+def _check_body(path: Path, fmt: str, elements, offset: int) -> tuple[int, int | None, np.ndarray | None]:
+    """``(vertex count, start, table)`` after checking the data can hold every row up to the
+    vertices: for binary data ``start``, where the vertices begin; for ascii ``table``, the vertex
+    rows as float64 when no vertex property is a list."""
     names = [e[0] for e in elements]
     if "vertex" not in names:
         raise InputError(path, f"PLY has no vertex element (elements: {', '.join(names) or 'none'})")
@@ -70,34 +71,39 @@ def _check_body(path: Path, fmt: str, elements, offset: int) -> tuple[int, int |
         raise InputError(path, "holds no points (element vertex 0)")
     before = elements[: names.index("vertex") + 1]
     if fmt == "ascii":
-        _check_ascii(path, before, offset)
-        return vertex[1], None
+        return vertex[1], None, _check_ascii(path, before, offset)
     if fmt in ("binary_little_endian", "binary_big_endian"):
-        return vertex[1], _check_binary(path, before, offset, "<" if fmt == "binary_little_endian" else ">")
+        return vertex[1], _check_binary(path, before, offset, "<" if fmt == "binary_little_endian" else ">"), None
     raise InputError(path, f"PLY format {fmt!r} is not ascii, binary_little_endian or binary_big_endian")
 
 
-def _check_ascii(path: Path, elements, offset: int) -> None:
+def _check_ascii(path: Path, elements, offset: int) -> np.ndarray | None:
     """Every row up to the last vertex holds numbers only, and a vertex row one per property:
-    open3d's reader only prints a warning for a bad row and fills the point with garbage."""
+    open3d's reader only prints a warning for a bad row and fills the point with garbage. Returns
+    the last element's rows (the vertices) as float64 when none of its properties is a list."""
+    last: list[list[float]] = []
     with open(path, "rb") as f:
         f.seek(offset)
         rows = (line.split() for line in f)
         rows = (r for r in rows if r)
-        for name, count, props in elements:
+        for i, (name, count, props) in enumerate(elements):
             fixed = all(not t.startswith("list") for _, t in props)
+            keep = fixed and i == len(elements) - 1
             for k in range(count):
                 row = next(rows, None)
                 if row is None:
                     raise InputError(path, f"PLY ascii data ends at row {k} of element {name!r}, the header promises {count}")
                 try:
-                    [float(v) for v in row]
+                    values = [float(v) for v in row]
                 except ValueError:
                     raise InputError(path, f"PLY ascii row {k} of element {name!r} holds a non-numeric value: "
                                            f"{b' '.join(row).decode(errors='replace')[:80]}") from None
                 if fixed and len(row) != len(props):
                     raise InputError(path, f"PLY ascii row {k} of element {name!r} holds {len(row)} values, "
                                            f"its {len(props)} properties need {len(props)}")
+                if keep:
+                    last.append(values)
+    return np.array(last, dtype=np.float64) if keep else None
 
 
 def _check_binary(path: Path, elements, offset: int, order: str) -> int:
@@ -145,24 +151,17 @@ _NAMES = {"red": "r", "green": "g", "blue": "b", "diffuse_red": "r", "diffuse_gr
           "nx": "normal_x", "ny": "normal_y", "nz": "normal_z"}
 
 
-def _plain_vertices(path: Path, fmt: str, elements, offset: int, start: int | None) -> dict[str, np.ndarray]:
-    """Every property of the vertex element (none of them lists), by name, in file order."""
-    names = [e[0] for e in elements]
-    _, count, props = elements[names.index("vertex")]
-    if start is not None:  # binary: one structured read
+def _plain_vertices(path: Path, fmt: str, vertex, start: int | None, table: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Every property of the vertex element (none of them lists), by name, in file order: binary in
+    one structured read from ``start``, ascii from the rows ``_check_ascii`` parsed."""
+    _, count, props = vertex
+    if start is not None:
         order = "<" if fmt == "binary_little_endian" else ">"
         dtype = np.dtype([(p, _numpy_type(t, order)) for p, t in props])
         with open(path, "rb") as f:
             f.seek(start)
             rows = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype, count=count)
         return {p: rows[p] for p, _ in props}
-    skip = sum(c for _, c, _ in elements[: names.index("vertex")])  # ascii: one row a line, checked already
-    with open(path, "rb") as f:
-        f.seek(offset)
-        lines = (ln for ln in f if ln.split())
-        for _ in range(skip):
-            next(lines)
-        table = np.array([[float(v) for v in next(lines).split()] for _ in range(count)], dtype=np.float64)
     # each value as its declared type, as a binary file would hold it (a 'float' x is float32)
     return {p: table[:, k].astype(_numpy_type(t, "=")) for k, (p, t) in enumerate(props)}
 
@@ -197,12 +196,12 @@ def read_ply(path: Path) -> PointCloud:
     ``label`` becomes ``labels``.
     """
     fmt, elements, offset = _header(path)
-    expected, start = _check_body(path, fmt, elements, offset)
+    expected, start, table = _check_body(path, fmt, elements, offset)
     vertex = elements[[e[0] for e in elements].index("vertex")]
     if any(t.startswith("list") for _, t in vertex[2]):
         columns = _open3d_vertices(path, expected)
     else:
-        columns = {_NAMES.get(k, k): v for k, v in _plain_vertices(path, fmt, elements, offset, start).items()}
+        columns = {_NAMES.get(k, k): v for k, v in _plain_vertices(path, fmt, vertex, start, table).items()}
     xyz = np.stack([np.asarray(columns.pop(a), dtype=np.float64) for a in "xyz"], axis=1)
     labels = integer_labels(np.asarray(columns.pop("label")), path) if "label" in columns else None
     names = list(columns)
