@@ -231,6 +231,8 @@ def validate_mapping(model: type[M], data: Any, source: str | Path = "<config>")
 def read_yaml(path: str | Path) -> Any:
     """The YAML document in ``path``; a missing file or a syntax error is a one-line :class:`ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the config's YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:

@@ -26,6 +26,7 @@ from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
 from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
+from pointcloud.io.cloud import field_list
 from pointcloud.io.kitti import sibling_label_path
 from pointcloud.io.readers import check_scan_file, detect_format
 
@@ -47,8 +48,10 @@ def net_features(cloud: PointCloud, cfg: LidarConfig) -> np.ndarray:
     cols = []
     for name, scale in cfg.features.items():
         if name not in cloud.feature_names:
-            raise InputError(cloud.source, f"has no '{name}' field (it has: {', '.join(cloud.feature_names) or 'none'}); "
-                                           "the checkpoint's net needs it")
+            plain = cloud.meta.get("format") == "npy" and all(n.startswith("f") for n in cloud.feature_names)
+            hint = "; a plain .npy names its columns f0, f1, ...: save a structured array with named fields" if plain else ""
+            raise InputError(cloud.source, f"has no '{name}' field (it has: {field_list(cloud.feature_names)}); "
+                                           f"the checkpoint's net needs it{hint}")
         cols.append(cloud.feature(name).astype(np.float32) * np.float32(scale))
     return np.stack(cols, 1) if cols else np.zeros((len(cloud), 0), np.float32)
 

@@ -98,3 +98,8 @@ def test_shipped_configs_validate(name):
 def test_too_few_values_in_a_tuple_field_says_so():
     with pytest.raises(ConfigError, match=r"key 'preprocess.spacing': too few values \(item 2, counting from 0, is missing\)"):
         parse_config({"labels": {0: "bg", 1: "a"}, "model": {"name": "unetr"}, "preprocess": {"spacing": [8, 8]}})
+
+
+def test_a_folder_given_as_the_config_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; give the config's YAML file"):
+        load_config(tmp_path)

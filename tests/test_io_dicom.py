@@ -261,6 +261,16 @@ def test_duplicate_positions_refused(tmp_path):
         read_image(tmp_path)
 
 
+def test_a_file_copied_twice_is_named_as_a_copy(tmp_path):
+    import shutil
+
+    write_series(tmp_path, "1.2.3.7", [(0, 0, 0), (0, 0, 2), (0, 0, 4)])
+    first = sorted(tmp_path.glob("*"))[1]
+    shutil.copy(first, tmp_path / "copy_of_one.dcm")
+    with pytest.raises(InputError, match=r"are the same instance \(SOPInstanceUID .*\) twice; remove one of the copies"):
+        read_image(tmp_path)
+
+
 def test_smaller_uneven_step_refused(tmp_path):
     write_series(tmp_path, "1.2.3.6", [(0, 0, z) for z in (0, 2, 4, 5, 7, 9)])
     with pytest.raises(InputError, match=r"uneven slice step of 1 mm between instances 3 and 4 where the other steps are 2 mm"):

@@ -206,6 +206,13 @@ def test_bin_columns_reads_a_six_column_bin(ckpt, data_dir, tmp_path, capsys):
                        "--bin-columns", "2"], capsys, "--bin-columns must be 3..64", out_dir=tmp_path / "p")
 
 
+def test_a_plain_npy_for_an_intensity_net_says_how_to_name_the_column(ckpt, tmp_path, capsys):
+    np.save(tmp_path / "plain.npy", np.random.default_rng(8).uniform(-10, 10, (300, 4)).astype(np.float32))
+    assert_user_error(["lidar", "segment", str(tmp_path / "plain.npy"), "-o", str(tmp_path / "o"), "--checkpoint",
+                       str(ckpt)], capsys, "has no 'intensity' field (it has: f0)",
+                      "save a structured array with named fields", out_dir=tmp_path / "o")
+
+
 def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
     """SemanticKITTI's tools read raw ids: with a label_map each class is written as the smallest raw id
     mapped to it (learning_map_inv), and unsegmented points as infer.unlabelled (0, 'unlabeled')."""

@@ -331,3 +331,12 @@ def test_ply_colours_labels_and_corrupt_files(tmp_path):
     (tmp_path / "no.ply").write_text("solid cube\n")
     with pytest.raises(InputError, match=r"no\.ply: not a PLY file"):
         read_points(tmp_path / "no.ply")
+
+
+def test_a_transposed_npy_is_warned_about_and_missing_fields_listed_short(tmp_path, caplog):
+    np.save(tmp_path / "t.npy", np.zeros((4, 2000), np.float32))  # (columns, points) by mistake
+    with caplog.at_level(logging.WARNING):
+        cloud = read_points(tmp_path / "t.npy")
+    assert len(cloud) == 4 and "reads as 4 points of 2000 columns" in caplog.text
+    with pytest.raises(InputError, match=r"no field intensity .*\(it has f0, f1, .*f11, \.\.\. \(1997 in all\)\)"):
+        read_points(tmp_path / "t.npy", fields=["intensity"])

@@ -250,10 +250,19 @@ def _check_same(s: DicomSeries, where: Path, tag: str, values: list[np.ndarray],
                                     f"({values[0].tolist()}) and {s.instance(i)} ({v.tolist()})")
 
 
+def _same_instance(s: DicomSeries, a: int, b: int) -> bool:
+    uids = [getattr(h, "SOPInstanceUID", None) for h in (s.headers[a], s.headers[b])] if len(s.headers) > b else [None]
+    return uids[0] is not None and uids[0] == uids[-1]
+
+
 def _check_steps(s: DicomSeries, where: Path, steps: np.ndarray) -> float:
     """Refuse duplicate positions and uneven steps; return the regular step (mm)."""
     for i in np.flatnonzero(steps < _ABS_TOL):
-        raise InputError(where, f"series {s.uid}: instances {s.instance(int(i))} and {s.instance(int(i) + 1)} share one "
+        a, b = int(i), int(i) + 1
+        if _same_instance(s, a, b):  # a file copied twice into the folder, not a second acquisition
+            raise InputError(where, f"series {s.uid}: {s.files[a].name} and {s.files[b].name} are the same instance "
+                                    f"(SOPInstanceUID {s.headers[a].SOPInstanceUID}) twice; remove one of the copies")
+        raise InputError(where, f"series {s.uid}: instances {s.instance(a)} and {s.instance(b)} share one "
                                 "slice position (several acquisitions, echoes or time points in one series?)")
     # the regular step is the one most other steps agree with; ties go to the smaller one
     agree = [int(np.sum(np.abs(steps - x) <= _tol(x))) for x in steps]

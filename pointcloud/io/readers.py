@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 
 from medvit.errors import InputError
-from pointcloud.io.cloud import PointCloud, drop_nonfinite, integer_labels
+from pointcloud.io.cloud import PointCloud, drop_nonfinite, field_list, integer_labels, logger
 from pointcloud.io.kitti import RAW_LAYOUTS, read_label_file, read_raw_scan, sibling_label_path
 
 # format key -> suffixes; ".pcd.bin" is matched before ".bin"
@@ -78,6 +78,9 @@ def _read_npy(path: Path) -> PointCloud:
     if array.ndim != 2 or array.shape[1] < 3 or not _real(array.dtype):
         raise InputError(path, f"expected an (N, >=3) numeric array (x, y, z, features...), got {array.dtype} "
                                f"{array.shape}")
+    if array.shape[0] < array.shape[1] and array.shape[0] <= 16:
+        logger.warning("%s: reads as %d points of %d columns (x, y, z, f0...); if the array is (columns, points), "
+                       "save its transpose", path, array.shape[0], array.shape[1])
     names = [f"f{k}" for k in range(array.shape[1] - 3)]
     return PointCloud(xyz=array[:, :3], features=array[:, 3:], feature_names=names, source=str(path), meta=meta)
 
@@ -86,7 +89,7 @@ def _select_fields(cloud: PointCloud, fields: Sequence[str]) -> PointCloud:
     missing = [f for f in fields if f not in cloud.feature_names]
     if missing:
         raise InputError(cloud.source, f"no field {', '.join(missing)} in this {cloud.meta['format']} file "
-                                       f"(it has {', '.join(cloud.feature_names) or 'no per-point fields'})")
+                                       f"(it has {field_list(cloud.feature_names) if cloud.feature_names else 'no per-point fields'})")
     cols = [cloud.feature_names.index(f) for f in fields]
     cloud.features, cloud.feature_names = cloud.features[:, cols], list(fields)
     return cloud
