@@ -351,6 +351,21 @@ def test_a_dense_cluster_inside_the_halves_overlap_is_cut_at_its_own_box():
     np.testing.assert_array_equal(labels, reference_labels(sc, net))
 
 
+def test_points_at_one_xy_go_to_one_piece_not_to_every_piece():
+    """A 1,500-point pole (one xy) among 1,500 scattered points, 150 a tile: cut with overlap, the
+    pole was copied into both pieces at every depth, and 20 over-budget tiles held it whole."""
+    rng = np.random.default_rng(0)
+    pole = np.c_[np.full(1500, 20.0), np.full(1500, 20.0), np.linspace(0, 10, 1500)]
+    xyz = np.r_[rng.uniform([0, 0, 0], [40, 40, 5], (1500, 3)), pole]
+    sc = PointScene(xyz, np.zeros((len(xyz), 1), np.float32), tile_size=50.0, overlap=0.25, max_points=150)
+    whole = [t for t in sc.tiles if t.n_points > 150]
+    assert len(whole) == 1 and whole[0].n_points == 1500  # the pole, alone: it cannot be cut
+    assert sum(t.n_points for t in sc.tiles) < 9000  # 36,681 before
+    net = LinearPointNet()
+    labels, _ = run_windows(sc, net)
+    np.testing.assert_array_equal(labels, reference_labels(sc, net))
+
+
 def test_out_of_memory_while_the_ring_is_allocated_or_the_tiles_copied_is_retried(monkeypatch):
     """Out of memory in the accumulator's first allocation, or in the copy of a batch to the
     device, is handled like one in the net: the retry gives the same labels."""
