@@ -211,6 +211,44 @@ def test_out_of_memory_lowers_the_batch_then_moves_to_cpu():
     assert rep2.oom_events == 0 and rep2.batch_size == 1
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_out_of_memory_while_cropping_a_batch_is_retried(prefetch, monkeypatch):
+    """With the input on the GPU (no prefetch) the crops are stacked on the device and can run out
+    of memory too: in the first batch's crop, or in the crop retried after the net ran out. Found
+    by review: those two crops ran outside the runner's handling and the error escaped."""
+    from pipelines.engine import runner
+
+    monkeypatch.setattr(runner, "_LEARNT", {})
+    x = torch.randn(1, 12, 8, 8)
+    net = random_net(1, 2, seed=9)
+    ref, _ = run_windows(DenseGrid(x, (6, 6, 6), overlap=0.5, output="scores"), net, batch_size=4, prefetch=prefetch)
+    fails = [1]
+
+    class Picky(DenseGrid):
+        def gather(self, ws):
+            if len(ws) > 1 and fails:
+                fails.pop()
+                raise torch.OutOfMemoryError("simulated: a stack of crops")
+            return super().gather(ws)
+
+    calls = []
+
+    def net_fails_first(t):
+        calls.append(1)
+        if len(calls) == 1:
+            fails.append(1)  # and the crop retried after it fails too
+            raise torch.OutOfMemoryError("simulated: the net")
+        return net(t)
+
+    for predictor in (net, net_fails_first):
+        monkeypatch.setattr(runner, "_LEARNT", {})
+        fails[:] = [1] if predictor is net else []
+        grid, rep = run_windows(Picky(x, (6, 6, 6), overlap=0.5, output="scores"), predictor, batch_size=4,
+                                prefetch=prefetch)
+        assert rep.oom_events >= 1 and rep.batch_size < 4
+        assert torch.allclose(grid.scores, ref.scores, atol=1e-6)
+
+
 def test_out_of_memory_while_the_ring_is_allocated_is_retried(monkeypatch):
     """An out-of-memory error in the accumulator's first allocation leaves the grid as it was:
     the runner's retry (at batch 1, then on the CPU) sets it up again and the scores match."""

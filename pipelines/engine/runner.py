@@ -207,21 +207,23 @@ def run_windows(
             x = x.pin_memory()
         return x.to(device, non_blocking=pin)
 
-    def take(pending: Future | Any) -> Any:
-        x = pending.result() if isinstance(pending, Future) else pending
+    def take(pending: Future | Callable[[], Any]) -> Any:
+        x = pending.result() if isinstance(pending, Future) else pending()
         # records become tensors here, on this thread: torch ops on the copy thread start a
         # second OpenMP thread team that slows the net's small ops (measured: scene.TileBatch)
         return x if isinstance(x, torch.Tensor) else x.to(device)
 
     pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
 
-    def submit(start: int, size: int) -> tuple[int, Future | Any] | None:
-        """Start loading the batch at ``start``; returns (its window count, its future or data)."""
+    def submit(start: int, size: int) -> tuple[int, Future | Callable[[], Any]] | None:
+        """Start loading the batch at ``start`` on the copy thread, or (no prefetch) defer it to
+        ``take``, inside the loop's out-of-memory handling: a crop of an input already on the GPU
+        can run out of memory too. Returns (its window count, its future or loader)."""
         if start >= len(wins):
             return None
         n = _batch_len(domain, wins, start, size, single)
         ws = wins[start : start + n]
-        return n, (pool.submit(load, ws) if pool is not None else load(ws))
+        return n, (pool.submit(load, ws) if pool is not None else lambda: load(ws))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
