@@ -119,6 +119,8 @@ class DenseGrid:
             raise MedvitError(f"skip_source must be (C, {', '.join(map(str, self.original_shape))}) like the image, "
                               f"got {tuple(skip_source.shape)}")
         flat = [p for a, b in reversed(self.pad) for p in (a, b)]
+        if skip_below is not None and skip_source is None and any(flat):
+            skip_source = image  # tested apart from the image, so that its zero padding cannot count as foreground
         if any(flat):
             image = torch.nn.functional.pad(image, flat, mode="constant", value=pad_value)
             if skip_source is not None:  # padding never counts as foreground
