@@ -52,3 +52,9 @@ def about(path: str | Path, note: str = "") -> Iterator[None]:
         raise
     except MedvitError as e:
         raise InputError(path, f"{e}{note}") from None
+
+
+def listed(items, shown: int = 10) -> str:
+    """``items`` for a one-line message: the first ``shown``, then how many there are ("none" if empty)."""
+    items = [str(v.item()) if hasattr(v, "item") else str(v) for v in items]  # numpy scalars print bare
+    return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "") or "none"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError, InputError, about
+from medvit.errors import ConfigError, InputError, about, listed
 from medvit.io import check_output_folder
 from medvit.io.writers import check_writable
 from pipelines.engine import EngineReport
@@ -26,7 +26,6 @@ from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
 from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
-from pointcloud.io.cloud import field_list
 from pointcloud.io.kitti import sibling_label_path
 from pointcloud.io.readers import check_scan_file, detect_format
 
@@ -50,7 +49,7 @@ def net_features(cloud: PointCloud, cfg: LidarConfig) -> np.ndarray:
         if name not in cloud.feature_names:
             plain = cloud.meta.get("format") == "npy" and all(n.startswith("f") for n in cloud.feature_names)
             hint = "; a plain .npy names its columns f0, f1, ...: save a structured array with named fields" if plain else ""
-            raise InputError(cloud.source, f"has no '{name}' field (it has: {field_list(cloud.feature_names)}); "
+            raise InputError(cloud.source, f"has no '{name}' field (it has: {listed(cloud.feature_names)}); "
                                            f"the checkpoint's net needs it{hint}")
         cols.append(cloud.feature(name).astype(np.float32) * np.float32(scale))
     return np.stack(cols, 1) if cols else np.zeros((len(cloud), 0), np.float32)
@@ -223,17 +222,13 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
         raw = np.unique(cloud.labels[outside])
         log.warning("%s: %d of %d points (%.1f %%) carry label ids %s outside the config's train ids 0..%d and are "
                     "ignored in training (a label_map maps raw ids to train ids)", item.get("label") or cloud.source,
-                    int(outside.sum()), len(labels), 100 * outside.mean(), _ids(raw), cfg.num_classes - 1)
+                    int(outside.sum()), len(labels), 100 * outside.mean(), listed(raw), cfg.num_classes - 1)
     unusable = None
     if (labels == ignore).all():
         raw = np.unique(cloud.labels) if cloud.labels is not None else np.array([], np.int64)
-        unusable = (f"{item.get('label') or cloud.source}: none of its label ids ({_ids(raw)}) is a train id of the "
+        unusable = (f"{item.get('label') or cloud.source}: none of its label ids ({listed(raw)}) is a train id of the "
                     "config (labels/label_map): nothing to learn from it")
     return Scan(cloud.xyz, feats[keep], labels, unusable)
-
-
-def _ids(raw: np.ndarray, shown: int = 8) -> str:
-    return ", ".join(str(int(v)) for v in raw[:shown]) + (f", ... ({len(raw)} ids)" if len(raw) > shown else "") or "none"
 
 
 class RandomCrop:

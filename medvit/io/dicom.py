@@ -251,8 +251,10 @@ def _check_same(s: DicomSeries, where: Path, tag: str, values: list[np.ndarray],
 
 
 def _same_instance(s: DicomSeries, a: int, b: int) -> bool:
-    uids = [getattr(h, "SOPInstanceUID", None) for h in (s.headers[a], s.headers[b])] if len(s.headers) > b else [None]
-    return uids[0] is not None and uids[0] == uids[-1]
+    if len(s.headers) <= b:
+        return False
+    ua, ub = (getattr(s.headers[k], "SOPInstanceUID", None) for k in (a, b))
+    return ua is not None and ua == ub
 
 
 def _check_steps(s: DicomSeries, where: Path, steps: np.ndarray) -> float:

@@ -15,7 +15,7 @@ import torch
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
-from medvit.errors import InputError
+from medvit.errors import InputError, listed
 from medvit.io.common import corner_offset_mm
 
 LABEL_GRID_TOLERANCE = 0.05
@@ -71,14 +71,9 @@ class CheckCased(MapTransform):
         if self.label_ids is not None and not set(range(lo, hi + 1)) <= self.label_ids:
             unnamed = sorted(set(torch.unique(lab).long().tolist()) - self.label_ids)
             if unnamed:
-                raise InputError(lsrc, f"holds label values {_short(unnamed)} that the config's labels do not name "
-                                       f"(it names {_short(sorted(self.label_ids))})")
+                raise InputError(lsrc, f"holds label values {listed(unnamed)} that the config's labels do not name "
+                                       f"(it names {listed(sorted(self.label_ids))})")
         return data
-
-
-def _short(ids: list[int], shown: int = 10) -> str:
-    return ", ".join(map(str, ids[:shown])) + (f", ... ({len(ids)} in all)" if len(ids) > shown else "")
-
 
 def physical_memory_bytes() -> int | None:
     try:

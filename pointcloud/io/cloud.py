@@ -175,8 +175,3 @@ def crop_to_range(cloud: PointCloud, range_xyz: Sequence[float]) -> tuple[PointC
     if outside == 0:
         return cloud, 0
     return cloud.select(mask), outside
-
-
-def field_list(names: list[str], shown: int = 12) -> str:
-    """Field names for a message, the first ``shown`` of them (a transposed array has thousands)."""
-    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "") or "none"

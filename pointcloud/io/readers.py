@@ -9,8 +9,8 @@ from typing import Literal
 
 import numpy as np
 
-from medvit.errors import InputError
-from pointcloud.io.cloud import PointCloud, drop_nonfinite, field_list, integer_labels, logger
+from medvit.errors import InputError, listed
+from pointcloud.io.cloud import PointCloud, drop_nonfinite, integer_labels, logger
 from pointcloud.io.kitti import RAW_LAYOUTS, read_label_file, read_raw_scan, sibling_label_path
 
 # format key -> suffixes; ".pcd.bin" is matched before ".bin"
@@ -89,7 +89,7 @@ def _select_fields(cloud: PointCloud, fields: Sequence[str]) -> PointCloud:
     missing = [f for f in fields if f not in cloud.feature_names]
     if missing:
         raise InputError(cloud.source, f"no field {', '.join(missing)} in this {cloud.meta['format']} file "
-                                       f"(it has {field_list(cloud.feature_names) if cloud.feature_names else 'no per-point fields'})")
+                                       f"(it has {listed(cloud.feature_names) if cloud.feature_names else 'no per-point fields'})")
     cols = [cloud.feature_names.index(f) for f in fields]
     cloud.features, cloud.feature_names = cloud.features[:, cols], list(fields)
     return cloud
