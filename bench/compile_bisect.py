@@ -30,11 +30,9 @@ from pathlib import Path
 
 import torch
 
-from medvit.config import ModelConfig
 from medvit.io.writers import atomic_path
-from medvit.nets import build_net
 from medvit.nets.speedups import use_sdpa
-from pipelines.bench_engine import Case, _time_batch, _window_batch, within_bf16_tolerance
+from pipelines.bench_engine import Case, _input, _net, _time_batch, _window_batch, within_bf16_tolerance
 
 KNOBS = {"emulate_precision_casts": True}
 """Inductor settings tried on the whole net (those that exist in this torch): rounding
@@ -82,13 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device(a.device)
     reps = 10 if dev.type == "cuda" else 1
     torch.set_grad_enabled(False)
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="swin_unetr", in_channels=1, out_channels=14, roi_size=(a.roi,) * 3,
-                      options={"feature_size": a.feature_size})
-    net = build_net(cfg).to(dev).eval()
-    use_sdpa(net)
     case = Case(model="swin_unetr", shape=(a.roi * 3 // 2,) * 3, classes=14, roi=a.roi)
-    x = torch.rand((1, *case.shape), generator=torch.Generator().manual_seed(0))
+    net = _net(case, dev, {"feature_size": a.feature_size})
+    use_sdpa(net)
+    x = _input(case)[0]  # seeded noise
     xb = _window_batch(case, x, a.batch, dev)
     ref32 = net(xb).float()
     scale = float(ref32.abs().max())

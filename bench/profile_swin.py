@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-from medvit.config import ModelConfig
 from medvit.io.writers import atomic_path
-from medvit.nets import build_net
 from medvit.nets.speedups import speed_up
-from pipelines.bench_engine import Case, _time_batch, _window_batch
+from pipelines.bench_engine import Case, _input, _net, _time_batch, _window_batch
 from pipelines.engine.runner import autocast_context, sync_device
 
 
@@ -66,10 +64,7 @@ class _PartClock:
 
 def profile(steps: list[str], a, x: torch.Tensor, dev: torch.device, top: int) -> dict:
     case = Case(model="swin_unetr", shape=tuple(x.shape[1:]), classes=14, roi=a.roi)
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="swin_unetr", in_channels=1, out_channels=14, roi_size=(a.roi,) * 3,
-                      options={"feature_size": a.feature_size})
-    net = build_net(cfg).to(dev).eval()
+    net = _net(case, dev, {"feature_size": a.feature_size})
     clock = _PartClock(net, dev)
     pred = speed_up(net, steps)
     xb = _window_batch(case, x, a.batch, dev)
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dev = torch.device(a.device)
     torch.set_grad_enabled(False)
-    x = torch.rand((1, *(a.roi * 3 // 2,) * 3), generator=torch.Generator().manual_seed(0))
+    x = _input(Case(model="swin_unetr", shape=(a.roi * 3 // 2,) * 3, classes=14, roi=a.roi))[0]  # seeded noise
     runs = [a.speedups.split(",")] if a.speedups else [["sdpa"], ["sdpa", "cudnn_benchmark"]]
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "feature_size": a.feature_size, "roi": a.roi, "batch": a.batch, "runs": []}

@@ -64,14 +64,15 @@ class Case:
     plain and sped up, are both compared with the unmodified net's fp32 labels."""
 
 
-def _net(case: Case, device: torch.device) -> torch.nn.Module:
+def _net(case: Case, device: torch.device, options: dict | None = None) -> torch.nn.Module:
+    """The case's seeded net; ``options`` replace its ``NETS`` options (the bench scripts' feature size)."""
     from medvit.config import ModelConfig
     from medvit.nets import build_net
 
     spec = NETS[case.model]
     torch.manual_seed(case.seed)
     cfg = ModelConfig(name=spec["name"], in_channels=1, out_channels=case.classes, roi_size=(case.roi,) * 3,
-                      options=spec["options"])
+                      options=spec["options"] if options is None else options)
     return build_net(cfg).to(device).eval()
 
 
