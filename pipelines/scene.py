@@ -154,18 +154,20 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     ``bin_columns``: the float32 width of ``.bin`` scans written with another than KITTI's 4.
     """
     cfg = model.config
+    out_ids = cfg.output_ids()  # raw ids when the checkpoint has a label_map
+    target = scan_output(path, Path(out_dir), label_format)
+    is_las = target.suffix.lower() in (".las", ".laz")
+    top = max(cfg.infer.unlabelled, int(out_ids.max()))
+    if is_las and top > 255:  # before the scan is read and the net runs
+        raise InputError(path, f"LAS classification holds 0..255, this checkpoint writes ids up to {top}; "
+                               "choose --format label or npy")
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
     cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None,
                         sibling_labels=False, bin_columns=bin_columns)
     dropped = int(cloud.meta.get("dropped_nonfinite", 0))
-    target = scan_output(path, Path(out_dir), label_format)
-    is_las = target.suffix.lower() in (".las", ".laz")
     if is_las and dropped:  # before the net runs: the output could not keep the scan's count
         raise InputError(path, f"{dropped} points have NaN or infinite coordinates, which a LAS file cannot store; "
                                "choose --format label or npy to keep the scan's point count")
-    if is_las and max(cfg.infer.unlabelled, int(cfg.output_ids().max())) > 255:  # before the net runs too
-        raise InputError(path, f"LAS classification holds 0..255, this checkpoint writes ids up to "
-                               f"{max(cfg.infer.unlabelled, int(cfg.output_ids().max()))}; choose --format label or npy")
     if cfg.point_range is not None and len(cloud) and not points_in_range(cloud, cfg.point_range).any():
         # An all-unlabelled output is never what was wanted: usually the scan is in another frame
         # (map or UTM coordinates against a sensor-centred net).
@@ -176,7 +178,7 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     train_ids, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
     done = train_ids >= 0
     labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
-    labels[done] = cfg.output_ids()[train_ids[done]]  # raw ids when the checkpoint has a label_map
+    labels[done] = out_ids[train_ids[done]]
     if n_out:
         log.warning("%s: %d points outside point_range %s were left unlabelled (%d)", path, n_out,
                     list(cfg.point_range), cfg.infer.unlabelled)
