@@ -105,10 +105,11 @@ class LidarConfig(_Strict):
             raise ValueError(f"labels must be the train ids 0..K-1 without gaps, got {ids}")
         unl = self.infer.unlabelled
         if self.label_map is not None:
-            bad = sorted({v for v in self.label_map.values()} - set(ids))
+            reached = set(self.label_map.values())
+            bad = sorted(reached - set(ids))
             if bad:
                 raise ValueError(f"label_map points at train ids that are not labels: {bad}")
-            unreached = [i for i in ids if i not in self.label_map.values()]
+            unreached = [i for i in ids if i not in reached]
             if unreached:
                 raise ValueError(f"label_map maps no raw id to train ids {unreached} ({', '.join(self.labels[i] for i in unreached)}): "
                                  "they could neither be learnt nor written back as raw ids")
