@@ -151,6 +151,35 @@ def test_halves_still_over_budget_are_halved_across_the_other_side():
     assert max(t.n_points for t in sc.tiles) <= 1500
 
 
+def test_a_tile_far_over_budget_is_cut_once_into_strips_and_each_strip_once_across():
+    """1,600 points on a 1 m lattice in a 40 m tile, 125 a tile: 6 strips of 10 m sharing
+    2 overlap / (1 + overlap) = 0.4 of a strip (step 6 m), each cut once across, where halving
+    took three levels on each side (64 tiles of 9.8 m, 6,241 points through the net)."""
+    g = np.arange(40) + 0.5
+    xyz = np.c_[np.repeat(g, 40), np.tile(g, 40), np.zeros(1600)]
+    sc = PointScene(xyz, np.zeros((1600, 1), np.float32), tile_size=40.0, overlap=0.25, max_points=125)
+    assert {t.width for t in sc.tiles} == {10.0} and min(t.height for t in sc.tiles) == 10.0
+    assert sorted({t.x0 - 0.5 for t in sc.tiles}) == pytest.approx([0, 6, 12, 18, 24, 30])
+    assert len(sc.tiles) <= 36  # the last strip holds 10 columns, not 11, and fits in 5 pieces
+    assert max(t.n_points for t in sc.tiles) <= 125
+    net = LinearPointNet()
+    labels, _ = run_windows(sc, net)
+    np.testing.assert_array_equal(labels, reference_labels(sc, net))
+
+
+@pytest.mark.parametrize("overlap, most", [(0.25, 4), (0.5, 15)])
+def test_points_through_the_net_grow_linearly_with_the_cuts(overlap, most):
+    """1,500 points in 40 m, 150 a tile: halving level after level ran 4.6x (overlap 0.25) and
+    72x (0.5) the scene's points through the net; cut k ways, 2.9x and 11x."""
+    rng = np.random.default_rng(0)
+    xyz = np.c_[rng.uniform(0, 40, (1500, 2)), rng.uniform(0, 5, 1500)]
+    sc = PointScene(xyz, np.zeros((1500, 1), np.float32), tile_size=50.0, overlap=overlap, max_points=150)
+    assert max(t.n_points for t in sc.tiles) <= 150
+    assert sum(t.n_points for t in sc.tiles) < most * len(xyz)
+    labels, _ = run_windows(sc, LinearPointNet())
+    assert sc.uncovered == 0
+
+
 def test_accumulator_holds_a_band_not_the_scene():
     xyz, feats = scene(n=20_000, extent=(400.0, 40.0))
     sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25)

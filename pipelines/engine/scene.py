@@ -1,14 +1,17 @@
 """``PointScene``: the scene domain of the engine (LiDAR sweeps and aggregated scenes).
 
 A scene is cut into overlapping square xy tiles (size and stride in metres); a tile
-holding more points than the budget is halved across its longer side, the halves
-overlapping by the grid's overlap fraction, until each piece fits. A dense cluster inside the
-halves' overlap would be copied into every piece, so a cut whose halves hold over 1.9x the
-tile's points is replaced by cuts at the points' quantiles (each piece the box of its points);
-points sharing one xy position cannot be cut, and their tile stays over budget. Halving where one cut
-suffices, instead of cutting into four quarters, keeps the points the tiles hold (each
-point counted once per tile holding it) lower: 1.96x against 2.75x the scene's points on
-the 1.2M-point synthetic map at 150k points a tile.
+holding more points than the budget is cut across its longer side into as few overlapping
+pieces as would fit it at its mean density (two pieces: its halves, overlapping by the grid's
+overlap fraction of the tile), and a piece still over budget is cut again. A dense cluster in
+the pieces' overlap would be copied into every piece, so a cut whose pieces hold far more
+points than an evenly filled tile's would (1.9x the tile's for two pieces), or that leaves one
+piece with over 90 % of them, is replaced by cuts at the points' quantiles (each piece the box
+of its points); points sharing one xy position cannot be cut, and their tile stays over budget.
+The points the tiles hold (each point counted once per tile holding it) thus grow linearly
+with the cuts: 1.96x the scene's points on the 1.2M-point synthetic map at 150k points a tile
+(quartering gave 2.75x), and 19x rather than 94x at 50k points and overlap 0.5, where halving
+again and again multiplied them by ``1 + overlap`` per level.
 Each tile runs through a point net (``net(Point) -> (n, K)`` logits) with coordinates
 made relative to the tile's centre. A point's logits from every tile that holds it are
 averaged in fp32 with weights that peak at the tile centre and fall linearly to a small
@@ -95,7 +98,7 @@ class Tile:
     x0: float
     y0: float
     width: float
-    """Extent along x in metres (tiles are square until a dense one is halved)."""
+    """Extent along x in metres (tiles are square until a dense one is cut)."""
     height: float
     """Extent along y in metres."""
     lo: int
@@ -164,8 +167,8 @@ class PointScene:
         tile_size: tile edge in metres.
         overlap: fraction of a tile shared with its neighbour, in [0, 1); or give ``stride``.
         stride: tile step in metres.
-        max_points: points budget per tile; denser tiles are halved across their longer side until they
-            fit. It also sizes the net's calls: consecutive tiles are packed into one call while
+        max_points: points budget per tile; denser tiles are cut across their longer side into
+            overlapping pieces until they fit. It also sizes the net's calls: consecutive tiles are packed into one call while
             they hold at most ``batch_size * max_points`` points together (see :meth:`batch_len`).
         num_classes: logits per point (checked against the net's output).
         coords_in_features: put the tile-relative ``x, y, z`` before the features given to the net.
@@ -285,16 +288,18 @@ class PointScene:
             return
         if n > self.max_points and depth < 32:
             if not crowded:
-                halves = self._halves(x0, y0, width, height)
-                members = [self._members(*h) for h in halves]
-                if sum(map(len, members)) <= 1.9 * n:
-                    for h, m in zip(halves, members):
-                        self._split(col, *h, out, depth + 1, seen, idx=m)
+                pieces, spread = self._pieces(x0, y0, width, height, n)
+                members = [self._members(*p) for p in pieces]
+                # 1.9x the tile's points for two pieces, as many more for more pieces as an evenly
+                # filled tile puts into the pieces' wider overlap; and no piece left with nearly all
+                if sum(map(len, members)) <= 1.9 * n * spread / (1 + self.overlap) and max(map(len, members)) <= 0.9 * n:
+                    for p, m in zip(pieces, members):
+                        self._split(col, *p, out, depth + 1, seen, idx=m)
                     return
-            # A poor cut: nearly every point lies in the halves' overlap (a dense cluster near
-            # the middle), and halving on would copy it into every piece. From here on this
+            # A poor cut: a dense cluster lies in the pieces' overlap, and cutting on would copy it
+            # into every piece, or in one piece, and the cut gained nothing. From here on this
             # tile's pieces are cut at the points instead. (At 1.5x this also fired on the demo
-            # maps at 50k points a tile and cost mIoU; at 1.9x their plans are unchanged.)
+            # maps at 50k points a tile and cost mIoU; at 1.9x their plans were unchanged.)
             pieces = self._cut_at_points(idx, prefer_x=width >= height)
             for box in pieces:
                 if box not in seen:  # another branch or tile may reach the same piece
@@ -306,16 +311,32 @@ class PointScene:
         lo = self._column(x0, width)[0]  # the same (widened) bound the members come from
         out.append(Tile(len(out), col, x0, y0, width, height, lo, int(idx.max()) + 1, n))
 
-    def _halves(self, x0: float, y0: float, width: float, height: float) -> list[tuple[float, float, float, float]]:
-        """Two halves of a tile across its longer side, each widened so they overlap by the grid's
-        overlap fraction (their seam is blended too); a half still over budget is halved again,
-        across the other side, so a tile that needs four pieces still gets quarters."""
-        grow = (1 + self.overlap) / 2
-        if width >= height:
-            sub = width * grow
-            return [(x0, y0, sub, height), (x0 + width - sub, y0, sub, height)]
-        sub = height * grow
-        return [(x0, y0, width, sub), (x0, y0 + height - sub, width, sub)]
+    def _pieces(self, x0: float, y0: float, width: float, height: float,
+                n: int) -> tuple[list[tuple[float, float, float, float]], float]:
+        """Overlapping pieces of a tile across its longer side, as few as would each fit the budget
+        if the tile's ``n`` points were spread evenly, and how many times its points they hold then.
+
+        The target piece is square (side ``sqrt(area * budget / n)``) unless the tile is thinner
+        than that, so a tile far over budget is cut once into strips here and each strip once
+        across: the points the pieces hold grow linearly with the cuts, where halving again and
+        again multiplied them by ``1 + overlap`` per level (a 50 m tile of 1,500 points at 150 a
+        tile and overlap 0.5 ran 72x its points through the net). Neighbouring pieces share
+        ``2 overlap / (1 + overlap)`` of a piece, so two pieces are the halves the tile had before
+        (overlapping by the grid's overlap fraction of the tile); a piece still over budget is cut
+        again, across its own longer side.
+        """
+        along_x = width >= height
+        long, short = (width, height) if along_x else (height, width)
+        share = 2 * self.overlap / (1 + self.overlap)
+        target = max(math.sqrt(long * short * self.max_points / n), long * self.max_points / n)
+        k = max(2, math.ceil(1 + (long / target - 1) / (1 - share) - 1e-9))
+        size = long / ((k - 1) * (1 - share) + 1)
+        starts = [long - size if i == k - 1 else i * (long - size) / (k - 1) for i in range(k)]
+        if along_x:
+            pieces = [(x0 + a, y0, size, height) for a in starts]
+        else:
+            pieces = [(x0, y0 + a, width, size) for a in starts]
+        return pieces, k * size / long
 
     def _cut_at_points(self, idx: np.ndarray, prefer_x: bool) -> list[tuple[float, float, float, float]]:
         """Two pieces cut at the points' quantiles rather than the tile's middle, for points
