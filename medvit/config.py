@@ -182,12 +182,25 @@ class Config(_Strict):
             raise ValueError("labels must include 0 (background)")
         if min(self.labels) < 0 or max(self.labels) > 65535:
             raise ValueError("label ids must lie in 0..65535")
+        check_unique_names(self.labels)
         n = max(self.labels) + 1
         if self.model.out_channels is None:
             self.model.out_channels = n
         elif self.model.out_channels < n:
             raise ValueError(f"model.out_channels {self.model.out_channels} is less than the {n} label ids")
         return self
+
+
+def check_unique_names(labels: dict[int, str]) -> None:
+    """Refuse two label ids of one name: scores are reported by name, so one would hide the other
+    (validation's mean Dice, and with it the best checkpoint, counted one class of the two)."""
+    ids_of: dict[str, list[int]] = {}
+    for i, name in sorted(labels.items()):
+        ids_of.setdefault(name, []).append(i)
+    twice = {n: ids for n, ids in ids_of.items() if len(ids) > 1}
+    if twice:
+        name, ids = next(iter(twice.items()))
+        raise ValueError(f"labels {' and '.join(map(str, ids))} share the name {name!r}; give each label its own name")
 
 
 def _describe(err: ValidationError) -> str:
@@ -201,9 +214,14 @@ def _describe(err: ValidationError) -> str:
             whole = ".".join(str(p) for p in loc[:-1])
             return f"key '{whole}': too few values (item {loc[-1]}, counting from 0, is missing)"
         return f"missing key '{key}'"
+    msg = first["msg"]
+    if first["type"] == "value_error":  # our own checks: their message without pydantic's prefix
+        msg = msg.removeprefix("Value error, ")
+        if not first["loc"]:  # a check across keys (labels against the model) names its keys itself
+            return msg
     got = first.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"key '{key}': {first['msg']}{got_s}"
+    return f"key '{key}': {msg}{got_s}"
 
 
 def validate_mapping(model: type[M], data: Any, source: str | Path = "<config>") -> M:
@@ -228,19 +246,44 @@ def validate_mapping(model: type[M], data: Any, source: str | Path = "<config>")
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, so ``train: {epochs: 1, epochs: 500}`` trained 500 epochs, and a second
+    ``labels:`` block replaced the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """The YAML document in ``path``; a missing file or a syntax error is a one-line :class:`ConfigError`."""
+    """The YAML document in ``path``; a missing file, a syntax error or a key given twice in one
+    mapping is a one-line :class:`ConfigError`."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give the config's YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.constructor.ConstructorError as e:
+        if e.problem is not None and "given twice" in e.problem:
+            raise ConfigError(f"{path}: line {e.problem_mark.line + 1}: {e.problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{_line(e)}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        raise ConfigError(f"{path}: not valid YAML{_line(e)}") from None
+
+
+def _line(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f" at line {mark.line + 1}" if mark is not None else ""
 
 
 def parse_config(data: Any, source: str | Path = "<config>") -> Config:

@@ -285,10 +285,11 @@ class ScanTask:
         tc = cfg.train
         self.cfg = cfg
         self.scans = [load_training_scan(it, cfg, self.IGNORE)
-                      for it in read_datalist(tc.datalist, "training", base_dir=tc.data_root, need_label=True)]
+                      for it in read_datalist(tc.datalist, "training", base_dir=tc.data_root, need_label=True,
+                                              one_image=True)]
         self.val = [load_training_scan(it, cfg, self.IGNORE)
                     for it in read_datalist(tc.datalist, "validation", base_dir=tc.data_root, required=False,
-                                            need_label=True)]
+                                            need_label=True, one_image=True)]
         for scans, what in ((self.scans, "training"), (self.val, "validation")):
             if scans and all(sc.unusable for sc in scans):
                 raise InputError(tc.datalist, f"no {what} scan has a point whose label id is a train id of the config "

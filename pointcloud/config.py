@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from medvit.config import TrainConfig, _Strict, read_yaml, validate_mapping
+from medvit.config import TrainConfig, _Strict, check_unique_names, read_yaml, validate_mapping
 
 
 MIN_VOXEL_SIZE = 1e-3
@@ -103,6 +103,7 @@ class LidarConfig(_Strict):
             raise ValueError(f"labels must name at least two classes, got {ids}")
         if ids != list(range(len(ids))):
             raise ValueError(f"labels must be the train ids 0..K-1 without gaps, got {ids}")
+        check_unique_names(self.labels)
         unl = self.infer.unlabelled
         if self.label_map is not None:
             reached = set(self.label_map.values())

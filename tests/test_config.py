@@ -82,6 +82,26 @@ def test_yaml_errors(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("labels: {0: bg, 1: a}\nmodel: {name: unetr}\ntrain: {datalist: x.json, epochs: 1, epochs: 500}\n",
+     "line 3: key 'epochs' is given twice in one mapping"),
+    ("labels: {0: bg, 1: a}\nmodel: {name: unetr}\nlabels: {0: bg, 1: b}\n", "line 3: key 'labels' is given twice"),
+])
+def test_a_key_given_twice_is_refused(tmp_path, text, needle):
+    """PyYAML keeps the last silently: epochs 1 then 500 trained 500 epochs."""
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(p)
+
+
+def test_two_labels_of_one_name_are_refused():
+    """Validation scores are kept by name: the second 'a' hid the first from the mean Dice."""
+    with pytest.raises(ConfigError) as e:
+        parse_config({**MINIMAL, "labels": {0: "bg", 1: "a", 2: "a"}}, "cfg.yaml")
+    assert str(e.value) == "cfg.yaml: labels 1 and 2 share the name 'a'; give each label its own name"
+
+
 def test_relative_datalist_resolves_against_config_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     p = tmp_path / "sub" / "c.yaml"

@@ -42,6 +42,21 @@ def test_read_datalist_names_missing_file(tmp_path):
         read_datalist(dl)
 
 
+@pytest.mark.parametrize("entry, kwargs, needle", [
+    ({"image": "a.nii.gz", "label": ["a.nii.gz", "a.nii.gz"]}, {}, "entry 0: 'label' is a list; a label map is one file"),
+    ({"image": []}, {}, "entry 0: 'image' is an empty list"),
+    ({"image": ["a.nii.gz"]}, {"one_image": True}, "entry 0: 'image' is a list; a scan is one file"),
+])
+def test_a_label_list_or_an_empty_image_list_names_the_entry(tmp_path, entry, kwargs, needle):
+    """A label list reached LoadImage as a TypeError traceback; an empty image list named no file."""
+    _touch(tmp_path, "a.nii.gz")
+    dl = tmp_path / "dl.json"
+    dl.write_text(json.dumps({"training": [entry]}))
+    with pytest.raises(InputError, match=re.escape(needle)) as e:
+        read_datalist(dl, **kwargs)
+    assert str(dl) in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["btcv.json", "msd_task09_spleen.json", "brats2021.json"])
 def test_manifests_are_datalists_with_labels_and_spacing(name):
     m = read_manifest(REPO / "data_manifests" / name)

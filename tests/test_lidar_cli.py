@@ -332,6 +332,7 @@ def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsy
                                            ({"loss": {"ce_weight": 0, "lovasz_weight": 0}}, "both 0"),
                                            ({"augment": {"scale": [1.05, 0.95]}}, "low <= high"),
                                            ({"labels": {0: "a"}}, "at least two classes"),
+                                           ({"labels": {0: "a", 1: "b", 2: "a"}}, "labels 0 and 2 share the name 'a'"),
                                            ({"voxel_size": 1e-6}, "voxel_size"),
                                            ({"features": {"intensity": float("nan")}}, "features")])
 def test_bad_lidar_configs(patch, needle, tmp_path, capsys):

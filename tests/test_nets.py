@@ -82,12 +82,24 @@ def test_unknown_name_lists_available():
         ("swin_unetr", {"patch_size": 0}, (64, 32, 32), "model.options.patch_size: expected a positive integer"),
         ("unet", {"features": [4, 8]}, (32, 32, 32), "model.options.features: expected six channel counts"),
         ("unet", {"act": 3}, (32, 32, 32), "model.options.act: expected str or a list, got 3"),
+        # zero or negative sizes were a ZeroDivisionError or "negative dimension" traceback
+        ("unetr", {"hidden_size": 0}, (32, 32, 32), "model.options.hidden_size: unetr needs sizes of at least 1, got 0"),
+        ("unetr", {"num_heads": 0}, (32, 32, 32), "model.options.num_heads: unetr needs sizes of at least 1, got 0"),
+        ("unetr", {"feature_size": -8}, (32, 32, 32), "model.options.feature_size: unetr needs sizes of at least 1, got -8"),
+        ("swin_unetr", {"depths": [2, 2, 0, 2]}, (64, 32, 32), "model.options.depths: swin_unetr needs sizes of at least 1"),
+        ("unet", {"features": [0, 8, 16, 32, 64, 8]}, (32, 32, 32), "model.options.features: unet needs sizes of at least 1"),
     ],
 )
 def test_bad_options_name_their_key(name, options, roi, expected):
     with pytest.raises(ConfigError) as e:
         build_net(ModelConfig(name=name, out_channels=2, roi_size=roi, options=options))
     assert str(e.value).startswith(expected), str(e.value)
+
+
+def test_mlp_dim_zero_is_monais_hidden_size():
+    net = build_net(ModelConfig(name="unetr", out_channels=2, roi_size=(32, 32, 32),
+                                options={"hidden_size": 96, "num_heads": 4, "mlp_dim": 0}))
+    assert net.vit.blocks[0].mlp.linear1.out_features == 96
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,13 @@ from medvit.errors import InputError
 
 
 def read_datalist(path: str | Path, key: str = "training", *, base_dir: str | Path | None = None, required: bool = True,
-                  need_label: bool = False) -> list[dict]:
+                  need_label: bool = False, one_image: bool = False) -> list[dict]:
     """The entries under ``key`` with paths made absolute against ``base_dir`` (default: the file's folder).
 
-    An entry's "image" may be one path or a list (one channel per file). Every file named
+    An entry's "image" may be one path or a list (one channel per file), its "label" one path. Every file named
     must exist, so a typo fails before training starts, not hours into it. A ``required``
-    list must hold at least one entry; with ``need_label`` every entry must name a label.
+    list must hold at least one entry; with ``need_label`` every entry must name a label; with
+    ``one_image`` (LiDAR scans) an image list is refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -55,6 +56,12 @@ def read_datalist(path: str | Path, key: str = "training", *, base_dir: str | Pa
             raise InputError(path, f"'{key}' entry {i} has no 'image'")
         if need_label and "label" not in e:
             raise InputError(path, f"'{key}' entry {i} ({e['image']}) has no 'label'; training and validation need one")
+        if isinstance(e.get("label"), list):
+            raise InputError(path, f"'{key}' entry {i}: 'label' is a list; a label map is one file")
+        if one_image and isinstance(e["image"], list):
+            raise InputError(path, f"'{key}' entry {i}: 'image' is a list; a scan is one file")
+        if e["image"] == []:
+            raise InputError(path, f"'{key}' entry {i}: 'image' is an empty list; give one file per channel")
         item = dict(e)
         for k in ("image", "label"):
             if k in item:

@@ -125,6 +125,11 @@ def construct(
             opts = ", ".join(n for n in takes if n not in fixed)
             raise ConfigError(f"model.options.{key}: {net_name} ({cls.__name__}) takes no option {key!r}; it takes: {opts}")
         check_option(key, value, hints)
+        # every int option of these nets is a size or a count; a zero or negative one reached
+        # arithmetic or torch.empty as a traceback, or built a net with empty layers
+        # (MONAI reads mlp_dim 0 as "hidden_size")
+        if _below_one(value) and not (key == "mlp_dim" and value == 0):
+            raise ConfigError(f"model.options.{key}: {net_name} needs sizes of at least 1, got {value!r}")
     try:
         return cls(**fixed, **options)
     except (ValueError, AssertionError) as e:
@@ -135,3 +140,12 @@ def construct(
         named += [k for k, v in options.items() if isinstance(v, str) and len(v) > 1 and repr(v) in msg]
         key = f"model.options.{named[0]}" if named else "model.options"
         raise ConfigError(f"{key}: {net_name}: {e}") from None
+    except (ZeroDivisionError, RuntimeError) as e:
+        raise ConfigError(f"model.options: {net_name} could not be built from these options: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _below_one(value: Any) -> bool:
+    """An int (or ints in a sequence) below 1; bools are not sizes."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values)
