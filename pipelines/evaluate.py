@@ -12,6 +12,11 @@ A result is a JSON-ready dict::
      "labels": {key: {"id", "name", "status", "dice", "hd95_mm", "surface_dice",
                       "voxels_prediction", "voxels_reference"}}}
 
+A map one voxel thick along one axis (a 2D file, or one slice of a volume) is scored in the
+plane of the other two: surfaces are in-plane outlines and distances in-plane, as MONAI's
+metrics give on the 2D arrays. In 3D every voxel of such a slab is surface, which scored a
+shrunken square's surface Dice 0.61 against 0 in 2D.
+
 ``labels`` is keyed by the label's name (its id as a string when it has none) and
 ordered by id. ``status`` is one of ``STATUS_OK``, ``STATUS_MISSING_PRED``,
 ``STATUS_MISSING_REF`` or ``STATUS_ABSENT``.
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medvit.errors import InputError, MedvitError
+from medvit.errors import InputError, MedvitError, listed
 from medvit.io.common import corner_offset_mm
 
 STATUS_OK = "ok"
@@ -138,7 +143,13 @@ def evaluate_labels(
         raise ValueError(f"spacing must be three positive numbers, got {spacing}")
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise MedvitError(f"--tolerance (the surface Dice tolerance) must be a finite distance of at least 0 mm, got {tolerance_mm}")
+    tolerance_mm = float(tolerance_mm) + 0.0  # -0.0 becomes 0.0 (the table printed "sDice@-0.0mm")
     names = {int(k): str(v) for k, v in (labels or {}).items()}
+    flat = [i for i, n in enumerate(pred.shape) if n == 1]
+    metric_spacing = spacing
+    if len(flat) == 1:  # one voxel thick: score in its plane (see the module docstring)
+        pred, gt = pred.squeeze(flat[0]), gt.squeeze(flat[0])
+        metric_spacing = tuple(s for i, s in enumerate(spacing) if i != flat[0])
 
     box_p, box_g = _objects(pred), _objects(gt)
     ids = sorted((set(box_p) | set(box_g) | set(names)) - {0})
@@ -167,10 +178,10 @@ def evaluate_labels(
                 # MONAI's metrics call their own deprecated argument; not the user's concern.
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
                 row["hd95_mm"] = float(
-                    compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=spacing)[0, 0]
+                    compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=metric_spacing)[0, 0]
                 )
                 row["surface_dice"] = float(
-                    compute_surface_dice(yp, yg, [float(tolerance_mm)], include_background=True, spacing=spacing)[0, 0]
+                    compute_surface_dice(yp, yg, [float(tolerance_mm)], include_background=True, spacing=metric_spacing)[0, 0]
                 )
         elif in_p or in_g:
             # One side empty: no overlap and no surface agreement; a distance to nothing is undefined.
@@ -333,5 +344,9 @@ def read_label_names(path: str | Path) -> dict[int, str]:
         names = _id_names(c)
         if names is not None:
             return names
+    maps = [k for k, v in data.items() if _id_names(v) is not None] if isinstance(data, dict) else []
+    if maps:  # TotalSegmentator's class map: {"total": {...}, "total_mr": {...}}
+        raise InputError(path, f"holds several label maps ({listed(maps)}); save the one that fits the prediction "
+                               "as its own {id: name} file")
     raise InputError(path, "expected a JSON object of label id -> name (distinct ids of at least 0), "
                            "or one with a 'labels' entry")

@@ -215,7 +215,8 @@ def test_two_series_need_a_choice(tmp_path):
     with pytest.raises(InputError) as e:
         read_image(tmp_path)
     msg = str(e.value)
-    for part in ("1.2.826.0.1.3680043.8.498.101 'axial' (3 slices", "1.2.826.0.1.3680043.8.498.202 'coarse' (2 slices", "--series"):
+    for part in ("1.2.826.0.1.3680043.8.498.101 'axial' (3 slices", "1.2.826.0.1.3680043.8.498.202 'coarse' (2 slices",
+                 "segment's --series UID, or a folder holding only that series"):
         assert part in msg
     img = read_image(tmp_path, series="1.2.826.0.1.3680043.8.498.101")
     assert img.shape == (1, 5, 4, 3)

@@ -240,7 +240,9 @@ def select_series(where: Path, found: list[DicomSeries], series: str | None) -> 
     images = [s for s in found if s.not_image is None]
     if len(images) == 1:  # e.g. a CT series next to its SEG or RTSTRUCT: nothing to choose
         return images[0]
-    raise InputError(where, f"holds {len(found)} DICOM series; choose one with --series UID: {listing}")
+    # only segment has --series; elsewhere (evaluate, a datalist) a folder of one series is the way
+    raise InputError(where, f"holds {len(found)} DICOM series; choose one (segment's --series UID, or a folder "
+                            f"holding only that series): {listing}")
 
 
 def _check_same(s: DicomSeries, where: Path, tag: str, values: list[np.ndarray], *, atol: float, rtol: float = 0.0) -> None:
