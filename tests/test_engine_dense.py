@@ -114,7 +114,8 @@ def test_mirror_tta_averages_flips():
     [(dict(overlap=1.0), "overlap"), (dict(overlap=-0.1), "overlap"), (dict(batch_size=0), "batch size"),
      (dict(overlap=[0.5, 0.5]), "one per spatial axis"), (dict(mode="foo"), "gaussian or constant"),
      (dict(mirror_axes=(-1,)), "mirror axes"), (dict(mirror_axes=(3,)), "mirror axes"),
-     (dict(mirror_axes=(0, 0)), "mirror axes")],
+     (dict(mirror_axes=(0, 0)), "mirror axes"),
+     (dict(batch_size=0, skip_below=5.0), "batch size must be at least 1")],  # all windows skipped: checked anyway
 )
 def test_bad_arguments(kwargs, match):
     x = torch.randn(1, 8, 8, 8)
