@@ -7,6 +7,7 @@ preprocessed grid, checkpoints as safetensors with a JSON sidecar.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from medvit.nets import build_net
 from medvit.transforms import run_chain, train_transforms, val_transforms
 from pipelines.engine import sliding_window_labels
 from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor, prepared_output  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 def split_random(chain: Compose) -> tuple[Compose, Compose]:
@@ -133,6 +136,11 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = Fal
     """
     if cfg.train is None:
         raise ConfigError("config has no 'train' section")
+    unused = int(cfg.model.out_channels) - len(cfg.labels)
+    if unused > len(cfg.labels):  # ids such as {0, 2000}: one output channel per id up to the largest
+        log.warning("labels name %d ids up to %d: the net gets %d output channels, %d of them for ids no label "
+                    "has; numbering the labels 0..%d would train a smaller net", len(cfg.labels), max(cfg.labels),
+                    cfg.model.out_channels, unused, len(cfg.labels) - 1)
     # the folder is checked before the data is read: a bad folder fails at once
     with prepared_output(cfg.train, resume=resume, restart=restart):
         task = VolumeTask(cfg)

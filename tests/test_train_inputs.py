@@ -186,3 +186,15 @@ def test_label_ids_the_config_does_not_name_are_refused(tiny_set, tmp_path, caps
     assert_user_error(["train", str(cfg), "--no-progress"], capsys, "_label.nii.gz", "holds label values 3 that the "
                       "config's labels do not name (it names 0, 1, 2, 4, 5)")
     _no_run_written(tmp_path / "run")
+
+
+def test_sparse_label_ids_warn_of_the_channels_they_cost(tiny_set, tmp_path, capsys, caplog):
+    """Labels {0..5, 40}: one output channel per id up to 40, 34 of them for no label; the data
+    (ids 0..5) trains, and the warning says so before any case is read."""
+    d = yaml.safe_load(tiny_config(tmp_path, tiny_set).read_text())
+    d["labels"][40] = "extra"
+    d["train"]["datalist"] = str(tmp_path / "missing.json")  # stop right after the warning
+    cfg = tmp_path / "sparse.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "missing.json")
+    assert "labels name 7 ids up to 40: the net gets 41 output channels, 34 of them for ids no label has" in caplog.text
