@@ -190,10 +190,11 @@ def evaluate(
 def series(folder: Annotated[Path, typer.Argument(help="A folder of DICOM files.")]) -> None:
     """List the DICOM series in FOLDER (UID, modality, file count, description)."""
     from medvit.io import list_dicom_series
+    from medvit.io.dicom import no_series_found
 
     found = list_dicom_series(folder)
     if not found:
-        raise MedvitError(f"{folder}: no DICOM series found")
+        raise MedvitError(f"{folder}: {no_series_found(Path(folder))}")
     for s in found:
         typer.echo(f"{s.uid}\t{s.modality}\t{s.n_files} files\t{s.description}")
 

@@ -202,6 +202,15 @@ def _candidate_files(path: Path) -> list[Path]:
     return found
 
 
+def no_series_found(where: Path) -> str:
+    """Why ``where`` gave no series: the files looked at, and the first one named like DICOM
+    that holds no DICOM header (a garbage ``.dcm`` was skipped as "not DICOM" without a word)."""
+    files = _candidate_files(where)
+    named = next((f for f in files if f.suffix.lower() in DICOM_SUFFIXES), None)
+    why = f"; {named.name} is named like DICOM but has no DICOM header" if named is not None else ""
+    return f"no DICOM files found ({len(files)} file{'s' if len(files) != 1 else ''} looked at{why})"
+
+
 def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
     """All DICOM series under ``folder`` (searched recursively; a single file also works).
 
@@ -227,8 +236,7 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
 def select_series(where: Path, found: list[DicomSeries], series: str | None) -> DicomSeries:
     """The series to read: the one named by ``series``, the only one, or the only image series."""
     if not found:
-        n = len(_candidate_files(where))
-        raise InputError(where, f"no DICOM files found ({n} file{'s' if n != 1 else ''} looked at)")
+        raise InputError(where, no_series_found(where))
     listing = "; ".join(s.summary() for s in found)
     if series is not None:
         for s in found:
