@@ -180,6 +180,33 @@ def test_points_through_the_net_grow_linearly_with_the_cuts(overlap, most):
     assert sc.uncovered == 0
 
 
+def test_points_closer_than_float32_far_from_the_scene_start_stay_covered():
+    """x = 1000.5 and 1000.50001 are one float32 value relative to the scene's start: the cut at
+    the points parted them, their boxes did not, and both were left out of every tile."""
+    xyz = np.array([[0.0, 0, 0], [1000.50001, 0, 0], [1000.5, 0, 0]])
+    sc = PointScene(xyz, np.zeros((3, 1), np.float32), tile_size=4.0, overlap=0.0, max_points=1)
+    labels, _ = run_windows(sc, LinearPointNet())
+    assert sc.uncovered == 0 and labels.shape == (3,)
+
+
+def test_three_points_two_on_one_x_are_parted():
+    """Cut along x, every piece held all three; the cut at the points needed the overlap-free cut."""
+    xyz = np.array([[10.0, 87.3, 0], [10.3, 87.3, 0], [10.3, 89.5, 0]])
+    for size in (2.5, 4.0, 240.0):
+        sc = PointScene(xyz, np.zeros((3, 1), np.float32), tile_size=size, overlap=0.5, max_points=2)
+        assert max(t.n_points for t in sc.tiles) <= 2, size
+
+
+@pytest.mark.parametrize("kwargs", [dict(overlap=1 - 1e-9), dict(stride=1e-9), dict(overlap=0.999)])
+def test_an_overlap_near_one_still_plans_a_few_pieces(kwargs):
+    """Pieces sharing 2 overlap / (1 + overlap) of their size need countless pieces as that nears
+    1 (a 40 m scene at overlap 1 - 1e-9 did not finish planning); pieces overlap by at most 0.5."""
+    rng = np.random.default_rng(0)
+    xyz = np.c_[rng.uniform(0, 40, (1000, 2)), np.zeros(1000)]
+    sc = PointScene(xyz, np.zeros((1000, 1), np.float32), tile_size=50.0, max_points=500, **kwargs)
+    assert len(sc.tiles) < 50 and max(t.n_points for t in sc.tiles) <= 500
+
+
 def test_accumulator_holds_a_band_not_the_scene():
     xyz, feats = scene(n=20_000, extent=(400.0, 40.0))
     sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25)

@@ -222,6 +222,9 @@ class PointScene:
         self._ready: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (members, weights), from gather
         self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
         self.overlap = 1 - self.stride / self.tile_size  # also when the stride was given
+        # the overlap a dense tile's pieces get, at most 0.5: near 1, pieces overlapping that much
+        # are countless (planning a 40 m scene at overlap 0.999999999 did not end)
+        self.cut_overlap = min(self.overlap, 0.5)
         self.num_classes = num_classes
         self.coords_in_features = coords_in_features
         self.window_shape = ("tile", self.max_points)
@@ -287,12 +290,13 @@ class PointScene:
         if n == 0:
             return
         if n > self.max_points and depth < 32:
-            if not crowded:
-                pieces, spread = self._pieces(x0, y0, width, height, n)
+            # across the longer side, else across the other (points in a band along the longer one)
+            for along_x in ((width >= height, width < height) if not crowded else ()):
+                pieces, spread = self._pieces(x0, y0, width, height, n, along_x)
                 members = [self._members(*p) for p in pieces]
                 # 1.9x the tile's points for two pieces, as many more for more pieces as an evenly
                 # filled tile puts into the pieces' wider overlap; and no piece left with nearly all
-                if sum(map(len, members)) <= 1.9 * n * spread / (1 + self.overlap) and max(map(len, members)) <= 0.9 * n:
+                if sum(map(len, members)) <= 1.9 * n * spread / (1 + self.cut_overlap) and max(map(len, members)) <= 0.9 * n:
                     for p, m in zip(pieces, members):
                         self._split(col, *p, out, depth + 1, seen, idx=m)
                     return
@@ -301,20 +305,26 @@ class PointScene:
             # tile's pieces are cut at the points instead. (At 1.5x this also fired on the demo
             # maps at 50k points a tile and cost mIoU; at 1.9x their plans were unchanged.)
             pieces = self._cut_at_points(idx, prefer_x=width >= height)
-            for box in pieces:
-                if box not in seen:  # another branch or tile may reach the same piece
-                    seen.add(box)
-                    self._split(col, *box, out, depth + 1, seen, crowded=True)
-            if pieces:
+            members = [self._members(*box) for box in pieces]
+            # A piece's members are found by box, with x widened by a float32 step of the scene's
+            # x: points apart by less than that (micrometres a kilometre out) part in the cut but not
+            # in the boxes, and a piece holding them all made no progress; with it in `seen`, they
+            # were dropped from every tile.
+            if pieces and all(len(m) < n for m in members):
+                for box, m in zip(pieces, members):
+                    if box not in seen:  # another branch or tile may reach the same piece
+                        seen.add(box)
+                        self._split(col, *box, out, depth + 1, seen, crowded=True, idx=m)
                 return
-            # points sharing one xy position cannot be separated: their tile stays over budget
+            # points sharing one xy position (to float32 precision) cannot be separated: their
+            # tile stays over budget
         lo = self._column(x0, width)[0]  # the same (widened) bound the members come from
         out.append(Tile(len(out), col, x0, y0, width, height, lo, int(idx.max()) + 1, n))
 
-    def _pieces(self, x0: float, y0: float, width: float, height: float,
-                n: int) -> tuple[list[tuple[float, float, float, float]], float]:
-        """Overlapping pieces of a tile across its longer side, as few as would each fit the budget
-        if the tile's ``n`` points were spread evenly, and how many times its points they hold then.
+    def _pieces(self, x0: float, y0: float, width: float, height: float, n: int,
+                along_x: bool) -> tuple[list[tuple[float, float, float, float]], float]:
+        """Overlapping pieces of a tile along x (or y), as few as would each fit the budget if the
+        tile's ``n`` points were spread evenly, and how many times its points they hold then.
 
         The target piece is square (side ``sqrt(area * budget / n)``) unless the tile is thinner
         than that, so a tile far over budget is cut once into strips here and each strip once
@@ -322,12 +332,11 @@ class PointScene:
         again multiplied them by ``1 + overlap`` per level (a 50 m tile of 1,500 points at 150 a
         tile and overlap 0.5 ran 72x its points through the net). Neighbouring pieces share
         ``2 overlap / (1 + overlap)`` of a piece, so two pieces are the halves the tile had before
-        (overlapping by the grid's overlap fraction of the tile); a piece still over budget is cut
-        again, across its own longer side.
+        (overlapping by the grid's overlap fraction of the tile; ``overlap`` here is
+        ``cut_overlap``, at most 0.5). A piece still over budget is cut again.
         """
-        along_x = width >= height
         long, short = (width, height) if along_x else (height, width)
-        share = 2 * self.overlap / (1 + self.overlap)
+        share = 2 * self.cut_overlap / (1 + self.cut_overlap)
         target = max(math.sqrt(long * short * self.max_points / n), long * self.max_points / n)
         k = max(2, math.ceil(1 + (long / target - 1) / (1 - share) - 1e-9))
         size = long / ((k - 1) * (1 - share) + 1)
@@ -345,17 +354,19 @@ class PointScene:
         holds about ``(1 + overlap) / 2`` of them as halves of an evenly filled tile do; each
         piece is the box of its points. Empty when the points share one position on both axes.
 
-        When more points than that share the band (many at one coordinate: a pole, the scanner's
-        origin), the cut is made without overlap instead: copied into both pieces at every depth,
+        ``overlap`` here is ``cut_overlap``. When more points than that share the band (many at
+        one coordinate: a pole, the scanner's origin), or the overlapping pieces would not part
+        the points (three points, two on one x), the cut is made without overlap instead: copied into both pieces at every depth,
         such a group filled dozens of over-budget tiles (a 1,500-point pole among 1,500 points,
         150 a tile: 20 tiles held it whole, 12x the scene's points through the net)."""
         p = self.xyz[self.order[idx], :2]
-        f = self.overlap / 2
+        f = self.cut_overlap / 2
         for axis in ((0, 1) if prefer_x else (1, 0)):
             v = p[:, axis]
             lo_q, hi_q = np.quantile(v, [0.5 - f, 0.5 + f])
             parts = [p[v <= hi_q], p[v >= lo_q]]
-            if len(parts[0]) + len(parts[1]) > (1 + self.overlap) * len(p) + 1:  # a heavy value in the band
+            heavy = len(parts[0]) + len(parts[1]) > (1 + self.cut_overlap) * len(p) + 1  # a heavy value in the band
+            if heavy or not all(0 < len(q) < len(p) for q in parts):  # or too few points to overlap
                 m = np.median(v)
                 cuts = [(v <= m, v > m), (v < m, v >= m)]  # the heavy value on one side only
                 parts = min(([p[a], p[b]] for a, b in cuts), key=lambda q: (min(map(len, q)) == 0, max(map(len, q))))
