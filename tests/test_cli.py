@@ -301,7 +301,7 @@ def test_series_on_a_folder_without_dicom_is_an_error(tmp_path, capsys):
     assert_user_error(["series", str(tmp_path)], capsys, str(tmp_path), "no DICOM files found (1 file looked at)")
     (tmp_path / "slice1.dcm").write_bytes(b"garbage" * 50)  # skipped as not DICOM, but now named
     assert_user_error(["series", str(tmp_path)], capsys, "no DICOM files found (2 files looked at; slice1.dcm is "
-                      "named like DICOM but has no DICOM header)")
+                      "named like DICOM but is not a DICOM image)")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")

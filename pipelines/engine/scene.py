@@ -170,8 +170,9 @@ class PointScene:
         overlap: fraction of a tile shared with its neighbour, in [0, 1); or give ``stride``.
         stride: tile step in metres.
         max_points: points budget per tile; denser tiles are cut across their longer side into
-            overlapping pieces until they fit. It also sizes the net's calls: consecutive tiles are packed into one call while
-            they hold at most ``batch_size * max_points`` points together (see :meth:`batch_len`).
+            overlapping pieces until they fit. It also sizes the net's calls: consecutive tiles
+            are packed into one call while they hold at most ``batch_size * max_points`` points
+            together (see :meth:`batch_len`).
         num_classes: logits per point (checked against the net's output).
         coords_in_features: put the tile-relative ``x, y, z`` before the features given to the net.
     """
@@ -358,9 +359,10 @@ class PointScene:
 
         ``overlap`` here is ``cut_overlap``. When more points than that share the band (many at
         one coordinate: a pole, the scanner's origin), or the overlapping pieces would not part
-        the points (three points, two on one x), the cut is made without overlap instead: copied into both pieces at every depth,
-        such a group filled dozens of over-budget tiles (a 1,500-point pole among 1,500 points,
-        150 a tile: 20 tiles held it whole, 12x the scene's points through the net)."""
+        the points (three points, two on one x), the cut is made without overlap instead: copied
+        into both pieces at every depth, such a group filled dozens of over-budget tiles (a
+        1,500-point pole among 1,500 points, 150 a tile: 20 tiles held it whole, 12x the scene's
+        points through the net)."""
         p = self.xyz[self.order[idx], :2]
         f = self.cut_overlap / 2
         for axis in ((0, 1) if prefer_x else (1, 0)):
