@@ -136,11 +136,12 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = Fal
     """
     if cfg.train is None:
         raise ConfigError("config has no 'train' section")
-    unused = int(cfg.model.out_channels) - len(cfg.labels)
+    top = max(cfg.labels)
+    unused = top + 1 - len(cfg.labels)
     if unused > len(cfg.labels):  # ids such as {0, 2000}: one output channel per id up to the largest
-        log.warning("labels name %d ids up to %d: the net gets %d output channels, %d of them for ids no label "
-                    "has; numbering the labels 0..%d would train a smaller net", len(cfg.labels), max(cfg.labels),
-                    cfg.model.out_channels, unused, len(cfg.labels) - 1)
+        log.warning("labels name %d ids up to %d: the net gets an output channel for each id 0..%d, %d of them "
+                    "for ids no label has; numbering the labels 0..%d would train a smaller net", len(cfg.labels), top,
+                    top, unused, len(cfg.labels) - 1)
     # the folder is checked before the data is read: a bad folder fails at once
     with prepared_output(cfg.train, resume=resume, restart=restart):
         task = VolumeTask(cfg)
