@@ -10,10 +10,11 @@ piece with over 90 % of them, is replaced by cuts at the points' quantiles (each
 of its points); points sharing one xy position cannot be cut, and their tile stays over budget.
 The points the tiles hold (each point counted once per tile holding it) thus grow linearly
 with the cuts of evenly filled tiles: 1.96x the scene's points on the 1.2M-point synthetic map
-at 150k points a tile (quartering gave 2.75x), and 23x rather than 94x at 50k points and
-overlap 0.5, where halving again and again multiplied them by ``1 + overlap`` per level. The
-cuts at the points still halve (a dense blob of 20k points at 1,000 a tile and overlap 0.5
-runs 86x its points, as before).
+at 150k points a tile (quartering gave 2.75x), and 21x rather than 94x at 50k points and
+overlap 0.5, where halving again and again multiplied them by ``1 + overlap`` per level; the
+cuts at the points likewise make several runs of points at once when two would not do (a
+20k-point blob at 1,000 a tile and overlap 0.5: 7.5x, not 86x). A tile whose points fill a
+thin band of its box (a road) is still cut as if they filled it, and halves again and again.
 Each tile runs through a point net (``net(Point) -> (n, K)`` logits) with coordinates
 made relative to the tile's centre. A point's logits from every tile that holds it are
 averaged in fp32 with weights that peak at the tile centre and fall linearly to a small
@@ -307,13 +308,20 @@ class PointScene:
             # into every piece, or in one piece, and the cut gained nothing. From here on this
             # tile's pieces are cut at the points instead. (At 1.5x this also fired on the demo
             # maps at 50k points a tile and cost mIoU; at 1.9x their plans were unchanged.)
-            pieces = self._cut_at_points(idx, prefer_x=width >= height)
-            members = [self._members(*box) for box in pieces]
-            # A piece's members are found by box, with x widened by a float32 step of the scene's
-            # x: points apart by less than that (micrometres a kilometre out) part in the cut but not
-            # in the boxes, and a piece holding them all made no progress; with it in `seen`, they
-            # were dropped from every tile.
-            if pieces and all(len(m) < n for m in members):
+            # Far over budget, the points are cut into several runs at once (halving at the points
+            # level after level grew them by 1 + overlap a level: a 20k-point blob at 1,000 a tile and
+            # overlap 0.5 ran 86x its points); else, or when those runs' boxes overlap too much
+            # (a heavy coordinate value), into two.
+            for pieces, spread in (self._cut_at_ranks(idx), (self._cut_at_points(idx, prefer_x=width >= height), None)):
+                members = [self._members(*box) for box in pieces]
+                # A piece's members are found by box, with x widened by a float32 step of the scene's
+                # x: points apart by less than that (micrometres a kilometre out) part in the cut but
+                # not in the boxes, and a piece holding them all made no progress; with it in `seen`,
+                # they were dropped from every tile.
+                if not pieces or not all(len(m) < n for m in members):
+                    continue
+                if spread is not None and sum(map(len, members)) > 1.9 * n * spread / (1 + self.cut_overlap):
+                    continue
                 for box, m in zip(pieces, members):
                     if box not in seen:  # another branch or tile may reach the same piece
                         seen.add(box)
@@ -349,6 +357,33 @@ class PointScene:
         else:
             pieces = [(x0, y0 + a, width, size) for a in starts]
         return pieces, k * size / long
+
+    def _cut_at_ranks(self, idx: np.ndarray) -> tuple[list[tuple[float, float, float, float]], float]:
+        """Three or more pieces of consecutive points along the longer side of the points' box,
+        as :meth:`_pieces` cuts a tile but counted in points rather than metres (each piece the
+        box of its run of points, neighbouring runs sharing ``2 overlap / (1 + overlap)`` of a
+        run), and how many times the points they hold; none when two pieces would do
+        (:meth:`_cut_at_points` makes those)."""
+        n = len(idx)
+        p = self.xyz[self.order[idx], :2]
+        ext = p.max(0) - p.min(0)
+        axis = 0 if ext[0] >= ext[1] else 1
+        long, short = float(ext[axis]), float(ext[1 - axis])
+        if long <= 0:
+            return [], 1.0
+        share = 2 * self.cut_overlap / (1 + self.cut_overlap)
+        frac = max(math.sqrt(short * self.max_points / (long * n)), self.max_points / n)
+        k = math.ceil(1 + (1 / frac - 1) / (1 - share) - 1e-9)
+        if k < 3:
+            return [], 1.0
+        run = math.ceil(n / ((k - 1) * (1 - share) + 1))
+        order = np.argsort(p[:, axis], kind="stable")
+        pieces = []
+        for i in range(k):
+            q = p[order[round(i * (n - run) / (k - 1)):][:run]]
+            a, b = q.min(0), q.max(0)
+            pieces.append((float(a[0]), float(a[1]), float(b[0] - a[0]), float(b[1] - a[1])))
+        return pieces, k * run / n
 
     def _cut_at_points(self, idx: np.ndarray, prefer_x: bool) -> list[tuple[float, float, float, float]]:
         """Two pieces cut at the points' quantiles rather than the tile's middle, for points
