@@ -298,9 +298,7 @@ class PointScene:
             for along_x in ((width >= height, width < height) if not crowded else ()):
                 pieces, spread = self._pieces(x0, y0, width, height, n, along_x)
                 members = [self._members(*p) for p in pieces]
-                # 1.9x the tile's points for two pieces, as many more for more pieces as an evenly
-                # filled tile puts into the pieces' wider overlap; and no piece left with nearly all
-                if sum(map(len, members)) <= 1.9 * n * spread / (1 + self.cut_overlap) and max(map(len, members)) <= 0.9 * n:
+                if not self._copies_too_many(members, n, spread) and max(map(len, members)) <= 0.9 * n:
                     for p, m in zip(pieces, members):
                         self._split(col, *p, out, depth + 1, seen, idx=m)
                     return
@@ -312,7 +310,8 @@ class PointScene:
             # level after level grew them by 1 + overlap a level: a 20k-point blob at 1,000 a tile and
             # overlap 0.5 ran 86x its points); else, or when those runs' boxes overlap too much
             # (a heavy coordinate value), into two.
-            for pieces, spread in (self._cut_at_ranks(idx), (self._cut_at_points(idx, prefer_x=width >= height), None)):
+            for cut in (self._cut_at_ranks, lambda i: (self._cut_at_points(i, prefer_x=width >= height), None)):
+                pieces, spread = cut(idx)
                 members = [self._members(*box) for box in pieces]
                 # A piece's members are found by box, with x widened by a float32 step of the scene's
                 # x: points apart by less than that (micrometres a kilometre out) part in the cut but
@@ -320,7 +319,7 @@ class PointScene:
                 # they were dropped from every tile.
                 if not pieces or not all(len(m) < n for m in members):
                     continue
-                if spread is not None and sum(map(len, members)) > 1.9 * n * spread / (1 + self.cut_overlap):
+                if spread is not None and self._copies_too_many(members, n, spread):
                     continue
                 for box, m in zip(pieces, members):
                     if box not in seen:  # another branch or tile may reach the same piece
@@ -331,6 +330,13 @@ class PointScene:
             # tile stays over budget
         lo = self._column(x0, width)[0]  # the same (widened) bound the members come from
         out.append(Tile(len(out), col, x0, y0, width, height, lo, int(idx.max()) + 1, n))
+
+    def _copies_too_many(self, members: list[np.ndarray], n: int, spread: float) -> bool:
+        """Whether pieces hold more of the tile's ``n`` points than a cut of an evenly filled tile
+        would, ``spread`` times them, allows: 1.9x the tile's points for two pieces, as many more
+        for more pieces as their wider overlap takes (a dense cluster in the overlap is copied
+        into every piece)."""
+        return sum(map(len, members)) > 1.9 * n * spread / (1 + self.cut_overlap)
 
     def _pieces(self, x0: float, y0: float, width: float, height: float, n: int,
                 along_x: bool) -> tuple[list[tuple[float, float, float, float]], float]:
