@@ -75,6 +75,7 @@ class CheckCased(MapTransform):
                                        f"(it names {listed(sorted(self.label_ids))})")
         return data
 
+
 def physical_memory_bytes() -> int | None:
     try:
         return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))

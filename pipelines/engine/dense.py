@@ -25,7 +25,7 @@ import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from medvit.errors import MedvitError, NonFiniteOutput
-from pipelines.engine.runner import EngineReport, mirrored, ring_runs, run_windows
+from pipelines.engine.runner import EngineReport, check_batch_size, mirrored, ring_runs, run_windows
 
 _IMPORTANCE: dict[tuple, torch.Tensor] = {}
 
@@ -371,8 +371,7 @@ def segment_volume(
     """
     if not isinstance(image, torch.Tensor):
         raise MedvitError(f"segment_volume takes a (C, D, H, W) torch tensor, got {type(image).__name__}")
-    if batch_size < 1:  # here too: a volume whose windows are all skipped never reaches the runner
-        raise MedvitError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)  # here too: a volume whose windows are all skipped never reaches the runner
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if input_on_device is None:
         input_on_device = dev.type == "cuda" and image.device.type == "cpu" and fits_on_device(image, dev)

@@ -164,6 +164,11 @@ def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[i
     return predict
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise MedvitError(f"batch size must be at least 1, got {batch_size}")
+
+
 def run_windows(
     domain: Domain,
     predictor: Callable[[torch.Tensor], torch.Tensor],
@@ -183,8 +188,7 @@ def run_windows(
     copies of its last window, whose outputs are dropped, so that a predictor compiled for one
     batch shape (``torch.compile`` with static shapes) never sees a second shape and recompiles.
     """
-    if batch_size < 1:
-        raise MedvitError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
     rep = report or EngineReport()
     wins = list(domain.windows())

@@ -229,6 +229,7 @@ class PointScene:
         # the overlap a dense tile's pieces get, at most 0.5: near 1, pieces overlapping that much
         # are countless (planning a 40 m scene at overlap 0.999999999 did not end)
         self.cut_overlap = min(self.overlap, 0.5)
+        self.cut_share = 2 * self.cut_overlap / (1 + self.cut_overlap)  # of a piece, shared with its neighbour
         self.num_classes = num_classes
         self.coords_in_features = coords_in_features
         self.window_shape = ("tile", self.max_points)
@@ -353,7 +354,7 @@ class PointScene:
         ``cut_overlap``, at most 0.5). A piece still over budget is cut again.
         """
         long, short = (width, height) if along_x else (height, width)
-        share = 2 * self.cut_overlap / (1 + self.cut_overlap)
+        share = self.cut_share
         target = max(math.sqrt(long * short * self.max_points / n), long * self.max_points / n)
         k = max(2, math.ceil(1 + (long / target - 1) / (1 - share) - 1e-9))
         size = long / ((k - 1) * (1 - share) + 1)
@@ -377,7 +378,7 @@ class PointScene:
         long, short = float(ext[axis]), float(ext[1 - axis])
         if long <= 0:
             return [], 1.0
-        share = 2 * self.cut_overlap / (1 + self.cut_overlap)
+        share = self.cut_share
         frac = max(math.sqrt(short * self.max_points / (long * n)), self.max_points / n)
         k = math.ceil(1 + (1 / frac - 1) / (1 - share) - 1e-9)
         if k < 3:
