@@ -1,0 +1,190 @@
+"""Two torch jobs on one machine: per-step time alone and two at once, per OpenMP wait policy.
+
+Each job is a fresh process running training steps of one of the demos' nets (``lidar``: the
+LiDAR demo's FlatFormer on two 30k-point crops of a synthetic sweep; ``volume``: the volume
+demo's UNETR on a 48³ patch), forward + backward + AdamW. A setting is the environment the jobs
+start with: ``spin`` is libgomp's own default (no variable set: threads spin at a barrier before
+they sleep), ``medvit`` is what ``medvit``'s entry points set (``pipelines.threads``). For each
+setting the bench runs each job alone, then the pairs at once, and prints the median step time
+and the ratios: two-at-once against alone, and each setting's alone against ``spin``'s alone.
+
+    python bench/two_jobs.py --steps 12 --json bench/results/two_jobs.json
+
+Run it on an otherwise idle machine: it measures contention, so any other load distorts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the variables a setting may set; every run starts with none of them, then its own
+KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+
+
+def _lidar_step():
+    import numpy as np
+    import torch
+
+    from pipelines.lidar_demo import DEMO_LIDAR_CONFIG
+    from pointcloud.data.synthetic import make_scene
+    from pointcloud.losses import CELovaszLoss
+    from pointcloud.nets import build_point_net
+    from pointcloud.structure import Point
+
+    cfg = DEMO_LIDAR_CONFIG
+    torch.manual_seed(0)
+    net = build_point_net(cfg["model"]["name"], in_channels=4, num_classes=len(cfg["labels"]),
+                          voxel_size=cfg["voxel_size"], options=cfg["model"]["options"])
+    cloud = make_scene(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    crops = []
+    for _ in range(2):
+        idx = rng.choice(len(cloud.xyz), size=min(30_000, len(cloud.xyz)), replace=False)
+        xyz = cloud.xyz[idx].astype(np.float32)
+        feat = np.c_[xyz, cloud.feature("intensity")[idx]].astype(np.float32)
+        crops.append((xyz, feat, cloud.labels[idx].astype(np.int64)))
+    label = torch.from_numpy(np.concatenate([c[2] for c in crops]))
+    loss_fn = CELovaszLoss(ignore_index=-100)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def step():
+        point = Point.from_clouds([c[0] for c in crops], [c[1] for c in crops])
+        loss = loss_fn(net(point).float(), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _volume_step():
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(0)
+    net = UNETR(in_channels=1, out_channels=6, img_size=(48, 48, 48), feature_size=16, hidden_size=96, mlp_dim=192,
+                num_heads=4)
+    x = torch.randn(1, 1, 48, 48, 48)
+    y = torch.randint(0, 6, (1, 1, 48, 48, 48))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def step():
+        loss = loss_fn(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _wait_for(folder: Path, prefix: str, n: int) -> None:
+    while len(list(folder.glob(prefix + "*"))) < n:
+        time.sleep(0.01)
+
+
+def worker(job: str, steps: int, warmup: int, sync: Path, n_jobs: int) -> None:
+    """Run ``steps`` timed steps of ``job`` (after ``warmup``) and print their times as JSON.
+
+    The jobs of a pair start their timed steps together (files in ``sync``), and a job that is
+    done keeps stepping, untimed, until the others are done, so every timed step shares the CPU.
+    """
+    import torch
+
+    step = {"lidar": _lidar_step, "volume": _volume_step}[job]()
+    for _ in range(warmup):
+        step()
+    (sync / f"ready.{os.getpid()}").touch()
+    _wait_for(sync, "ready.", n_jobs)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    (sync / f"done.{os.getpid()}").touch()
+    while len(list(sync.glob("done.*"))) < n_jobs:
+        step()
+    print(json.dumps({"job": job, "threads": torch.get_num_threads(), "times": times,
+                      "policy": os.environ.get("OMP_WAIT_POLICY")}))
+
+
+def setting_env(name: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in KNOBS}
+    env["PYTHONPATH"] = str(ROOT)
+    if name == "medvit":
+        sys.path.insert(0, str(ROOT))
+        from pipelines.threads import openmp_defaults
+
+        env.update(openmp_defaults(env))
+    elif name != "spin":
+        env.update(dict(kv.split("=", 1) for kv in name.split(",")))  # e.g. GOMP_SPINCOUNT=10000
+    return env
+
+
+def run_jobs(jobs: list[str], env: dict[str, str], steps: int, warmup: int) -> list[float]:
+    """Start ``jobs`` at once; the median step time of each, in seconds."""
+    with tempfile.TemporaryDirectory() as sync:
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", job, "--steps", str(steps), "--warmup",
+                                   str(warmup), "--sync", sync, "--jobs", str(len(jobs))],
+                                  env=env, stdout=subprocess.PIPE, text=True) for job in jobs]
+        out = []
+        for p in procs:
+            stdout, _ = p.communicate()
+            if p.returncode:
+                raise RuntimeError(f"a {jobs} worker failed with status {p.returncode}")
+            out.append(statistics.median(json.loads(stdout.strip().splitlines()[-1])["times"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", choices=["lidar", "volume"])
+    ap.add_argument("--sync", type=Path)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--settings", default="spin,medvit", help="comma list: spin, medvit, or VAR=VALUE;VAR=VALUE")
+    ap.add_argument("--pairs", default="lidar+lidar,lidar+volume,volume+volume")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker, a.steps, a.warmup, a.sync, a.jobs)
+        return
+
+    settings = [s.replace(";", ",") for s in a.settings.split(",")]
+    pairs = [p.split("+") for p in a.pairs.split(",")]
+    res: dict = {"steps": a.steps, "nproc": os.cpu_count(), "settings": {}}
+    for s in settings:
+        env = setting_env(s)
+        row: dict = {"env": {k: env[k] for k in KNOBS if k in env}, "alone": {}, "pairs": {}}
+        for job in sorted({j for p in pairs for j in p}):
+            row["alone"][job] = run_jobs([job], env, a.steps, a.warmup)[0]
+            print(f"{s:>10s}  {job} alone: {row['alone'][job]:.3f} s/step", flush=True)
+        for p in pairs:
+            times = run_jobs(p, env, a.steps, a.warmup)
+            row["pairs"]["+".join(p)] = times
+            slow = ", ".join(f"{j} {t:.3f} s/step ({t / row['alone'][j]:.1f}x alone)" for j, t in zip(p, times))
+            print(f"{s:>10s}  {'+'.join(p)} at once: {slow}", flush=True)
+        res["settings"][s] = row
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1))
+    base = res["settings"].get("spin")
+    if base:
+        for s, row in res["settings"].items():
+            if s != "spin":
+                for job, t in row["alone"].items():
+                    print(f"{s} alone against spin alone, {job}: {t / base['alone'][job]:.3f}x the time")
+
+
+if __name__ == "__main__":
+    main()
