@@ -287,6 +287,19 @@ def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
     assert_user_error(["lidar", "train", str(p), "--no-progress"], capsys, "already holds a training run")
 
 
+def test_lidar_resume_into_a_missing_folder_creates_nothing(tmp_path, capsys):
+    dl = _train_set(tmp_path, n_scans=1)
+    cfg = {**TINY, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "runs" / "a"), "epochs": 1}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert_user_error(["lidar", "train", str(p), "--resume", "--no-progress"], capsys, "last_state.pt",
+                      "nothing to resume: the output folder does not exist")
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    assert_user_error(["lidar", "train", str(p), "--resume", "--no-progress"], capsys,
+                      "nothing to resume: no resume checkpoint in the output folder")
+
+
 def test_diverging_lidar_training_says_so(tmp_path, capsys):
     dl = _train_set(tmp_path, n_scans=1)
     cfg = {**TINY, "augment": {"crop_points": 3000, "crop_size": 20.0},
