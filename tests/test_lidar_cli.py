@@ -140,6 +140,14 @@ def test_bad_scans(ckpt, tmp_path, capsys):
                       capsys, "allnan.bin", out_dir=out)
 
 
+def test_ascii_pcd_with_more_lines_than_points_is_refused(ckpt, tmp_path, capsys):
+    head = b"FIELDS x y z intensity\nSIZE 4 4 4 4\nTYPE F F F F\nWIDTH 2\nPOINTS 2\nDATA ascii\n"
+    (tmp_path / "long.pcd").write_bytes(head + b"1 2 3 0.5\n4 5 6 0.5\n7 8 9 0.5\n")
+    out = tmp_path / "o"
+    assert_user_error(["lidar", "segment", str(tmp_path / "long.pcd"), "-o", str(out), "--checkpoint", str(ckpt)],
+                      capsys, "long.pcd: PCD ascii data holds 3 point lines, its header's POINTS says 2", out_dir=out)
+
+
 def test_nan_intensity_is_left_unlabelled_and_reported(ckpt, tmp_path, capsys):
     """A NaN in a feature the net reads crashed the voxeliser (all NaN) or labelled the point
     silently (a few): such points are now left unlabelled and counted, like NaN coordinates."""
