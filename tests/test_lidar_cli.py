@@ -72,7 +72,53 @@ def test_segment_las_writes_classification_and_keeps_coordinates(ckpt, data_dir,
     a, b = laspy.read(src), laspy.read(tmp_path / "simple.las")
     assert len(b.points) == 1065
     assert np.array_equal(a.X, b.X) and np.array_equal(a.Y, b.Y) and np.array_equal(a.Z, b.Z)
-    assert set(np.unique(np.asarray(b.classification))) <= set(range(5))
+    assert set(np.unique(np.asarray(b.classification))) <= set(range(64, 69))  # no las_classes: train id + 64
+
+
+ASPRS = {0: 2, 1: 6, 2: 64, 3: 65, 4: 5}  # ground, building, car (user), pole (user), high vegetation
+
+
+def test_las_classes_map_train_ids_to_asprs_codes(tmp_path, capsys, caplog):
+    """The same weights with and without ``las_classes``: LAS output holds the table's ASPRS codes, or train
+    id + 64 (said once), and 1 'unclassified' for points outside point_range; the .npy of the same scan gives
+    the train ids to check against. The sidecar carries the table."""
+    rng = np.random.default_rng(3)
+    n = 600
+    header = laspy.LasHeader(point_format=1, version="1.2")
+    header.scales, header.offsets = [0.001] * 3, [0.0] * 3
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = rng.uniform(-15, 15, n), rng.uniform(-15, 15, n), rng.uniform(-3, 3, n)
+    las.intensity = rng.integers(0, 3, n)
+    las.classification = np.full(n, 2)
+    las.write(tmp_path / "scan.las")
+    rng_box = [-10, -10, -5, 10, 10, 5]
+    plain = make_ckpt(tmp_path / "plain", point_range=rng_box)
+    named = make_ckpt(tmp_path / "named", point_range=rng_box, las_classes=ASPRS)
+    assert json.loads(named.with_suffix(".json").read_text())["config"]["las_classes"] == {str(k): v for k, v in ASPRS.items()}
+    assert load_point_checkpoint(named).config.las_classes == ASPRS
+    args = [str(tmp_path / "scan.las"), "--no-progress"]
+    assert run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "ids"), "--checkpoint", str(plain),
+                    "--format", "npy"], capsys)[0] == 0
+    train = np.load(tmp_path / "ids" / "scan.npy").astype(np.int64)
+    outside = np.any(np.abs(laspy.read(tmp_path / "scan.las").xyz) > [10, 10, 5], 1)
+    assert outside.any() and (train[outside] == 255).all() and set(train[~outside].tolist()) <= set(range(5))
+    with caplog.at_level("WARNING", logger="pipelines.scene"):
+        code, out, err = run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "plain_out"), "--checkpoint", str(plain)], capsys)
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "no las_classes" in r.getMessage()]
+    assert len(said) == 1 and "train id + 64" in said[0] and "car 66" in said[0]
+    assert f"{outside.sum()} outside point_range, labelled 1" in out
+    got = np.asarray(laspy.read(tmp_path / "plain_out" / "scan.las").classification).astype(np.int64)
+    np.testing.assert_array_equal(got, np.where(outside, 1, train + 64))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.scene"):
+        code, _, err = run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "named_out"), "--checkpoint", str(named)], capsys)
+    assert code == 0, err
+    assert not any("no las_classes" in r.getMessage() for r in caplog.records)
+    got = laspy.read(tmp_path / "named_out" / "scan.las")
+    table = np.array([ASPRS[i] for i in range(5)])
+    np.testing.assert_array_equal(np.asarray(got.classification), np.where(outside, 1, table[np.where(outside, 0, train)]))
+    assert got.point_format.id == 6  # car 64 and pole 65 do not fit formats 0-5
 
 
 def test_nan_points_are_dropped_reported_and_written_unlabelled(ckpt, tmp_path, capsys):
@@ -235,13 +281,14 @@ def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
 
 
 def test_las_output_of_ids_past_255_is_refused_before_the_net_runs(tmp_path, capsys):
-    ck = make_ckpt(tmp_path, infer={**TINY["infer"], "unlabelled": 300})
+    """Without las_classes, train ids go to LAS as id + 64: 193 classes would need class 256."""
+    ck = make_ckpt(tmp_path, labels={i: f"c{i}" for i in range(193)}, infer={**TINY["infer"], "unlabelled": 300})
     rng = np.random.default_rng(7)
     write_kitti(rng.uniform(-20, 20, (500, 3)), rng.uniform(0, 1, 500), None, tmp_path / "scan")
     out = tmp_path / "o"
     assert_user_error(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(out), "--checkpoint", str(ck),
-                       "--format", "las"], capsys, "LAS classification holds 0..255, this checkpoint writes ids up to 300",
-                      out_dir=out)
+                       "--format", "las"], capsys, "scan.bin: LAS classification holds 0..255: without las_classes",
+                      "193 train ids as id + 64, up to 256", out_dir=out)
 
 
 def test_las_output_of_a_scan_with_nan_points_is_refused(ckpt, tmp_path, capsys):
@@ -355,7 +402,19 @@ def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsy
                                            ({"labels": {0: "a"}}, "at least two classes"),
                                            ({"labels": {0: "a", 1: "b", 2: "a"}}, "labels 0 and 2 share the name 'a'"),
                                            ({"voxel_size": 1e-6}, "voxel_size"),
-                                           ({"features": {"intensity": float("nan")}}, "features")])
+                                           ({"features": {"intensity": float("nan")}}, "features"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 64, 3: 65}},
+                                            "las_classes gives no ASPRS class to train ids [4] (vegetation)"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 64, 3: 65, 4: 5, 5: 66}},
+                                            "las_classes names train ids that are not labels: [5]"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 64, 3: 64, 4: 5}},
+                                            "las_classes gives car and pole the same class 64"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 300, 3: 65, 4: 5}},
+                                            "car class 300; LAS 1.4 classes are 0..255"),
+                                           ({"las_classes": {0: 1, 1: 6, 2: 64, 3: 65, 4: 5}},
+                                            "ground class 1, 'unclassified', given to unsegmented points"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 40, 3: 65, 4: 5}},
+                                            "car class 40, reserved by ASPRS")])
 def test_bad_lidar_configs(patch, needle, tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({**TINY, **patch, "train": {"datalist": "x.json"}}))
