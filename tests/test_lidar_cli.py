@@ -121,6 +121,56 @@ def test_las_classes_map_train_ids_to_asprs_codes(tmp_path, capsys, caplog):
     assert got.point_format.id == 6  # car 64 and pole 65 do not fit formats 0-5
 
 
+def _las_with_odd_header(path: Path, n: int = 400) -> bytes:
+    """A format-3 LAS 1.2 whose header another tool could have written: creation day/year 0/0, bounds a
+    metre outside the points (laspy would recompute them), its own system, software, source id and GUID."""
+    rng = np.random.default_rng(11)
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.scales, header.offsets = [0.001] * 3, [600000.0, 4100000.0, 0.0]
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = 600000 + rng.uniform(-8, 8, n), 4100000 + rng.uniform(-8, 8, n), rng.uniform(-2, 2, n)
+    las.intensity, las.gps_time = rng.integers(0, 3, n), rng.uniform(0, 1e5, n)
+    las.write(path)
+    raw = bytearray(path.read_bytes())
+    raw[4:6] = (77).to_bytes(2, "little")  # file source id
+    raw[8:24] = bytes(range(16))  # GUID
+    raw[26:58] = b"OTHER SYSTEM".ljust(32, b"\0")
+    raw[58:90] = b"OTHER TOOL 1.0".ljust(32, b"\0")
+    raw[90:94] = bytes(4)  # creation day and year 0/0: unknown
+    lo, hi = np.array([600000 - 9, 4100000 - 9, -3.0]), np.array([600000 + 9, 4100000 + 9, 3.0])
+    raw[179:227] = np.array([hi[0], lo[0], hi[1], lo[1], hi[2], lo[2]], "<f8").tobytes()
+    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+def test_las_header_is_kept_byte_for_byte(tmp_path, capsys):
+    """Classes that fit the format: every byte before the points equals the input's. Classes above 31
+    move the file to format 7 (LAS 1.4): only the fields that move may change."""
+    src = _las_with_odd_header(tmp_path / "scan.las")
+    small = make_ckpt(tmp_path / "small", las_classes={0: 2, 1: 6, 2: 9, 3: 10, 4: 5})
+    code, _, err = run_cli(["lidar", "segment", str(tmp_path / "scan.las"), "-o", str(tmp_path / "same"),
+                            "--checkpoint", str(small), "--no-progress"], capsys)
+    assert code == 0, err
+    out = (tmp_path / "same" / "scan.las").read_bytes()
+    n_head = int.from_bytes(src[96:100], "little")  # offset to point data: header and VLRs
+    assert out[:n_head] == src[:n_head]
+    assert set(np.unique(np.asarray(laspy.read(tmp_path / "same" / "scan.las").classification))) <= {2, 6, 9, 10, 5}
+
+    wide = make_ckpt(tmp_path / "wide")  # train id + 64: above 31
+    code, _, err = run_cli(["lidar", "segment", str(tmp_path / "scan.las"), "-o", str(tmp_path / "up"),
+                            "--checkpoint", str(wide), "--no-progress"], capsys)
+    assert code == 0, err
+    up = (tmp_path / "up" / "scan.las").read_bytes()
+    assert laspy.read(tmp_path / "up" / "scan.las").point_format.id == 7
+    moved = {25: "version minor", 94: "header size", 95: "header size", 104: "point format", 105: "record length",
+             106: "record length", **{i: "offset to points" for i in range(96, 100)},
+             **{i: "legacy point counts (0 for formats 6-10)" for i in range(107, 131)}}
+    differ = {i for i in range(227) if up[i] != src[i]}
+    assert differ <= set(moved), sorted(differ - set(moved))
+    assert up[90:94] == bytes(4) and up[179:227] == src[179:227]
+    assert int.from_bytes(up[247:255], "little") == 400  # the LAS 1.4 point count
+
+
 def test_nan_points_are_dropped_reported_and_written_unlabelled(ckpt, tmp_path, capsys):
     rng = np.random.default_rng(0)
     xyz = rng.uniform(-20, 20, (3000, 3))

@@ -86,6 +86,8 @@ def test_laz_round_trip_and_protection(tmp_path):
     labels = np.where(cloud.labels == 2, 2, 6)
     out = write_las(cloud, labels, tmp_path / "labelled.laz")
     assert laspy.read(out).header.are_points_compressed
+    src, got = (DATA / "laspy/simple.laz").read_bytes(), out.read_bytes()
+    assert got[:227] == src[:227]  # its creation date 0/0 and bounds included
     back = read_points(out)
     np.testing.assert_array_equal(back.xyz, cloud.xyz)
     np.testing.assert_array_equal(back.labels, labels)
@@ -107,6 +109,10 @@ def test_cropped_subset_written(utm_las, tmp_path):
     back = read_points(out)
     np.testing.assert_array_equal(back.xyz, cropped.xyz)
     assert back.meta["point_format"] == 7 and set(back.labels.tolist()) == {40}
+    head = laspy.read(out).header  # a subset's bounds and count are its own, not the source's
+    np.testing.assert_allclose(head.mins, cropped.xyz.min(0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(head.maxs, cropped.xyz.max(0), rtol=0, atol=1e-9)
+    assert head.point_count == len(cropped)
     moved = cropped.select(np.arange(len(cropped)))
     moved.xyz = moved.xyz + 0.001
     with pytest.raises(ValueError, match="differs from its LAS source"):
