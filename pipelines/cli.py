@@ -293,7 +293,7 @@ def lidar_segment(
         e = r.engine
         typer.echo(f"{s} -> {r.labels_path}: {r.n_points} points, {e.windows_run} tiles in {e.calls} calls, {e.seconds:.1f} s"
                    + _notes(e)
-                   + (f" ({'; '.join(extra)}, labelled {model.config.infer.unlabelled})" if extra else ""))
+                   + (f" ({'; '.join(extra)}, labelled {r.unlabelled})" if extra else ""))
 
 
 @lidar_app.command("train")

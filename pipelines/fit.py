@@ -141,14 +141,17 @@ STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "batch_in_ep
 def prepare_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> Path:
     """The output folder, made and checked before any data is read: it must be writable, hold a
     run to resume with ``resume``, and hold none without (two runs would mix in one metrics log,
-    and a stale best checkpoint would outlive them) unless ``restart`` removes the earlier run's files."""
+    and a stale best checkpoint would outlive them) unless ``restart`` removes the earlier run's files.
+    A refused resume creates nothing."""
+    state_path = Path(tc.output_dir) / STATE_FILE
+    if resume and not state_path.is_file():  # before the folder is made: a refused resume leaves nothing behind
+        where = "no resume checkpoint in the output folder" if state_path.parent.is_dir() else "the output folder does not exist"
+        raise InputError(state_path, f"nothing to resume: {where}")
     out = make_output_folder(Path(tc.output_dir))
     check_writable(out / STATE_FILE)  # an unwritable folder fails now, not after an epoch
     for stale in out.glob(".*.tmp-*"):  # atomic_path's temporary files, left by a run killed mid-write
         stale.unlink(missing_ok=True)
     state_path = out / STATE_FILE
-    if resume and not state_path.is_file():
-        raise InputError(state_path, "nothing to resume: no resume checkpoint in the output folder")
     if not resume and state_path.exists():
         if not restart:
             raise InputError(out, f"already holds a training run ({STATE_FILE}); add --resume to continue it, "
@@ -164,9 +167,8 @@ def prepared_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> 
     when the run fails (say, a bad case found while the data is read) is removed again."""
     target = Path(tc.output_dir).absolute()
     made = [d for d in (target, *target.parents) if not d.exists()]  # deepest first
-    out = prepare_output(tc, resume=resume, restart=restart)
     try:
-        yield out
+        yield prepare_output(tc, resume=resume, restart=restart)
     except BaseException:
         for d in made:
             if d.is_dir() and not any(d.iterdir()):

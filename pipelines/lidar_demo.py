@@ -21,6 +21,8 @@ from medvit.io import atomic_path, make_output_folder
 
 DEMO_LIDAR_CONFIG: dict = {
     "labels": {0: "ground", 1: "building", 2: "car", 3: "pole", 4: "vegetation"},
+    # ASPRS classes for LAS output: ground 2, building 6, vegetation 5 (high: trees and hedges), car and pole user-defined
+    "las_classes": {0: 2, 1: 6, 2: 64, 3: 65, 4: 5},
     "features": {"intensity": 1.0},
     "voxel_size": 0.2,
     "model": {"name": "flatformer", "options": {"channels": [16, 32, 64], "group_size": 64, "heads": 2}},

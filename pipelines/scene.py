@@ -24,7 +24,7 @@ from pipelines.engine import EngineReport
 from pipelines.engine.scene import check_scene_extent, segment_scene
 from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
-from pointcloud.config import LidarConfig
+from pointcloud.config import LAS_UNLABELLED, LAS_USER_CODES, LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
 from pointcloud.io.kitti import sibling_label_path
 from pointcloud.io.readers import check_scan_file, detect_format
@@ -78,6 +78,8 @@ class ScanResult:
     counts: dict[str, int] = field(default_factory=dict)
     n_bad_features: int = 0
     """Points left unlabelled because a feature the net reads is NaN or infinite."""
+    unlabelled: int = 255
+    """The id (LAS: ASPRS class) the unsegmented points were written as."""
 
 
 def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float | None = None,
@@ -151,16 +153,27 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
 
     Output: ``OUT/NAME.label`` (SemanticKITTI uint32), ``.npy``, or for LAS/LAZ inputs a
     ``NAME.las``/``.laz`` copy with the classification set (``label_format`` overrides).
+    ``.label``/``.npy`` hold output ids (raw ids with a ``label_map``) and ``infer.unlabelled``;
+    LAS holds ASPRS classes: ``las_classes`` (else train id + 64, said once per loaded model) and
+    1 "unclassified" for unsegmented points.
     ``bin_columns``: the float32 width of ``.bin`` scans written with another than KITTI's 4.
     """
     cfg = model.config
-    out_ids = cfg.output_ids()  # raw ids when the checkpoint has a label_map
     target = scan_output(path, Path(out_dir), label_format)
     is_las = target.suffix.lower() in (".las", ".laz")
-    top = max(cfg.infer.unlabelled, int(out_ids.max()))
-    if is_las and top > 255:  # before the scan is read and the net runs
-        raise InputError(path, f"LAS classification holds 0..255, this checkpoint writes ids up to {top}; "
-                               "choose --format label or npy")
+    if is_las:
+        out_ids, unlabelled = cfg.las_codes(), LAS_UNLABELLED
+        if int(out_ids.max()) > 255:  # before the scan is read and the net runs
+            raise InputError(path, f"LAS classification holds 0..255: without las_classes in its config this "
+                                   f"checkpoint writes its {cfg.num_classes} train ids as id + {LAS_USER_CODES}, up to "
+                                   f"{int(out_ids.max())}; give the config a las_classes table, or choose --format label or npy")
+        if cfg.las_classes is None and not model.meta.get("las_codes_said"):
+            model.meta["las_codes_said"] = True
+            log.warning("%s has no las_classes: LAS classes are written as train id + %d (ASPRS user-defined: %s), "
+                        "unsegmented points as %d", model.meta.get("checkpoint", "the checkpoint"), LAS_USER_CODES,
+                        ", ".join(f"{n} {i + LAS_USER_CODES}" for i, n in sorted(cfg.labels.items())), LAS_UNLABELLED)
+    else:
+        out_ids, unlabelled = cfg.output_ids(), cfg.infer.unlabelled  # raw ids when the checkpoint has a label_map
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
     cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None,
                         sibling_labels=False, bin_columns=bin_columns)
@@ -177,21 +190,21 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
                                f"(the scan spans {span}); is it in the frame the net was trained in?")
     train_ids, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
     done = train_ids >= 0
-    labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
+    labels = np.full(len(cloud), unlabelled, dtype=np.int64)
     labels[done] = out_ids[train_ids[done]]
     if n_out:
         log.warning("%s: %d points outside point_range %s were left unlabelled (%d)", path, n_out,
-                    list(cfg.point_range), cfg.infer.unlabelled)
+                    list(cfg.point_range), unlabelled)
     sibling = sibling_label_path(Path(path)) if detect_format(path) == "kitti" else None
     guard = [path] + list(protect or []) + ([str(sibling)] if sibling is not None else [])
     if is_las:
         write_las(cloud, labels, target, protect=guard)
     else:
-        write_labels(to_file_order(cloud, labels, fill=cfg.infer.unlabelled), target, protect=guard)
+        write_labels(to_file_order(cloud, labels, fill=unlabelled), target, protect=guard)
     counts = {cfg.labels[int(k)]: int(v) for k, v in zip(*np.unique(train_ids[done], return_counts=True))}
     if not done.all():
         counts["unlabelled"] = int((~done).sum())
-    return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts, n_bad)
+    return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts, n_bad, unlabelled)
 
 
 # ------------------------------------------------------------------------------- training

@@ -3,6 +3,7 @@
 Example (see ``configs/lidar/*.yaml``)::
 
     labels: {0: ground, 1: building, 2: car, 3: pole, 4: vegetation}
+    las_classes: {0: 2, 1: 6, 2: 64, 3: 65, 4: 5}    # ASPRS codes for LAS output
     features: {intensity: 1.0}
     voxel_size: 0.1
     model: {name: flatformer, options: {channels: [32, 64, 128]}}
@@ -26,6 +27,15 @@ from medvit.config import TrainConfig, _Strict, check_unique_names, read_yaml, v
 
 MIN_VOXEL_SIZE = 1e-3
 """Metres: finer voxels would overflow the integer voxel grid over a scene's extent."""
+
+LAS_UNLABELLED = 1
+"""ASPRS class written to LAS for points left unsegmented: 1, "unclassified" (0 says "never classified")."""
+LAS_USER_CODES = 64
+"""First ASPRS user-definable class; without ``las_classes`` train id k is written to LAS as 64 + k."""
+LAS_REFUSED_CODES = {0: "'created, never classified'", LAS_UNLABELLED: "'unclassified', given to unsegmented points",
+                     8: "reserved by ASPRS", 12: "reserved by ASPRS",
+                     **{c: "reserved by ASPRS" for c in range(23, LAS_USER_CODES)}}
+"""ASPRS LAS 1.4 R15 classes a segmented class may not be written as."""
 
 
 class PointModelConfig(_Strict):
@@ -85,6 +95,11 @@ class LidarConfig(_Strict):
     """Raw label id in the files -> train id (e.g. SemanticKITTI's 10 -> car); unmapped raw ids are ignored in
     training. Segmentations are written back in raw ids: each class as the smallest raw id mapped to it
     (SemanticKITTI's ``learning_map_inv``), so that the dataset's own tools read them."""
+    las_classes: dict[int, int] | None = None
+    """Train id -> ASPRS class code written to LAS output (2 ground, 5 high vegetation, 6 building, 11 road
+    surface, 17 bridge deck, ...; 64..255 user-defined for classes ASPRS lacks). Every train id, codes distinct,
+    none of :data:`LAS_REFUSED_CODES`. Without it LAS output gets train id + 64. Applies to LAS output only, and
+    maps train ids even when there is a ``label_map`` (the dataset's raw ids are not ASPRS codes)."""
     features: dict[str, float] = Field(default_factory=lambda: {"intensity": 1.0})
     """Point features given to the net (names as the reader reports them) and their scale."""
     voxel_size: float | tuple[float, float, float] = 0.1
@@ -121,6 +136,8 @@ class LidarConfig(_Strict):
         elif unl < len(ids):
             raise ValueError(f"infer.unlabelled {unl} is the train id of '{self.labels[unl]}': points left unsegmented "
                              f"would read as that class; choose an id of {len(ids)} or more (default 255)")
+        if self.las_classes is not None:
+            self._check_las_classes(ids)
         vs = self.voxel_size if isinstance(self.voxel_size, tuple) else (self.voxel_size,)
         if min(vs) < MIN_VOXEL_SIZE:
             raise ValueError(f"voxel_size must be at least {MIN_VOXEL_SIZE} m, got {self.voxel_size}")
@@ -128,6 +145,35 @@ class LidarConfig(_Strict):
         if r is not None and not all(r[i] < r[i + 3] for i in range(3)):
             raise ValueError(f"point_range must be (xmin, ymin, zmin, xmax, ymax, zmax) with min < max, got {list(r)}")
         return self
+
+    def _check_las_classes(self, ids: list[int]) -> None:
+        table = self.las_classes
+        extra = sorted(set(table) - set(ids))
+        if extra:
+            raise ValueError(f"las_classes names train ids that are not labels: {extra}")
+        missing = [i for i in ids if i not in table]
+        if missing:
+            raise ValueError(f"las_classes gives no ASPRS class to train ids {missing} "
+                             f"({', '.join(self.labels[i] for i in missing)})")
+        for train, code in sorted(table.items()):
+            if not 0 <= code <= 255:
+                raise ValueError(f"las_classes gives {self.labels[train]} class {code}; LAS 1.4 classes are 0..255")
+            if code in LAS_REFUSED_CODES:
+                raise ValueError(f"las_classes gives {self.labels[train]} class {code}, {LAS_REFUSED_CODES[code]}; "
+                                 f"use an ASPRS class or a user-defined one of {LAS_USER_CODES}..255")
+        seen: dict[int, int] = {}
+        for train, code in sorted(table.items()):
+            if code in seen:  # one code for two classes could not be told apart in the output
+                raise ValueError(f"las_classes gives {self.labels[seen[code]]} and {self.labels[train]} the same "
+                                 f"class {code}; give each its own (user-defined {LAS_USER_CODES}..255)")
+            seen[code] = train
+
+    def las_codes(self) -> np.ndarray:
+        """``(K,)`` the ASPRS class each train id is written as to LAS: ``las_classes``, else id + 64
+        (may pass 255 for over 192 classes: the writer's caller refuses that)."""
+        if self.las_classes is None:
+            return np.arange(self.num_classes, dtype=np.int64) + LAS_USER_CODES
+        return np.array([self.las_classes[i] for i in range(self.num_classes)], dtype=np.int64)
 
     @property
     def num_classes(self) -> int:

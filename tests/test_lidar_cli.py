@@ -72,7 +72,103 @@ def test_segment_las_writes_classification_and_keeps_coordinates(ckpt, data_dir,
     a, b = laspy.read(src), laspy.read(tmp_path / "simple.las")
     assert len(b.points) == 1065
     assert np.array_equal(a.X, b.X) and np.array_equal(a.Y, b.Y) and np.array_equal(a.Z, b.Z)
-    assert set(np.unique(np.asarray(b.classification))) <= set(range(5))
+    assert set(np.unique(np.asarray(b.classification))) <= set(range(64, 69))  # no las_classes: train id + 64
+
+
+ASPRS = {0: 2, 1: 6, 2: 64, 3: 65, 4: 5}  # ground, building, car (user), pole (user), high vegetation
+
+
+def test_las_classes_map_train_ids_to_asprs_codes(tmp_path, capsys, caplog):
+    """The same weights with and without ``las_classes``: LAS output holds the table's ASPRS codes, or train
+    id + 64 (said once), and 1 'unclassified' for points outside point_range; the .npy of the same scan gives
+    the train ids to check against. The sidecar carries the table."""
+    rng = np.random.default_rng(3)
+    n = 600
+    header = laspy.LasHeader(point_format=1, version="1.2")
+    header.scales, header.offsets = [0.001] * 3, [0.0] * 3
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = rng.uniform(-15, 15, n), rng.uniform(-15, 15, n), rng.uniform(-3, 3, n)
+    las.intensity = rng.integers(0, 3, n)
+    las.classification = np.full(n, 2)
+    las.write(tmp_path / "scan.las")
+    rng_box = [-10, -10, -5, 10, 10, 5]
+    plain = make_ckpt(tmp_path / "plain", point_range=rng_box)
+    named = make_ckpt(tmp_path / "named", point_range=rng_box, las_classes=ASPRS)
+    assert json.loads(named.with_suffix(".json").read_text())["config"]["las_classes"] == {str(k): v for k, v in ASPRS.items()}
+    assert load_point_checkpoint(named).config.las_classes == ASPRS
+    args = [str(tmp_path / "scan.las"), "--no-progress"]
+    assert run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "ids"), "--checkpoint", str(plain),
+                    "--format", "npy"], capsys)[0] == 0
+    train = np.load(tmp_path / "ids" / "scan.npy").astype(np.int64)
+    outside = np.any(np.abs(laspy.read(tmp_path / "scan.las").xyz) > [10, 10, 5], 1)
+    assert outside.any() and (train[outside] == 255).all() and set(train[~outside].tolist()) <= set(range(5))
+    with caplog.at_level("WARNING", logger="pipelines.scene"):
+        code, out, err = run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "plain_out"), "--checkpoint", str(plain)], capsys)
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "no las_classes" in r.getMessage()]
+    assert len(said) == 1 and "train id + 64" in said[0] and "car 66" in said[0]
+    assert f"{outside.sum()} outside point_range, labelled 1" in out
+    got = np.asarray(laspy.read(tmp_path / "plain_out" / "scan.las").classification).astype(np.int64)
+    np.testing.assert_array_equal(got, np.where(outside, 1, train + 64))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.scene"):
+        code, _, err = run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "named_out"), "--checkpoint", str(named)], capsys)
+    assert code == 0, err
+    assert not any("no las_classes" in r.getMessage() for r in caplog.records)
+    got = laspy.read(tmp_path / "named_out" / "scan.las")
+    table = np.array([ASPRS[i] for i in range(5)])
+    np.testing.assert_array_equal(np.asarray(got.classification), np.where(outside, 1, table[np.where(outside, 0, train)]))
+    assert got.point_format.id == 6  # car 64 and pole 65 do not fit formats 0-5
+
+
+def _las_with_odd_header(path: Path, n: int = 400) -> bytes:
+    """A format-3 LAS 1.2 whose header another tool could have written: creation day/year 0/0, bounds a
+    metre outside the points (laspy would recompute them), its own system, software, source id and GUID."""
+    rng = np.random.default_rng(11)
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.scales, header.offsets = [0.001] * 3, [600000.0, 4100000.0, 0.0]
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = 600000 + rng.uniform(-8, 8, n), 4100000 + rng.uniform(-8, 8, n), rng.uniform(-2, 2, n)
+    las.intensity, las.gps_time = rng.integers(0, 3, n), rng.uniform(0, 1e5, n)
+    las.write(path)
+    raw = bytearray(path.read_bytes())
+    raw[4:6] = (77).to_bytes(2, "little")  # file source id
+    raw[8:24] = bytes(range(16))  # GUID
+    raw[26:58] = b"OTHER SYSTEM".ljust(32, b"\0")
+    raw[58:90] = b"OTHER TOOL 1.0".ljust(32, b"\0")
+    raw[90:94] = bytes(4)  # creation day and year 0/0: unknown
+    lo, hi = np.array([600000 - 9, 4100000 - 9, -3.0]), np.array([600000 + 9, 4100000 + 9, 3.0])
+    raw[179:227] = np.array([hi[0], lo[0], hi[1], lo[1], hi[2], lo[2]], "<f8").tobytes()
+    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+def test_las_header_is_kept_byte_for_byte(tmp_path, capsys):
+    """Classes that fit the format: every byte before the points equals the input's. Classes above 31
+    move the file to format 7 (LAS 1.4): only the fields that move may change."""
+    src = _las_with_odd_header(tmp_path / "scan.las")
+    small = make_ckpt(tmp_path / "small", las_classes={0: 2, 1: 6, 2: 9, 3: 10, 4: 5})
+    code, _, err = run_cli(["lidar", "segment", str(tmp_path / "scan.las"), "-o", str(tmp_path / "same"),
+                            "--checkpoint", str(small), "--no-progress"], capsys)
+    assert code == 0, err
+    out = (tmp_path / "same" / "scan.las").read_bytes()
+    n_head = int.from_bytes(src[96:100], "little")  # offset to point data: header and VLRs
+    assert out[:n_head] == src[:n_head]
+    assert set(np.unique(np.asarray(laspy.read(tmp_path / "same" / "scan.las").classification))) <= {2, 6, 9, 10, 5}
+
+    wide = make_ckpt(tmp_path / "wide")  # train id + 64: above 31
+    code, _, err = run_cli(["lidar", "segment", str(tmp_path / "scan.las"), "-o", str(tmp_path / "up"),
+                            "--checkpoint", str(wide), "--no-progress"], capsys)
+    assert code == 0, err
+    up = (tmp_path / "up" / "scan.las").read_bytes()
+    assert laspy.read(tmp_path / "up" / "scan.las").point_format.id == 7
+    moved = {25: "version minor", 94: "header size", 95: "header size", 104: "point format", 105: "record length",
+             106: "record length", **{i: "offset to points" for i in range(96, 100)},
+             **{i: "legacy point counts (0 for formats 6-10)" for i in range(107, 131)}}
+    differ = {i for i in range(227) if up[i] != src[i]}
+    assert differ <= set(moved), sorted(differ - set(moved))
+    assert up[90:94] == bytes(4) and up[179:227] == src[179:227]
+    assert int.from_bytes(up[247:255], "little") == 400  # the LAS 1.4 point count
 
 
 def test_nan_points_are_dropped_reported_and_written_unlabelled(ckpt, tmp_path, capsys):
@@ -138,6 +234,14 @@ def test_bad_scans(ckpt, tmp_path, capsys):
     nan.tofile(tmp_path / "allnan.bin")
     assert_user_error(["lidar", "segment", str(tmp_path / "allnan.bin"), "-o", str(out), "--checkpoint", str(ckpt)],
                       capsys, "allnan.bin", out_dir=out)
+
+
+def test_ascii_pcd_with_more_lines_than_points_is_refused(ckpt, tmp_path, capsys):
+    head = b"FIELDS x y z intensity\nSIZE 4 4 4 4\nTYPE F F F F\nWIDTH 2\nPOINTS 2\nDATA ascii\n"
+    (tmp_path / "long.pcd").write_bytes(head + b"1 2 3 0.5\n4 5 6 0.5\n7 8 9 0.5\n")
+    out = tmp_path / "o"
+    assert_user_error(["lidar", "segment", str(tmp_path / "long.pcd"), "-o", str(out), "--checkpoint", str(ckpt)],
+                      capsys, "long.pcd: PCD ascii data holds 3 point lines, its header's POINTS says 2", out_dir=out)
 
 
 def test_nan_intensity_is_left_unlabelled_and_reported(ckpt, tmp_path, capsys):
@@ -227,13 +331,14 @@ def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
 
 
 def test_las_output_of_ids_past_255_is_refused_before_the_net_runs(tmp_path, capsys):
-    ck = make_ckpt(tmp_path, infer={**TINY["infer"], "unlabelled": 300})
+    """Without las_classes, train ids go to LAS as id + 64: 193 classes would need class 256."""
+    ck = make_ckpt(tmp_path, labels={i: f"c{i}" for i in range(193)}, infer={**TINY["infer"], "unlabelled": 300})
     rng = np.random.default_rng(7)
     write_kitti(rng.uniform(-20, 20, (500, 3)), rng.uniform(0, 1, 500), None, tmp_path / "scan")
     out = tmp_path / "o"
     assert_user_error(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(out), "--checkpoint", str(ck),
-                       "--format", "las"], capsys, "LAS classification holds 0..255, this checkpoint writes ids up to 300",
-                      out_dir=out)
+                       "--format", "las"], capsys, "scan.bin: LAS classification holds 0..255: without las_classes",
+                      "193 train ids as id + 64, up to 256", out_dir=out)
 
 
 def test_las_output_of_a_scan_with_nan_points_is_refused(ckpt, tmp_path, capsys):
@@ -287,6 +392,19 @@ def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
     assert_user_error(["lidar", "train", str(p), "--no-progress"], capsys, "already holds a training run")
 
 
+def test_lidar_resume_into_a_missing_folder_creates_nothing(tmp_path, capsys):
+    dl = _train_set(tmp_path, n_scans=1)
+    cfg = {**TINY, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "runs" / "a"), "epochs": 1}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert_user_error(["lidar", "train", str(p), "--resume", "--no-progress"], capsys, "last_state.pt",
+                      "nothing to resume: the output folder does not exist")
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    assert_user_error(["lidar", "train", str(p), "--resume", "--no-progress"], capsys,
+                      "nothing to resume: no resume checkpoint in the output folder")
+
+
 def test_diverging_lidar_training_says_so(tmp_path, capsys):
     dl = _train_set(tmp_path, n_scans=1)
     cfg = {**TINY, "augment": {"crop_points": 3000, "crop_size": 20.0},
@@ -334,7 +452,19 @@ def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsy
                                            ({"labels": {0: "a"}}, "at least two classes"),
                                            ({"labels": {0: "a", 1: "b", 2: "a"}}, "labels 0 and 2 share the name 'a'"),
                                            ({"voxel_size": 1e-6}, "voxel_size"),
-                                           ({"features": {"intensity": float("nan")}}, "features")])
+                                           ({"features": {"intensity": float("nan")}}, "features"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 64, 3: 65}},
+                                            "las_classes gives no ASPRS class to train ids [4] (vegetation)"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 64, 3: 65, 4: 5, 5: 66}},
+                                            "las_classes names train ids that are not labels: [5]"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 64, 3: 64, 4: 5}},
+                                            "las_classes gives car and pole the same class 64"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 300, 3: 65, 4: 5}},
+                                            "car class 300; LAS 1.4 classes are 0..255"),
+                                           ({"las_classes": {0: 1, 1: 6, 2: 64, 3: 65, 4: 5}},
+                                            "ground class 1, 'unclassified', given to unsegmented points"),
+                                           ({"las_classes": {0: 2, 1: 6, 2: 40, 3: 65, 4: 5}},
+                                            "car class 40, reserved by ASPRS")])
 def test_bad_lidar_configs(patch, needle, tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({**TINY, **patch, "train": {"datalist": "x.json"}}))

@@ -4,12 +4,13 @@ for classes above 31, subsets, CRS in meta, and corrupt files."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import laspy
 import numpy as np
 import pytest
-from laspy.vlrs.known import WktCoordinateSystemVlr
+from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
 from medvit.errors import InputError
 from pointcloud.io import PointCloud, crop_to_range, read_points, write_las
@@ -85,6 +86,8 @@ def test_laz_round_trip_and_protection(tmp_path):
     labels = np.where(cloud.labels == 2, 2, 6)
     out = write_las(cloud, labels, tmp_path / "labelled.laz")
     assert laspy.read(out).header.are_points_compressed
+    src, got = (DATA / "laspy/simple.laz").read_bytes(), out.read_bytes()
+    assert got[:227] == src[:227]  # its creation date 0/0 and bounds included
     back = read_points(out)
     np.testing.assert_array_equal(back.xyz, cloud.xyz)
     np.testing.assert_array_equal(back.labels, labels)
@@ -106,6 +109,10 @@ def test_cropped_subset_written(utm_las, tmp_path):
     back = read_points(out)
     np.testing.assert_array_equal(back.xyz, cropped.xyz)
     assert back.meta["point_format"] == 7 and set(back.labels.tolist()) == {40}
+    head = laspy.read(out).header  # a subset's bounds and count are its own, not the source's
+    np.testing.assert_allclose(head.mins, cropped.xyz.min(0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(head.maxs, cropped.xyz.max(0), rtol=0, atol=1e-9)
+    assert head.point_count == len(cropped)
     moved = cropped.select(np.arange(len(cropped)))
     moved.xyz = moved.xyz + 0.001
     with pytest.raises(ValueError, match="differs from its LAS source"):
@@ -152,23 +159,72 @@ def test_corrupt_las(tmp_path, utm_las):
             read_points(tmp_path / "cut.laz")
 
 
-def test_geotiff_epsg_in_meta_and_kept_on_upgrade(tmp_path, caplog):
-    from laspy.vlrs.known import GeoKeyDirectoryVlr
+def _geotiff_las(path: Path, *, point_format: int = 1) -> Path:
+    """Two points at UTM 33N size with the CRS as GeoTIFF keys (laspy + pyproj write EPSG:32633 that way for
+    formats 0-5)."""
+    pyproj = pytest.importorskip("pyproj")
+    header = laspy.LasHeader(point_format=point_format, version="1.2")
+    header.add_crs(pyproj.CRS.from_epsg(32633))
+    assert any(isinstance(v, GeoKeyDirectoryVlr) for v in header.vlrs)
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = [500000.5, 500001.25], [5400000.0, 5400000.75], [1.0, 2.0]
+    las.write(path)
+    return path
 
-    keys = np.array([1, 1, 0, 2,  1024, 0, 1, 1,  3072, 0, 1, 32632], dtype="<u2")  # model type, EPSG 32632
+
+def test_geotiff_keys_become_wkt_on_upgrade(tmp_path, caplog):
+    """LAS 1.4 requires WKT for point formats 6-10: the GeoTIFF keys are converted, the WKT bit set."""
+    import pyproj
+
+    cloud = read_points(_geotiff_las(tmp_path / "g.las"))
+    assert cloud.meta["crs"] == {"epsg": 32633} and cloud.meta["point_format"] == 1
+    with caplog.at_level("WARNING", logger="pointcloud.io"):
+        out = write_las(cloud, np.array([3, 64]), tmp_path / "g64.las")
+    assert not any("GeoTIFF" in r.getMessage() for r in caplog.records)
+    back = laspy.read(out)
+    assert back.point_format.id == 6 and back.header.global_encoding.wkt
+    wkt = [v for v in back.header.vlrs if isinstance(v, WktCoordinateSystemVlr)]
+    assert len(wkt) == 1 and not any(isinstance(v, GeoKeyDirectoryVlr) for v in back.header.vlrs)
+    assert wkt[0].string.startswith('PROJCS["WGS 84 / UTM zone 33N"')  # WKT1, as LAS 1.4 names it
+    assert back.header.parse_crs().to_epsg() == 32633 == pyproj.CRS.from_wkt(wkt[0].string).to_epsg()
+    again = read_points(out)
+    np.testing.assert_array_equal(again.xyz, cloud.xyz)
+    assert again.labels.tolist() == [3, 64]
+
+
+def test_upgrade_keeps_an_existing_wkt_and_sets_its_bit(utm_las, tmp_path):
+    back = laspy.read(write_las(read_points(utm_las), np.full(500, 40), tmp_path / "w.las"))
+    assert back.point_format.id == 7 and back.header.global_encoding.wkt
+    assert [v.string for v in back.header.vlrs if isinstance(v, WktCoordinateSystemVlr)] == [WKT]
+
+
+def test_geotiff_keys_pyproj_cannot_convert_are_kept_with_a_warning(tmp_path, caplog):
+    keys = np.array([1, 1, 0, 2,  1024, 0, 1, 1,  3072, 0, 1, 32767], dtype="<u2")  # a user-defined projection
     vlr = GeoKeyDirectoryVlr()
     vlr.parse_record_data(keys.tobytes())
     header = laspy.LasHeader(point_format=1, version="1.2")
     header.vlrs.append(vlr)
     las = laspy.LasData(header)
     las.x, las.y, las.z = [500000.5, 500001.25], [5400000.0, 5400000.75], [1.0, 2.0]
-    las.write(tmp_path / "g.las")
-    cloud = read_points(tmp_path / "g.las")
-    assert cloud.meta["crs"] == {"epsg": 32632} and cloud.meta["point_format"] == 1
+    las.write(tmp_path / "u.las")
+    cloud = read_points(tmp_path / "u.las")
+    with caplog.at_level("WARNING", logger="pointcloud.io"):
+        out = write_las(cloud, np.array([3, 64]), tmp_path / "u64.las")
+    said = [r.getMessage() for r in caplog.records if "GeoTIFF" in r.getMessage()]
+    assert len(said) == 1 and "without the WKT LAS 1.4 requires" in said[0] and "no EPSG CRS" in said[0]
+    back = laspy.read(out)
+    assert back.point_format.id == 6 and not back.header.global_encoding.wkt
+    assert any(isinstance(v, GeoKeyDirectoryVlr) for v in back.header.vlrs)
+    assert read_points(out).labels.tolist() == [3, 64]
+
+
+def test_without_pyproj_geotiff_keys_are_kept_with_a_warning(tmp_path, caplog, monkeypatch):
+    cloud = read_points(_geotiff_las(tmp_path / "g.las"))
+    monkeypatch.setitem(sys.modules, "pyproj", None)  # import pyproj now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyproj.exceptions", None)
     with caplog.at_level("WARNING", logger="pointcloud.io"):
         out = write_las(cloud, np.array([3, 64]), tmp_path / "g64.las")
-    assert any("GeoTIFF CRS keys are kept" in r.getMessage() for r in caplog.records)
-    back = read_points(out)
-    assert back.meta["point_format"] == 6 and back.meta["crs"] == {"epsg": 32632}
-    np.testing.assert_array_equal(back.xyz, cloud.xyz)
-    assert back.labels.tolist() == [3, 64]
+    assert any("pyproj, which converts them to WKT, is not installed" in r.getMessage() for r in caplog.records)
+    back = laspy.read(out)
+    assert back.point_format.id == 6 and not back.header.global_encoding.wkt
+    assert read_points(out).meta["crs"] == {"epsg": 32633}

@@ -135,9 +135,14 @@ def test_ascii_rgb_as_pcl_integer_and_nan_points(tmp_path):
     (b"FIELDS x y z\nWIDTH two\nDATA ascii\n", b"", "WIDTH two is not"),
     (b"FIELDS x y z\nWIDTH 1\nPOINTS 1\nDATA zip\n", b"", "DATA 'zip'"),
     (b"FIELDS a b c\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 2 3\n", "no 'x' field"),
-    (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA ascii\n", b"1 2 3\n4 5\n", "holds 5 values, expected POINTS 2 x 3"),
+    (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA ascii\n", b"1 2 3\n4 5\n", "point 2 holds 2 values, expected 3"),
+    (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA ascii\n", b"1 2 3\n4 5 6\n7 8 9\n",
+     "holds 3 point lines, its header's POINTS says 2"),
+    (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA ascii\n", b"1 2 3\n", "holds 1 point lines, its header's POINTS says 2"),
     (b"FIELDS x y z\nWIDTH 1\nPOINTS 1\nDATA ascii\n", b"1 two 3\n", "'y' holds a non-numeric"),
-    (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA binary\n", b"\0" * 20, "holds 20 bytes, expected POINTS 2 x 12"),
+    (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA binary\n", b"\0" * 20,
+     r"holds 20 bytes \(1 points of 12 bytes\), its header's POINTS says 2 \(24 bytes\)"),
+    (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA binary\n", b"\0" * 36, r"holds 36 bytes \(3 points of 12 bytes\)"),
     (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA binary_compressed\n", struct.pack("<II", 5, 20) + b"\0" * 5,
      "expands to 20 bytes, but POINTS 2 x 12 bytes = 24"),
     (b"FIELDS x y z\nWIDTH 2\nPOINTS 2\nDATA binary_compressed\n", struct.pack("<II", 3, 24) + bytes([5, 1, 2]),
@@ -158,6 +163,14 @@ def test_corrupt_pcd(tmp_path, head, body, message):
     (tmp_path / "bad.pcd").write_bytes(head + body)
     with pytest.raises(InputError, match=rf"bad\.pcd: .*{message}"):
         read_points(tmp_path / "bad.pcd")
+
+
+def test_binary_pcd_with_a_partial_record_of_padding_reads(tmp_path):
+    """Bytes after the last point that cannot hold a whole record (a newline, padding) are not a point."""
+    pts = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    head = b"FIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nWIDTH 2\nPOINTS 2\nDATA binary\n"
+    (tmp_path / "p.pcd").write_bytes(head + pts.tobytes() + b"\n" + bytes(10))
+    np.testing.assert_array_equal(read_points(tmp_path / "p.pcd").xyz, pts)
 
 
 def test_write_pcd_refuses_its_source(tmp_path):

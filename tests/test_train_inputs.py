@@ -116,6 +116,14 @@ def test_image_channels_must_match_the_config(tiny_set, tmp_path, capsys):
     assert_user_error(["train", str(cfg), "--no-progress"], capsys, "training_0.nii.gz", "1 channel(s)", "takes 2")
 
 
+def test_resume_into_a_missing_folder_creates_nothing(tiny_set, tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    cfg = tiny_config(tmp_path, tiny_set, out="runs/a")
+    assert_user_error(["train", str(cfg), "--resume", "--no-progress"], capsys, "last_state.pt",
+                      "nothing to resume: the output folder does not exist")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a.yaml"]
+
+
 def test_resume_checks_and_a_second_run_without_resume(tiny_set, tmp_path, capsys, caplog):
     cfg = tiny_config(tmp_path, tiny_set, epochs=1)
     code, out, err = run_cli(["train", str(cfg), "--no-progress"], capsys)

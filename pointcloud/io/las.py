@@ -13,7 +13,7 @@ from pathlib import Path
 
 import laspy
 import numpy as np
-from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
+from laspy.vlrs.known import GeoAsciiParamsVlr, GeoDoubleParamsVlr, GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
 from medvit.errors import InputError
 from pointcloud.io.cloud import PointCloud
@@ -30,6 +30,68 @@ DEFAULT_FIELDS = ("intensity",)
 _MAX_CLASS_LEGACY = 31  # point formats 0-5 keep classification in 5 bits
 _UPGRADE = {0: 6, 1: 6, 2: 7, 3: 7, 4: 9, 5: 10}  # same extra dimensions, 8-bit classification
 _GEOKEY_PROJECTED, _GEOKEY_GEOGRAPHIC = 3072, 2048
+_WKT_BIT = 1 << 4  # global encoding: the CRS is the WKT VLR's (LAS 1.4)
+
+
+def _wkt_for_upgrade(las: laspy.LasData) -> str | None:
+    """Give a file just moved to point format 6-10 the WKT CRS LAS 1.4 requires there: its own WKT VLR
+    when it has one, else its GeoTIFF keys converted through pyproj (the GeoTIFF VLRs replaced), and
+    the global-encoding WKT bit. Returns why not, for a warning, when only GeoTIFF keys remain."""
+    header = las.header
+    records = [*header.vlrs, *(header.evlrs or [])]
+    if any(isinstance(v, WktCoordinateSystemVlr) for v in records):
+        header.global_encoding.wkt = True
+        return None
+    if not any(isinstance(v, GeoKeyDirectoryVlr) for v in records):
+        return None  # no CRS at all: nothing to convert
+    try:
+        from pyproj.exceptions import CRSError
+    except ImportError:
+        return "pyproj, which converts them to WKT, is not installed"
+    try:
+        crs = header.parse_crs()
+    except CRSError as e:
+        return f"pyproj does not know their CRS ({e})"
+    if crs is None:
+        return "they name no EPSG CRS that pyproj can convert to WKT"
+    for kind in (GeoKeyDirectoryVlr, GeoAsciiParamsVlr, GeoDoubleParamsVlr):
+        header.vlrs.extract(kind.__name__)
+    # WKT1 (OGC 01-009/12-063) is what LAS 1.4 names; laspy's add_crs would write WKT2
+    header.vlrs.append(WktCoordinateSystemVlr(crs.to_wkt(version="WKT1_GDAL") or crs.to_wkt()))
+    header.global_encoding.wkt = True
+    return None
+
+
+def _keep_header(source: Path, written: Path, *, upgraded: bool, subset: bool) -> None:
+    """Put ``source``'s public-header fields back into ``written``'s header (in place), keeping only what
+    the classification change makes differ: the layout (header size, offset to points, VLR/EVLR counts and
+    positions, point format and record length: laspy's), and on a format upgrade the version, the WKT bit
+    and the legacy counts (zero for formats 6-10) and LAS 1.4 fields; on a subset the bounds and counts."""
+    with open(source, "rb") as f:
+        src = f.read(375)
+    with open(written, "r+b") as f:
+        size = struct.unpack_from("<H", f.read(96), 94)[0]
+        f.seek(0)
+        out = bytearray(f.read(size))
+
+        def copy(start: int, stop: int) -> None:
+            out[start:stop] = src[start:stop]
+
+        copy(4, 6)  # file source id
+        struct.pack_into("<H", out, 6, struct.unpack_from("<H", src, 6)[0] | (struct.unpack_from("<H", out, 6)[0] & _WKT_BIT))
+        copy(8, 24)  # project GUID
+        if not upgraded:
+            copy(24, 26)  # version
+        copy(26, 94)  # system identifier, generating software, creation day and year (0/0 stays 0/0)
+        copy(131, 179)  # scales and offsets
+        if not subset:
+            copy(179, 227)  # bounds as the source wrote them, not recomputed
+            if not upgraded:
+                copy(107, 131)  # legacy point counts
+                if len(src) >= 375 and len(out) >= 375 and struct.unpack_from("<H", src, 94)[0] >= 375:
+                    copy(247, 375)  # LAS 1.4 point counts
+        f.seek(0)
+        f.write(out)
 
 
 def _crs(las: laspy.LasData) -> dict:
@@ -157,11 +219,13 @@ def write_las(cloud: PointCloud, labels, path: str | os.PathLike, *,
 
     A cloud read from LAS/LAZ keeps its source's point records, header and VLRs: the records
     are re-read from ``cloud.source`` (the points in ``meta["kept_index"]`` if the cloud is a
-    subset), so coordinates, intensity, GPS time and every other dimension are copied bit for bit.
-    Any other cloud becomes a new LAS with its coordinates only (scale ``meta["scale"]`` or 1 mm).
-    Point formats 0-5 hold classes 0..31; higher labels move the file to the format 6-10 with the
-    same dimensions (LAS 1.4). ``.laz`` output is compressed through lazrs. Refuses to overwrite
-    ``cloud.source`` or any path in ``protect``.
+    subset), so coordinates, intensity, GPS time and every other dimension are copied bit for bit,
+    and so is every public-header field but those :func:`_keep_header` lists (bounds and counts are
+    recomputed only for a subset). Any other cloud becomes a new LAS with its coordinates only
+    (scale ``meta["scale"]`` or 1 mm). Point formats 0-5 hold classes 0..31; higher labels move the
+    file to the format 6-10 with the same dimensions (LAS 1.4), its CRS as WKT (:func:`_wkt_for_upgrade`;
+    a warning when GeoTIFF keys cannot be converted). ``.laz`` output is compressed through lazrs.
+    Refuses to overwrite ``cloud.source`` or any path in ``protect``.
     """
     from medvit.io.writers import atomic_path, refuse_protected  # imports torch/monai: only when writing
 
@@ -171,22 +235,30 @@ def write_las(cloud: PointCloud, labels, path: str | os.PathLike, *,
     refuse_protected(path, [*protect, *([cloud.source] if cloud.source else [])])
     classes = _check_labels(labels, len(cloud))
     wide = len(cloud) > 0 and int(classes.max()) > _MAX_CLASS_LEGACY
-    if cloud.meta.get("format") in ("las", "laz"):
+    from_las = cloud.meta.get("format") in ("las", "laz")
+    upgraded = False
+    if from_las:
         las = _from_source(cloud)
         if wide and las.point_format.id < 6:
             target = _UPGRADE[las.point_format.id]
-            crs = _crs(las)
-            geotiff = "; its GeoTIFF CRS keys are kept as they are (LAS 1.4 expects WKT for formats 6-10)" \
-                if crs and "wkt" not in crs else ""
-            logger.warning("%s: point format %d -> %d (LAS 1.4): formats 0-5 hold classes 0..31, these labels "
-                           "reach %d%s", path, las.point_format.id, target, int(classes.max()), geotiff)
             rank = np.asarray(las.scan_angle_rank, dtype=np.float64)
+            source_format = las.point_format.id
             las = laspy.convert(las, point_format_id=target, file_version="1.4")
+            upgraded = True
             # laspy copies dimensions by name: the whole-degree scan_angle_rank becomes scan_angle, in 0.006 degree steps
             las.scan_angle = np.round(rank / 0.006).astype(np.int16)
+            why = _wkt_for_upgrade(las)
+            geotiff = f"; its GeoTIFF CRS keys are kept as they are, without the WKT LAS 1.4 requires for formats " \
+                      f"6-10: {why}" if why else ""
+            logger.warning("%s: point format %d -> %d (LAS 1.4): formats 0-5 hold classes 0..31, these labels "
+                           "reach %d%s", path, source_format, target, int(classes.max()), geotiff)
     else:
         las = _from_points(cloud, 6 if wide else 0)
     las.classification = classes
     with atomic_path(path) as tmp:
         las.write(tmp, do_compress=path.suffix.lower() == ".laz")
+        if from_las:
+            kept = cloud.meta.get("kept_index")
+            _keep_header(Path(cloud.source), tmp, upgraded=upgraded,
+                         subset=kept is not None and len(kept) != cloud.meta["n_points_file"])
     return path

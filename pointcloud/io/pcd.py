@@ -130,15 +130,20 @@ def read_pcd_header(path: Path) -> PcdHeader:
 
 
 def _ascii_records(path: Path, header: PcdHeader, dtype: np.dtype) -> np.ndarray:
-    """Parse the text rows into the packed record dtype; each column takes its field's type."""
+    """Parse the text rows (one point a line; blank lines skipped) into the packed record dtype; each
+    column takes its field's type. InputError when the line count differs from POINTS, or a line holds
+    another number of values than the fields' COUNTs add up to."""
     with open(path, "rb") as f:
         f.seek(header.data_offset)
-        tokens = f.read().split()
+        rows = [r for r in (line.split() for line in f.read().splitlines()) if r]
     width = sum(header.counts)
-    if len(tokens) < header.points * width:
-        raise InputError(path, f"PCD ascii data holds {len(tokens)} values, expected POINTS {header.points} "
-                               f"x {width} values per point = {header.points * width}")
-    table = np.array(tokens[: header.points * width]).reshape(header.points, width)
+    if len(rows) != header.points:  # more lines than POINTS are as wrong as fewer: the header's count is off
+        raise InputError(path, f"PCD ascii data holds {len(rows)} point lines, its header's POINTS says {header.points}")
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    if (bad := np.flatnonzero(lengths != width)).size:
+        raise InputError(path, f"PCD ascii point {bad[0] + 1} holds {lengths[bad[0]]} values, expected {width} "
+                               f"(the fields' COUNTs)")
+    table = np.array([t for r in rows for t in r]).reshape(header.points, width)
     records = np.zeros(header.points, dtype=dtype)
     col = 0
     for name, typ, count in zip(dtype.names, header.types, header.counts):
@@ -178,9 +183,11 @@ def _binary_records(path: Path, header: PcdHeader, dtype: np.dtype) -> np.ndarra
         f.seek(header.data_offset)
         body = f.read()
     if header.data == "binary":
-        if len(body) < expected:
-            raise InputError(path, f"PCD binary data holds {len(body)} bytes, expected POINTS {header.points} "
-                                   f"x {dtype.itemsize} bytes = {expected}")
+        # a partial record after the points (padding, a newline) is ignored; a whole one means POINTS is short
+        if len(body) < expected or len(body) - expected >= dtype.itemsize:
+            raise InputError(path, f"PCD binary data holds {len(body)} bytes ({len(body) // dtype.itemsize} points of "
+                                   f"{dtype.itemsize} bytes), its header's POINTS says {header.points} "
+                                   f"({expected} bytes)")
         return np.frombuffer(body, dtype=dtype, count=header.points).copy()
     if len(body) < 8:
         raise InputError(path, "PCD binary_compressed data lacks its 8-byte size prefix")
