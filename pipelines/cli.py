@@ -134,6 +134,7 @@ def segment(
     resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
     skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
     tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry."""
@@ -150,7 +151,7 @@ def segment(
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
-              progress=progress)
+              progress=progress, strict=strict)
     results = segment_inputs([i.split(",") for i in inputs], model, out, **kw)
     for r in results:
         extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])

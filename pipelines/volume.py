@@ -35,6 +35,7 @@ class CaseResult:
     engine: EngineReport | None = None
     stats_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def case_name(path: str | Path) -> str:
@@ -87,6 +88,100 @@ def preprocess_case(pre, loaded: dict, skip_below_hu: float | None = None) -> Pr
     return Prepared(chain, data, image, threshold, None)
 
 
+CT_DARKEST_HU = -50.0
+"""A CT's 0.5th percentile lies below this: air (-1000 HU), lung or fat (-100 HU) fill more than
+0.5 % of any CT that is in Hounsfield units (an MR, a PET or raw stored values start at about 0)."""
+CT_MIN_SPREAD = 100.0
+"""A CT's 0.5th to 99.5th percentiles span more than this many HU (a z-scored image spans about 10)."""
+MR_CT_AIR_HU = -500.0
+"""An MR checkpoint is given a CT when more than ``MR_CT_AIR_FRACTION`` of its voxels lie at or
+below this: air in HU; MR magnitudes are not negative and z-scores stay within about ±10."""
+MR_CT_AIR_FRACTION = 0.005
+_EXPECTED_TAG = {"ct": "CT", "mri": "MR"}
+_NO_MODALITY = ("", "OT")  # no tag, or DICOM's "other": the intensities decide
+
+
+def _checkpoint_is_for(model: LoadedModel) -> str:
+    icfg = model.config.preprocess.intensity
+    what = f"CT (window {icfg.window[0]:g}..{icfg.window[1]:g} HU)" if icfg.modality == "ct" else "MRI (z-scored)"
+    return f"the checkpoint {model.meta.get('checkpoint')} is for {what}"
+
+
+def modality_tag_mismatch(modality: str, model: LoadedModel) -> str | None:
+    """Why a DICOM series of ``modality`` does not fit the checkpoint (``"MR"`` through a CT
+    checkpoint, say), or None; a blank or ``OT`` tag is left to :func:`intensity_mismatch`."""
+    tag = (modality or "").strip().upper()
+    expected = _EXPECTED_TAG[model.config.preprocess.intensity.modality]
+    if tag in _NO_MODALITY or tag == expected:
+        return None
+    return f"DICOM Modality is {tag}, but {_checkpoint_is_for(model)}"
+
+
+def _sample(values: torch.Tensor, n: int = 1_000_000) -> np.ndarray:
+    """Up to ``n`` finite values of a tensor, drawn with a fixed seed (percentiles of 1M agree with
+    the full volume's to well under a HU, and cost a fraction of sorting 100M voxels)."""
+    flat = values.reshape(-1).numpy()
+    if flat.size > n:
+        flat = flat[np.random.default_rng(0).integers(0, flat.size, n)]
+    return flat[np.isfinite(flat)]
+
+
+def intensity_mismatch(channel: torch.Tensor, model: LoadedModel) -> str | None:
+    """Why a channel's intensities cannot be what the checkpoint's modality expects, or None.
+
+    A CT checkpoint wants Hounsfield units: the 0.5th percentile below ``CT_DARKEST_HU`` and the
+    0.5th-99.5th percentiles at least ``CT_MIN_SPREAD`` apart. An MR checkpoint refuses a CT: more
+    than ``MR_CT_AIR_FRACTION`` of the voxels at or below ``MR_CT_AIR_HU``. Percentiles, not the
+    minimum and maximum, so a few stray voxels change nothing.
+    """
+    values = _sample(channel)
+    if values.size == 0:
+        return None
+    if model.config.preprocess.intensity.modality == "ct":
+        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+        if hi - lo < CT_MIN_SPREAD:
+            why = "too narrow for Hounsfield units (z-scored or normalised?)"
+        elif lo > CT_DARKEST_HU:
+            why = f"nothing as dark as air or fat (below {CT_DARKEST_HU:g}): not Hounsfield units (MR, PET, raw stored values?)"
+        else:
+            return None
+        return f"intensities span {lo:.4g}..{hi:.4g} (0.5-99.5th percentiles), {why}; but {_checkpoint_is_for(model)}"
+    dark = float(np.mean(values <= MR_CT_AIR_HU))
+    if dark <= MR_CT_AIR_FRACTION:
+        return None
+    return (f"{100 * dark:.1f} % of the voxels lie at or below {MR_CT_AIR_HU:g} (air in Hounsfield units): a CT?; "
+            f"but {_checkpoint_is_for(model)}")
+
+
+def check_modality(image: torch.Tensor, paths: list[str], model: LoadedModel, *, strict: bool = False) -> str | None:
+    """Warn (or, ``strict``, raise InputError) when a loaded case cannot be of the checkpoint's modality.
+
+    ``image`` is the reader's ``(C, X, Y, Z)`` MetaTensor: its DICOM Modality tag is compared with
+    the checkpoint's modality first (:func:`modality_tag_mismatch`), then each channel's intensities
+    (:func:`intensity_mismatch`). Returns the message warned, or None.
+    """
+    source = dict(getattr(image, "meta", {}).get("medvit_source", {}))
+    problems = []
+    why = modality_tag_mismatch(str(source.get("modality", "")), model)
+    if why is not None:
+        problems.append((paths[0], why))
+    else:
+        values = image.as_tensor() if hasattr(image, "as_tensor") else image
+        for c in range(values.shape[0]):
+            why = intensity_mismatch(values[c], model)
+            if why is not None:
+                problems.append((paths[c] if len(paths) == values.shape[0] else paths[0], why))
+                break
+    if not problems:
+        return None
+    where, why = problems[0]
+    if strict:
+        raise InputError(where, f"{why}; refused by --strict")
+    message = f"{where}: {why}; its labels are likely meaningless (--strict refuses such input)"
+    log.warning(message)
+    return message
+
+
 def _is_2d_nifti(paths: list[str]) -> bool:
     if len(paths) != 1 or source_format(Path(paths[0])) != "nifti":
         return False
@@ -119,11 +214,14 @@ def segment_case(
     protect: list[str] | None = None,
     skip_below_hu: float | None = None,
     tta: bool = False,
+    strict: bool = False,
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
     The label map is ``OUT_DIR/NAME_seg.nii.gz`` in the input's geometry; with ``stats``,
     ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``.
+    An input that cannot be of the checkpoint's modality (:func:`check_modality`) is warned
+    about, or with ``strict`` refused (InputError) before the net runs.
     """
     cfg = model.config
     name = name or case_name(paths[0])
@@ -135,6 +233,7 @@ def segment_case(
             paths[0],
             f"has {original.shape[0]} channel(s) but the checkpoint's {cfg.model.name} takes {cfg.model.in_channels}",
         )
+    warning = check_modality(original, list(paths), model, strict=strict)
     affine = np.asarray(original.affine, dtype=np.float64)
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
@@ -172,7 +271,8 @@ def segment_case(
         labels = torch.as_tensor(inv)[0]
     labels = labels.cpu().numpy().astype(np.int32)
 
-    result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report)
+    result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report,
+                        warnings=[warning] if warning else [])
     # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
                     protect=list(paths) + list(protect or []))
@@ -191,6 +291,13 @@ def segment_case(
     return result
 
 
+def _dicom_series(path: Path, series: str | None):
+    """The DICOM series ``read_image`` will read from ``path`` (its headers only)."""
+    from medvit.io.dicom import list_dicom_series, select_series
+
+    return select_series(path, list_dicom_series(path), series)
+
+
 def segment_inputs(
     cases: list[list[str]],
     model: LoadedModel,
@@ -200,7 +307,8 @@ def segment_inputs(
     """Segment each case in turn (one path, or one path per channel); see :func:`segment_case`.
 
     Checked before any case runs: every path exists, the output folder is not a file and can be
-    written, no two cases write the same output name, and no output would replace an input.
+    written, no two cases write the same output name, no output would replace an input, and with
+    ``strict`` no DICOM series' Modality tag disagrees with the checkpoint.
     """
     out_dir = check_output_folder(out_dir)
     every = [p for case in cases for p in case]
@@ -215,6 +323,10 @@ def segment_inputs(
         formats = [source_format(Path(p)) for p in case]  # missing or unsupported: refused before any case runs
         if kwargs.get("series") is not None and "dicom" not in formats:
             raise InputError(shown, f"--series {kwargs['series']} picks a DICOM series, but this input is not DICOM")
+        if kwargs.get("strict") and formats[0] == "dicom":  # refused before any case runs, not after the first
+            why = modality_tag_mismatch(_dicom_series(Path(case[0]), kwargs.get("series")).modality, model)
+            if why is not None:
+                raise InputError(case[0], f"{why}; refused by --strict")
         n = case_name(case[0])
         if n in names:
             raise InputError(shown, f"would write the same output name '{n}' as {names[n]}; segment them into separate folders")

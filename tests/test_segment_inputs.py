@@ -1,0 +1,170 @@
+"""What a clinic sends to ``segment``: series of another modality, several series in one folder,
+a second run into the same folder; provenance of every output."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from medvit.checkpoint import save_checkpoint
+from medvit.config import parse_config
+from medvit.data.phantom import make_phantom
+from medvit.nets import build_net
+from tests.test_cli import TINY, assert_user_error, run_cli
+
+
+def _checkpoint(folder: Path, modality: str) -> Path:
+    cfg = copy.deepcopy(TINY)
+    if modality == "mri":
+        cfg["preprocess"]["intensity"] = {"modality": "mri"}
+    cfg = parse_config(cfg)
+    torch.manual_seed(0)
+    return save_checkpoint(build_net(cfg.model), folder / f"tiny_{modality}.safetensors", config=cfg)
+
+
+@pytest.fixture(scope="module")
+def ct_ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("ct"), "ct")
+
+
+@pytest.fixture(scope="module")
+def mr_ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("mr"), "mri")
+
+
+@pytest.fixture(scope="module")
+def ct_phantom(tmp_path_factory) -> Path:
+    p = make_phantom(np.random.default_rng(3), spacing=(8.0, 8.0, 8.0))
+    path = tmp_path_factory.mktemp("ph") / "case.nii.gz"
+    nib.save(nib.Nifti1Image(p.image.astype(np.int16), p.affine), path)
+    return path
+
+
+def write_series(folder: Path, *, modality: str = "CT", number: int | None = 1, n: int = 4, uid: str | None = None,
+                 offset: float = 0.0, seed: int = 0) -> str:
+    """``n`` axial 16x16 slices, 6 mm apart, of one series; returns its SeriesInstanceUID. CT pixels
+    hold air (-1000) around a body (40 HU); MR ones 0 around 300."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = uid or generate_uid()
+    sop = CTImageStorage if modality == "CT" else MRImageStorage
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        body = np.zeros((16, 16), bool)
+        body[3:13, 2:14] = True
+        px = np.where(body, 40, -1000) if modality == "CT" else np.where(body, 300, 0)
+        px = (px + rng.normal(0, 5, px.shape)).astype(np.int16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{uid[-4:]}_{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = sop, meta.MediaStorageSOPInstanceUID
+        ds.Modality = modality
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.7"
+        ds.SeriesInstanceUID = uid
+        if number is not None:
+            ds.SeriesNumber = number
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0.0, 0.0, offset + 6.0 * i]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [5.0, 5.0]
+        ds.SliceThickness = 6.0
+        ds.Rows, ds.Columns = px.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, 0.0
+        ds.PixelData = px.astype("<i2").tobytes()
+        ds.save_as(folder / f"{uid[-4:]}_{i}.dcm", enforce_file_format=True)
+    return uid
+
+
+# ---------------------------------------------------------------- modality check
+
+
+def test_mr_series_through_a_ct_checkpoint_warns_and_strict_refuses(ct_ckpt, tmp_path, capsys, caplog):
+    write_series(tmp_path / "mr", modality="MR")
+    args = ["segment", str(tmp_path / "mr"), "--checkpoint", str(ct_ckpt), "--no-progress"]
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(args + ["-o", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert "DICOM Modality is MR" in caplog.text and f"{ct_ckpt} is for CT (window -1000..600 HU)" in caplog.text
+    assert (tmp_path / "o" / "mr_seg.nii.gz").is_file()
+    # --strict: one line, exit 2, before anything runs or is written
+    assert_user_error(args + ["-o", str(tmp_path / "s"), "--strict"], capsys, "DICOM Modality is MR", str(ct_ckpt),
+                      "--strict", out_dir=tmp_path / "s")
+
+
+def test_z_scored_nifti_through_a_ct_checkpoint_warns_and_strict_refuses(ct_ckpt, ct_phantom, tmp_path, capsys, caplog):
+    img = nib.load(ct_phantom)
+    x = np.asarray(img.dataobj, dtype=np.float32)
+    nib.save(nib.Nifti1Image((x - x.mean()) / x.std(), img.affine), tmp_path / "z.nii.gz")
+    args = ["segment", str(tmp_path / "z.nii.gz"), "--checkpoint", str(ct_ckpt), "--no-progress"]
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(args + ["-o", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert "too narrow for Hounsfield units" in caplog.text and f"{ct_ckpt} is for CT" in caplog.text
+    assert_user_error(args + ["-o", str(tmp_path / "s"), "--strict"], capsys, "z.nii.gz", "too narrow for Hounsfield",
+                      str(ct_ckpt), out_dir=tmp_path / "s")
+    # an MR-like 0..4095 image: no air
+    nib.save(nib.Nifti1Image(np.clip(x + 1000, 0, 4095).astype(np.int16), img.affine), tmp_path / "mr.nii.gz")
+    assert_user_error(["segment", str(tmp_path / "mr.nii.gz"), "-o", str(tmp_path / "s"), "--checkpoint", str(ct_ckpt),
+                       "--strict"], capsys, "nothing as dark as air or fat", out_dir=tmp_path / "s")
+
+
+def test_ct_through_an_mr_checkpoint_warns(mr_ckpt, ct_phantom, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(["segment", str(ct_phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(mr_ckpt),
+                                "--no-progress"], capsys)
+    assert code == 0, err
+    assert "lie at or below -500 (air in Hounsfield units): a CT?" in caplog.text and "is for MRI" in caplog.text
+    write_series(tmp_path / "ct", modality="CT")
+    assert_user_error(["segment", str(tmp_path / "ct"), "-o", str(tmp_path / "s"), "--checkpoint", str(mr_ckpt),
+                       "--strict"], capsys, "DICOM Modality is CT", "is for MRI", out_dir=tmp_path / "s")
+
+
+def test_ct_through_a_ct_checkpoint_is_quiet(ct_ckpt, ct_phantom, tmp_path, capsys, caplog):
+    write_series(tmp_path / "ct", modality="CT")
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(["segment", str(ct_phantom), str(tmp_path / "ct"), "-o", str(tmp_path / "o"),
+                                "--checkpoint", str(ct_ckpt), "--no-progress", "--strict"], capsys)
+    assert code == 0, err
+    assert "Hounsfield" not in caplog.text and "Modality" not in caplog.text
+
+
+@pytest.mark.parametrize("name", ["totalsegmentator/example_ct.nii.gz", "totalsegmentator/example_ct_dicom",
+                                  "dcmqi/segmentations/ct-3slice", "pydicom/CT_small.dcm"])
+def test_real_cts_pass_the_ct_check_and_fail_the_mr_one(name, data_dir):
+    from types import SimpleNamespace
+
+    from medvit.io import read_image
+    from pipelines.volume import check_modality
+
+    image = read_image(data_dir / name)
+    mr_cfg = copy.deepcopy(TINY)
+    mr_cfg["preprocess"]["intensity"] = {"modality": "mri"}
+    ct = SimpleNamespace(config=parse_config(TINY), meta={"checkpoint": "ct.safetensors"})
+    mr = SimpleNamespace(config=parse_config(mr_cfg), meta={"checkpoint": "mr.safetensors"})
+    assert check_modality(image, [name], ct) is None
+    assert "is for MRI" in check_modality(image, [name], mr)
+
+
+@pytest.mark.parametrize("name", ["totalsegmentator/example_mr_sm.nii.gz", "pydicom/MR_small.dcm", "nibabel/anatomical.nii"])
+def test_real_mrs_fail_the_ct_check(name, data_dir):
+    from types import SimpleNamespace
+
+    from medvit.io import read_image
+    from pipelines.volume import check_modality
+
+    ct = SimpleNamespace(config=parse_config(TINY), meta={"checkpoint": "ct.safetensors"})
+    assert "is for CT" in check_modality(read_image(data_dir / name), [name], ct)
