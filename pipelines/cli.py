@@ -28,6 +28,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import medvit
+
+        typer.echo(f"medvit {medvit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print medvit's version and exit.")] = False,
+) -> None:
+    """Segment CT/MRI volumes with local/global-attention transformers."""
+
+
 class NonFinite(str, Enum):
     error = "error"
     replace = "replace"
@@ -134,10 +150,11 @@ def segment(
     resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
     skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
     tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs an earlier run left in OUT (refused otherwise).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
-    """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry."""
+    """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry, each with a NAME_seg.json of its provenance."""
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
     from pipelines.volume import segment_inputs
@@ -152,9 +169,10 @@ def segment(
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
               progress=progress, strict=strict)
-    results = segment_inputs([i.split(",") for i in inputs], model, out, **kw)
+    results = segment_inputs([i.split(",") for i in inputs], model, out, overwrite=overwrite,
+                             record={"config": str(config.resolve()) if config is not None else None}, **kw)
     for r in results:
-        extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])
+        extra = [str(p) for p in (r.sidecar_path, *r.stats_paths, r.preview_path) if p]
         e = r.engine
         run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
         run += _notes(e) if e else ""

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from medvit.checkpoint import LoadedModel
+import medvit
+from medvit.checkpoint import LoadedModel, checkpoint_sidecar
 from medvit.errors import InputError, MedvitError, about
-from medvit.io import LoadVolumed, check_output_folder, write_label_map
+from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
+from medvit.io.dicom import select_series
 from medvit.io.reader import source_format
-from medvit.io.writers import check_writable
+from medvit.io.writers import atomic_path, check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import EngineReport, segment_volume
 
@@ -36,6 +41,7 @@ class CaseResult:
     stats_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    sidecar_path: Path | None = None
 
 
 def case_name(path: str | Path) -> str:
@@ -182,6 +188,50 @@ def check_modality(image: torch.Tensor, paths: list[str], model: LoadedModel, *,
     return message
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_record(model: LoadedModel) -> dict:
+    """What an output's sidecar says of the checkpoint: its path and SHA-256 (and its JSON
+    sidecar's, for ours), the net's name, the medvit version that wrote it."""
+    path = Path(model.meta["checkpoint"]).resolve()
+    record = {"path": str(path), "sha256": _sha256(path), "net": model.config.model.name}
+    sidecar = checkpoint_sidecar(path)
+    if path.suffix == ".safetensors" and sidecar.is_file():
+        record.update(sidecar=str(sidecar), sidecar_sha256=_sha256(sidecar),
+                      medvit_version=model.meta.get("medvit_version"))
+    return record
+
+
+def nifti_description(checkpoint: dict) -> str:
+    """The label map's NIfTI ``descrip`` (80 bytes at most): ``medvit VERSION NET SHA256[:12]``."""
+    return f"medvit {medvit.__version__} {checkpoint['net']} {checkpoint['sha256'][:12]}"[:80]
+
+
+def _write_sidecar(path: Path, result: CaseResult, original, model: LoadedModel, checkpoint: dict,
+                   options: dict) -> None:
+    """``NAME_seg.json`` beside a label map, written last: where the labels came from."""
+    source = dict(original.meta.get("medvit_source", {}))
+    if source.get("format") != "dicom":
+        source = {"format": source.get("format", "")}  # the DICOM keys are blank for other formats
+    doc = {
+        "medvit_version": medvit.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "label_map": result.labels_path.name,
+        "source": {"paths": [str(Path(p).resolve()) for p in result.input], **source},
+        "checkpoint": checkpoint,
+        "labels": {str(k): v for k, v in model.config.labels.items()},
+        "options": options,
+        "resampled": result.resampled,
+        "outputs": [p.name for p in (*result.stats_paths, *([result.preview_path] if result.preview_path else []))],
+        "warnings": result.warnings,
+    }
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def _is_2d_nifti(paths: list[str]) -> bool:
     if len(paths) != 1 or source_format(Path(paths[0])) != "nifti":
         return False
@@ -215,6 +265,8 @@ def segment_case(
     skip_below_hu: float | None = None,
     tta: bool = False,
     strict: bool = False,
+    checkpoint: dict | None = None,
+    record: dict | None = None,
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
@@ -222,6 +274,11 @@ def segment_case(
     ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``.
     An input that cannot be of the checkpoint's modality (:func:`check_modality`) is warned
     about, or with ``strict`` refused (InputError) before the net runs.
+
+    Every label map records its provenance: the NIfTI ``descrip`` (:func:`nifti_description`),
+    and ``NAME_seg.json``, written last, holding the source path(s) (and DICOM series), the
+    checkpoint (``checkpoint``, else :func:`checkpoint_record`), the medvit version, the options
+    (these keyword arguments, the defaults they resolved to, and ``record``) and the date.
     """
     cfg = model.config
     name = name or case_name(paths[0])
@@ -238,6 +295,8 @@ def segment_case(
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
     dev = torch.device(device)
+    batch_size = batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size)
+    overlap = cfg.infer.overlap if overlap is None else overlap
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
     # an engine error (say NaN from the net) names the case and the checkpoint
@@ -246,9 +305,9 @@ def segment_case(
             prep.image,
             model.net,
             roi_size=cfg.model.roi_size,
-            # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
-            batch_size=batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size),
-            overlap=cfg.infer.overlap if overlap is None else overlap,
+            # On the CPU one window at a time (the default above): measured as fast as 4 and a quarter of the activations
+            batch_size=batch_size,
+            overlap=overlap,
             mode=cfg.infer.mode,
             output="scores" if how == "probs" else "labels",
             skip_below=prep.skip_below,
@@ -273,9 +332,10 @@ def segment_case(
 
     result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report,
                         warnings=[warning] if warning else [])
+    checkpoint = checkpoint or checkpoint_record(model)
     # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
-                    protect=list(paths) + list(protect or []))
+                    protect=list(paths) + list(protect or []), descrip=nifti_description(checkpoint))
     if stats or preview:
         from pipelines.report import label_stats, write_preview, write_stats
 
@@ -288,33 +348,55 @@ def segment_case(
             result.preview_path = out_dir / f"{name}_preview.png"
             window = tuple(cfg.preprocess.intensity.window) if cfg.preprocess.intensity.modality == "ct" else None
             write_preview(image0, labels, affine, result.preview_path, window=window)
+    options = dict(device=str(dev), overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite,
+                   resample=resample, skip_below_hu=skip_below_hu, tta=tta, stats=stats, preview=preview,
+                   strict=strict, **(record or {}))
+    result.sidecar_path = out_dir / f"{name}_seg.json"
+    _write_sidecar(result.sidecar_path, result, original, model, checkpoint, options)
     return result
 
 
-def _dicom_series(path: Path, series: str | None):
-    """The DICOM series ``read_image`` will read from ``path`` (its headers only)."""
-    from medvit.io.dicom import list_dicom_series, select_series
+def series_tag(s, images: list) -> str:
+    """A short tag for DICOM series ``s`` among the image series ``images`` of its folder:
+    ``series<SeriesNumber>`` when that number is its own, else ``uid`` and the UID's last 8 letters
+    and digits, else the whole UID (dots as dashes)."""
+    if s.series_number is not None and sum(x.series_number == s.series_number for x in images) == 1:
+        return f"series{s.series_number}"
 
-    return select_series(path, list_dicom_series(path), series)
+    def tail(uid: str) -> str:
+        return "".join(ch for ch in uid if ch.isalnum())[-8:]
+
+    if sum(tail(x.uid) == tail(s.uid) for x in images) == 1:
+        return f"uid{tail(s.uid)}"
+    return "uid" + "".join(ch if ch.isalnum() else "-" for ch in s.uid)
 
 
 def segment_inputs(
     cases: list[list[str]],
     model: LoadedModel,
     out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    record: dict | None = None,
     **kwargs,
 ) -> list[CaseResult]:
     """Segment each case in turn (one path, or one path per channel); see :func:`segment_case`.
 
+    A case whose first input is a DICOM folder holding several image series is named after the
+    folder and the series read (``NAME_series3``, or ``NAME_uid<8 UID digits>`` without a
+    SeriesNumber of its own, :func:`series_tag`), so runs over its series do not share outputs.
+
     Checked before any case runs: every path exists, the output folder is not a file and can be
-    written, no two cases write the same output name, no output would replace an input, and with
-    ``strict`` no DICOM series' Modality tag disagrees with the checkpoint.
+    written, no two cases write the same output name, no output would replace an input, no
+    output exists already unless ``overwrite``, and with ``strict`` no DICOM series' Modality tag
+    disagrees with the checkpoint. ``record`` (options the caller was given, such as a config
+    path) goes into each sidecar's ``options`` beside the keyword arguments.
     """
     out_dir = check_output_folder(out_dir)
     every = [p for case in cases for p in case]
     resolved = {Path(p).resolve(): p for p in every}
     names: dict[str, str] = {}
-    outputs = ["_seg.nii.gz"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
+    outputs = ["_seg.nii.gz", "_seg.json"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
         (["_preview.png"] if kwargs.get("preview") else [])
     for case in cases:
         shown = ",".join(case)
@@ -323,19 +405,30 @@ def segment_inputs(
         formats = [source_format(Path(p)) for p in case]  # missing or unsupported: refused before any case runs
         if kwargs.get("series") is not None and "dicom" not in formats:
             raise InputError(shown, f"--series {kwargs['series']} picks a DICOM series, but this input is not DICOM")
-        if kwargs.get("strict") and formats[0] == "dicom":  # refused before any case runs, not after the first
-            why = modality_tag_mismatch(_dicom_series(Path(case[0]), kwargs.get("series")).modality, model)
-            if why is not None:
-                raise InputError(case[0], f"{why}; refused by --strict")
         n = case_name(case[0])
+        if formats[0] == "dicom":
+            found = list_dicom_series(Path(case[0]))
+            s = select_series(Path(case[0]), found, kwargs.get("series"))
+            images = [x for x in found if x.not_image is None]
+            if len(images) > 1:
+                n = f"{n}_{series_tag(s, images)}"
+            why = modality_tag_mismatch(s.modality, model) if kwargs.get("strict") else None
+            if why is not None:  # refused before any case runs, not after the first
+                raise InputError(case[0], f"{why}; refused by --strict")
         if n in names:
-            raise InputError(shown, f"would write the same output name '{n}' as {names[n]}; segment them into separate folders")
-        names[n] = shown
+            raise InputError(shown, f"would write the same output name '{n}' as {names[n][0]}; segment them into separate folders")
+        names[n] = (shown, case)
         for suffix in outputs:
             target = (out_dir / f"{n}{suffix}").resolve()
             if target in resolved:
                 raise InputError(resolved[target], f"is an input and would be overwritten by the output of {shown}; "
                                                    "choose another output folder")
+        for suffix in outputs:
+            if not overwrite and (out_dir / f"{n}{suffix}").exists():
+                raise InputError(out_dir / f"{n}{suffix}", "exists (an earlier run's output?); pass --overwrite to replace it")
     if names:  # a read-only folder, before the first case runs rather than after its inference
         check_writable(out_dir / f"{next(iter(names))}{outputs[0]}")
-    return [segment_case(case, model, out_dir, protect=every, **kwargs) for case in cases]
+    digest = checkpoint_record(model)
+    record = {**(record or {}), "overwrite": overwrite}
+    return [segment_case(case, model, out_dir, name=n, protect=every, checkpoint=digest, record=record, **kwargs)
+            for n, (_, case) in names.items()]

@@ -4,7 +4,9 @@ a second run into the same folder; provenance of every output."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from datetime import datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -168,3 +170,92 @@ def test_real_mrs_fail_the_ct_check(name, data_dir):
 
     ct = SimpleNamespace(config=parse_config(TINY), meta={"checkpoint": "ct.safetensors"})
     assert "is for CT" in check_modality(read_image(data_dir / name), [name], ct)
+
+
+# ---------------------------------------------------------------- names, overwrite, provenance
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_series_of_one_folder_get_their_own_outputs(ct_ckpt, tmp_path, capsys):
+    study = tmp_path / "study"
+    a = write_series(study / "a", number=3)
+    b = write_series(study / "b", number=7, offset=100.0, seed=1)
+    out = tmp_path / "o"
+    for uid in (a, b):
+        code, stdout, err = run_cli(["segment", str(study), "-o", str(out), "--checkpoint", str(ct_ckpt), "--series", uid,
+                                     "--no-progress"], capsys)
+        assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["study_series3_seg.json", "study_series3_seg.nii.gz",
+                                                     "study_series7_seg.json", "study_series7_seg.nii.gz"]
+    for n, uid in (("3", a), ("7", b)):
+        side = json.loads((out / f"study_series{n}_seg.json").read_text())
+        assert side["source"]["series_uid"] == uid and side["source"]["series_number"] == n
+        assert side["source"]["modality"] == "CT" and side["options"]["series"] == uid
+    # the second series sits 100 mm higher: its own geometry, not the first's
+    assert nib.load(out / "study_series7_seg.nii.gz").affine[2, 3] == pytest.approx(100.0)
+
+
+def test_series_without_a_number_are_named_by_their_uid(ct_ckpt, tmp_path, capsys):
+    study = tmp_path / "study"
+    a = write_series(study / "a", number=None, uid="1.2.826.0.1.3680043.8.498.11112222")
+    write_series(study / "b", number=None, uid="1.2.826.0.1.3680043.8.498.33334444", offset=100.0)
+    code, _, err = run_cli(["segment", str(study), "-o", str(tmp_path / "o"), "--checkpoint", str(ct_ckpt),
+                            "--series", a, "--no-progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "o" / "study_uid11112222_seg.nii.gz").is_file()
+
+
+def test_an_earlier_output_is_kept_unless_overwrite(ct_ckpt, ct_phantom, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["segment", str(ct_phantom), "-o", str(out), "--checkpoint", str(ct_ckpt), "--no-progress"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    err = assert_user_error(args, capsys, str(out / "case_seg.nii.gz"), "exists", "pass --overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # every output counts: a stale preview alone is refused before the net runs
+    (out / "case_seg.nii.gz").unlink()
+    (out / "case_seg.json").unlink()
+    (out / "case_preview.png").write_bytes(b"old")
+    assert_user_error(args + ["--preview"], capsys, "case_preview.png", "pass --overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["case_preview.png"]
+    code, _, err = run_cli(args + ["--preview", "--stats", "--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "case_preview.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "case_seg.json").read_text())["options"]["overwrite"] is True
+
+
+def test_provenance_in_header_and_sidecar(ct_ckpt, ct_phantom, tmp_path, capsys):
+    import medvit
+
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(["segment", str(ct_phantom), "-o", str(out), "--checkpoint", str(ct_ckpt),
+                                 "--overlap", "0.5", "--stats", "--no-progress"], capsys)
+    assert code == 0, err
+    assert str(out / "case_seg.json") in stdout
+    sha = _sha256(ct_ckpt)
+    descrip = nib.load(out / "case_seg.nii.gz").header["descrip"].item().decode()
+    assert descrip == f"medvit {medvit.__version__} unetr {sha[:12]}"
+    side = json.loads((out / "case_seg.json").read_text())
+    assert side["checkpoint"]["sha256"] == sha and side["checkpoint"]["path"] == str(ct_ckpt.resolve())
+    assert side["checkpoint"]["sidecar_sha256"] == _sha256(ct_ckpt.with_suffix(".json"))
+    assert side["source"] == {"paths": [str(ct_phantom.resolve())], "format": "nifti"}
+    assert side["medvit_version"] == medvit.__version__ and side["label_map"] == "case_seg.nii.gz"
+    assert side["options"]["overlap"] == 0.5 and side["options"]["batch_size"] == 1 and side["options"]["stats"] is True
+    assert side["outputs"] == ["case_stats.csv", "case_stats.json"] and side["warnings"] == []
+    assert datetime.fromisoformat(side["created"]).tzinfo is not None
+
+
+def test_version_is_the_package_version(capsys):
+    import tomllib
+
+    import medvit
+
+    code, stdout, _ = run_cli(["--version"], capsys)
+    assert code == 0 and stdout == f"medvit {medvit.__version__}\n"
+    assert tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"] == medvit.__version__
