@@ -207,15 +207,22 @@ def evaluate(
 
 @app.command()
 def series(folder: Annotated[Path, typer.Argument(help="A folder of DICOM files.")]) -> None:
-    """List the DICOM series in FOLDER (UID, modality, file count, description)."""
+    """List the DICOM series in FOLDER (UID, modality, file count, description; and the subfolder
+    holding each, when series lie in subfolders)."""
+    import os
+
     from medvit.io import list_dicom_series
     from medvit.io.dicom import no_series_found
 
     found = list_dicom_series(folder)
     if not found:
         raise MedvitError(f"{folder}: {no_series_found(Path(folder))}")
-    for s in found:
-        typer.echo(f"{s.uid}\t{s.modality}\t{s.n_files} files\t{s.description}")
+    root = folder if folder.is_dir() else folder.parent
+    # the folder holding each series' files (their common one), relative to FOLDER
+    where = [os.path.relpath(os.path.commonpath([str(f.parent) for f in s.files]), root) for s in found]
+    nested = any(w != "." for w in where)
+    for s, w in zip(found, where):
+        typer.echo(f"{s.uid}\t{s.modality}\t{s.n_files} files\t{s.description}" + (f"\t{w}/" if nested else ""))
 
 
 @app.command()

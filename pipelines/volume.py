@@ -337,7 +337,7 @@ def segment_case(
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
                     protect=list(paths) + list(protect or []), descrip=nifti_description(checkpoint))
     if stats or preview:
-        from pipelines.report import label_stats, write_preview, write_stats
+        from pipelines.report import label_stats, percentile_window, write_preview, write_stats
 
         image0 = keep.as_tensor()[0].numpy()
         if stats:
@@ -346,8 +346,10 @@ def segment_case(
             write_stats(rows, *result.stats_paths)
         if preview:
             result.preview_path = out_dir / f"{name}_preview.png"
-            window = tuple(cfg.preprocess.intensity.window) if cfg.preprocess.intensity.modality == "ct" else None
-            write_preview(image0, labels, affine, result.preview_path, window=window)
+            # an MR has no fixed unit: its own 1st-99th percentiles, never a HU window
+            window = tuple(cfg.preprocess.intensity.window) if cfg.preprocess.intensity.modality == "ct" \
+                else percentile_window(image0)
+            write_preview(image0, labels, affine, result.preview_path, window=window, names=cfg.labels)
     options = dict(device=str(dev), overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite,
                    resample=resample, skip_below_hu=skip_below_hu, tta=tta, stats=stats, preview=preview,
                    strict=strict, **(record or {}))

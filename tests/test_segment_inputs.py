@@ -259,3 +259,38 @@ def test_version_is_the_package_version(capsys):
     code, stdout, _ = run_cli(["--version"], capsys)
     assert code == 0 and stdout == f"medvit {medvit.__version__}\n"
     assert tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"] == medvit.__version__
+
+
+def test_mr_preview_uses_the_image_range_not_a_ct_window(mr_ckpt, tmp_path, capsys, monkeypatch):
+    import pipelines.report as report
+
+    x = np.zeros((24, 24, 12), np.float32)
+    x[4:20, 4:20, 2:10] = 300.0
+    x[0, 0, 0] = -600.0  # one stray dark voxel made the preview pick a HU window
+    nib.save(nib.Nifti1Image(x, np.diag([8.0, 8.0, 8.0, 1.0])), tmp_path / "t1.nii.gz")
+    seen = {}
+    real = report.write_preview
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "write_preview", spy)
+    code, _, err = run_cli(["segment", str(tmp_path / "t1.nii.gz"), "-o", str(tmp_path / "o"), "--checkpoint", str(mr_ckpt),
+                            "--preview", "--no-progress"], capsys)
+    assert code == 0, err
+    assert seen["window"] == pytest.approx((0.0, 300.0)) and seen["names"][1] == "liver"
+    assert (tmp_path / "o" / "t1_preview.png").is_file()
+
+
+def test_series_lists_the_subfolder_of_each_series(tmp_path, capsys):
+    a = write_series(tmp_path / "study" / "t1", number=3)
+    b = write_series(tmp_path / "study" / "ct" / "axial", number=7, offset=100.0)
+    code, stdout, err = run_cli(["series", str(tmp_path / "study")], capsys)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].startswith(a) and lines[0].endswith("\tt1/")
+    assert lines[1].startswith(b) and lines[1].endswith("\tct/axial/")
+    # a folder holding its series' files itself: no folder column
+    code, stdout, _ = run_cli(["series", str(tmp_path / "study" / "t1")], capsys)
+    assert stdout == f"{a}\tCT\t4 files\t\n"
