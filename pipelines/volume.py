@@ -17,7 +17,7 @@ import medvit
 from medvit.checkpoint import LoadedModel, checkpoint_sidecar
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
-from medvit.io.dicom import select_series
+from medvit.io.dicom import DicomSeries, select_series
 from medvit.io.reader import source_format
 from medvit.io.writers import atomic_path, check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
@@ -295,6 +295,7 @@ def segment_case(
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
     dev = torch.device(device)
+    # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
     batch_size = batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size)
     overlap = cfg.infer.overlap if overlap is None else overlap
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
@@ -305,7 +306,6 @@ def segment_case(
             prep.image,
             model.net,
             roi_size=cfg.model.roi_size,
-            # On the CPU one window at a time (the default above): measured as fast as 4 and a quarter of the activations
             batch_size=batch_size,
             overlap=overlap,
             mode=cfg.infer.mode,
@@ -358,7 +358,7 @@ def segment_case(
     return result
 
 
-def series_tag(s, images: list) -> str:
+def series_tag(s: DicomSeries, images: list[DicomSeries]) -> str:
     """A short tag for DICOM series ``s`` among the image series ``images`` of its folder:
     ``series<SeriesNumber>`` when that number is its own, else ``uid`` and the UID's last 8 letters
     and digits, else the whole UID (dots as dashes)."""
@@ -397,7 +397,7 @@ def segment_inputs(
     out_dir = check_output_folder(out_dir)
     every = [p for case in cases for p in case]
     resolved = {Path(p).resolve(): p for p in every}
-    names: dict[str, str] = {}
+    names: dict[str, tuple[str, list[str]]] = {}  # output name -> (the case as shown, its paths)
     outputs = ["_seg.nii.gz", "_seg.json"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
         (["_preview.png"] if kwargs.get("preview") else [])
     for case in cases:
