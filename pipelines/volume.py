@@ -189,8 +189,11 @@ def check_modality(image: torch.Tensor, paths: list[str], model: LoadedModel, *,
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()  # hashlib.file_digest is Python 3.11+; we support 3.10
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def checkpoint_record(model: LoadedModel) -> dict:

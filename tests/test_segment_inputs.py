@@ -252,9 +252,9 @@ def test_provenance_in_header_and_sidecar(ct_ckpt, ct_phantom, tmp_path, capsys)
 
 
 def test_version_is_the_package_version(capsys):
-    import tomllib
-
     import medvit
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     code, stdout, _ = run_cli(["--version"], capsys)
     assert code == 0 and stdout == f"medvit {medvit.__version__}\n"
