@@ -28,6 +28,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import medvit
+
+        typer.echo(f"medvit {medvit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print medvit's version and exit.")] = False,
+) -> None:
+    """Segment CT/MRI volumes with local/global-attention transformers."""
+
+
 class NonFinite(str, Enum):
     error = "error"
     replace = "replace"
@@ -134,9 +150,11 @@ def segment(
     resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
     skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
     tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs an earlier run left in OUT (refused otherwise).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
-    """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry."""
+    """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry, each with a NAME_seg.json of its provenance."""
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
     from pipelines.volume import segment_inputs
@@ -150,10 +168,11 @@ def segment(
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
-              progress=progress)
-    results = segment_inputs([i.split(",") for i in inputs], model, out, **kw)
+              progress=progress, strict=strict)
+    results = segment_inputs([i.split(",") for i in inputs], model, out, overwrite=overwrite,
+                             record={"config": str(config.resolve()) if config is not None else None}, **kw)
     for r in results:
-        extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])
+        extra = [str(p) for p in (r.sidecar_path, *r.stats_paths, r.preview_path) if p]
         e = r.engine
         run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
         run += _notes(e) if e else ""
@@ -188,15 +207,22 @@ def evaluate(
 
 @app.command()
 def series(folder: Annotated[Path, typer.Argument(help="A folder of DICOM files.")]) -> None:
-    """List the DICOM series in FOLDER (UID, modality, file count, description)."""
+    """List the DICOM series in FOLDER (UID, modality, file count, description; and the subfolder
+    holding each, when series lie in subfolders)."""
+    import os
+
     from medvit.io import list_dicom_series
     from medvit.io.dicom import no_series_found
 
     found = list_dicom_series(folder)
     if not found:
         raise MedvitError(f"{folder}: {no_series_found(Path(folder))}")
-    for s in found:
-        typer.echo(f"{s.uid}\t{s.modality}\t{s.n_files} files\t{s.description}")
+    root = folder if folder.is_dir() else folder.parent
+    # the folder holding each series' files (their common one), relative to FOLDER
+    where = [os.path.relpath(os.path.commonpath([str(f.parent) for f in s.files]), root) for s in found]
+    nested = any(w != "." for w in where)
+    for s, w in zip(found, where):
+        typer.echo(f"{s.uid}\t{s.modality}\t{s.n_files} files\t{s.description}" + (f"\t{w}/" if nested else ""))
 
 
 @app.command()

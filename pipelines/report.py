@@ -5,7 +5,8 @@
 ``write_preview`` draws three orthogonal slices through the labels' centroid, overlaid in
 colour, in radiological convention (patient right on the viewer's left; anterior up in the
 axial view; superior up in coronal and sagittal, anterior on the left in sagittal), each
-resampled with Pillow to square physical pixels.
+resampled with Pillow to square physical pixels, lettered at its edges, above a legend of
+the labels shown.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["label_stats", "write_stats", "write_preview", "label_color", "STATS_COLUMNS", "HU_WINDOW"]
+__all__ = ["label_stats", "write_stats", "write_preview", "label_color", "percentile_window", "STATS_COLUMNS", "HU_WINDOW"]
 
 STATS_COLUMNS = ("id", "name", "voxels", "volume_mm3", "mean_intensity")
 HU_WINDOW = (-160.0, 240.0)
@@ -142,21 +143,87 @@ def _to_ras(a: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return apply_orientation(a, ornt)
 
 
+def _finite_sample(image: np.ndarray) -> np.ndarray:
+    step = max(1, image.size // 1_000_000)  # percentiles of a strided sample: same answer, far faster
+    sample = np.asarray(image).ravel()[::step]
+    return sample[np.isfinite(sample)]
+
+
+def percentile_window(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[float, float]:
+    """The display window ``(lo, hi)`` at the image's own ``low``/``high`` percentiles (an MR's, whose
+    values have no fixed unit); ``(0, 1)`` for an image with no finite voxel, ``(v, v + 1)`` for a flat one."""
+    sample = _finite_sample(image)
+    if sample.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(sample, [low, high])
+    return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
+
+
 def _display_window(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
     if window is not None:
         lo, hi = float(window[0]), float(window[1])
         if not hi > lo:
             raise ValueError(f"window must rise, got {window}")
         return lo, hi
-    step = max(1, image.size // 1_000_000)  # percentiles of a strided sample: same answer, far faster
-    sample = image.ravel()[::step]
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        return 0.0, 1.0
-    if sample.min() <= -500:  # air (about -1000) only occurs in Hounsfield units
+    sample = _finite_sample(image)
+    if sample.size and sample.min() <= -500:  # air (about -1000) only occurs in Hounsfield units
         return HU_WINDOW
-    lo, hi = np.percentile(sample, [1, 99])
-    return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
+    return percentile_window(image)
+
+
+# The letters at the left, right, top and bottom edge of each radiological view.
+_EDGE_LETTERS = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
+_FONT_PX, _LETTER_PX, _SWATCH_PX, _PAD = 14, 16, 12, 6
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font where Pillow has FreeType
+    except (TypeError, ValueError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _draw_letters(draw, box: tuple[int, int, int, int], letters: str) -> None:
+    """R/L, A/P or S/I at the middle of a panel's edges, white on a black outline."""
+    left, top, w, h = box
+    font = _font(_LETTER_PX)
+    spots = [(left + 3, top + h / 2, "lm"), (left + w - 3, top + h / 2, "rm"),
+             (left + w / 2, top + 2, "mt"), (left + w / 2, top + h - 2, "mb")]
+    for (x, y, anchor), letter in zip(spots, letters):
+        draw.text((x, y), letter, fill=(255, 255, 255), font=font, anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def _legend_entries(ids, names: Mapping[int, str] | None) -> list[tuple[tuple[int, int, int], str]]:
+    names = {int(k): str(v) for k, v in (names or {}).items()}
+    return [(label_color(i), f"{i} {names[i]}" if i in names else str(i)) for i in sorted(int(v) for v in ids)]
+
+
+def _with_legend(canvas: np.ndarray, entries: list[tuple[tuple[int, int, int], str]]):
+    """``canvas`` (H, W, 3) with a legend below it: a colour swatch and "id name" per entry, in as
+    many columns as fit the width; returns a Pillow image."""
+    from PIL import Image, ImageDraw
+
+    if not entries:
+        return Image.fromarray(canvas)
+    font = _font(_FONT_PX)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(int(measure.textlength(text, font=font)) for _, text in entries)
+    col_w = _SWATCH_PX + _PAD + text_w + 3 * _PAD
+    row_h = _FONT_PX + _PAD
+    width = max(canvas.shape[1], col_w + _PAD)
+    cols = max(1, (width - _PAD) // col_w)
+    rows = -(-len(entries) // cols)
+    out = Image.new("RGB", (width, canvas.shape[0] + _PAD + rows * row_h + _PAD), (0, 0, 0))
+    out.paste(Image.fromarray(canvas), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for n, (colour, text) in enumerate(entries):  # down each column, then across
+        x = _PAD + (n // rows) * col_w
+        y = canvas.shape[0] + _PAD + (n % rows) * row_h
+        draw.rectangle([x, y + 1, x + _SWATCH_PX - 1, y + _SWATCH_PX], fill=colour)
+        draw.text((x + _SWATCH_PX + _PAD, y + _SWATCH_PX / 2 + 1), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return out
 
 
 def _radiological(s: np.ndarray) -> np.ndarray:
@@ -172,22 +239,28 @@ def write_preview(
     path: str | Path,
     *,
     window: tuple[float, float] | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> dict[str, tuple[int, int, int, int]]:
     """Write a PNG of axial, coronal and sagittal slices through the labels' centroid.
 
     Args:
         image: intensities ``(X, Y, Z)``; windowed to ``window``, or to [-160, 240] when it
-            looks like HU, else to its 1st-99th percentiles.
+            looks like HU, else to its 1st-99th percentiles (:func:`percentile_window`).
         labels: integer label map ``(X, Y, Z)`` on the same grid, overlaid in colour
             (:func:`label_color`) with alpha 0.45; 0 is left clear.
         affine: voxel -> world (RAS mm); gives the orientation and each slice's aspect ratio.
         path: the PNG, written through a temporary name and a rename.
+        names: id -> name for the legend.
+
+    Each view has its orientation letters at its edges (axial R, L, A, P; coronal R, L, S, I;
+    sagittal A, P, S, I, left, right, top, bottom), and below the views a legend lists the labels
+    they show, each with its colour and name.
 
     Returns:
         The panels' boxes in the PNG, ``{"axial"|"coronal"|"sagittal": (left, top, width, height)}``.
     """
     from nibabel.orientations import io_orientation
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     img = _as_array(image).astype(np.float32, copy=False)
     lab = _as_labels(labels)
@@ -222,7 +295,7 @@ def write_preview(
     mm_per_px *= longest / min(max(longest, _PANEL_MIN), _PANEL_MAX)  # keep previews legible and bounded
 
     lo, hi = _display_window(img, window)
-    tiles, boxes, x = [], {}, 0
+    tiles, boxes, x, shown = [], {}, 0, set()
     for (name, im2, lab2, _, _), (w_mm, h_mm) in zip(panels, extents):
         size = (max(1, round(w_mm / mm_per_px)), max(1, round(h_mm / mm_per_px)))
         grey = np.clip((np.nan_to_num(_radiological(im2), nan=lo) - lo) / (hi - lo), 0, 1)
@@ -234,6 +307,7 @@ def write_preview(
         for lid in np.unique(ids):
             if lid == 0:
                 continue
+            shown.add(int(lid))
             m = ids == lid
             rgb[m] = (1 - OVERLAY_ALPHA) * rgb[m] + OVERLAY_ALPHA * np.asarray(label_color(int(lid)), np.float32)
         tiles.append(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
@@ -243,8 +317,12 @@ def write_preview(
     canvas = np.zeros((max(t.shape[0] for t in tiles), x - _GAP, 3), dtype=np.uint8)
     for t, (l, top, w, h) in zip(tiles, boxes.values()):
         canvas[top : top + h, l : l + w] = t
+    picture = _with_legend(canvas, _legend_entries(shown, names))
+    draw = ImageDraw.Draw(picture)
+    for name, box in boxes.items():
+        _draw_letters(draw, box, _EDGE_LETTERS[name])
     buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
+    picture.save(buf, format="PNG")
 
     from medvit.io import atomic_path
 

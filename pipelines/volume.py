@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from medvit.checkpoint import LoadedModel
+import medvit
+from medvit.checkpoint import LoadedModel, checkpoint_sidecar
 from medvit.errors import InputError, MedvitError, about
-from medvit.io import LoadVolumed, check_output_folder, write_label_map
+from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
+from medvit.io.dicom import DicomSeries, select_series
 from medvit.io.reader import source_format
-from medvit.io.writers import check_writable
+from medvit.io.writers import atomic_path, check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import EngineReport, segment_volume
 
@@ -35,6 +40,8 @@ class CaseResult:
     engine: EngineReport | None = None
     stats_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    sidecar_path: Path | None = None
 
 
 def case_name(path: str | Path) -> str:
@@ -87,6 +94,147 @@ def preprocess_case(pre, loaded: dict, skip_below_hu: float | None = None) -> Pr
     return Prepared(chain, data, image, threshold, None)
 
 
+CT_DARKEST_HU = -50.0
+"""A CT's 0.5th percentile lies below this: air (-1000 HU), lung or fat (-100 HU) fill more than
+0.5 % of any CT that is in Hounsfield units (an MR, a PET or raw stored values start at about 0)."""
+CT_MIN_SPREAD = 100.0
+"""A CT's 0.5th to 99.5th percentiles span more than this many HU (a z-scored image spans about 10)."""
+MR_CT_AIR_HU = -500.0
+"""An MR checkpoint is given a CT when more than ``MR_CT_AIR_FRACTION`` of its voxels lie at or
+below this: air in HU; MR magnitudes are not negative and z-scores stay within about ±10."""
+MR_CT_AIR_FRACTION = 0.005
+_EXPECTED_TAG = {"ct": "CT", "mri": "MR"}
+_NO_MODALITY = ("", "OT")  # no tag, or DICOM's "other": the intensities decide
+
+
+def _checkpoint_is_for(model: LoadedModel) -> str:
+    icfg = model.config.preprocess.intensity
+    what = f"CT (window {icfg.window[0]:g}..{icfg.window[1]:g} HU)" if icfg.modality == "ct" else "MRI (z-scored)"
+    return f"the checkpoint {model.meta.get('checkpoint')} is for {what}"
+
+
+def modality_tag_mismatch(modality: str, model: LoadedModel) -> str | None:
+    """Why a DICOM series of ``modality`` does not fit the checkpoint (``"MR"`` through a CT
+    checkpoint, say), or None; a blank or ``OT`` tag is left to :func:`intensity_mismatch`."""
+    tag = (modality or "").strip().upper()
+    expected = _EXPECTED_TAG[model.config.preprocess.intensity.modality]
+    if tag in _NO_MODALITY or tag == expected:
+        return None
+    return f"DICOM Modality is {tag}, but {_checkpoint_is_for(model)}"
+
+
+def _sample(values: torch.Tensor, n: int = 1_000_000) -> np.ndarray:
+    """Up to ``n`` finite values of a tensor, drawn with a fixed seed (percentiles of 1M agree with
+    the full volume's to well under a HU, and cost a fraction of sorting 100M voxels)."""
+    flat = values.reshape(-1).numpy()
+    if flat.size > n:
+        flat = flat[np.random.default_rng(0).integers(0, flat.size, n)]
+    return flat[np.isfinite(flat)]
+
+
+def intensity_mismatch(channel: torch.Tensor, model: LoadedModel) -> str | None:
+    """Why a channel's intensities cannot be what the checkpoint's modality expects, or None.
+
+    A CT checkpoint wants Hounsfield units: the 0.5th percentile below ``CT_DARKEST_HU`` and the
+    0.5th-99.5th percentiles at least ``CT_MIN_SPREAD`` apart. An MR checkpoint refuses a CT: more
+    than ``MR_CT_AIR_FRACTION`` of the voxels at or below ``MR_CT_AIR_HU``. Percentiles, not the
+    minimum and maximum, so a few stray voxels change nothing.
+    """
+    values = _sample(channel)
+    if values.size == 0:
+        return None
+    if model.config.preprocess.intensity.modality == "ct":
+        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+        if hi - lo < CT_MIN_SPREAD:
+            why = "too narrow for Hounsfield units (z-scored or normalised?)"
+        elif lo > CT_DARKEST_HU:
+            why = f"nothing as dark as air or fat (below {CT_DARKEST_HU:g}): not Hounsfield units (MR, PET, raw stored values?)"
+        else:
+            return None
+        return f"intensities span {lo:.4g}..{hi:.4g} (0.5-99.5th percentiles), {why}; but {_checkpoint_is_for(model)}"
+    dark = float(np.mean(values <= MR_CT_AIR_HU))
+    if dark <= MR_CT_AIR_FRACTION:
+        return None
+    return (f"{100 * dark:.1f} % of the voxels lie at or below {MR_CT_AIR_HU:g} (air in Hounsfield units): a CT?; "
+            f"but {_checkpoint_is_for(model)}")
+
+
+def check_modality(image: torch.Tensor, paths: list[str], model: LoadedModel, *, strict: bool = False) -> str | None:
+    """Warn (or, ``strict``, raise InputError) when a loaded case cannot be of the checkpoint's modality.
+
+    ``image`` is the reader's ``(C, X, Y, Z)`` MetaTensor: its DICOM Modality tag is compared with
+    the checkpoint's modality first (:func:`modality_tag_mismatch`), then each channel's intensities
+    (:func:`intensity_mismatch`). Returns the message warned, or None.
+    """
+    source = dict(getattr(image, "meta", {}).get("medvit_source", {}))
+    problems = []
+    why = modality_tag_mismatch(str(source.get("modality", "")), model)
+    if why is not None:
+        problems.append((paths[0], why))
+    else:
+        values = image.as_tensor() if hasattr(image, "as_tensor") else image
+        for c in range(values.shape[0]):
+            why = intensity_mismatch(values[c], model)
+            if why is not None:
+                problems.append((paths[c] if len(paths) == values.shape[0] else paths[0], why))
+                break
+    if not problems:
+        return None
+    where, why = problems[0]
+    if strict:
+        raise InputError(where, f"{why}; refused by --strict")
+    message = f"{where}: {why}; its labels are likely meaningless (--strict refuses such input)"
+    log.warning(message)
+    return message
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()  # hashlib.file_digest is Python 3.11+; we support 3.10
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_record(model: LoadedModel) -> dict:
+    """What an output's sidecar says of the checkpoint: its path and SHA-256 (and its JSON
+    sidecar's, for ours), the net's name, the medvit version that wrote it."""
+    path = Path(model.meta["checkpoint"]).resolve()
+    record = {"path": str(path), "sha256": _sha256(path), "net": model.config.model.name}
+    sidecar = checkpoint_sidecar(path)
+    if path.suffix == ".safetensors" and sidecar.is_file():
+        record.update(sidecar=str(sidecar), sidecar_sha256=_sha256(sidecar),
+                      medvit_version=model.meta.get("medvit_version"))
+    return record
+
+
+def nifti_description(checkpoint: dict) -> str:
+    """The label map's NIfTI ``descrip`` (80 bytes at most): ``medvit VERSION NET SHA256[:12]``."""
+    return f"medvit {medvit.__version__} {checkpoint['net']} {checkpoint['sha256'][:12]}"[:80]
+
+
+def _write_sidecar(path: Path, result: CaseResult, original, model: LoadedModel, checkpoint: dict,
+                   options: dict) -> None:
+    """``NAME_seg.json`` beside a label map, written last: where the labels came from."""
+    source = dict(original.meta.get("medvit_source", {}))
+    if source.get("format") != "dicom":
+        source = {"format": source.get("format", "")}  # the DICOM keys are blank for other formats
+    doc = {
+        "medvit_version": medvit.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "label_map": result.labels_path.name,
+        "source": {"paths": [str(Path(p).resolve()) for p in result.input], **source},
+        "checkpoint": checkpoint,
+        "labels": {str(k): v for k, v in model.config.labels.items()},
+        "options": options,
+        "resampled": result.resampled,
+        "outputs": [p.name for p in (*result.stats_paths, *([result.preview_path] if result.preview_path else []))],
+        "warnings": result.warnings,
+    }
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def _is_2d_nifti(paths: list[str]) -> bool:
     if len(paths) != 1 or source_format(Path(paths[0])) != "nifti":
         return False
@@ -119,11 +267,21 @@ def segment_case(
     protect: list[str] | None = None,
     skip_below_hu: float | None = None,
     tta: bool = False,
+    strict: bool = False,
+    checkpoint: dict | None = None,
+    record: dict | None = None,
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
     The label map is ``OUT_DIR/NAME_seg.nii.gz`` in the input's geometry; with ``stats``,
     ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``.
+    An input that cannot be of the checkpoint's modality (:func:`check_modality`) is warned
+    about, or with ``strict`` refused (InputError) before the net runs.
+
+    Every label map records its provenance: the NIfTI ``descrip`` (:func:`nifti_description`),
+    and ``NAME_seg.json``, written last, holding the source path(s) (and DICOM series), the
+    checkpoint (``checkpoint``, else :func:`checkpoint_record`), the medvit version, the options
+    (these keyword arguments, the defaults they resolved to, and ``record``) and the date.
     """
     cfg = model.config
     name = name or case_name(paths[0])
@@ -135,10 +293,14 @@ def segment_case(
             paths[0],
             f"has {original.shape[0]} channel(s) but the checkpoint's {cfg.model.name} takes {cfg.model.in_channels}",
         )
+    warning = check_modality(original, list(paths), model, strict=strict)
     affine = np.asarray(original.affine, dtype=np.float64)
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
     dev = torch.device(device)
+    # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
+    batch_size = batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size)
+    overlap = cfg.infer.overlap if overlap is None else overlap
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
     # an engine error (say NaN from the net) names the case and the checkpoint
@@ -147,9 +309,8 @@ def segment_case(
             prep.image,
             model.net,
             roi_size=cfg.model.roi_size,
-            # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
-            batch_size=batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size),
-            overlap=cfg.infer.overlap if overlap is None else overlap,
+            batch_size=batch_size,
+            overlap=overlap,
             mode=cfg.infer.mode,
             output="scores" if how == "probs" else "labels",
             skip_below=prep.skip_below,
@@ -172,12 +333,14 @@ def segment_case(
         labels = torch.as_tensor(inv)[0]
     labels = labels.cpu().numpy().astype(np.int32)
 
-    result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report)
+    result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report,
+                        warnings=[warning] if warning else [])
+    checkpoint = checkpoint or checkpoint_record(model)
     # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
-                    protect=list(paths) + list(protect or []))
+                    protect=list(paths) + list(protect or []), descrip=nifti_description(checkpoint))
     if stats or preview:
-        from pipelines.report import label_stats, write_preview, write_stats
+        from pipelines.report import label_stats, percentile_window, write_preview, write_stats
 
         image0 = keep.as_tensor()[0].numpy()
         if stats:
@@ -186,27 +349,59 @@ def segment_case(
             write_stats(rows, *result.stats_paths)
         if preview:
             result.preview_path = out_dir / f"{name}_preview.png"
-            window = tuple(cfg.preprocess.intensity.window) if cfg.preprocess.intensity.modality == "ct" else None
-            write_preview(image0, labels, affine, result.preview_path, window=window)
+            # an MR has no fixed unit: its own 1st-99th percentiles, never a HU window
+            window = tuple(cfg.preprocess.intensity.window) if cfg.preprocess.intensity.modality == "ct" \
+                else percentile_window(image0)
+            write_preview(image0, labels, affine, result.preview_path, window=window, names=cfg.labels)
+    options = dict(device=str(dev), overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite,
+                   resample=resample, skip_below_hu=skip_below_hu, tta=tta, stats=stats, preview=preview,
+                   strict=strict, **(record or {}))
+    result.sidecar_path = out_dir / f"{name}_seg.json"
+    _write_sidecar(result.sidecar_path, result, original, model, checkpoint, options)
     return result
+
+
+def series_tag(s: DicomSeries, images: list[DicomSeries]) -> str:
+    """A short tag for DICOM series ``s`` among the image series ``images`` of its folder:
+    ``series<SeriesNumber>`` when that number is its own, else ``uid`` and the UID's last 8 letters
+    and digits, else the whole UID (dots as dashes)."""
+    if s.series_number is not None and sum(x.series_number == s.series_number for x in images) == 1:
+        return f"series{s.series_number}"
+
+    def tail(uid: str) -> str:
+        return "".join(ch for ch in uid if ch.isalnum())[-8:]
+
+    if sum(tail(x.uid) == tail(s.uid) for x in images) == 1:
+        return f"uid{tail(s.uid)}"
+    return "uid" + "".join(ch if ch.isalnum() else "-" for ch in s.uid)
 
 
 def segment_inputs(
     cases: list[list[str]],
     model: LoadedModel,
     out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    record: dict | None = None,
     **kwargs,
 ) -> list[CaseResult]:
     """Segment each case in turn (one path, or one path per channel); see :func:`segment_case`.
 
+    A case whose first input is a DICOM folder holding several image series is named after the
+    folder and the series read (``NAME_series3``, or ``NAME_uid<8 UID digits>`` without a
+    SeriesNumber of its own, :func:`series_tag`), so runs over its series do not share outputs.
+
     Checked before any case runs: every path exists, the output folder is not a file and can be
-    written, no two cases write the same output name, and no output would replace an input.
+    written, no two cases write the same output name, no output would replace an input, no
+    output exists already unless ``overwrite``, and with ``strict`` no DICOM series' Modality tag
+    disagrees with the checkpoint. ``record`` (options the caller was given, such as a config
+    path) goes into each sidecar's ``options`` beside the keyword arguments.
     """
     out_dir = check_output_folder(out_dir)
     every = [p for case in cases for p in case]
     resolved = {Path(p).resolve(): p for p in every}
-    names: dict[str, str] = {}
-    outputs = ["_seg.nii.gz"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
+    names: dict[str, tuple[str, list[str]]] = {}  # output name -> (the case as shown, its paths)
+    outputs = ["_seg.nii.gz", "_seg.json"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
         (["_preview.png"] if kwargs.get("preview") else [])
     for case in cases:
         shown = ",".join(case)
@@ -216,14 +411,29 @@ def segment_inputs(
         if kwargs.get("series") is not None and "dicom" not in formats:
             raise InputError(shown, f"--series {kwargs['series']} picks a DICOM series, but this input is not DICOM")
         n = case_name(case[0])
+        if formats[0] == "dicom":
+            found = list_dicom_series(Path(case[0]))
+            s = select_series(Path(case[0]), found, kwargs.get("series"))
+            images = [x for x in found if x.not_image is None]
+            if len(images) > 1:
+                n = f"{n}_{series_tag(s, images)}"
+            why = modality_tag_mismatch(s.modality, model) if kwargs.get("strict") else None
+            if why is not None:  # refused before any case runs, not after the first
+                raise InputError(case[0], f"{why}; refused by --strict")
         if n in names:
-            raise InputError(shown, f"would write the same output name '{n}' as {names[n]}; segment them into separate folders")
-        names[n] = shown
+            raise InputError(shown, f"would write the same output name '{n}' as {names[n][0]}; segment them into separate folders")
+        names[n] = (shown, case)
         for suffix in outputs:
             target = (out_dir / f"{n}{suffix}").resolve()
             if target in resolved:
                 raise InputError(resolved[target], f"is an input and would be overwritten by the output of {shown}; "
                                                    "choose another output folder")
+        for suffix in outputs:
+            if not overwrite and (out_dir / f"{n}{suffix}").exists():
+                raise InputError(out_dir / f"{n}{suffix}", "exists (an earlier run's output?); pass --overwrite to replace it")
     if names:  # a read-only folder, before the first case runs rather than after its inference
         check_writable(out_dir / f"{next(iter(names))}{outputs[0]}")
-    return [segment_case(case, model, out_dir, protect=every, **kwargs) for case in cases]
+    digest = checkpoint_record(model)
+    record = {**(record or {}), "overwrite": overwrite}
+    return [segment_case(case, model, out_dir, name=n, protect=every, checkpoint=digest, record=record, **kwargs)
+            for n, (_, case) in names.items()]

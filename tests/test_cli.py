@@ -225,7 +225,9 @@ def test_mixed_series_lists_both_and_series_option_picks_one(bad_inputs, ckpt, t
     one = next(s for s in list_dicom_series(bad_inputs["mixed"]) if s.n_files == 3)
     code, _, err = run_cli(["segment", str(bad_inputs["mixed"]), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt), "--series", one.uid], capsys)
     assert code == 0, err
-    assert nib.load(tmp_path / "o" / "mixed_seg.nii.gz").shape == (512, 512, 3)
+    # named after the folder and the series read, so the other series' run would not replace it
+    tag = f"series{one.series_number}" if one.series_number is not None else f"uid{one.uid.replace('.', '')[-8:]}"
+    assert nib.load(tmp_path / "o" / f"mixed_{tag}_seg.nii.gz").shape == (512, 512, 3)
     # --series with a NIfTI among the inputs: refused before the DICOM case before it is written
     nifti = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), nifti)

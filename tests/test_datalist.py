@@ -141,3 +141,20 @@ def test_fold_out_of_range_or_on_a_fixed_split_is_refused(tmp_path):
         build_datalist(REPO / "data_manifests" / "brats2021.json", root, fold=7)
     with pytest.raises(InputError, match="fixed training/validation split"):
         build_datalist(REPO / "data_manifests" / "msd_task09_spleen.json", root, fold=1)
+
+
+def test_an_empty_split_is_warned_about(tmp_path, capsys, caplog):
+    from tests.test_cli import run_cli
+
+    root = _brats(tmp_path / "data", n=3)  # five folds of three cases: folds 3 and 4 validate nothing
+    with caplog.at_level("WARNING"):
+        code, stdout, err = run_cli(["datalist", str(REPO / "data_manifests" / "brats2021.json"), str(root),
+                                     "-o", str(tmp_path / "dl.json"), "--fold", "4"], capsys)
+    assert code == 0, err
+    assert "3 training and 0 validation cases" in stdout
+    assert "fold 4: the validation split is empty (3 training cases)" in caplog.text
+    assert "without validation" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_datalist(REPO / "data_manifests" / "brats2021.json", root, fold=1)
+    assert "empty" not in caplog.text

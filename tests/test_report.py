@@ -118,8 +118,9 @@ def test_preview_geometry_orientation_colours(tmp_path):
     assert max(max(b[2], b[3]) for b in boxes.values()) == 256  # small volumes are enlarged to be legible
     widths = sum(b[2] for b in boxes.values())
     assert rgb.shape[1] == widths + 2 * report._GAP
-    assert rgb.shape[0] == max(b[3] for b in boxes.values())
-    assert rgb.shape[1] / rgb.shape[0] == pytest.approx((40 + 40 + 30) / 48, rel=0.05)
+    panels_h = max(b[3] for b in boxes.values())
+    assert rgb.shape[0] > panels_h  # the legend below
+    assert rgb.shape[1] / panels_h == pytest.approx((40 + 40 + 30) / 48, rel=0.05)
 
     colour = np.asarray(label_color(3), float)
     body = np.asarray([128.0] * 3)  # 40 HU in [-160, 240]
@@ -136,6 +137,44 @@ def test_preview_geometry_orientation_colours(tmp_path):
     # away from the labels the body is plain grey at the soft-tissue window
     left, top, w, h = boxes["axial"]
     np.testing.assert_allclose(rgb[top + h // 2, left + int(w * 0.7)], body, atol=1)
+
+
+def _white(rgb: np.ndarray) -> np.ndarray:
+    return rgb.min(axis=-1) >= 200  # anti-aliased letters: near white
+
+
+def test_preview_legend_and_orientation_letters(tmp_path):
+    img, lab, aff = _phantom()
+    lab[4:10, 3:9, 7:11] = 5  # a second label, in the slices shown
+    boxes = write_preview(img, lab, aff, tmp_path / "p.png", names={3: "spleen", 5: "liver", 7: "absent"})
+    rgb = np.asarray(Image.open(tmp_path / "p.png"))
+    panels_h = max(b[3] for b in boxes.values())
+    legend = rgb[panels_h:]
+    # one swatch in each label's exact colour; text in white beside it; nothing for labels not shown
+    for lid in (3, 5):
+        ys, xs = np.nonzero(np.all(legend == label_color(lid), axis=-1))
+        assert ys.size >= 100, lid
+        beside = legend[ys.min() : ys.max() + 1, xs.max() + 1 : xs.max() + 80]
+        assert _white(beside).sum() > 20, lid
+    assert not np.all(legend == label_color(7), axis=-1).any()
+    # no label, no legend
+    plain = write_preview(img, np.zeros_like(lab), aff, tmp_path / "q.png")
+    assert np.asarray(Image.open(tmp_path / "q.png")).shape[0] == max(b[3] for b in plain.values())
+
+    # letters at the edges: the axial and coronal views both have R on the left and L on the right,
+    # the sagittal A and P; axial's top (A) differs from coronal's (S)
+    def edge(name: str, where: str) -> np.ndarray:
+        left, top, w, h = boxes[name]
+        y, x = {"left": (top + h // 2, left + 10), "right": (top + h // 2, left + w - 10), "top": (top + 9, left + w // 2)}[where]
+        return _white(rgb[y - 9 : y + 9, x - 10 : x + 10])
+
+    for where in ("left", "right", "top"):
+        assert all(edge(n, where).sum() > 5 for n in boxes), where
+    np.testing.assert_array_equal(edge("axial", "left"), edge("coronal", "left"))
+    np.testing.assert_array_equal(edge("axial", "right"), edge("coronal", "right"))
+    assert not np.array_equal(edge("axial", "left"), edge("axial", "right"))
+    assert not np.array_equal(edge("axial", "left"), edge("sagittal", "left"))
+    assert not np.array_equal(edge("axial", "top"), edge("coronal", "top"))
 
 
 def test_preview_same_picture_from_another_orientation(tmp_path):

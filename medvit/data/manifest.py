@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from medvit.errors import InputError
+
+log = logging.getLogger(__name__)
+_EMPTY_SPLIT = {
+    "training": "; train refuses a datalist with no training case",
+    "validation": "; training would run without validation and write no best checkpoint",
+}
 
 
 def _sha256(path: Path) -> str:
@@ -144,6 +151,11 @@ def build_datalist(manifest_path: str | Path, root: str | Path, *, fold: int | N
     }
     if missing:
         raise InputError(root, f"{len(missing)} file(s) of {manifest['name']} are missing, first {missing[0]}")
+    for split, other in (("training", "validation"), ("validation", "training")):
+        if not result[split]:  # e.g. fold 4 of three cases: training would run without validation
+            where = f", fold {fold}" if "case_glob" in manifest["layout"] else ""
+            log.warning("%s%s: the %s split is empty (%d %s cases)%s", manifest["name"], where, split,
+                        len(result[other]), other, _EMPTY_SPLIT[split])
     if sha256:
         result["sha256"] = {p: _sha256(Path(p)) for p in datalist_files(result)}
     return result

@@ -30,9 +30,12 @@ class RawVolume:
     source: dict[str, str] = field(default_factory=dict)
 
 
-def source_info(fmt: str, series_uid: str = "", series_description: str = "") -> dict[str, str]:
-    """The ``meta["medvit_source"]`` mapping; the same keys for every format so batches collate."""
-    return {"format": fmt, "series_uid": series_uid, "series_description": series_description}
+def source_info(fmt: str, series_uid: str = "", series_description: str = "", modality: str = "",
+                series_number: str = "") -> dict[str, str]:
+    """The ``meta["medvit_source"]`` mapping; the same keys for every format so batches collate
+    (DICOM's Modality and SeriesNumber tags; empty where a format has none)."""
+    return {"format": fmt, "series_uid": series_uid, "series_description": series_description,
+            "modality": modality, "series_number": series_number}
 
 
 def corner_offset_mm(shape, a_affine: np.ndarray, b_affine: np.ndarray) -> float:

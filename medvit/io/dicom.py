@@ -363,6 +363,7 @@ def read_dicom(path: Path, *, series: str | None = None) -> RawVolume:
     origin_ras = LPS_TO_RAS[:3, :3] @ np.asarray(image.GetOrigin())
     if not np.allclose(origin_ras, affine[:3, 3], atol=1e-3):
         raise RuntimeError(f"SimpleITK origin {image.GetOrigin()} does not match the first sorted slice of {path}")
-    raw = sitk_to_raw(image, path, source_info("dicom", s.uid, s.description))
+    number = "" if s.series_number is None else str(s.series_number)
+    raw = sitk_to_raw(image, path, source_info("dicom", s.uid, s.description, s.modality, number))
     raw.affine = affine
     return raw

@@ -126,7 +126,7 @@ def read_image(
 
     ``.affine`` is the voxel->world matrix in RAS mm (float64); ``.meta`` holds
     ``filename_or_obj`` (the first path), ``original_affine``, ``spatial_shape``, ``space``
-    and ``medvit_source`` (format, DICOM series UID and description).
+    and ``medvit_source`` (format; DICOM series UID, description, Modality and SeriesNumber).
     """
     if nonfinite not in ("error", "replace"):
         raise ValueError(f"nonfinite must be 'error' or 'replace', got {nonfinite!r}")

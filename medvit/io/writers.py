@@ -138,9 +138,10 @@ def _check_target(path: Path, protect: Sequence[PathLike]) -> None:
     refuse_protected(path, protect)
 
 
-def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, descrip: str = "") -> Path:
     """Write ``data`` (X, Y, Z[, C]) unscaled, with ``affine`` as both sform and qform (code 1)."""
     img = nib.Nifti1Image(data, affine)
+    img.header["descrip"] = descrip.encode("ascii", "replace")[:80]  # the header's 80-byte text field
     img.header.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     img.set_sform(affine, code=1)
@@ -151,13 +152,14 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     return path
 
 
-def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLike] = ()) -> Path:
+def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLike] = (), descrip: str = "") -> Path:
     """Write an integer label map ``(X, Y, Z)`` (or ``(1, X, Y, Z)``, or a 2D ``(X, Y)`` for a 2D
     input) as NIfTI, atomically.
 
     Stored as uint8, or uint16 when a label exceeds 255; labels must lie in 0..65535. ``affine``
     (4, 4) voxel->RAS mm goes to both sform and qform, so nibabel reads it back to float32
-    precision. Refuses (InputError) to write onto any file in ``protect``.
+    precision. Refuses (InputError) to write onto any file in ``protect``. ``descrip`` goes to the
+    header's description (provenance such as the checkpoint that made the labels; ASCII, cut at 80 bytes).
     """
     path = Path(path)
     _check_target(path, protect)
@@ -174,7 +176,7 @@ def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLik
     if low < 0 or high > 65535:
         raise ValueError(f"label values must lie in 0..65535 to be written, got {low}..{high}")
     dtype = np.uint8 if high <= 255 else np.uint16
-    return _save_nifti(np.ascontiguousarray(data.astype(dtype)), _check_affine(affine), path)
+    return _save_nifti(np.ascontiguousarray(data.astype(dtype)), _check_affine(affine), path, descrip)
 
 
 def _default_dtype(data: np.ndarray) -> np.dtype:
