@@ -33,6 +33,12 @@ class NonFinite(str, Enum):
     replace = "replace"
 
 
+class Tilt(str, Enum):
+    resample = "resample"
+    keep = "keep"
+    error = "error"
+
+
 class Resample(str, Enum):
     auto = "auto"
     probs = "probs"
@@ -134,6 +140,7 @@ def segment(
     resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
     skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
     tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample onto an orthogonal grid (outputs on it), keep its sheared grid, or refuse.")] = Tilt.resample,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry."""
@@ -150,7 +157,7 @@ def segment(
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
-              progress=progress)
+              progress=progress, tilt=tilt.value)
     results = segment_inputs([i.split(",") for i in inputs], model, out, **kw)
     for r in results:
         extra = [str(p) for p in r.stats_paths] + ([str(r.preview_path)] if r.preview_path else [])

@@ -119,16 +119,19 @@ def segment_case(
     protect: list[str] | None = None,
     skip_below_hu: float | None = None,
     tta: bool = False,
+    tilt: Literal["resample", "keep", "error"] = "resample",
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
     The label map is ``OUT_DIR/NAME_seg.nii.gz`` in the input's geometry; with ``stats``,
     ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``.
+    A gantry-tilted DICOM series is, by ``tilt``, resampled onto an orthogonal grid that every
+    output is then on, segmented on its sheared grid, or refused (see :func:`medvit.io.read_image`).
     """
     cfg = model.config
     name = name or case_name(paths[0])
     key_in = paths if len(paths) > 1 else paths[0]
-    loaded = LoadVolumed(keys="image", series=series, nonfinite=nonfinite)({"image": key_in})
+    loaded = LoadVolumed(keys="image", series=series, nonfinite=nonfinite, tilt=tilt)({"image": key_in})
     original = loaded["image"]
     if original.shape[0] != cfg.model.in_channels:
         raise InputError(

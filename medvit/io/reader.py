@@ -15,7 +15,7 @@ from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from medvit.errors import InputError
 from medvit.io.common import SUPPORTED, RawVolume
-from medvit.io.dicom import DICOM_SUFFIXES, read_dicom
+from medvit.io.dicom import DICOM_SUFFIXES, Tilt, read_dicom
 from medvit.io.itk_formats import itk_format, read_itk
 from medvit.io.nifti import is_nifti, read_nifti
 
@@ -54,11 +54,11 @@ def source_format(path: Path) -> str:
     raise InputError(path, f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
 
 
-def _read_raw(path: Path, fmt: str, series: str | None) -> RawVolume:
+def _read_raw(path: Path, fmt: str, series: str | None, tilt: Tilt = "keep") -> RawVolume:
     if fmt == "nifti":
         return read_nifti(path)
     if fmt == "dicom":
-        return read_dicom(path, series=series)
+        return read_dicom(path, series=series, tilt=tilt)
     return read_itk(path)
 
 
@@ -114,6 +114,7 @@ def read_image(
     *,
     series: str | None = None,
     nonfinite: Literal["error", "replace"] = "error",
+    tilt: Tilt = "keep",
 ) -> MetaTensor:
     """Read an image as a channel-first float32 MetaTensor ``(C, X, Y, Z)`` with a RAS affine.
 
@@ -123,6 +124,9 @@ def read_image(
         series: SeriesInstanceUID to read when a DICOM folder holds several series.
         nonfinite: NaN/inf voxels raise InputError ("error") or are set to the minimum finite
             value with a logged warning ("replace"); ``meta["medvit_nonfinite_replaced"]`` counts them.
+        tilt: a gantry-tilted DICOM series is read on its sheared grid ("keep", the default: voxels
+            stay the slices' own, so label maps drawn on them still fit), refused ("error") or
+            resampled onto an orthogonal grid ("resample"); see :func:`medvit.io.dicom.read_dicom`.
 
     ``.affine`` is the voxel->world matrix in RAS mm (float64); ``.meta`` holds
     ``filename_or_obj`` (the first path), ``original_affine``, ``spatial_shape``, ``space``
@@ -132,7 +136,7 @@ def read_image(
         raise ValueError(f"nonfinite must be 'error' or 'replace', got {nonfinite!r}")
     paths = _paths(path)
     formats = _formats(paths, series)
-    raws = [_read_raw(p, f, series if f == "dicom" else None) for p, f in zip(paths, formats)]
+    raws = [_read_raw(p, f, series if f == "dicom" else None, tilt) for p, f in zip(paths, formats)]
     first = raws[0]
     for r in raws[1:]:
         if r.array.shape[1:] != first.array.shape[1:]:
@@ -186,7 +190,8 @@ def read_label(path: PathLike, *, series: str | None = None) -> MetaTensor:
     """Read a label map as an integer MetaTensor ``(1, X, Y, Z)`` with a RAS affine.
 
     The dtype is the file's when torch holds it (uint8, int8, int16, int32, int64), else a wider
-    signed type; label files stored as floats must hold whole numbers.
+    signed type; label files stored as floats must hold whole numbers. A gantry-tilted DICOM
+    series is read on its sheared grid (labels are never interpolated).
     """
     p = Path(path)
     (fmt,) = _formats([p], series)
