@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+THIN_FRACTION = 0.25
+"""An axis of the net's input shorter than this fraction of the window is warned about."""
+
 PROB_RESAMPLE_BUDGET = 2 << 30
 """Bytes of float32 class scores on the input grid up to which scores, not labels, are resampled."""
 
@@ -87,6 +90,22 @@ def preprocess_case(pre, loaded: dict, skip_below_hu: float | None = None) -> Pr
     return Prepared(chain, data, image, threshold, None)
 
 
+def check_net_extent(shape, roi, where: str, orientation: str = "RAS") -> None:
+    """Warn when the net's input ``shape`` (X, Y, Z, after preprocessing) is shorter than
+    :data:`THIN_FRACTION` of the window ``roi`` along an axis: the engine pads it to the window,
+    so a 3D net given a slice or two runs on mostly padding. An axis of no voxels cannot be
+    run at all: InputError naming ``where``."""
+    names = [f"{i} ({orientation[i]})" for i in range(3)]
+    empty = [names[i] for i, n in enumerate(shape) if n < 1]
+    if empty:
+        raise InputError(where, f"after preprocessing has no voxel along axis {', '.join(empty)}; the net cannot run")
+    thin = [(names[i], int(n), int(r)) for i, (n, r) in enumerate(zip(shape, roi)) if n < THIN_FRACTION * r]
+    if thin:
+        said = "; ".join(f"{n} voxel{'s' if n != 1 else ''} along axis {a} for a window of {r}" for a, n, r in thin)
+        log.warning("%s: the net sees %s (under %g of its window, padded to it): a 3D net given a slice or two "
+                    "sees mostly padding and its labels may be poor", where, said, THIN_FRACTION)
+
+
 def _is_2d_nifti(paths: list[str]) -> bool:
     if len(paths) != 1 or source_format(Path(paths[0])) != "nifti":
         return False
@@ -141,6 +160,7 @@ def segment_case(
     affine = np.asarray(original.affine, dtype=np.float64)
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
+    check_net_extent(prep.image.shape[1:], cfg.model.roi_size, ", ".join(paths), cfg.preprocess.orientation)
     dev = torch.device(device)
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
