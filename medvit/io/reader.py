@@ -54,9 +54,9 @@ def source_format(path: Path) -> str:
     raise InputError(path, f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
 
 
-def _read_raw(path: Path, fmt: str, series: str | None, tilt: Tilt = "keep") -> RawVolume:
+def _read_raw(path: Path, fmt: str, series: str | None, tilt: Tilt = "keep", *, labels: bool = False) -> RawVolume:
     if fmt == "nifti":
-        return read_nifti(path)
+        return read_nifti(path, labels=labels)
     if fmt == "dicom":
         return read_dicom(path, series=series, tilt=tilt)
     return read_itk(path)
@@ -190,12 +190,14 @@ def read_label(path: PathLike, *, series: str | None = None) -> MetaTensor:
     """Read a label map as an integer MetaTensor ``(1, X, Y, Z)`` with a RAS affine.
 
     The dtype is the file's when torch holds it (uint8, int8, int16, int32, int64), else a wider
-    signed type; label files stored as floats must hold whole numbers. A gantry-tilted DICOM
+    signed type; label files stored as floats must hold whole numbers, and a NIfTI's stored
+    integers scaled by its header to within 1e-3 of whole numbers are read as those (a 0/1 mask
+    with ``scl_slope`` 0.99999997). A gantry-tilted DICOM
     series is read on its sheared grid (labels are never interpolated).
     """
     p = Path(path)
     (fmt,) = _formats([p], series)
-    raw = _read_raw(p, fmt, series)
+    raw = _read_raw(p, fmt, series, labels=True)
     if raw.array.shape[0] != 1:
         raise InputError(p, f"label map has {raw.array.shape[0]} channels, expected 1")
     return _to_metatensor(_label_dtype(raw.array, p), raw, 0)
