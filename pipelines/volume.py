@@ -13,7 +13,7 @@ import torch
 from medvit.checkpoint import LoadedModel
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, write_label_map
-from medvit.io.reader import source_format
+from medvit.io.reader import channel_mismatch, source_format
 from medvit.io.writers import check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import EngineReport, segment_volume
@@ -153,11 +153,9 @@ def segment_case(
     loaded = LoadVolumed(keys="image", series=series, nonfinite=nonfinite, tilt=tilt)({"image": key_in})
     original = loaded["image"]
     if original.shape[0] != cfg.model.in_channels:
-        raise InputError(
-            paths[0],
-            f"has {original.shape[0]} channel(s) but the checkpoint's {cfg.model.name} takes {cfg.model.in_channels}",
-        )
+        raise channel_mismatch(original, cfg.model.in_channels, f"the checkpoint's {cfg.model.name}")
     affine = np.asarray(original.affine, dtype=np.float64)
+    codes = tuple(int(c) for c in original.meta.get("medvit_xform_codes", (1, 1)))  # an sform code 2 stays 2
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
     check_net_extent(prep.image.shape[1:], cfg.model.roi_size, ", ".join(paths), cfg.preprocess.orientation)
@@ -198,7 +196,7 @@ def segment_case(
     result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report)
     # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
-                    protect=list(paths) + list(protect or []))
+                    protect=list(paths) + list(protect or []), codes=codes)
     if stats or preview:
         from pipelines.report import label_stats, write_preview, write_stats
 

@@ -21,13 +21,18 @@ class RawVolume:
     """One file's (or DICOM series') voxels and geometry before they become a MetaTensor.
 
     ``array`` is channel-first ``(C, X, Y, Z)`` in the file's own dtype (native byte order);
-    ``affine`` maps voxel indices to RAS mm, float64 ``(4, 4)``.
+    ``affine`` maps voxel indices to RAS mm, float64 ``(4, 4)``. The channels of a 4D NIfTI
+    are its 4th axis, time points included.
     """
 
     array: np.ndarray
     affine: np.ndarray
     path: Path
     source: dict[str, str] = field(default_factory=dict)
+    time_points: int = 0
+    """The channels' count when they are a time series (a NIfTI whose 4th axis is time), else 0."""
+    codes: tuple[int, int] = (1, 1)
+    """NIfTI (sform, qform) codes of the file; scanner (1) for the other formats."""
 
 
 def source_info(fmt: str, series_uid: str = "", series_description: str = "") -> dict[str, str]:

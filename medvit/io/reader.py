@@ -78,7 +78,35 @@ def _formats(paths: list[Path], series: str | None) -> list[str]:
     return formats
 
 
-def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int) -> MetaTensor:
+def _channels_said(raws: list[RawVolume]) -> str:
+    """Where a case's channels come from, for messages: ``a.nii.gz: 1, b.nii.gz: 2 (a 4D time
+    series of 2 time points)``; a single file's time series alone."""
+    def one(r: RawVolume) -> str:
+        return f"a 4D time series of {r.time_points} time points" if r.time_points else str(r.array.shape[0])
+
+    if len(raws) == 1:
+        return one(raws[0]) if raws[0].time_points else ""
+    return ", ".join(f"{r.path.name}: {one(r)}" for r in raws)
+
+
+def channel_mismatch(image: MetaTensor, want: int, who: str) -> InputError:
+    """The one-line refusal of an image read by :func:`read_image` whose channel count is not
+    ``want`` (``who``: "the checkpoint's unetr"), naming every file of its case and, for a 4D
+    time series, that it is one and that one volume a file is expected."""
+    meta = getattr(image, "meta", {}) or {}
+    case = str(meta.get("medvit_case", meta.get(ImageMetaKey.FILENAME_OR_OBJ, "the image")))
+    said, n = str(meta.get("medvit_channels", "")), int(image.shape[0])
+    if "," not in case and said:
+        return InputError(case, f"is {said}, but medvit reads one volume a file as one channel ({who} takes {want}); "
+                                "save the time point to segment as a 3D file")
+    where = f" ({said})" if said else ""
+    if said and "time series" in said:
+        where += "; medvit reads one volume a file: save the time point you want as a 3D file"
+    return InputError(case, f"has {n} channel(s){where} but {who} takes {want}")
+
+
+def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int, raws: list[RawVolume] | None = None) -> MetaTensor:
+    raws = raws or [raw]
     meta = {
         ImageMetaKey.FILENAME_OR_OBJ: str(raw.path),
         MetaKeys.ORIGINAL_AFFINE: raw.affine.copy(),
@@ -87,6 +115,10 @@ def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int) -> MetaTens
         MetaKeys.ORIGINAL_CHANNEL_DIM: 0,  # already channel-first
         "medvit_source": dict(raw.source),
         "medvit_nonfinite_replaced": int(replaced),
+        # the whole case (a comma group names every file) and where its channels come from, for messages
+        "medvit_case": ",".join(str(r.path) for r in raws),
+        "medvit_channels": _channels_said(raws),
+        "medvit_xform_codes": np.asarray(raw.codes, dtype=np.int64),
     }
     affine = torch.as_tensor(raw.affine, dtype=torch.float64)
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine, meta=meta)
@@ -129,8 +161,11 @@ def read_image(
             resampled onto an orthogonal grid ("resample"); see :func:`medvit.io.dicom.read_dicom`.
 
     ``.affine`` is the voxel->world matrix in RAS mm (float64); ``.meta`` holds
-    ``filename_or_obj`` (the first path), ``original_affine``, ``spatial_shape``, ``space``
-    and ``medvit_source`` (format, DICOM series UID and description).
+    ``filename_or_obj`` (the first path), ``original_affine``, ``spatial_shape``, ``space``,
+    ``medvit_source`` (format, DICOM series UID and description), ``medvit_case`` (every path,
+    comma-joined), ``medvit_channels`` (each file's channel count for a case of several, or
+    a 4D time series' description; "" otherwise) and ``medvit_xform_codes`` (the first file's
+    NIfTI sform and qform codes; 1, 1 for other formats).
     """
     if nonfinite not in ("error", "replace"):
         raise ValueError(f"nonfinite must be 'error' or 'replace', got {nonfinite!r}")
@@ -151,7 +186,7 @@ def read_image(
     with np.errstate(over="ignore"):  # a float64 voxel past float32's range becomes inf, reported just below
         array = np.concatenate([r.array.astype(np.float32, copy=False) for r in raws], axis=0)
     replaced = _fix_nonfinite(array, first.path, nonfinite)
-    return _to_metatensor(array, first, replaced)
+    return _to_metatensor(array, first, replaced, raws)
 
 
 def _check_scalar(array: np.ndarray, path: Path) -> None:
