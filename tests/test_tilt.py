@@ -3,6 +3,7 @@ NIfTI we write has its qform agreeing with its sform or no qform."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import nibabel as nib
@@ -160,6 +161,29 @@ def test_written_qform_agrees_with_the_sform_or_is_unset(tmp_path, writer):
         assert (q_code > 0) == want_q and s_code == 1
 
 
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS", "PIR", "SLA"])
+def test_demo_phantoms_are_written_with_agreeing_forms(tmp_path, axcodes):
+    from medvit.data.phantom import make_phantom
+
+    p = make_phantom(np.random.default_rng(2), spacing=(1.7, 2.3, 3.1), axcodes=axcodes)
+    for path in (write_image(np.round(p.image).astype(np.int16), p.affine, tmp_path / "ct.nii.gz"),
+                 write_label_map(p.label, p.affine, tmp_path / "label.nii.gz")):
+        assert _forms_ok(path, p.affine) == (1, 1)
+
+
+def test_evaluate_scores_a_kept_tilted_map_with_a_warning(tilted, tmp_path, caplog):
+    from pipelines.evaluate import evaluate_files
+
+    folder, sheared = tilted
+    labels = (read_image(folder)[0].numpy() > 500).astype(np.uint8)
+    write_label_map(labels, sheared, tmp_path / "ref.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_files(tmp_path / "ref.nii.gz", tmp_path / "ref.nii.gz")
+    assert "sheared" in caplog.text and "14.0°" in caplog.text and "approximate" in caplog.text
+    assert "disagree" not in caplog.text  # the map we wrote has no qform to disagree with
+    assert result["mean_dice"] == 1.0
+
+
 def test_written_codes_follow_the_input(tmp_path):
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
     data = np.zeros((3, 3, 3), np.uint8)
@@ -206,6 +230,8 @@ def test_segment_puts_the_block_where_the_world_has_it(tilted, tmp_path, mode):
     folder, sheared = tilted
     res = segment_case([str(folder)], bright_model(), tmp_path / mode, tilt=mode, progress=False, stats=True)
     img = nib.load(res.labels_path)
+    (row,) = json.loads(res.stats_paths[1].read_text())
+    assert row["volume_mm3"] == pytest.approx(row["voxels"] * abs(np.linalg.det(img.get_sform()[:3, :3])), rel=1e-5)
     sform, s_code = img.get_sform(coded=True)
     qform, q_code = img.get_qform(coded=True)
     if mode == "keep":

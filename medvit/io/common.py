@@ -50,6 +50,15 @@ def corner_offset_mm(shape, a_affine: np.ndarray, b_affine: np.ndarray) -> float
     return float(off.max()) if np.isfinite(off).all() else float("nan")
 
 
+def tilt_degrees(affine: np.ndarray) -> float:
+    """Angle in degrees between a voxel->world affine's slice axis (third column) and the normal
+    of its first two columns: 0 for an orthogonal grid, the gantry tilt for a tilted series."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    normal = np.cross(a[:, 0], a[:, 1])
+    cos = abs(float(normal @ a[:, 2])) / (np.linalg.norm(normal) * np.linalg.norm(a[:, 2]))
+    return float(np.degrees(np.arccos(min(cos, 1.0))))
+
+
 def itk_affine(origin, spacing, direction) -> np.ndarray:
     """RAS voxel->world ``(4, 4)`` from an ITK image's LPS origin, spacing and row-major direction."""
     dim = len(origin)

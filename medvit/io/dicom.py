@@ -29,7 +29,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medvit.errors import InputError
-from medvit.io.common import LPS_TO_RAS, RawVolume, source_info
+from medvit.io.common import LPS_TO_RAS, RawVolume, source_info, tilt_degrees
 from medvit.io.itk_formats import sitk_to_raw
 
 log = logging.getLogger(__name__)
@@ -339,15 +339,6 @@ def series_affine(s: DicomSeries, where: Path) -> np.ndarray:
     lps[:3, 2] = step_vec
     lps[:3, 3] = ipp[0]
     return LPS_TO_RAS @ lps
-
-
-def tilt_degrees(affine: np.ndarray) -> float:
-    """Angle in degrees between a voxel->world affine's slice axis (third column) and the normal
-    of its first two columns: 0 for an orthogonal grid, the gantry tilt for a tilted series."""
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    normal = np.cross(a[:, 0], a[:, 1])
-    cos = abs(float(normal @ a[:, 2])) / (np.linalg.norm(normal) * np.linalg.norm(a[:, 2]))
-    return float(np.degrees(np.arccos(min(cos, 1.0))))
 
 
 def orthogonal_grid(affine: np.ndarray, shape) -> tuple[np.ndarray, tuple[int, int, int]]:
