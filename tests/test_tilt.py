@@ -9,13 +9,14 @@ import logging
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from medvit.checkpoint import LoadedModel
 from medvit.config import parse_config
 from medvit.errors import InputError
 from medvit.io import read_image, read_label, write_image, write_label_map
-from medvit.io.common import corner_offset_mm
+from medvit.io.common import corner_offset_mm, itk_affine
 from medvit.io.dicom import orthogonal_grid, tilt_degrees
 from pipelines.report import label_stats
 from pipelines.volume import segment_case
@@ -87,6 +88,18 @@ def test_untilted_series_is_orthonormal_and_quiet(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         img = read_image(tmp_path / "straight", tilt="error")
     assert tilt_degrees(img.affine.numpy()) == 0.0 and "tilted" not in caplog.text
+    # an oblique series whose positions drift by float noise only: orthonormal too, not "tilted"
+    c, s = np.cos(0.3), np.sin(0.3)
+    row, col = np.array([c, s, 0.0]), np.array([0.0, 0.0, -1.0])
+    normal = np.cross(row, col)
+    (tmp_path / "oblique").mkdir()
+    for k in range(5):
+        ipp = np.array([3.3, -7.1, 12.9]) + k * 2.5 * normal + [0, 0, 1e-4 * (k % 2)]
+        write_slice(tmp_path / "oblique" / f"{k}.dcm", series_uid="1.2.3.9", ipp=ipp, instance=k + 1,
+                    pixels=np.zeros((3, 4), np.int16), iop=(*row, *col))
+    a = read_image(tmp_path / "oblique", tilt="error").affine.numpy()[:3, :3]
+    assert tilt_degrees(a) < 1e-9
+    np.testing.assert_allclose(a.T @ a, np.diag(np.diag(a.T @ a)), atol=1e-12)
 
 
 def test_resample_covers_the_series_on_an_orthogonal_grid_and_keeps_anatomy(tilted, caplog):
@@ -237,8 +250,12 @@ def test_segment_puts_the_block_where_the_world_has_it(tilted, tmp_path, mode):
     if mode == "keep":
         assert q_code == 0 and s_code == 1 and img.shape == (COLS, ROWS, N)
         np.testing.assert_allclose(sform, sheared, atol=1e-4)
+        with pytest.raises(RuntimeError, match="orthonormal"):  # ITK refuses it rather than misplace it
+            sitk.ReadImage(str(res.labels_path))
     else:
         assert q_code == s_code == 1 and corner_offset_mm(img.shape, sform, qform) <= 1e-3
+        im = sitk.ReadImage(str(res.labels_path))  # and ITK places the resampled map where we do
+        assert corner_offset_mm(img.shape, itk_affine(im.GetOrigin(), im.GetSpacing(), im.GetDirection()), sform) < 1e-3
         np.testing.assert_allclose(sform[:3, :3].T @ sform[:3, :3], np.diag(np.diag(sform[:3, :3].T @ sform[:3, :3])),
                                    atol=1e-6)
         assert img.shape[1] > ROWS

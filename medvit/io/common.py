@@ -55,8 +55,10 @@ def tilt_degrees(affine: np.ndarray) -> float:
     of its first two columns: 0 for an orthogonal grid, the gantry tilt for a tilted series."""
     a = np.asarray(affine, dtype=np.float64)[:3, :3]
     normal = np.cross(a[:, 0], a[:, 1])
-    cos = abs(float(normal @ a[:, 2])) / (np.linalg.norm(normal) * np.linalg.norm(a[:, 2]))
-    return float(np.degrees(np.arccos(min(cos, 1.0))))
+    normal /= np.linalg.norm(normal)
+    along = float(normal @ a[:, 2])
+    # atan2 of the parts across and along the normal stays exact near 0, where arccos does not
+    return float(np.degrees(np.arctan2(np.linalg.norm(a[:, 2] - along * normal), abs(along))))
 
 
 def itk_affine(origin, spacing, direction) -> np.ndarray:

@@ -396,8 +396,8 @@ def _handle_tilt(raw: RawVolume, s: DicomSeries, where: Path, tilt: Tilt) -> Raw
         raise InputError(where, f"{what}; refused (--tilt resample reads it onto an orthogonal grid, "
                                 "--tilt keep on its sheared one)")
     if tilt == "keep":
-        log.warning("%s: %s; kept on its sheared grid (outputs carry the shear in their sform and no qform, "
-                    "which some viewers ignore)", where, what)
+        log.warning("%s: %s; kept on its sheared grid (the label map carries the shear in its sform, with no qform: "
+                    "ITK-based tools refuse such a file rather than misplace it)", where, what)
         return raw
     shape_in = raw.array.shape[1:]
     raw.array, raw.affine = resample_orthogonal(raw.array, raw.affine)
