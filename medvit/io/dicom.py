@@ -35,6 +35,7 @@ from medvit.io.itk_formats import sitk_to_raw
 log = logging.getLogger(__name__)
 Tilt = Literal["keep", "resample", "error"]
 TILT_MODES = ("keep", "resample", "error")
+
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "FID", "PLAN"}

@@ -79,8 +79,8 @@ def _formats(paths: list[Path], series: str | None) -> list[str]:
 
 
 def _channels_said(raws: list[RawVolume]) -> str:
-    """Where a case's channels come from, for messages: ``a.nii.gz: 1, b.nii.gz: 2 (a 4D time
-    series of 2 time points)``; a single file's time series alone."""
+    """Where a case's channels come from, for messages: ``a.nii.gz: 1, b.nii.gz: a 4D time series
+    of 2 time points`` for several files; for one file its time series, else ""."""
     def one(r: RawVolume) -> str:
         return f"a 4D time series of {r.time_points} time points" if r.time_points else str(r.array.shape[0])
 
@@ -96,7 +96,7 @@ def channel_mismatch(image: MetaTensor, want: int, who: str) -> InputError:
     meta = getattr(image, "meta", {}) or {}
     case = str(meta.get("medvit_case", meta.get(ImageMetaKey.FILENAME_OR_OBJ, "the image")))
     said, n = str(meta.get("medvit_channels", "")), int(image.shape[0])
-    if "," not in case and said:
+    if said.startswith("a 4D time series"):  # one file
         return InputError(case, f"is {said}, but medvit reads one volume a file as one channel ({who} takes {want}); "
                                 "save the time point to segment as a 3D file")
     where = f" ({said})" if said else ""
