@@ -49,6 +49,12 @@ class NonFinite(str, Enum):
     replace = "replace"
 
 
+class Tilt(str, Enum):
+    resample = "resample"
+    keep = "keep"
+    error = "error"
+
+
 class Resample(str, Enum):
     auto = "auto"
     probs = "probs"
@@ -152,6 +158,7 @@ def segment(
     tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs an earlier run left in OUT (refused otherwise).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
+    tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample onto an orthogonal grid (outputs on it), keep its sheared grid, or refuse.")] = Tilt.resample,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry, each with a NAME_seg.json of its provenance."""
@@ -168,7 +175,7 @@ def segment(
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
-              progress=progress, strict=strict)
+              progress=progress, strict=strict, tilt=tilt.value)
     results = segment_inputs([i.split(",") for i in inputs], model, out, overwrite=overwrite,
                              record={"config": str(config.resolve()) if config is not None else None}, **kw)
     for r in results:

@@ -25,6 +25,7 @@ ordered by id. ``status`` is one of ``STATUS_OK``, ``STATUS_MISSING_PRED``,
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,9 @@ import torch
 from scipy import ndimage
 
 from medvit.errors import InputError, MedvitError, listed
-from medvit.io.common import corner_offset_mm
+from medvit.io.common import corner_offset_mm, tilt_degrees
+
+log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_MISSING_PRED = "missing in prediction"
@@ -239,7 +242,8 @@ def evaluate_files(
     affines must place the grid within 1e-3 mm of each other, else :class:`InputError`
     naming the prediction. A reference holding the same grid in another axis order or
     direction (flipped along an axis, say) is reoriented to the prediction's first. Spacing
-    is the affine's column norms. See :func:`evaluate_labels`.
+    is the affine's column norms; a sheared grid (a gantry-tilted series kept as it is) is
+    scored so with a warning that its distances are approximate. See :func:`evaluate_labels`.
     """
     from medvit.io import read_label
 
@@ -258,6 +262,10 @@ def evaluate_files(
             raise InputError(pred_path, f"grid differs from the reference {gt_path}: {diff}")
         gt, gt_aff = gt_r, gt_aff_r
     spacing = tuple(float(s) for s in np.linalg.norm(gt_aff[:3, :3], axis=0))
+    angle = tilt_degrees(gt_aff)
+    if angle > 1e-3:  # per-axis spacing cannot describe a sheared grid (a gantry-tilted series kept as it is)
+        log.warning("%s: the grid is sheared (its slice axis %.1f° off the normal); HD95 and surface Dice use the "
+                    "voxel steps %s mm as spacing and are approximate", gt_path, angle, [round(x, 4) for x in spacing])
 
     for p, a in ((pred_path, pred), (gt_path, gt)):
         if a.size and a.min() < 0:

@@ -18,7 +18,7 @@ from medvit.checkpoint import LoadedModel, checkpoint_sidecar
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
 from medvit.io.dicom import DicomSeries, select_series
-from medvit.io.reader import source_format
+from medvit.io.reader import channel_mismatch, source_format
 from medvit.io.writers import atomic_path, check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import EngineReport, segment_volume
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from monai.transforms import Compose
 
 log = logging.getLogger(__name__)
+
+THIN_FRACTION = 0.25
+"""An axis of the net's input shorter than this fraction of the window is warned about."""
 
 PROB_RESAMPLE_BUDGET = 2 << 30
 """Bytes of float32 class scores on the input grid up to which scores, not labels, are resampled."""
@@ -235,6 +238,22 @@ def _write_sidecar(path: Path, result: CaseResult, original, model: LoadedModel,
         Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
 
 
+def check_net_extent(shape, roi, where: str, orientation: str = "RAS") -> None:
+    """Warn when the net's input ``shape`` (X, Y, Z, after preprocessing) is shorter than
+    :data:`THIN_FRACTION` of the window ``roi`` along an axis: the engine pads it to the window,
+    so a 3D net given a slice or two runs on mostly padding. An axis of no voxels cannot be
+    run at all: InputError naming ``where``."""
+    names = [f"{i} ({orientation[i]})" for i in range(3)]
+    empty = [names[i] for i, n in enumerate(shape) if n < 1]
+    if empty:
+        raise InputError(where, f"after preprocessing has no voxel along axis {', '.join(empty)}; the net cannot run")
+    thin = [(names[i], int(n), int(r)) for i, (n, r) in enumerate(zip(shape, roi)) if n < THIN_FRACTION * r]
+    if thin:
+        said = "; ".join(f"{n} voxel{'s' if n != 1 else ''} along axis {a} for a window of {r}" for a, n, r in thin)
+        log.warning("%s: the net sees %s (under %g of its window, padded to it): a 3D net given a slice or two "
+                    "sees mostly padding and its labels may be poor", where, said, THIN_FRACTION)
+
+
 def _is_2d_nifti(paths: list[str]) -> bool:
     if len(paths) != 1 or source_format(Path(paths[0])) != "nifti":
         return False
@@ -270,6 +289,7 @@ def segment_case(
     strict: bool = False,
     checkpoint: dict | None = None,
     record: dict | None = None,
+    tilt: Literal["resample", "keep", "error"] = "resample",
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
@@ -282,21 +302,22 @@ def segment_case(
     and ``NAME_seg.json``, written last, holding the source path(s) (and DICOM series), the
     checkpoint (``checkpoint``, else :func:`checkpoint_record`), the medvit version, the options
     (these keyword arguments, the defaults they resolved to, and ``record``) and the date.
+    A gantry-tilted DICOM series is, by ``tilt``, resampled onto an orthogonal grid that every
+    output is then on, segmented on its sheared grid, or refused (see :func:`medvit.io.read_image`).
     """
     cfg = model.config
     name = name or case_name(paths[0])
     key_in = paths if len(paths) > 1 else paths[0]
-    loaded = LoadVolumed(keys="image", series=series, nonfinite=nonfinite)({"image": key_in})
+    loaded = LoadVolumed(keys="image", series=series, nonfinite=nonfinite, tilt=tilt)({"image": key_in})
     original = loaded["image"]
     if original.shape[0] != cfg.model.in_channels:
-        raise InputError(
-            paths[0],
-            f"has {original.shape[0]} channel(s) but the checkpoint's {cfg.model.name} takes {cfg.model.in_channels}",
-        )
+        raise channel_mismatch(original, cfg.model.in_channels, f"the checkpoint's {cfg.model.name}")
     warning = check_modality(original, list(paths), model, strict=strict)
     affine = np.asarray(original.affine, dtype=np.float64)
+    codes = tuple(int(c) for c in original.meta.get("medvit_xform_codes", (1, 1)))  # an sform code 2 stays 2
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
+    check_net_extent(prep.image.shape[1:], cfg.model.roi_size, ", ".join(paths), cfg.preprocess.orientation)
     dev = torch.device(device)
     # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
     batch_size = batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size)
@@ -338,7 +359,7 @@ def segment_case(
     checkpoint = checkpoint or checkpoint_record(model)
     # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
-                    protect=list(paths) + list(protect or []), descrip=nifti_description(checkpoint))
+                    protect=list(paths) + list(protect or []), codes=codes, descrip=nifti_description(checkpoint))
     if stats or preview:
         from pipelines.report import label_stats, percentile_window, write_preview, write_stats
 

@@ -21,13 +21,18 @@ class RawVolume:
     """One file's (or DICOM series') voxels and geometry before they become a MetaTensor.
 
     ``array`` is channel-first ``(C, X, Y, Z)`` in the file's own dtype (native byte order);
-    ``affine`` maps voxel indices to RAS mm, float64 ``(4, 4)``.
+    ``affine`` maps voxel indices to RAS mm, float64 ``(4, 4)``. The channels of a 4D NIfTI
+    are its 4th axis, time points included.
     """
 
     array: np.ndarray
     affine: np.ndarray
     path: Path
     source: dict[str, str] = field(default_factory=dict)
+    time_points: int = 0
+    """The channels' count when they are a time series (a NIfTI whose 4th axis is time), else 0."""
+    codes: tuple[int, int] = (1, 1)
+    """NIfTI (sform, qform) codes of the file; scanner (1) for the other formats."""
 
 
 def source_info(fmt: str, series_uid: str = "", series_description: str = "", modality: str = "",
@@ -46,6 +51,17 @@ def corner_offset_mm(shape, a_affine: np.ndarray, b_affine: np.ndarray) -> float
     corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
     off = np.linalg.norm((np.asarray(a_affine, float) @ corners - np.asarray(b_affine, float) @ corners)[:3], axis=0)
     return float(off.max()) if np.isfinite(off).all() else float("nan")
+
+
+def tilt_degrees(affine: np.ndarray) -> float:
+    """Angle in degrees between a voxel->world affine's slice axis (third column) and the normal
+    of its first two columns: 0 for an orthogonal grid, the gantry tilt for a tilted series."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    normal = np.cross(a[:, 0], a[:, 1])
+    normal /= np.linalg.norm(normal)
+    along = float(normal @ a[:, 2])
+    # atan2 of the parts across and along the normal stays exact near 0, where arccos does not
+    return float(np.degrees(np.arctan2(np.linalg.norm(a[:, 2] - along * normal), abs(along))))
 
 
 def itk_affine(origin, spacing, direction) -> np.ndarray:

@@ -4,6 +4,9 @@ The geometry comes from the tags, not from SimpleITK: slices are sorted by the p
 ImagePositionPatient onto the slice normal (row x column cosines), the steps between them must
 be uniform (a gap is refused, not averaged into one spacing as ITK does), and the affine is
 built from the first slice's position, the cosines, PixelSpacing and the measured step.
+A gantry-tilted series (slice positions stepping off the slice normal) has a sheared affine;
+``read_dicom(tilt=...)`` keeps it (with a warning naming the angle), refuses it, or resamples
+the series onto an orthogonal grid along the normal that covers it.
 Pixels are read by SimpleITK's ImageSeriesReader from our sorted file list (GDCM decodes
 JPEG 2000, JPEG-LS and JPEG itself), with RescaleSlope/Intercept applied per slice.
 """
@@ -11,10 +14,12 @@ JPEG 2000, JPEG-LS and JPEG itself), with RescaleSlope/Intercept applied per sli
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -24,8 +29,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medvit.errors import InputError
-from medvit.io.common import LPS_TO_RAS, RawVolume, source_info
+from medvit.io.common import LPS_TO_RAS, RawVolume, source_info, tilt_degrees
 from medvit.io.itk_formats import sitk_to_raw
+
+log = logging.getLogger(__name__)
+Tilt = Literal["keep", "resample", "error"]
+TILT_MODES = ("keep", "resample", "error")
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
@@ -320,6 +329,10 @@ def series_affine(s: DicomSeries, where: Path) -> np.ndarray:
             i = int(np.argmax(off))
             raise InputError(where, f"series {s.uid}: slice positions do not lie on a line "
                                     f"(instance {s.instance(i)} is {_mm(off[i])} mm off it)")
+        along = float(step_vec @ normal)
+        if np.linalg.norm(step_vec - along * normal) * (len(hs) - 1) <= _ABS_TOL:
+            # no tilt to speak of over the whole series: an orthonormal affine, so qform == sform
+            step_vec = along * normal
     spacing = np.asarray(hs[0].PixelSpacing, dtype=np.float64)
     lps = np.eye(4)
     lps[:3, 0] = row * spacing[1]
@@ -327,6 +340,72 @@ def series_affine(s: DicomSeries, where: Path) -> np.ndarray:
     lps[:3, 2] = step_vec
     lps[:3, 3] = ipp[0]
     return LPS_TO_RAS @ lps
+
+
+def orthogonal_grid(affine: np.ndarray, shape) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The orthogonal grid covering a sheared ``(X, Y, Z)`` grid: the first two axes and their
+    spacing kept, the third along their normal (pointing the way the slices step) with the
+    slice step projected on it; its extent covers every voxel centre of the input grid.
+
+    Returns the new voxel->world affine and shape.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    normal = np.cross(a[:3, 0], a[:3, 1])
+    normal /= np.linalg.norm(normal)
+    along = float(normal @ a[:3, 2])
+    b = a.copy()
+    b[:3, 2] = normal * along
+    dims = [[0, int(n) - 1] for n in shape]
+    corners = np.array(np.meshgrid(*dims, indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    idx = (np.linalg.inv(b) @ a @ corners)[:3]  # the input's corners in the new grid's index frame
+    lo, hi = idx.min(axis=1), idx.max(axis=1)
+    b[:3, 3] = (b @ np.append(lo, 1.0))[:3]
+    new_shape = tuple(int(n) for n in np.ceil(hi - lo - 1e-6).astype(int) + 1)
+    return b, new_shape
+
+
+def resample_orthogonal(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a channel-first ``(C, X, Y, Z)`` volume on a sheared grid onto
+    :func:`orthogonal_grid` with linear interpolation; points outside the input take each
+    channel's minimum (air, for CT). Returns float32 ``(C, X', Y', Z')`` and its affine.
+
+    scipy's ``affine_transform`` takes the output-index -> input-index map as one matrix,
+    ``inv(affine) @ new_affine``, so the shear needs no intermediate image geometry (an ITK
+    image would need a non-orthogonal direction matrix).
+    """
+    from scipy.ndimage import affine_transform
+
+    new_affine, shape = orthogonal_grid(affine, array.shape[1:])
+    m = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ new_affine
+    out = np.empty((array.shape[0], *shape), dtype=np.float32)
+    for c in range(array.shape[0]):
+        src = np.asarray(array[c], dtype=np.float32)
+        affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=shape, output=out[c], order=1,
+                         mode="constant", cval=float(src.min()))
+    return out, new_affine
+
+
+def _handle_tilt(raw: RawVolume, s: DicomSeries, where: Path, tilt: Tilt) -> RawVolume:
+    angle = tilt_degrees(raw.affine)
+    if angle < 1e-6:
+        return raw
+    tag = s.headers[0].get("GantryDetectorTilt")
+    said = f"; its GantryDetectorTilt tag says {float(tag):g}°" if tag not in (None, "") else ""
+    what = f"series {s.uid} is gantry-tilted: its slices step {angle:.1f}° off their normal{said}"
+    if tilt == "error":
+        raise InputError(where, f"{what}; refused (--tilt resample reads it onto an orthogonal grid, "
+                                "--tilt keep on its sheared one)")
+    if tilt == "keep":
+        log.warning("%s: %s; kept on its sheared grid (the label map carries the shear in its sform, with no qform: "
+                    "ITK-based tools refuse such a file rather than misplace it)", where, what)
+        return raw
+    shape_in = raw.array.shape[1:]
+    raw.array, raw.affine = resample_orthogonal(raw.array, raw.affine)
+    log.warning("%s: %s; resampled (linear) from %s onto an orthogonal %s grid along the normal: outputs are "
+                "on that grid, not on the slices' own", where, what,
+                "x".join(map(str, shape_in)), "x".join(map(str, raw.array.shape[1:])))
+    return raw
 
 
 def _read_pixels(s: DicomSeries, where: Path) -> sitk.Image:
@@ -348,8 +427,15 @@ def _read_pixels(s: DicomSeries, where: Path) -> sitk.Image:
     raise InputError(where, f"series {s.uid}: pixel data cannot be decoded as one series")
 
 
-def read_dicom(path: Path, *, series: str | None = None) -> RawVolume:
-    """Read one DICOM image series from a folder (or a single-slice file) as ``(C, X, Y, Z)`` float32."""
+def read_dicom(path: Path, *, series: str | None = None, tilt: Tilt = "keep") -> RawVolume:
+    """Read one DICOM image series from a folder (or a single-slice file) as ``(C, X, Y, Z)`` float32.
+
+    A gantry-tilted series (:func:`tilt_degrees` of its affine above 0) is, by ``tilt``: read on
+    its sheared grid with a warning naming the angle ("keep"), refused with an InputError
+    ("error"), or resampled onto :func:`orthogonal_grid` with a warning ("resample").
+    """
+    if tilt not in TILT_MODES:
+        raise ValueError(f"tilt must be one of {TILT_MODES}, got {tilt!r}")
     s = select_series(path, list_dicom_series(path), series)
     if s.not_image is not None:
         raise InputError(path, s.not_image if path.is_file() else f"series {s.uid} {s.not_image}")
@@ -366,4 +452,4 @@ def read_dicom(path: Path, *, series: str | None = None) -> RawVolume:
     number = "" if s.series_number is None else str(s.series_number)
     raw = sitk_to_raw(image, path, source_info("dicom", s.uid, s.description, s.modality, number))
     raw.affine = affine
-    return raw
+    return _handle_tilt(raw, s, path, tilt)

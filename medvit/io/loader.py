@@ -10,6 +10,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple
 
+from medvit.io.dicom import Tilt
 from medvit.io.reader import read_image, read_label
 
 
@@ -26,6 +27,7 @@ class LoadVolumed(MapTransform):
         label_keys: keys of label-map paths (a key listed in both is read as a label).
         series: DICOM SeriesInstanceUID for image keys that name a folder with several series.
         nonfinite: how images treat NaN/inf voxels, see :func:`read_image`.
+        tilt: how images read a gantry-tilted DICOM series (keep, resample, error), see :func:`read_image`.
         allow_missing_keys: skip keys absent from the dictionary.
     """
 
@@ -36,6 +38,7 @@ class LoadVolumed(MapTransform):
         label_keys: KeysCollection = (),
         series: str | None = None,
         nonfinite: Literal["error", "replace"] = "error",
+        tilt: Tilt = "keep",
         allow_missing_keys: bool = False,
     ) -> None:
         labels = ensure_tuple(label_keys)
@@ -43,6 +46,7 @@ class LoadVolumed(MapTransform):
         self.label_keys = frozenset(labels)
         self.series = series
         self.nonfinite = nonfinite
+        self.tilt = tilt
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -53,5 +57,5 @@ class LoadVolumed(MapTransform):
             if key in self.label_keys:
                 d[key] = read_label(value)
             else:
-                d[key] = read_image(value, series=self.series, nonfinite=self.nonfinite)
+                d[key] = read_image(value, series=self.series, nonfinite=self.nonfinite, tilt=self.tilt)
         return d

@@ -15,7 +15,7 @@ from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from medvit.errors import InputError
 from medvit.io.common import SUPPORTED, RawVolume
-from medvit.io.dicom import DICOM_SUFFIXES, read_dicom
+from medvit.io.dicom import DICOM_SUFFIXES, Tilt, read_dicom
 from medvit.io.itk_formats import itk_format, read_itk
 from medvit.io.nifti import is_nifti, read_nifti
 
@@ -54,11 +54,11 @@ def source_format(path: Path) -> str:
     raise InputError(path, f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
 
 
-def _read_raw(path: Path, fmt: str, series: str | None) -> RawVolume:
+def _read_raw(path: Path, fmt: str, series: str | None, tilt: Tilt = "keep", *, labels: bool = False) -> RawVolume:
     if fmt == "nifti":
-        return read_nifti(path)
+        return read_nifti(path, labels=labels)
     if fmt == "dicom":
-        return read_dicom(path, series=series)
+        return read_dicom(path, series=series, tilt=tilt)
     return read_itk(path)
 
 
@@ -78,7 +78,35 @@ def _formats(paths: list[Path], series: str | None) -> list[str]:
     return formats
 
 
-def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int) -> MetaTensor:
+def _channels_said(raws: list[RawVolume]) -> str:
+    """Where a case's channels come from, for messages: ``a.nii.gz: 1, b.nii.gz: a 4D time series
+    of 2 time points`` for several files; for one file its time series, else ""."""
+    def one(r: RawVolume) -> str:
+        return f"a 4D time series of {r.time_points} time points" if r.time_points else str(r.array.shape[0])
+
+    if len(raws) == 1:
+        return one(raws[0]) if raws[0].time_points else ""
+    return ", ".join(f"{r.path.name}: {one(r)}" for r in raws)
+
+
+def channel_mismatch(image: MetaTensor, want: int, who: str) -> InputError:
+    """The one-line refusal of an image read by :func:`read_image` whose channel count is not
+    ``want`` (``who``: "the checkpoint's unetr"), naming every file of its case and, for a 4D
+    time series, that it is one and that one volume a file is expected."""
+    meta = getattr(image, "meta", {}) or {}
+    case = str(meta.get("medvit_case", meta.get(ImageMetaKey.FILENAME_OR_OBJ, "the image")))
+    said, n = str(meta.get("medvit_channels", "")), int(image.shape[0])
+    if said.startswith("a 4D time series"):  # one file
+        return InputError(case, f"is {said}, but medvit reads one volume a file as one channel ({who} takes {want}); "
+                                "save the time point to segment as a 3D file")
+    where = f" ({said})" if said else ""
+    if said and "time series" in said:
+        where += "; medvit reads one volume a file: save the time point you want as a 3D file"
+    return InputError(case, f"has {n} channel(s){where} but {who} takes {want}")
+
+
+def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int, raws: list[RawVolume] | None = None) -> MetaTensor:
+    raws = raws or [raw]
     meta = {
         ImageMetaKey.FILENAME_OR_OBJ: str(raw.path),
         MetaKeys.ORIGINAL_AFFINE: raw.affine.copy(),
@@ -87,6 +115,10 @@ def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int) -> MetaTens
         MetaKeys.ORIGINAL_CHANNEL_DIM: 0,  # already channel-first
         "medvit_source": dict(raw.source),
         "medvit_nonfinite_replaced": int(replaced),
+        # the whole case (a comma group names every file) and where its channels come from, for messages
+        "medvit_case": ",".join(str(r.path) for r in raws),
+        "medvit_channels": _channels_said(raws),
+        "medvit_xform_codes": np.asarray(raw.codes, dtype=np.int64),
     }
     affine = torch.as_tensor(raw.affine, dtype=torch.float64)
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine, meta=meta)
@@ -114,6 +146,7 @@ def read_image(
     *,
     series: str | None = None,
     nonfinite: Literal["error", "replace"] = "error",
+    tilt: Tilt = "keep",
 ) -> MetaTensor:
     """Read an image as a channel-first float32 MetaTensor ``(C, X, Y, Z)`` with a RAS affine.
 
@@ -123,16 +156,22 @@ def read_image(
         series: SeriesInstanceUID to read when a DICOM folder holds several series.
         nonfinite: NaN/inf voxels raise InputError ("error") or are set to the minimum finite
             value with a logged warning ("replace"); ``meta["medvit_nonfinite_replaced"]`` counts them.
+        tilt: a gantry-tilted DICOM series is read on its sheared grid ("keep", the default: voxels
+            stay the slices' own, so label maps drawn on them still fit), refused ("error") or
+            resampled onto an orthogonal grid ("resample"); see :func:`medvit.io.dicom.read_dicom`.
 
     ``.affine`` is the voxel->world matrix in RAS mm (float64); ``.meta`` holds
-    ``filename_or_obj`` (the first path), ``original_affine``, ``spatial_shape``, ``space``
-    and ``medvit_source`` (format; DICOM series UID, description, Modality and SeriesNumber).
+    ``filename_or_obj`` (the first path), ``original_affine``, ``spatial_shape``, ``space``,
+    ``medvit_source`` (format; DICOM series UID, description, Modality and SeriesNumber), ``medvit_case`` (every path,
+    comma-joined), ``medvit_channels`` (each file's channel count for a case of several, or
+    a 4D time series' description; "" otherwise) and ``medvit_xform_codes`` (the first file's
+    NIfTI sform and qform codes; 1, 1 for other formats).
     """
     if nonfinite not in ("error", "replace"):
         raise ValueError(f"nonfinite must be 'error' or 'replace', got {nonfinite!r}")
     paths = _paths(path)
     formats = _formats(paths, series)
-    raws = [_read_raw(p, f, series if f == "dicom" else None) for p, f in zip(paths, formats)]
+    raws = [_read_raw(p, f, series if f == "dicom" else None, tilt) for p, f in zip(paths, formats)]
     first = raws[0]
     for r in raws[1:]:
         if r.array.shape[1:] != first.array.shape[1:]:
@@ -147,7 +186,7 @@ def read_image(
     with np.errstate(over="ignore"):  # a float64 voxel past float32's range becomes inf, reported just below
         array = np.concatenate([r.array.astype(np.float32, copy=False) for r in raws], axis=0)
     replaced = _fix_nonfinite(array, first.path, nonfinite)
-    return _to_metatensor(array, first, replaced)
+    return _to_metatensor(array, first, replaced, raws)
 
 
 def _check_scalar(array: np.ndarray, path: Path) -> None:
@@ -186,11 +225,14 @@ def read_label(path: PathLike, *, series: str | None = None) -> MetaTensor:
     """Read a label map as an integer MetaTensor ``(1, X, Y, Z)`` with a RAS affine.
 
     The dtype is the file's when torch holds it (uint8, int8, int16, int32, int64), else a wider
-    signed type; label files stored as floats must hold whole numbers.
+    signed type; label files stored as floats must hold whole numbers, and a NIfTI's stored
+    integers scaled by its header to within 1e-3 of whole numbers are read as those (a 0/1 mask
+    with ``scl_slope`` 0.99999997). A gantry-tilted DICOM
+    series is read on its sheared grid (labels are never interpolated).
     """
     p = Path(path)
     (fmt,) = _formats([p], series)
-    raw = _read_raw(p, fmt, series)
+    raw = _read_raw(p, fmt, series, labels=True)
     if raw.array.shape[0] != 1:
         raise InputError(p, f"label map has {raw.array.shape[0]} channels, expected 1")
     return _to_metatensor(_label_dtype(raw.array, p), raw, 0)

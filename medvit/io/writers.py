@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medvit.errors import InputError
+from medvit.io.common import corner_offset_mm
 
 PathLike = str | os.PathLike
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.ENOTDIR}
@@ -138,28 +139,61 @@ def _check_target(path: Path, protect: Sequence[PathLike]) -> None:
     refuse_protected(path, protect)
 
 
-def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, descrip: str = "") -> Path:
-    """Write ``data`` (X, Y, Z[, C]) unscaled, with ``affine`` as both sform and qform (code 1)."""
+FORMS_AGREE_MM = 1e-3
+"""The most (mm, at the grid's corners) a written qform may place a voxel away from the sform."""
+
+
+def _check_codes(codes) -> tuple[int, int]:
+    s, q = (int(c) for c in codes)
+    if not (0 <= s <= 4 and 0 <= q <= 4):
+        raise ValueError(f"NIfTI xform codes must lie in 0..4, got {codes}")
+    return s, q
+
+
+def nifti_forms(img: nib.Nifti1Image, affine: np.ndarray, codes: tuple[int, int] = (1, 1)) -> nib.Nifti1Image:
+    """Set ``img``'s sform to ``affine`` and its qform to the same placement, or unset the qform.
+
+    ``codes`` are the (sform, qform) codes; a 0 takes the other's (a label map of an input whose
+    affine came from its qform alone keeps that code), both 0 mean scanner (1). A qform is a
+    rotation and zooms: where ``affine`` has a shear (a gantry-tilted series kept as it is) the
+    nearest one misplaces voxels, and ITK-based viewers read the qform when the sform is not
+    orthonormal, so the qform code is then 0. Every NIfTI medvit writes has its forms agreeing
+    to :data:`FORMS_AGREE_MM` or no qform.
+    """
+    s_code, q_code = _check_codes(codes)
+    s_code, q_code = s_code or q_code or 1, q_code or s_code or 1
+    img.set_sform(affine, code=s_code)
+    img.set_qform(affine, code=q_code)
+    if corner_offset_mm(img.shape, img.get_qform(), affine) > FORMS_AGREE_MM:
+        img.set_qform(None, code=0)
+    return img
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1),
+                descrip: str = "") -> Path:
+    """Write ``data`` (X, Y, Z[, C]) unscaled, ``affine`` exact in the sform, see :func:`nifti_forms`."""
     img = nib.Nifti1Image(data, affine)
     img.header["descrip"] = descrip.encode("ascii", "replace")[:80]  # the header's 80-byte text field
     img.header.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)  # nearest rigid+zoom form; the sform carries any shear exactly
+    nifti_forms(img, affine, codes)
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return path
 
 
-def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLike] = (), descrip: str = "") -> Path:
+def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLike] = (),
+                    codes: tuple[int, int] = (1, 1), descrip: str = "") -> Path:
     """Write an integer label map ``(X, Y, Z)`` (or ``(1, X, Y, Z)``, or a 2D ``(X, Y)`` for a 2D
     input) as NIfTI, atomically.
 
     Stored as uint8, or uint16 when a label exceeds 255; labels must lie in 0..65535. ``affine``
-    (4, 4) voxel->RAS mm goes to both sform and qform, so nibabel reads it back to float32
-    precision. Refuses (InputError) to write onto any file in ``protect``. ``descrip`` goes to the
-    header's description (provenance such as the checkpoint that made the labels; ASCII, cut at 80 bytes).
+    (4, 4) voxel->RAS mm goes to the sform, so nibabel reads it back to float32 precision, and
+    to the qform where that holds it (no shear; else the qform code is 0, see :func:`nifti_forms`);
+    ``codes`` are the (sform, qform) codes, the input's when the affine is the input's.
+    Refuses (InputError) to write onto any file in ``protect``. ``descrip`` goes to the header's
+    description (provenance such as the checkpoint that made the labels; ASCII, cut at 80 bytes).
     """
     path = Path(path)
     _check_target(path, protect)
@@ -176,7 +210,8 @@ def write_label_map(labels, affine, path: PathLike, *, protect: Sequence[PathLik
     if low < 0 or high > 65535:
         raise ValueError(f"label values must lie in 0..65535 to be written, got {low}..{high}")
     dtype = np.uint8 if high <= 255 else np.uint16
-    return _save_nifti(np.ascontiguousarray(data.astype(dtype)), _check_affine(affine), path, descrip)
+    return _save_nifti(np.ascontiguousarray(data.astype(dtype)), _check_affine(affine), path, _check_codes(codes),
+                       descrip)
 
 
 def _default_dtype(data: np.ndarray) -> np.dtype:
@@ -194,6 +229,7 @@ def write_image(array, affine, path: PathLike, *, dtype=None, protect: Sequence[
 
     ``dtype`` defaults to float32 for floats, int32 for 64-bit integers, else the array's own.
     Floats written to an integer dtype are rounded and must fit its range. No scaling is stored.
+    The affine goes to the sform, and to the qform where that holds it (see :func:`nifti_forms`).
     """
     path = Path(path)
     _check_target(path, protect)

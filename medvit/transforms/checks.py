@@ -49,7 +49,9 @@ class CheckCased(MapTransform):
         image, label = data[self.image_key], data.get(self.label_key)
         src = _source(image, self.image_key)
         if image.shape[0] != self.in_channels:
-            raise InputError(src, f"has {image.shape[0]} channel(s) but the config's {self.net} takes {self.in_channels}")
+            from medvit.io.reader import channel_mismatch
+
+            raise channel_mismatch(image, self.in_channels, f"the config's {self.net}")
         if label is None:
             return data
         lsrc = _source(label, self.label_key)
