@@ -262,6 +262,9 @@ def lidar_segment(
     max_points: Annotated[Optional[int], typer.Option(help="Points budget per tile and per net call; denser tiles are split, sparse ones share a call.")] = None,
     format: Annotated[Optional[LabelFormat], typer.Option("--format", help="label (SemanticKITTI), npy, or las; default: las for LAS input, else label.")] = None,
     bin_columns: Annotated[Optional[int], typer.Option(help="float32 columns of .bin scans when not KITTI's 4 (nuScenes .pcd.bin: 5), e.g. 6 for mmdet3d's Waymo files: x, y, z, intensity, f4, f5.")] = None,
+    z_offset: Annotated[float, typer.Option("--z-offset", help="Metres added to z before the net sees it (e.g. -407 for a survey at absolute heights against a sensor-frame net); the output keeps the file's coordinates.")] = 0.0,
+    intensity_scale: Annotated[float, typer.Option("--intensity-scale", help="Multiplies intensity after it is normalised to the checkpoint's units.")] = 1.0,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse a scan that lies outside the checkpoint's training ranges, or a .bin that another width reads far better, instead of warning.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
 ) -> None:
@@ -276,12 +279,20 @@ def lidar_segment(
         raise MedvitError(f"--max-points must be at least 1, got {max_points}")
     if bin_columns is not None and not 3 <= bin_columns <= 64:
         raise MedvitError(f"--bin-columns must be 3..64 (x, y, z and up to 61 more), got {bin_columns}")
+    if not math.isfinite(z_offset):
+        raise MedvitError(f"--z-offset must be a finite number of metres, got {z_offset}")
+    if not (math.isfinite(intensity_scale) and intensity_scale > 0):
+        raise MedvitError(f"--intensity-scale must be a positive number, got {intensity_scale}")
     label_format = format.value if format else None
     protect = check_scan_outputs(scans, out, label_format)
     dev = _device(device)
     model = load_point_checkpoint(checkpoint, device=dev)
+    if intensity_scale != 1.0 and "intensity" not in model.config.features:
+        raise MedvitError(f"--intensity-scale: {checkpoint} reads no intensity (its features: "
+                          f"{', '.join(model.config.features) or 'none'})")
     for s in scans:  # a scan that fails stops the run here; the earlier scans' outputs stay
         r = segment_scan(s, model, out, label_format=label_format, protect=protect, bin_columns=bin_columns,
+                         z_offset=z_offset, intensity_scale=intensity_scale, strict=strict,
                          tile_size=tile_size, overlap=overlap, max_points=max_points, device=dev, progress=progress)
         extra = []
         if r.n_dropped:

@@ -23,6 +23,9 @@ DEMO_LIDAR_CONFIG: dict = {
     "labels": {0: "ground", 1: "building", 2: "car", 3: "pole", 4: "vegetation"},
     "features": {"intensity": 1.0},
     "voxel_size": 0.2,
+    # the maps' world frame (streets along +x up to 300 m, the sensor 1.8 m above the ground at z 0):
+    # a scan in another frame is refused, or warned about against the checkpoint's training ranges
+    "point_range": [-100.0, -100.0, -5.0, 400.0, 100.0, 40.0],
     "model": {"name": "flatformer", "options": {"channels": [16, 32, 64], "group_size": 64, "heads": 2}},
     "augment": {"samples_per_scan": 16, "crop_points": 30_000, "crop_size": 30.0, "rotate_z": True, "flip_prob": 0.5, "scale": [0.95, 1.05],
                 "jitter": 0.01},

@@ -9,7 +9,7 @@ tiling as inference.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
 from pointcloud.io.kitti import sibling_label_path
 from pointcloud.io.readers import check_scan_file, detect_format
+from pointcloud.ranges import NORMALISED, feature_unit, feature_values, range_findings, sample_rows, training_stats
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,34 @@ def scan_name(path: str | Path) -> str:
     return name
 
 
-def net_features(cloud: PointCloud, cfg: LidarConfig) -> np.ndarray:
-    """``(N, F)`` float32: the config's features in order, each times its scale."""
-    cols = []
-    for name, scale in cfg.features.items():
+def checkpoint_units(cfg: LidarConfig, stats: dict[str, Any] | None, *, training: bool = False) -> dict[str, float | None]:
+    """Per feature, the unit :func:`pointcloud.ranges.feature_values` maps it to: for training and for a
+    checkpoint with ``stats`` integer-typed intensity is normalised; an older checkpoint takes it as stored."""
+    return {n: (1.0 if n in NORMALISED else None) if training else feature_unit(stats, n) for n in cfg.features}
+
+
+def scan_features(cloud: PointCloud, cfg: LidarConfig, units: dict[str, float | None], *,
+                  intensity_scale: float = 1.0) -> dict[str, tuple[np.ndarray, str]]:
+    """The config's features in order: name -> (``(N,)`` float32 values in the net's training units,
+    before the config's scale; how they were made). ``intensity_scale`` multiplies intensity."""
+    cols = {}
+    for name in cfg.features:
         if name not in cloud.feature_names:
             plain = cloud.meta.get("format") == "npy" and all(n.startswith("f") for n in cloud.feature_names)
             hint = "; a plain .npy names its columns f0, f1, ...: save a structured array with named fields" if plain else ""
             raise InputError(cloud.source, f"has no '{name}' field (it has: {listed(cloud.feature_names)}); "
                                            f"the checkpoint's net needs it{hint}")
-        cols.append(cloud.feature(name).astype(np.float32) * np.float32(scale))
-    return np.stack(cols, 1) if cols else np.zeros((len(cloud), 0), np.float32)
+        values, how = feature_values(cloud, name, units.get(name))
+        if name == "intensity" and intensity_scale != 1.0:
+            values, how = values * np.float32(intensity_scale), f"{how}, x {intensity_scale:g} (--intensity-scale)"
+        cols[name] = (values, how)
+    return cols
+
+
+def net_features(columns: dict[str, tuple[np.ndarray, str]], cfg: LidarConfig, n: int) -> np.ndarray:
+    """``(n, F)`` float32: :func:`scan_features`' columns in the config's order, each times its scale."""
+    cols = [columns[name][0] * np.float32(scale) for name, scale in cfg.features.items()]
+    return np.stack(cols, 1) if cols else np.zeros((n, 0), np.float32)
 
 
 def train_labels(cloud: PointCloud, cfg: LidarConfig, ignore: int) -> np.ndarray:
@@ -80,15 +98,17 @@ class ScanResult:
     """Points left unlabelled because a feature the net reads is NaN or infinite."""
 
 
-def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float | None = None,
-                   overlap: float | None = None, max_points: int | None = None, device: str | torch.device = "cpu",
-                   progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
+def segment_points(cloud: PointCloud, model: LoadedPointNet, *, feats: np.ndarray | None = None,
+                   tile_size: float | None = None, overlap: float | None = None, max_points: int | None = None,
+                   device: str | torch.device = "cpu", progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
     """Train ids ``(N,)`` for the cloud's points, the count outside ``point_range``, the engine's
-    report, and the count whose net features are NaN or infinite; both kinds are left -1."""
+    report, and the count whose net features are NaN or infinite; both kinds are left -1.
+    ``feats``: the net's ``(N, F)`` features (:func:`net_features`), made from the cloud when None."""
     cfg = model.config
     inside = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
     n_out = int((~inside).sum())
-    feats = net_features(cloud, cfg)  # a missing field is an error even when no point is in range
+    if feats is None:  # a missing field is an error even when no point is in range
+        feats = net_features(scan_features(cloud, cfg, checkpoint_units(cfg, model.stats)), cfg, len(cloud))
     finite = np.isfinite(feats).all(1)
     n_bad = int((inside & ~finite).sum())
     if n_bad:
@@ -146,12 +166,17 @@ def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None
 
 
 def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_format: str | None = None,
-                 protect: list[str] | None = None, bin_columns: int | None = None, **kwargs: Any) -> ScanResult:
+                 protect: list[str] | None = None, bin_columns: int | None = None, z_offset: float = 0.0,
+                 intensity_scale: float = 1.0, strict: bool = False, **kwargs: Any) -> ScanResult:
     """Segment one scan file and write its labels in the file's order and point count.
 
     Output: ``OUT/NAME.label`` (SemanticKITTI uint32), ``.npy``, or for LAS/LAZ inputs a
     ``NAME.las``/``.laz`` copy with the classification set (``label_format`` overrides).
     ``bin_columns``: the float32 width of ``.bin`` scans written with another than KITTI's 4.
+    ``z_offset`` (metres) is added to z and ``intensity_scale`` multiplies intensity before the
+    net sees them (the output keeps the file's coordinates). A checkpoint with training ranges
+    (``model.stats``) is compared with the scan (:func:`pointcloud.ranges.range_findings`): each
+    problem is a warning, or with ``strict`` an InputError. Every refusal comes before any warning.
     """
     cfg = model.config
     out_ids = cfg.output_ids()  # raw ids when the checkpoint has a label_map
@@ -168,14 +193,30 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     if is_las and dropped:  # before the net runs: the output could not keep the scan's count
         raise InputError(path, f"{dropped} points have NaN or infinite coordinates, which a LAS file cannot store; "
                                "choose --format label or npy to keep the scan's point count")
-    if cfg.point_range is not None and len(cloud) and not points_in_range(cloud, cfg.point_range).any():
+    seen = cloud  # what the net sees; the output is written from the file's own points
+    if z_offset:
+        seen = replace(cloud, xyz=cloud.xyz + np.array([0.0, 0.0, z_offset]))
+    columns = scan_features(seen, cfg, checkpoint_units(cfg, model.stats), intensity_scale=intensity_scale)
+    warnings = []
+    if model.stats is not None:
+        found = range_findings(seen.xyz[:, 2], columns, model.stats)
+        if found and strict:
+            raise InputError(path, "; ".join(found) + " (--strict)")
+        warnings += found
+    else:
+        log.info("%s: %s records no training ranges (written before they were): the scan's frame and features "
+                 "are not checked against them", path, model.meta.get("checkpoint", "the checkpoint"))
+    if cfg.point_range is not None and len(cloud) and not points_in_range(seen, cfg.point_range).any():
         # An all-unlabelled output is never what was wanted: usually the scan is in another frame
         # (map or UTM coordinates against a sensor-centred net).
-        lo, hi = np.nanmin(cloud.xyz, 0), np.nanmax(cloud.xyz, 0)
+        lo, hi = np.nanmin(seen.xyz, 0), np.nanmax(seen.xyz, 0)
         span = ", ".join(f"{a} {l:.6g}..{h:.6g}" for a, l, h in zip("xyz", lo, hi))
+        shifted = f" after --z-offset {z_offset:g}" if z_offset else ""
         raise InputError(path, f"no point lies inside the checkpoint's point_range {list(cfg.point_range)} "
-                               f"(the scan spans {span}); is it in the frame the net was trained in?")
-    train_ids, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
+                               f"(the scan spans {span}{shifted}); is it in the frame the net was trained in?")
+    for w in warnings:
+        log.warning("%s: %s", path, w)
+    train_ids, n_out, rep, n_bad = segment_points(seen, model, feats=net_features(columns, cfg, len(cloud)), **kwargs)
     done = train_ids >= 0
     labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
     labels[done] = out_ids[train_ids[done]]
@@ -203,12 +244,15 @@ class Scan:
     feats: np.ndarray  # (N, F) float32
     labels: np.ndarray  # (N,) int64 train ids, ignore where unlabelled
     unusable: str | None = None  # why no label of it is a train id (its raw ids), when none is
+    sample: tuple[np.ndarray, np.ndarray] | None = None  # xyz and unscaled features of the rows that enter the stats
+    sources: dict[str, str] = field(default_factory=dict)  # feature name -> how its values were made
 
 
 def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     cloud = read_points(item["image"], label_path=item.get("label"))
     keep = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
-    feats = net_features(cloud, cfg)
+    columns = scan_features(cloud, cfg, checkpoint_units(cfg, None, training=True))
+    feats = net_features(columns, cfg, len(cloud))
     finite = np.isfinite(feats).all(1)  # one NaN intensity would turn every loss into NaN
     if (keep & ~finite).any():
         log.warning("%s: %d points with NaN or infinite %s left out of training", cloud.source,
@@ -220,6 +264,9 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     with about(cloud.source):  # validation tiles the whole scan: a stray far point fails here, not after an epoch
         check_scene_extent(cloud.xyz, cfg.infer.tile_size, cfg.infer.tile_size * (1 - cfg.infer.overlap))
     labels = train_labels(cloud, cfg, ignore)
+    rows = sample_rows(len(cloud))
+    unscaled = np.stack([columns[n][0][keep] for n in cfg.features], 1) if cfg.features else np.zeros((len(cloud), 0))
+    sample = (cloud.xyz[rows], unscaled[rows])
     if cfg.label_map is None and (outside := (labels == ignore)).any() and not outside.all():
         raw = np.unique(cloud.labels[outside])
         log.warning("%s: %d of %d points (%.1f %%) carry label ids %s outside the config's train ids 0..%d and are "
@@ -230,7 +277,7 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
         raw = np.unique(cloud.labels) if cloud.labels is not None else np.array([], np.int64)
         unusable = (f"{item.get('label') or cloud.source}: none of its label ids ({listed(raw)}) is a train id of the "
                     "config (labels/label_map): nothing to learn from it")
-    return Scan(cloud.xyz, feats[keep], labels, unusable)
+    return Scan(cloud.xyz, feats[keep], labels, unusable, sample, {n: how for n, (_, how) in columns.items()})
 
 
 class RandomCrop:
@@ -298,6 +345,8 @@ class ScanTask:
         for sc in self.scans + self.val:  # only when others have labels: else the error above says it once
             if sc.unusable:
                 log.warning(sc.unusable)
+        self.stats = training_stats([sc.sample[0] for sc in self.scans], [sc.sample[1] for sc in self.scans],
+                                    list(cfg.features), [sc.sources for sc in self.scans])
         self.loss_fn = CELovaszLoss(ce_weight=cfg.loss.ce_weight, lovasz_weight=cfg.loss.lovasz_weight,
                                     ignore_index=self.IGNORE)
 
@@ -327,7 +376,7 @@ class ScanTask:
         return {"score": float(res.miou), "per_label": per}
 
     def save(self, net: torch.nn.Module, path: Path, extra: dict[str, Any]) -> None:
-        save_point_checkpoint(net, path, config=self.cfg, extra=extra)
+        save_point_checkpoint(net, path, config=self.cfg, extra=extra, stats=self.stats)
 
 
 def train_lidar(cfg: LidarConfig, *, device: str | torch.device = "cpu", resume: bool = False,

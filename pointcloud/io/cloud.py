@@ -30,7 +30,9 @@ class PointCloud:
         meta: format details: ``format``, ``n_points_file`` (points in the file), and for LAS the
             header's ``scale``/``offset``/``point_format``/``version``/``crs``; ``kept_index``
             ``(N,)`` int64, present when the cloud holds a subset of the file's points, gives each
-            point's index in the file's order (see :func:`to_file_order`).
+            point's index in the file's order (see :func:`to_file_order`); ``feature_dtypes``
+            maps each feature name to the numpy type the file stores it in (``"uint16"`` for LAS
+            intensity), which the float32 ``features`` no longer show.
     """
 
     xyz: np.ndarray

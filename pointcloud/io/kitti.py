@@ -39,7 +39,7 @@ def read_raw_scan(path: Path, layout: str, columns: int | None = None) -> PointC
         names = ["intensity", *(f"f{k}" for k in range(4, columns))][: columns - 3]
     table = _records(path, np.dtype("<f4"), 3 + len(names), f"{layout} point (float32 x y z {' '.join(names)})")
     return PointCloud(xyz=table[:, :3].astype(np.float64), features=table[:, 3:], feature_names=list(names),
-                      source=str(path), meta={"format": layout})
+                      source=str(path), meta={"format": layout, "feature_dtypes": dict.fromkeys(names, "float32")})
 
 
 def read_label_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:

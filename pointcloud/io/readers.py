@@ -73,6 +73,7 @@ def _read_npy(path: Path) -> PointCloud:
         xyz = np.stack([array[a].astype(np.float64) for a in "xyz"], axis=1)
         features = np.stack([array[n].astype(np.float32) for n in names], axis=1) if names \
             else np.zeros((len(xyz), 0), np.float32)
+        meta["feature_dtypes"] = {n: array.dtype[n].name for n in names}
         labels = integer_labels(array["label"], path) if "label" in array.dtype.names else None
         return PointCloud(xyz=xyz, features=features, feature_names=names, labels=labels, source=str(path), meta=meta)
     if array.ndim != 2 or array.shape[1] < 3 or not _real(array.dtype):
@@ -82,6 +83,7 @@ def _read_npy(path: Path) -> PointCloud:
         logger.warning("%s: reads as %d points of %d columns (x, y, z, f0...); if the array is (columns, points), "
                        "save its transpose", path, array.shape[0], array.shape[1])
     names = [f"f{k}" for k in range(array.shape[1] - 3)]
+    meta["feature_dtypes"] = dict.fromkeys(names, array.dtype.name)
     return PointCloud(xyz=array[:, :3], features=array[:, 3:], feature_names=names, source=str(path), meta=meta)
 
 

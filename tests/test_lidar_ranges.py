@@ -1,0 +1,143 @@
+"""lidar segment against the checkpoint's training ranges: frame, intensity normalisation, width, --fill."""
+
+import json
+from pathlib import Path
+
+import laspy
+import numpy as np
+import pytest
+import torch
+
+from pipelines.lidar_demo import write_kitti
+from pointcloud.checkpoint import build_from_config, save_point_checkpoint
+from pointcloud.config import parse_lidar_config
+from pointcloud.ranges import training_stats
+from tests.test_cli import assert_user_error, run_cli
+from tests.test_lidar_cli import TINY
+
+# a sensor-frame training set: heights -2..12 m, KITTI intensity 0..0.86
+TRAIN_Z, TRAIN_I = (-2.0, 12.0), (0.0, 0.86)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_stats(features=("intensity",)) -> dict:
+    rng = np.random.default_rng(0)
+    xyz = np.c_[rng.uniform(-30, 30, (5000, 2)), rng.uniform(*TRAIN_Z, 5000)]
+    feats = rng.uniform(*TRAIN_I, (5000, len(features)))
+    return training_stats([xyz], [feats], list(features), [dict.fromkeys(features, "kitti float32 as stored")])
+
+
+def make_ckpt(folder: Path, stats: dict | None, **patch) -> Path:
+    cfg = parse_lidar_config({**TINY, **patch})
+    torch.manual_seed(0)
+    return save_point_checkpoint(build_from_config(cfg), folder / "tiny.safetensors", config=cfg, stats=stats)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_ckpt(tmp_path_factory.mktemp("rck"), tiny_stats())
+
+
+def survey_las(path: Path, n: int = 3000, seed: int = 0) -> Path:
+    """An airborne-style LAS: 60 m square, heights 400..520 m, 16-bit intensity up to 56,000."""
+    rng = np.random.default_rng(seed)
+    las = laspy.create(point_format=1, file_version="1.2")
+    las.header.scales, las.header.offsets = [0.01, 0.01, 0.01], [0.0, 0.0, 0.0]
+    las.x, las.y = rng.uniform(-30, 30, n), rng.uniform(-30, 30, n)
+    las.z = np.r_[rng.uniform(400, 402, n - n // 4), rng.uniform(402, 520, n // 4)]
+    las.intensity = rng.integers(0, 56_000, n).astype(np.uint16)
+    las.write(path)
+    return path
+
+
+def test_training_records_ranges_and_units(tmp_path, capsys):
+    """lidar train writes the training scans' z and intensity percentiles and the intensity's unit."""
+    from tests.test_lidar_cli import _train_set
+
+    dl = _train_set(tmp_path, n_scans=1)
+    cfg = {**TINY, "augment": {"crop_points": 2000, "crop_size": 20.0},
+           "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 2}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["lidar", "train", str(tmp_path / "c.json"), "--no-progress"], capsys)
+    assert code == 0, err
+    stats = json.loads((tmp_path / "run" / "last.json").read_text())["stats"]
+    z = np.fromfile(tmp_path / "s0.bin", np.float32).reshape(-1, 4)[:, 2]
+    assert stats["xyz"]["low"][2] == pytest.approx(np.percentile(z, 0.5), abs=1e-3)
+    assert stats["xyz"]["high"][2] == pytest.approx(np.percentile(z, 99.5), abs=1e-3)
+    i = stats["features"]["intensity"]
+    assert 0 <= i["low"] < i["high"] <= 1 and i["unit"] == 1.0 and i["sources"] == ["kitti float32 as stored"]
+
+
+def test_las_intensity_is_normalised_by_its_16_bit_range(ckpt, tmp_path):
+    from pipelines.scene import checkpoint_units, scan_features
+    from pointcloud.checkpoint import load_point_checkpoint
+    from pointcloud.io import read_points
+
+    m = load_point_checkpoint(ckpt)
+    cloud = read_points(survey_las(tmp_path / "s.las"))
+    values, how = scan_features(cloud, m.config, checkpoint_units(m.config, m.stats))["intensity"]
+    assert np.allclose(values, np.asarray(laspy.read(tmp_path / "s.las").intensity) / 65535, atol=1e-6)
+    assert values.max() <= 1 and "uint16 0..65535 as 0..1" in how
+    old = make_ckpt(tmp_path, None)  # before ranges were recorded: intensity as stored, as it was trained
+    mo = load_point_checkpoint(old)
+    assert scan_features(cloud, mo.config, checkpoint_units(mo.config, mo.stats))["intensity"][0].max() > 50_000
+
+
+def test_survey_heights_warn_and_z_offset_fixes_them(ckpt, tmp_path, capsys, caplog):
+    scan = survey_las(tmp_path / "survey.las")
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "a"), "--checkpoint", str(ckpt),
+                                "--no-progress"], capsys)
+    assert code == 0, err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    msg = warned[0]
+    assert "survey.las: z of 100 % of its points lies outside the checkpoint's training range -1.9" in msg
+    assert "(this scan: 400" in msg and "--z-offset -40" in msg and "intensity" not in msg  # /65535: in range
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "b"), "--checkpoint", str(ckpt),
+                                "--z-offset", "-402", "--no-progress"], capsys)
+    assert code == 0, err
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    out = laspy.read(tmp_path / "b" / "survey.las")
+    assert np.array_equal(out.Z, laspy.read(scan).Z)  # the output keeps the file's heights
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "c"), "--checkpoint", str(ckpt),
+                           "--strict"], capsys, "survey.las", "z of 100 %", "--z-offset", "(--strict)",
+                          out_dir=tmp_path / "c")
+    assert not caplog.records, caplog.text  # the refusal is the only line
+
+
+def test_intensity_on_another_scale_warns_with_the_factor(ckpt, tmp_path, capsys, caplog):
+    """A float intensity of 0..255 (nuScenes-style) against a 0..1 net, and a 0..1 one squeezed to 0..0.004."""
+    rng = np.random.default_rng(1)
+    xyz = np.c_[rng.uniform(-20, 20, (2000, 2)), rng.uniform(-1.5, 3, 2000)]
+    write_kitti(xyz, rng.uniform(0, 255, 2000), None, tmp_path / "wide")
+    write_kitti(xyz, rng.uniform(0, 0.004, 2000), None, tmp_path / "dim")
+    with caplog.at_level("WARNING"):
+        for name in ("wide", "dim"):
+            code, _, err = run_cli(["lidar", "segment", str(tmp_path / f"{name}.bin"), "-o", str(tmp_path / name),
+                                    "--checkpoint", str(ckpt), "--no-progress"], capsys)
+            assert code == 0, err
+    assert "wide.bin: intensity of 100 % of its points lies outside the checkpoint's training range 0.00" in caplog.text
+    assert "--intensity-scale 0.00" in caplog.text and "dim.bin: intensity spans a small part of" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(["lidar", "segment", str(tmp_path / "wide.bin"), "-o", str(tmp_path / "w2"),
+                                "--checkpoint", str(ckpt), "--intensity-scale", str(0.86 / 255), "--no-progress"], capsys)
+    assert code == 0 and not caplog.records, caplog.text
+
+
+def test_demo_config_has_a_point_range():
+    from pipelines.lidar_demo import DEMO_LIDAR_CONFIG
+
+    assert parse_lidar_config(DEMO_LIDAR_CONFIG).point_range is not None
