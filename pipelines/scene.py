@@ -26,7 +26,7 @@ from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
 from pointcloud.config import LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
-from pointcloud.io.kitti import sibling_label_path
+from pointcloud.io.kitti import sibling_label_path, width_message
 from pointcloud.io.readers import check_scan_file, detect_format
 from pointcloud.ranges import NORMALISED, feature_unit, feature_values, range_findings, sample_rows, training_stats
 
@@ -189,6 +189,11 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
     cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None,
                         sibling_labels=False, bin_columns=bin_columns)
+    warnings = []
+    if "width_hint" in cloud.meta:  # before anything else is judged: every value may sit in the wrong column
+        if strict:
+            raise InputError(path, width_message(cloud.meta["width_hint"]) + " (--strict)")
+        warnings.append(width_message(cloud.meta["width_hint"]))
     dropped = int(cloud.meta.get("dropped_nonfinite", 0))
     if is_las and dropped:  # before the net runs: the output could not keep the scan's count
         raise InputError(path, f"{dropped} points have NaN or infinite coordinates, which a LAS file cannot store; "
@@ -197,7 +202,6 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     if z_offset:
         seen = replace(cloud, xyz=cloud.xyz + np.array([0.0, 0.0, z_offset]))
     columns = scan_features(seen, cfg, checkpoint_units(cfg, model.stats), intensity_scale=intensity_scale)
-    warnings = []
     if model.stats is not None:
         found = range_findings(seen.xyz[:, 2], columns, model.stats)
         if found and strict:
@@ -250,6 +254,8 @@ class Scan:
 
 def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     cloud = read_points(item["image"], label_path=item.get("label"))
+    if "width_hint" in cloud.meta:
+        log.warning("%s: %s", cloud.source, width_message(cloud.meta["width_hint"]))
     keep = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
     columns = scan_features(cloud, cfg, checkpoint_units(cfg, None, training=True))
     feats = net_features(columns, cfg, len(cloud))

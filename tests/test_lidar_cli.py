@@ -196,7 +196,7 @@ def test_outputs_never_overwrite_inputs_or_each_other(ckpt, tmp_path, capsys):
 
 def test_bin_columns_reads_a_six_column_bin(ckpt, data_dir, tmp_path, capsys):
     """mmdet3d's S3DIS sample .bin is 100 points of 6 float32 (x y z r g b): as KITTI's 4 it reads as
-    150 points, which nothing in the file can reveal; --bin-columns 6 reads it as written."""
+    150 points (which the width check warns about); --bin-columns 6 reads it as written."""
     scan = data_dir / "mmdet3d/tests/data/s3dis/points/Area_1_office_2.bin"
     code, out, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
                               "--bin-columns", "6", "--no-progress"], capsys)

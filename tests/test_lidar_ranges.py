@@ -141,3 +141,48 @@ def test_demo_config_has_a_point_range():
     from pipelines.lidar_demo import DEMO_LIDAR_CONFIG
 
     assert parse_lidar_config(DEMO_LIDAR_CONFIG).point_range is not None
+
+
+INDOOR = ["mmdet3d/tests/data/s3dis/points/Area_1_office_2.bin", "mmdet3d/tests/data/scannet/points/scene0000_00.bin"]
+
+
+@pytest.mark.parametrize("rel", INDOOR)
+def test_an_indoor_six_column_bin_read_as_four_is_named(rel, ckpt, data_dir, tmp_path, capsys, caplog):
+    """mmdet3d's 100-point x y z r g b samples read as KITTI's 4 columns give 150 points: warned, with the width."""
+    scan = data_dir / rel
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "a"), "--checkpoint", str(ckpt),
+                                "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"{scan.name}: reads as 4 float32 columns (150 points), but 6 columns (100 points) read it far better" \
+        in caplog.text and "--bin-columns 6" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "b"), "--checkpoint", str(ckpt),
+                           "--strict"], capsys, scan.name, "--bin-columns 6", "(--strict)", out_dir=tmp_path / "b")
+    assert not caplog.records, caplog.text
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "c"), "--checkpoint", str(ckpt),
+                                "--bin-columns", "6", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "columns" not in caplog.text
+
+
+def test_a_written_six_column_bin_and_real_lidar_bins(data_dir, tmp_path):
+    """A street-like x y z r g b file is named as 6 wide whatever the width it is read at; KITTI's and
+    nuScenes' own files are left alone."""
+    from pointcloud.io import read_points
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    xyz = np.cumsum(rng.normal(0, 0.05, (n, 3)), 0) + [12.0, -4.0, -1.5]
+    rgb = rng.integers(0, 256, (n, 3))
+    np.c_[xyz, rgb].astype(np.float32).tofile(tmp_path / "rgb.bin")
+    for width in (None, 3, 4):
+        hint = read_points(tmp_path / "rgb.bin", bin_columns=width).meta.get("width_hint")
+        assert hint is not None and hint["better"] == 6, (width, hint)
+    assert "width_hint" not in read_points(tmp_path / "rgb.bin", bin_columns=6).meta
+    for rel in ["mmdet3d/demo/data/kitti/000008.bin", "mmdet3d/tests/data/kitti/training/velodyne/000000.bin",
+                "mmdet3d/tests/data/semantickitti/sequences/00/velodyne/000000.bin",
+                "mmdet3d/demo/data/nuscenes/n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin"]:
+        assert "width_hint" not in read_points(data_dir / rel, sibling_labels=False).meta, rel
