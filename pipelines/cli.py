@@ -242,6 +242,25 @@ def demo(
     run_demo(out, device=_device(device), seed=seed)
 
 
+def _parse_fill(items: list[str], features, checkpoint: Path) -> dict[str, float]:
+    """``--fill`` values (``NAME=VALUE``, repeated or comma-separated) as name -> finite float, each a feature
+    the checkpoint's net reads."""
+    out: dict[str, float] = {}
+    for item in (p.strip() for i in items for p in i.split(",")):
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not name.strip() or not math.isfinite(number):
+            raise MedvitError(f"--fill takes NAME=VALUE with a finite number, such as intensity=0.3, got {item!r}")
+        if name.strip() not in features:
+            raise MedvitError(f"--fill {item}: {checkpoint} reads no '{name.strip()}' (its features: "
+                              f"{', '.join(features) or 'none'})")
+        out[name.strip()] = number
+    return out
+
+
 lidar_app = typer.Typer(help="LiDAR scans and scenes: sparse-voxel point-cloud transformers.", no_args_is_help=True)
 app.add_typer(lidar_app, name="lidar")
 
@@ -264,6 +283,7 @@ def lidar_segment(
     bin_columns: Annotated[Optional[int], typer.Option(help="float32 columns of .bin scans when not KITTI's 4 (nuScenes .pcd.bin: 5), e.g. 6 for mmdet3d's Waymo files: x, y, z, intensity, f4, f5.")] = None,
     z_offset: Annotated[float, typer.Option("--z-offset", help="Metres added to z before the net sees it (e.g. -407 for a survey at absolute heights against a sensor-frame net); the output keeps the file's coordinates.")] = 0.0,
     intensity_scale: Annotated[float, typer.Option("--intensity-scale", help="Multiplies intensity after it is normalised to the checkpoint's units.")] = 1.0,
+    fill: Annotated[Optional[list[str]], typer.Option("--fill", help="NAME=VALUE: give every point of a scan that lacks feature NAME the constant VALUE (in the checkpoint's training units), at a loss of accuracy; repeat it or separate several with commas.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse a scan that lies outside the checkpoint's training ranges, or a .bin that another width reads far better, instead of warning.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
@@ -287,12 +307,13 @@ def lidar_segment(
     protect = check_scan_outputs(scans, out, label_format)
     dev = _device(device)
     model = load_point_checkpoint(checkpoint, device=dev)
+    fills = _parse_fill(fill or [], model.config.features, checkpoint)
     if intensity_scale != 1.0 and "intensity" not in model.config.features:
         raise MedvitError(f"--intensity-scale: {checkpoint} reads no intensity (its features: "
                           f"{', '.join(model.config.features) or 'none'})")
     for s in scans:  # a scan that fails stops the run here; the earlier scans' outputs stay
         r = segment_scan(s, model, out, label_format=label_format, protect=protect, bin_columns=bin_columns,
-                         z_offset=z_offset, intensity_scale=intensity_scale, strict=strict,
+                         z_offset=z_offset, intensity_scale=intensity_scale, strict=strict, fill=fills,
                          tile_size=tile_size, overlap=overlap, max_points=max_points, device=dev, progress=progress)
         extra = []
         if r.n_dropped:

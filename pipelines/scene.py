@@ -49,17 +49,33 @@ def checkpoint_units(cfg: LidarConfig, stats: dict[str, Any] | None, *, training
     return {n: (1.0 if n in NORMALISED else None) if training else feature_unit(stats, n) for n in cfg.features}
 
 
+FILLED = "missing: filled with"
+"""How :func:`scan_features` describes a column made by ``fill``."""
+
+
 def scan_features(cloud: PointCloud, cfg: LidarConfig, units: dict[str, float | None], *,
-                  intensity_scale: float = 1.0) -> dict[str, tuple[np.ndarray, str]]:
+                  intensity_scale: float = 1.0, fill: dict[str, float] | None = None,
+                  stats: dict[str, Any] | None = None) -> dict[str, tuple[np.ndarray, str]]:
     """The config's features in order: name -> (``(N,)`` float32 values in the net's training units,
-    before the config's scale; how they were made). ``intensity_scale`` multiplies intensity."""
+    before the config's scale; how they were made). ``intensity_scale`` multiplies intensity.
+
+    A feature the scan lacks is the constant ``fill[name]`` (training units; ``--fill``), else an
+    InputError that names ``--fill`` and, from ``stats``, the feature's training median.
+    """
     cols = {}
     for name in cfg.features:
         if name not in cloud.feature_names:
+            if fill and name in fill:
+                cols[name] = (np.full(len(cloud), fill[name], np.float32), f"{FILLED} {fill[name]:g} (--fill)")
+                continue
             plain = cloud.meta.get("format") == "npy" and all(n.startswith("f") for n in cloud.feature_names)
             hint = "; a plain .npy names its columns f0, f1, ...: save a structured array with named fields" if plain else ""
-            raise InputError(cloud.source, f"has no '{name}' field (it has: {listed(cloud.feature_names)}); "
-                                           f"the checkpoint's net needs it{hint}")
+            median = (stats or {}).get("features", {}).get(name, {}).get("median")
+            value = "VALUE" if median is None else f"{median:.3g}"
+            has = cloud.meta.get("las_dimensions", cloud.feature_names)
+            raise InputError(cloud.source, f"has no '{name}' field (it has: {listed(has)}); the checkpoint's net needs "
+                                           f"it{hint}; --fill {name}={value} gives every point that constant "
+                                           f"{'(its training median) ' if median is not None else ''}at a loss of accuracy")
         values, how = feature_values(cloud, name, units.get(name))
         if name == "intensity" and intensity_scale != 1.0:
             values, how = values * np.float32(intensity_scale), f"{how}, x {intensity_scale:g} (--intensity-scale)"
@@ -130,6 +146,21 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, feats: np.ndarra
     return labels, n_out, rep, n_bad
 
 
+def las_fields(path: str | Path, wanted: list[str]) -> list[str]:
+    """The dimensions of ``wanted`` a LAS/LAZ file has (all of ``wanted`` when its header cannot be read:
+    the reader then names what is wrong), so a missing feature is reported, or filled, by :func:`scan_features`."""
+    import struct
+
+    import laspy
+
+    try:
+        with laspy.open(path) as reader:
+            have = set(reader.header.point_format.dimension_names)
+    except (laspy.errors.LaspyException, OSError, ValueError, EOFError, struct.error):
+        return wanted
+    return [f for f in wanted if f in have]
+
+
 def scan_output(path: str | Path, out_dir: Path, label_format: str | None = None) -> Path:
     """Where :func:`segment_scan` writes ``path``'s labels: ``OUT/NAME.label`` (or ``.npy``), and for
     LAS/LAZ input (or ``label_format="las"``) ``OUT/NAME.las``/``.laz``."""
@@ -167,7 +198,8 @@ def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None
 
 def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_format: str | None = None,
                  protect: list[str] | None = None, bin_columns: int | None = None, z_offset: float = 0.0,
-                 intensity_scale: float = 1.0, strict: bool = False, **kwargs: Any) -> ScanResult:
+                 intensity_scale: float = 1.0, strict: bool = False, fill: dict[str, float] | None = None,
+                 **kwargs: Any) -> ScanResult:
     """Segment one scan file and write its labels in the file's order and point count.
 
     Output: ``OUT/NAME.label`` (SemanticKITTI uint32), ``.npy``, or for LAS/LAZ inputs a
@@ -177,6 +209,7 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     net sees them (the output keeps the file's coordinates). A checkpoint with training ranges
     (``model.stats``) is compared with the scan (:func:`pointcloud.ranges.range_findings`): each
     problem is a warning, or with ``strict`` an InputError. Every refusal comes before any warning.
+    ``fill``: feature name -> constant for a feature the scan lacks (a warning says it costs accuracy).
     """
     cfg = model.config
     out_ids = cfg.output_ids()  # raw ids when the checkpoint has a label_map
@@ -187,7 +220,8 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
         raise InputError(path, f"LAS classification holds 0..255, this checkpoint writes ids up to {top}; "
                                "choose --format label or npy")
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
-    cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None,
+    las_in = str(path).lower().endswith((".las", ".laz"))
+    cloud = read_points(path, fields=las_fields(path, list(cfg.features)) if las_in else None,
                         sibling_labels=False, bin_columns=bin_columns)
     warnings = []
     if "width_hint" in cloud.meta:  # before anything else is judged: every value may sit in the wrong column
@@ -201,9 +235,11 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     seen = cloud  # what the net sees; the output is written from the file's own points
     if z_offset:
         seen = replace(cloud, xyz=cloud.xyz + np.array([0.0, 0.0, z_offset]))
-    columns = scan_features(seen, cfg, checkpoint_units(cfg, model.stats), intensity_scale=intensity_scale)
+    columns = scan_features(seen, cfg, checkpoint_units(cfg, model.stats), intensity_scale=intensity_scale, fill=fill,
+                            stats=model.stats)
+    filled = [n for n, (_, how) in columns.items() if how.startswith(FILLED)]
     if model.stats is not None:
-        found = range_findings(seen.xyz[:, 2], columns, model.stats)
+        found = range_findings(seen.xyz[:, 2], {n: c for n, c in columns.items() if n not in filled}, model.stats)
         if found and strict:
             raise InputError(path, "; ".join(found) + " (--strict)")
         warnings += found
@@ -218,6 +254,11 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
         shifted = f" after --z-offset {z_offset:g}" if z_offset else ""
         raise InputError(path, f"no point lies inside the checkpoint's point_range {list(cfg.point_range)} "
                                f"(the scan spans {span}{shifted}); is it in the frame the net was trained in?")
+    for name in filled:
+        entry = (model.stats or {}).get("features", {}).get(name)
+        trained = f"over {entry['low']:.3g}..{entry['high']:.3g}" if entry else "from point to point"
+        warnings.append(f"has no '{name}' field: every point gets {name} {fill[name]:g} (--fill); the net was trained "
+                        f"with it varying {trained}, so expect less accurate labels")
     for w in warnings:
         log.warning("%s: %s", path, w)
     train_ids, n_out, rep, n_bad = segment_points(seen, model, feats=net_features(columns, cfg, len(cloud)), **kwargs)

@@ -186,3 +186,42 @@ def test_a_written_six_column_bin_and_real_lidar_bins(data_dir, tmp_path):
                 "mmdet3d/tests/data/semantickitti/sequences/00/velodyne/000000.bin",
                 "mmdet3d/demo/data/nuscenes/n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin"]:
         assert "width_hint" not in read_points(data_dir / rel, sibling_labels=False).meta, rel
+
+
+def test_fill_runs_an_intensity_net_on_an_xyz_only_pcd(ckpt, tmp_path, capsys, caplog):
+    from pointcloud.io import PointCloud, write_pcd
+
+    rng = np.random.default_rng(5)
+    xyz = np.c_[rng.uniform(-20, 20, (1500, 2)), rng.uniform(-1.5, 4, 1500)]
+    write_pcd(PointCloud(xyz=xyz, features=np.zeros((1500, 0)), feature_names=[]), tmp_path / "xyz.pcd")
+    with caplog.at_level("WARNING"):
+        msg = assert_user_error(["lidar", "segment", str(tmp_path / "xyz.pcd"), "-o", str(tmp_path / "a"),
+                                 "--checkpoint", str(ckpt)], capsys, "xyz.pcd: has no 'intensity' field",
+                                "--fill intensity=0.4", out_dir=tmp_path / "a")
+    assert "(its training median)" in msg and not caplog.records
+    with caplog.at_level("WARNING"):
+        code, out, err = run_cli(["lidar", "segment", str(tmp_path / "xyz.pcd"), "-o", str(tmp_path / "b"),
+                                  "--checkpoint", str(ckpt), "--fill", "intensity=0.4", "--no-progress"], capsys)
+    assert code == 0, err
+    lab = np.fromfile(tmp_path / "b" / "xyz.label", np.uint32)
+    assert lab.shape == (1500,) and set(np.unique(lab)) <= set(range(5))
+    assert "every point gets intensity 0.4 (--fill); the net was trained with it varying over 0.00" in caplog.text
+    assert "less accurate" in caplog.text
+    assert_user_error(["lidar", "segment", str(tmp_path / "xyz.pcd"), "-o", str(tmp_path / "c"), "--checkpoint",
+                       str(ckpt), "--fill", "ring=3"], capsys, "--fill ring=3", "reads no 'ring'", out_dir=tmp_path / "c")
+    assert_user_error(["lidar", "segment", str(tmp_path / "xyz.pcd"), "-o", str(tmp_path / "c"), "--checkpoint",
+                       str(ckpt), "--fill", "intensity"], capsys, "--fill takes NAME=VALUE", out_dir=tmp_path / "c")
+
+
+def test_fill_several_features_and_a_las_without_one(tmp_path, data_dir, capsys, caplog):
+    """--fill a=1,b=2 fills several; a LAS lacking one of the net's dimensions is filled too."""
+    ck = make_ckpt(tmp_path, tiny_stats(("intensity", "nir")), features={"intensity": 1.0, "nir": 1.0})
+    scan = data_dir / "laspy" / "simple.las"
+    assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "a"), "--checkpoint", str(ck)], capsys,
+                      "simple.las: has no 'nir' field", "--fill nir=", out_dir=tmp_path / "a")
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "b"), "--checkpoint", str(ck),
+                                "--fill", "nir=0.5,intensity=0.2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "every point gets nir 0.5" in caplog.text and "every point gets intensity" not in caplog.text
+    assert len(laspy.read(tmp_path / "b" / "simple.las").points) == 1065
