@@ -317,13 +317,13 @@ def lidar_segment(
                          tile_size=tile_size, overlap=overlap, max_points=max_points, device=dev, progress=progress)
         extra = []
         if r.n_dropped:
-            extra.append(f"{r.n_dropped} non-finite points dropped")
+            extra.append(f"{r.n_dropped:,} with NaN/inf coordinates")
         if r.n_bad_features:
             extra.append(f"{r.n_bad_features} with NaN/inf {'/'.join(model.config.features)}")
         if r.n_outside:
             extra.append(f"{r.n_outside} outside point_range")
         e = r.engine
-        typer.echo(f"{s} -> {r.labels_path}: {r.n_points} points, {e.windows_run} tiles in {e.calls} calls, {e.seconds:.1f} s"
+        typer.echo(f"{s} -> {r.labels_path}: {r.n_points:,} points, {e.windows_run} tiles in {e.calls} calls, {e.seconds:.1f} s"
                    + _notes(e)
                    + (f" ({'; '.join(extra)}, labelled {model.config.infer.unlabelled})" if extra else ""))
 

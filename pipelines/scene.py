@@ -8,6 +8,7 @@ tiling as inference.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -101,12 +102,34 @@ def train_labels(cloud: PointCloud, cfg: LidarConfig, ignore: int) -> np.ndarray
     return np.array([lut.get(int(u), ignore) for u in uniq], dtype=np.int64)[inv]
 
 
+@contextlib.contextmanager
+def held_warnings(name: str):
+    """Hold the records logger ``name`` (and its children) emits inside the block in the yielded list,
+    to be passed on with ``logging.getLogger(r.name).handle(r)`` once the caller knows it goes on."""
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    logger, hold = logging.getLogger(name), Hold()
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(hold)
+    try:
+        yield held
+    finally:
+        logger.removeHandler(hold)
+        logger.propagate = propagate
+
+
 @dataclass
 class ScanResult:
     input: str
     labels_path: Path
     n_points: int
+    """Points in the file, and labels written."""
     n_dropped: int
+    """Points with NaN or infinite coordinates, written as unlabelled."""
     n_outside: int
     engine: EngineReport | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -221,8 +244,9 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
                                "choose --format label or npy")
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
     las_in = str(path).lower().endswith((".las", ".laz"))
-    cloud = read_points(path, fields=las_fields(path, list(cfg.features)) if las_in else None,
-                        sibling_labels=False, bin_columns=bin_columns)
+    with held_warnings("pointcloud.io") as held:  # said after the refusals below, so a refused scan prints one line
+        cloud = read_points(path, fields=las_fields(path, list(cfg.features)) if las_in else None,
+                            sibling_labels=False, bin_columns=bin_columns, warn_nonfinite=False)
     warnings = []
     if "width_hint" in cloud.meta:  # before anything else is judged: every value may sit in the wrong column
         if strict:
@@ -254,6 +278,19 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
         shifted = f" after --z-offset {z_offset:g}" if z_offset else ""
         raise InputError(path, f"no point lies inside the checkpoint's point_range {list(cfg.point_range)} "
                                f"(the scan spans {span}{shifted}); is it in the frame the net was trained in?")
+    feats = net_features(columns, cfg, len(cloud))
+    usable = np.isfinite(feats).all(1)
+    if cfg.point_range is not None:
+        usable &= points_in_range(seen, cfg.point_range)
+    if usable.any():  # the engine's own refusal of a scene too wide to tile, before any warning
+        tile, overlap = kwargs.get("tile_size") or cfg.infer.tile_size, kwargs.get("overlap")
+        with about(path):
+            check_scene_extent(seen.xyz[usable], tile, tile * (1 - (cfg.infer.overlap if overlap is None else overlap)))
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+    if dropped:
+        warnings.append(f"{dropped:,} of {int(cloud.meta['n_points_file']):,} points have NaN or infinite coordinates: "
+                        f"written as unlabelled ({cfg.infer.unlabelled})")
     for name in filled:
         entry = (model.stats or {}).get("features", {}).get(name)
         trained = f"over {entry['low']:.3g}..{entry['high']:.3g}" if entry else "from point to point"
@@ -261,7 +298,7 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
                         f"with it varying {trained}, so expect less accurate labels")
     for w in warnings:
         log.warning("%s: %s", path, w)
-    train_ids, n_out, rep, n_bad = segment_points(seen, model, feats=net_features(columns, cfg, len(cloud)), **kwargs)
+    train_ids, n_out, rep, n_bad = segment_points(seen, model, feats=feats, **kwargs)
     done = train_ids >= 0
     labels = np.full(len(cloud), cfg.infer.unlabelled, dtype=np.int64)
     labels[done] = out_ids[train_ids[done]]
@@ -277,7 +314,7 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     counts = {cfg.labels[int(k)]: int(v) for k, v in zip(*np.unique(train_ids[done], return_counts=True))}
     if not done.all():
         counts["unlabelled"] = int((~done).sum())
-    return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts, n_bad)
+    return ScanResult(str(path), target, int(cloud.meta["n_points_file"]), dropped, n_out, rep, counts, n_bad)
 
 
 # ------------------------------------------------------------------------------- training

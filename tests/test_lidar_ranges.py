@@ -225,3 +225,28 @@ def test_fill_several_features_and_a_las_without_one(tmp_path, data_dir, capsys,
     assert code == 0, err
     assert "every point gets nir 0.5" in caplog.text and "every point gets intensity" not in caplog.text
     assert len(laspy.read(tmp_path / "b" / "simple.las").points) == 1065
+
+
+def test_a_refused_scan_prints_its_error_line_only(ckpt, tmp_path, capsys, caplog):
+    """Warnings about a scan (NaN points, its frame) are said only once it is segmented: a scan that is
+    then refused (no point in point_range; LAS output of NaN points; a missing feature) prints one line."""
+    ck = make_ckpt(tmp_path, tiny_stats(), point_range=[-10, -10, -5, 10, 10, 5])
+    rng = np.random.default_rng(9)
+    xyz = rng.uniform(0, 50, (500, 3)) + [500000.0, 5400000.0, 100.0]
+    xyz[:40, 0] = np.nan
+    write_kitti(xyz, rng.uniform(0, 1, 500), None, tmp_path / "utm")
+    from pointcloud.io import PointCloud, write_pcd
+
+    near = rng.uniform(-5, 5, (300, 3))
+    near[:7] = np.nan
+    write_pcd(PointCloud(xyz=near, features=np.zeros((300, 0)), feature_names=[]), tmp_path / "bare.pcd")
+    write_kitti(near, rng.uniform(0, 1, 300), None, tmp_path / "near")
+    cases = [(tmp_path / "utm.bin", ck, [], "no point lies inside"),
+             (tmp_path / "near.bin", ckpt, ["--format", "las"], "which a LAS file cannot store"),
+             (tmp_path / "bare.pcd", ckpt, [], "--fill intensity=")]
+    for scan, c, more, needle in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "o"), "--checkpoint", str(c), *more],
+                              capsys, scan.name, needle, out_dir=tmp_path / "o")
+        assert not caplog.records, (scan.name, caplog.text)

@@ -115,6 +115,7 @@ def read_points(
     nonfinite: Literal["drop", "error"] = "drop",
     sibling_labels: bool = True,
     bin_columns: int | None = None,
+    warn_nonfinite: bool = True,
 ) -> PointCloud:
     """Read a scan into a :class:`PointCloud` (``xyz`` ``(N, 3)`` float64, ``features`` ``(N, F)`` float32).
 
@@ -132,7 +133,7 @@ def read_points(
             (4 and 5): x, y, z, intensity, then ``f4``, ``f5``, ...
         nonfinite: ``"drop"`` removes points with NaN/inf coordinates (count in
             ``meta["dropped_nonfinite"]``, survivors' file indices in ``meta["kept_index"]``, one
-            logged warning); ``"error"`` raises InputError with the count.
+            logged warning unless ``warn_nonfinite`` is false); ``"error"`` raises InputError with the count.
 
     ``meta["n_points_file"]`` is the number of points in the file, before any are dropped.
     """
@@ -167,4 +168,4 @@ def read_points(
         label_path = sibling_label_path(path)
     if label_path is not None:
         _attach_labels(cloud, Path(label_path))
-    return drop_nonfinite(cloud, nonfinite)
+    return drop_nonfinite(cloud, nonfinite, warn=warn_nonfinite)
