@@ -262,26 +262,34 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     columns = scan_features(seen, cfg, checkpoint_units(cfg, model.stats), intensity_scale=intensity_scale, fill=fill,
                             stats=model.stats)
     filled = [n for n, (_, how) in columns.items() if how.startswith(FILLED)]
-    if model.stats is not None:
-        found = range_findings(seen.xyz[:, 2], {n: c for n, c in columns.items() if n not in filled}, model.stats)
+    inside = points_in_range(seen, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
+    if cfg.point_range is not None and len(cloud) and not inside.any():
+        # An all-unlabelled output is never what was wanted: usually the scan is in another frame
+        # (map or UTM coordinates against a sensor-centred net).
+        lo, hi = np.nanmin(seen.xyz, 0), np.nanmax(seen.xyz, 0)
+        span = ", ".join(f"{a} {l:.6g}..{h:.6g}" for a, l, h in zip("xyz", lo, hi))
+        shifted = f" after --z-offset {z_offset:g}" if z_offset else ""
+        r = cfg.point_range
+        in_xy = points_in_range(np.c_[seen.xyz[:, :2], np.full(len(cloud), (r[2] + r[5]) / 2)], r).any()
+        target = model.stats["xyz"]["low"][2] if model.stats is not None else r[2]
+        low = float(np.nanpercentile(seen.xyz[:, 2], 0.5))
+        fix = (f"; only its heights lie outside: --z-offset {target - low:.1f} moves its lowest points to "
+               f"{target:.4g} m") if in_xy else ""
+        raise InputError(path, f"no point lies inside the checkpoint's point_range {list(r)} (the scan spans "
+                               f"{span}{shifted}); is it in the frame the net was trained in?{fix}")
+    if "width_hint" in cloud.meta:
+        pass  # values read in the wrong columns are out of range because of that: the width warning says it
+    elif model.stats is not None:  # over the points the net will see: the rest are reported as outside point_range
+        found = range_findings(seen.xyz[inside, 2],
+                               {n: (v[inside], how) for n, (v, how) in columns.items() if n not in filled}, model.stats)
         if found and strict:
             raise InputError(path, "; ".join(found) + " (--strict)")
         warnings += found
     else:
         log.info("%s: %s records no training ranges (written before they were): the scan's frame and features "
                  "are not checked against them", path, model.meta.get("checkpoint", "the checkpoint"))
-    if cfg.point_range is not None and len(cloud) and not points_in_range(seen, cfg.point_range).any():
-        # An all-unlabelled output is never what was wanted: usually the scan is in another frame
-        # (map or UTM coordinates against a sensor-centred net).
-        lo, hi = np.nanmin(seen.xyz, 0), np.nanmax(seen.xyz, 0)
-        span = ", ".join(f"{a} {l:.6g}..{h:.6g}" for a, l, h in zip("xyz", lo, hi))
-        shifted = f" after --z-offset {z_offset:g}" if z_offset else ""
-        raise InputError(path, f"no point lies inside the checkpoint's point_range {list(cfg.point_range)} "
-                               f"(the scan spans {span}{shifted}); is it in the frame the net was trained in?")
     feats = net_features(columns, cfg, len(cloud))
-    usable = np.isfinite(feats).all(1)
-    if cfg.point_range is not None:
-        usable &= points_in_range(seen, cfg.point_range)
+    usable = inside & np.isfinite(feats).all(1)
     if usable.any():  # the engine's own refusal of a scene too wide to tile, before any warning
         tile, overlap = kwargs.get("tile_size") or cfg.infer.tile_size, kwargs.get("overlap")
         with about(path):

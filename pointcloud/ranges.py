@@ -127,7 +127,7 @@ def range_findings(z: np.ndarray, feats: dict[str, tuple[np.ndarray, str]], stat
         s_lo, s_hi = np.nanpercentile(z, [p_lo, p_hi])
         found.append(f"z of {100 * frac:.0f} % of its points lies outside the checkpoint's training range {lo:.4g}..{hi:.4g} m "
                      f"(this scan: {s_lo:.4g}..{s_hi:.4g} m; {p_lo}-{p_hi} percentiles): is it in another frame, such as "
-                     f"absolute heights? --z-offset {lo - s_lo:.4g} moves its lowest points to the training's")
+                     f"absolute heights? --z-offset {lo - s_lo:.1f} moves its lowest points to the training's")
     for name, (values, how) in feats.items():
         entry = stats.get("features", {}).get(name)
         if entry is None or not np.isfinite(values).any():

@@ -156,6 +156,7 @@ def test_an_indoor_six_column_bin_read_as_four_is_named(rel, ckpt, data_dir, tmp
     assert code == 0, err
     assert f"{scan.name}: reads as 4 float32 columns (150 points), but 6 columns (100 points) read it far better" \
         in caplog.text and "--bin-columns 6" in caplog.text
+    assert len(caplog.records) == 1, caplog.text  # its values out of the training ranges follow from the width
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "b"), "--checkpoint", str(ckpt),
@@ -250,3 +251,20 @@ def test_a_refused_scan_prints_its_error_line_only(ckpt, tmp_path, capsys, caplo
             assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "o"), "--checkpoint", str(c), *more],
                               capsys, scan.name, needle, out_dir=tmp_path / "o")
         assert not caplog.records, (scan.name, caplog.text)
+
+
+def test_survey_heights_against_a_point_range_name_the_offset(tmp_path, capsys):
+    """With a point_range (the demo's config has one) a survey at absolute heights is refused, naming --z-offset."""
+    ck = make_ckpt(tmp_path, tiny_stats(), point_range=[-50, -50, -5, 50, 50, 40])
+    scan = survey_las(tmp_path / "survey.las")
+    msg = assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "a"), "--checkpoint", str(ck)], capsys,
+                            "no point lies inside the checkpoint's point_range", "only its heights lie outside",
+                            out_dir=tmp_path / "a")
+    offset = float(msg.split("--z-offset ")[1].split()[0])
+    assert -402.5 < offset < -401.5
+    code, _, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "b"), "--checkpoint", str(ck),
+                            "--z-offset", str(offset), "--no-progress"], capsys)
+    assert code == 0, err
+    out = laspy.read(tmp_path / "b" / "survey.las")
+    cls, high = np.asarray(out.classification), np.asarray(out.z) + offset >= 40  # above point_range: unlabelled
+    assert high.any() and (cls[high] == 255).all() and (cls[~high] < 5).all()
