@@ -268,3 +268,16 @@ def test_survey_heights_against_a_point_range_name_the_offset(tmp_path, capsys):
     out = laspy.read(tmp_path / "b" / "survey.las")
     cls, high = np.asarray(out.classification), np.asarray(out.z) + offset >= 40  # above point_range: unlabelled
     assert high.any() and (cls[high] == 255).all() and (cls[~high] < 5).all()
+
+
+def test_a_label_file_of_another_length_names_the_width_that_fits(tmp_path):
+    from medvit.errors import InputError
+    from pointcloud.io import read_points, write_labels
+
+    rng = np.random.default_rng(4)
+    xyz = np.cumsum(rng.normal(0, 0.05, (400, 3)), 0) + [8.0, 2.0, -1.0]
+    np.c_[xyz, rng.integers(0, 256, (400, 3))].astype(np.float32).tofile(tmp_path / "room.bin")
+    write_labels(np.zeros(400, np.int64), tmp_path / "room.label")
+    with pytest.raises(InputError, match="holds 400 labels but the scan .* has 600 points as 4 float32 columns; "
+                                         "read as 6 columns, which fit its values far better, it has 400"):
+        read_points(tmp_path / "room.bin", label_path=tmp_path / "room.label")

@@ -100,8 +100,11 @@ def _select_fields(cloud: PointCloud, fields: Sequence[str]) -> PointCloud:
 def _attach_labels(cloud: PointCloud, label_path: Path) -> None:
     semantic, instance = read_label_file(label_path)
     if len(semantic) != len(cloud):
+        hint = cloud.meta.get("width_hint")
+        width = (f" as {hint['read']} float32 columns; read as {hint['better']} columns, which fit its values far "
+                 f"better, it has {hint['points_better']}") if hint else ""
         raise InputError(label_path, f"holds {len(semantic)} labels but the scan {cloud.source} has "
-                                     f"{len(cloud)} points")
+                                     f"{len(cloud)} points{width}")
     cloud.labels, cloud.instance = semantic, instance
     cloud.meta["label_path"] = str(label_path)
 
