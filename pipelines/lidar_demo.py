@@ -25,6 +25,9 @@ DEMO_LIDAR_CONFIG: dict = {
     "las_classes": {0: 2, 1: 6, 2: 64, 3: 65, 4: 5},
     "features": {"intensity": 1.0},
     "voxel_size": 0.2,
+    # the maps' world frame (streets along +x up to 300 m, the sensor 1.8 m above the ground at z 0):
+    # a scan in another frame is refused, or warned about against the checkpoint's training ranges
+    "point_range": [-100.0, -100.0, -5.0, 400.0, 100.0, 40.0],
     "model": {"name": "flatformer", "options": {"channels": [16, 32, 64], "group_size": 64, "heads": 2}},
     "augment": {"samples_per_scan": 16, "crop_points": 30_000, "crop_size": 30.0, "rotate_z": True, "flip_prob": 0.5, "scale": [0.95, 1.05],
                 "jitter": 0.01},

@@ -8,8 +8,9 @@ tiling as inference.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pointcloud.checkpoint import LoadedPointNet, build_from_config, save_point_checkpoint
 from pointcloud.config import LAS_UNLABELLED, LAS_USER_CODES, LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
-from pointcloud.io.kitti import sibling_label_path
+from pointcloud.io.kitti import sibling_label_path, width_message
 from pointcloud.io.readers import check_scan_file, detect_format
+from pointcloud.ranges import NORMALISED, feature_unit, feature_values, range_findings, sample_rows, training_stats
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,50 @@ def scan_name(path: str | Path) -> str:
     return name
 
 
-def net_features(cloud: PointCloud, cfg: LidarConfig) -> np.ndarray:
-    """``(N, F)`` float32: the config's features in order, each times its scale."""
-    cols = []
-    for name, scale in cfg.features.items():
+def checkpoint_units(cfg: LidarConfig, stats: dict[str, Any] | None, *, training: bool = False) -> dict[str, float | None]:
+    """Per feature, the unit :func:`pointcloud.ranges.feature_values` maps it to: for training and for a
+    checkpoint with ``stats`` integer-typed intensity is normalised; an older checkpoint takes it as stored."""
+    return {n: (1.0 if n in NORMALISED else None) if training else feature_unit(stats, n) for n in cfg.features}
+
+
+FILLED = "missing: filled with"
+"""How :func:`scan_features` describes a column made by ``fill``."""
+
+
+def scan_features(cloud: PointCloud, cfg: LidarConfig, units: dict[str, float | None], *,
+                  intensity_scale: float = 1.0, fill: dict[str, float] | None = None,
+                  stats: dict[str, Any] | None = None) -> dict[str, tuple[np.ndarray, str]]:
+    """The config's features in order: name -> (``(N,)`` float32 values in the net's training units,
+    before the config's scale; how they were made). ``intensity_scale`` multiplies intensity.
+
+    A feature the scan lacks is the constant ``fill[name]`` (training units; ``--fill``), else an
+    InputError that names ``--fill`` and, from ``stats``, the feature's training median.
+    """
+    cols = {}
+    for name in cfg.features:
         if name not in cloud.feature_names:
+            if fill and name in fill:
+                cols[name] = (np.full(len(cloud), fill[name], np.float32), f"{FILLED} {fill[name]:g} (--fill)")
+                continue
             plain = cloud.meta.get("format") == "npy" and all(n.startswith("f") for n in cloud.feature_names)
             hint = "; a plain .npy names its columns f0, f1, ...: save a structured array with named fields" if plain else ""
-            raise InputError(cloud.source, f"has no '{name}' field (it has: {listed(cloud.feature_names)}); "
-                                           f"the checkpoint's net needs it{hint}")
-        cols.append(cloud.feature(name).astype(np.float32) * np.float32(scale))
-    return np.stack(cols, 1) if cols else np.zeros((len(cloud), 0), np.float32)
+            median = (stats or {}).get("features", {}).get(name, {}).get("median")
+            value = "VALUE" if median is None else f"{median:.3g}"
+            has = cloud.meta.get("las_dimensions", cloud.feature_names)
+            raise InputError(cloud.source, f"has no '{name}' field (it has: {listed(has)}); the checkpoint's net needs "
+                                           f"it{hint}; --fill {name}={value} gives every point that constant "
+                                           f"{'(its training median) ' if median is not None else ''}at a loss of accuracy")
+        values, how = feature_values(cloud, name, units.get(name))
+        if name == "intensity" and intensity_scale != 1.0:
+            values, how = values * np.float32(intensity_scale), f"{how}, x {intensity_scale:g} (--intensity-scale)"
+        cols[name] = (values, how)
+    return cols
+
+
+def net_features(columns: dict[str, tuple[np.ndarray, str]], cfg: LidarConfig, n: int) -> np.ndarray:
+    """``(n, F)`` float32: :func:`scan_features`' columns in the config's order, each times its scale."""
+    cols = [columns[name][0] * np.float32(scale) for name, scale in cfg.features.items()]
+    return np.stack(cols, 1) if cols else np.zeros((n, 0), np.float32)
 
 
 def train_labels(cloud: PointCloud, cfg: LidarConfig, ignore: int) -> np.ndarray:
@@ -67,12 +102,34 @@ def train_labels(cloud: PointCloud, cfg: LidarConfig, ignore: int) -> np.ndarray
     return np.array([lut.get(int(u), ignore) for u in uniq], dtype=np.int64)[inv]
 
 
+@contextlib.contextmanager
+def held_warnings(name: str):
+    """Hold the records logger ``name`` (and its children) emits inside the block in the yielded list,
+    to be passed on with ``logging.getLogger(r.name).handle(r)`` once the caller knows it goes on."""
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    logger, hold = logging.getLogger(name), Hold()
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(hold)
+    try:
+        yield held
+    finally:
+        logger.removeHandler(hold)
+        logger.propagate = propagate
+
+
 @dataclass
 class ScanResult:
     input: str
     labels_path: Path
     n_points: int
+    """Points in the file, and labels written."""
     n_dropped: int
+    """Points with NaN or infinite coordinates, written as unlabelled."""
     n_outside: int
     engine: EngineReport | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -82,20 +139,23 @@ class ScanResult:
     """The id (LAS: ASPRS class) the unsegmented points were written as."""
 
 
-def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float | None = None,
-                   overlap: float | None = None, max_points: int | None = None, device: str | torch.device = "cpu",
-                   progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
+def segment_points(cloud: PointCloud, model: LoadedPointNet, *, feats: np.ndarray | None = None,
+                   tile_size: float | None = None, overlap: float | None = None, max_points: int | None = None,
+                   device: str | torch.device = "cpu", progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
     """Train ids ``(N,)`` for the cloud's points, the count outside ``point_range``, the engine's
-    report, and the count whose net features are NaN or infinite; both kinds are left -1."""
+    report, and the count whose net features are NaN or infinite; both kinds are left -1.
+    ``feats``: the net's ``(N, F)`` features (:func:`net_features`), made from the cloud when None."""
     cfg = model.config
     inside = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
     n_out = int((~inside).sum())
-    feats = net_features(cloud, cfg)  # a missing field is an error even when no point is in range
+    if feats is None:  # a missing field is an error even when no point is in range
+        feats = net_features(scan_features(cloud, cfg, checkpoint_units(cfg, model.stats)), cfg, len(cloud))
     finite = np.isfinite(feats).all(1)
     n_bad = int((inside & ~finite).sum())
     if n_bad:
-        log.warning("%s: %d points have NaN or infinite %s; left unlabelled (%d)", cloud.source, n_bad,
-                    "/".join(cfg.features), cfg.infer.unlabelled)
+        # the id they are written as depends on the output format: the caller's report names it
+        log.warning("%s: %d points have NaN or infinite %s; left unlabelled", cloud.source, n_bad,
+                    "/".join(cfg.features))
     inside &= finite
     labels = np.full(len(cloud), -1, dtype=np.int64)
     rep = EngineReport()
@@ -110,6 +170,21 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, tile_size: float
                                      device=dev, amp_dtype=amp, progress=progress, coords_in_features=True)
         labels[inside] = lab
     return labels, n_out, rep, n_bad
+
+
+def las_fields(path: str | Path, wanted: list[str]) -> list[str]:
+    """The dimensions of ``wanted`` a LAS/LAZ file has (all of ``wanted`` when its header cannot be read:
+    the reader then names what is wrong), so a missing feature is reported, or filled, by :func:`scan_features`."""
+    import struct
+
+    import laspy
+
+    try:
+        with laspy.open(path) as reader:
+            have = set(reader.header.point_format.dimension_names)
+    except (laspy.errors.LaspyException, OSError, ValueError, EOFError, struct.error):
+        return wanted
+    return [f for f in wanted if f in have]
 
 
 def scan_output(path: str | Path, out_dir: Path, label_format: str | None = None) -> Path:
@@ -148,7 +223,9 @@ def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None
 
 
 def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_format: str | None = None,
-                 protect: list[str] | None = None, bin_columns: int | None = None, **kwargs: Any) -> ScanResult:
+                 protect: list[str] | None = None, bin_columns: int | None = None, z_offset: float = 0.0,
+                 intensity_scale: float = 1.0, strict: bool = False, fill: dict[str, float] | None = None,
+                 **kwargs: Any) -> ScanResult:
     """Segment one scan file and write its labels in the file's order and point count.
 
     Output: ``OUT/NAME.label`` (SemanticKITTI uint32), ``.npy``, or for LAS/LAZ inputs a
@@ -157,6 +234,11 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     LAS holds ASPRS classes: ``las_classes`` (else train id + 64, said once per loaded model) and
     1 "unclassified" for unsegmented points.
     ``bin_columns``: the float32 width of ``.bin`` scans written with another than KITTI's 4.
+    ``z_offset`` (metres) is added to z and ``intensity_scale`` multiplies intensity before the
+    net sees them (the output keeps the file's coordinates). A checkpoint with training ranges
+    (``model.stats``) is compared with the scan (:func:`pointcloud.ranges.range_findings`): each
+    problem is a warning, or with ``strict`` an InputError. Every refusal comes before any warning.
+    ``fill``: feature name -> constant for a feature the scan lacks (a warning says it costs accuracy).
     """
     cfg = model.config
     target = scan_output(path, Path(out_dir), label_format)
@@ -175,20 +257,70 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     else:
         out_ids, unlabelled = cfg.output_ids(), cfg.infer.unlabelled  # raw ids when the checkpoint has a label_map
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
-    cloud = read_points(path, fields=list(cfg.features) if str(path).lower().endswith((".las", ".laz")) else None,
-                        sibling_labels=False, bin_columns=bin_columns)
+    las_in = str(path).lower().endswith((".las", ".laz"))
+    with held_warnings("pointcloud.io") as held:  # said after the refusals below, so a refused scan prints one line
+        cloud = read_points(path, fields=las_fields(path, list(cfg.features)) if las_in else None,
+                            sibling_labels=False, bin_columns=bin_columns, warn_nonfinite=False)
+    warnings = []
+    if "width_hint" in cloud.meta:  # before anything else is judged: every value may sit in the wrong column
+        if strict:
+            raise InputError(path, width_message(cloud.meta["width_hint"]) + " (--strict)")
+        warnings.append(width_message(cloud.meta["width_hint"]))
     dropped = int(cloud.meta.get("dropped_nonfinite", 0))
     if is_las and dropped:  # before the net runs: the output could not keep the scan's count
         raise InputError(path, f"{dropped} points have NaN or infinite coordinates, which a LAS file cannot store; "
                                "choose --format label or npy to keep the scan's point count")
-    if cfg.point_range is not None and len(cloud) and not points_in_range(cloud, cfg.point_range).any():
+    seen = cloud  # what the net sees; the output is written from the file's own points
+    if z_offset:
+        seen = replace(cloud, xyz=cloud.xyz + np.array([0.0, 0.0, z_offset]))
+    columns = scan_features(seen, cfg, checkpoint_units(cfg, model.stats), intensity_scale=intensity_scale, fill=fill,
+                            stats=model.stats)
+    filled = [n for n, (_, how) in columns.items() if how.startswith(FILLED)]
+    inside = points_in_range(seen, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
+    if cfg.point_range is not None and len(cloud) and not inside.any():
         # An all-unlabelled output is never what was wanted: usually the scan is in another frame
         # (map or UTM coordinates against a sensor-centred net).
-        lo, hi = np.nanmin(cloud.xyz, 0), np.nanmax(cloud.xyz, 0)
+        lo, hi = np.nanmin(seen.xyz, 0), np.nanmax(seen.xyz, 0)
         span = ", ".join(f"{a} {l:.6g}..{h:.6g}" for a, l, h in zip("xyz", lo, hi))
-        raise InputError(path, f"no point lies inside the checkpoint's point_range {list(cfg.point_range)} "
-                               f"(the scan spans {span}); is it in the frame the net was trained in?")
-    train_ids, n_out, rep, n_bad = segment_points(cloud, model, **kwargs)
+        shifted = f" after --z-offset {z_offset:g}" if z_offset else ""
+        r = cfg.point_range
+        in_xy = points_in_range(np.c_[seen.xyz[:, :2], np.full(len(cloud), (r[2] + r[5]) / 2)], r).any()
+        target = model.stats["xyz"]["low"][2] if model.stats is not None else r[2]
+        low = float(np.nanpercentile(seen.xyz[:, 2], 0.5))
+        fix = (f"; only its heights lie outside: --z-offset {target - low:.1f} moves its lowest points to "
+               f"{target:.4g} m") if in_xy else ""
+        raise InputError(path, f"no point lies inside the checkpoint's point_range {list(r)} (the scan spans "
+                               f"{span}{shifted}); is it in the frame the net was trained in?{fix}")
+    if "width_hint" in cloud.meta:
+        pass  # values read in the wrong columns are out of range because of that: the width warning says it
+    elif model.stats is not None:  # over the points the net will see: the rest are reported as outside point_range
+        found = range_findings(seen.xyz[inside, 2],
+                               {n: (v[inside], how) for n, (v, how) in columns.items() if n not in filled}, model.stats)
+        if found and strict:
+            raise InputError(path, "; ".join(found) + " (--strict)")
+        warnings += found
+    else:
+        log.info("%s: %s records no training ranges (written before they were): the scan's frame and features "
+                 "are not checked against them", path, model.meta.get("checkpoint", "the checkpoint"))
+    feats = net_features(columns, cfg, len(cloud))
+    usable = inside & np.isfinite(feats).all(1)
+    if usable.any():  # the engine's own refusal of a scene too wide to tile, before any warning
+        tile, overlap = kwargs.get("tile_size") or cfg.infer.tile_size, kwargs.get("overlap")
+        with about(path):
+            check_scene_extent(seen.xyz[usable], tile, tile * (1 - (cfg.infer.overlap if overlap is None else overlap)))
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+    if dropped:
+        warnings.append(f"{dropped:,} of {int(cloud.meta['n_points_file']):,} points have NaN or infinite coordinates: "
+                        f"written as unlabelled ({unlabelled})")
+    for name in filled:
+        entry = (model.stats or {}).get("features", {}).get(name)
+        trained = f"over {entry['low']:.3g}..{entry['high']:.3g}" if entry else "from point to point"
+        warnings.append(f"has no '{name}' field: every point gets {name} {fill[name]:g} (--fill); the net was trained "
+                        f"with it varying {trained}, so expect less accurate labels")
+    for w in warnings:
+        log.warning("%s: %s", path, w)
+    train_ids, n_out, rep, n_bad = segment_points(seen, model, feats=feats, **kwargs)
     done = train_ids >= 0
     labels = np.full(len(cloud), unlabelled, dtype=np.int64)
     labels[done] = out_ids[train_ids[done]]
@@ -204,7 +336,8 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     counts = {cfg.labels[int(k)]: int(v) for k, v in zip(*np.unique(train_ids[done], return_counts=True))}
     if not done.all():
         counts["unlabelled"] = int((~done).sum())
-    return ScanResult(str(path), target, len(cloud), dropped, n_out, rep, counts, n_bad, unlabelled)
+    return ScanResult(str(path), target, int(cloud.meta["n_points_file"]), dropped, n_out, rep, counts, n_bad,
+                      unlabelled)
 
 
 # ------------------------------------------------------------------------------- training
@@ -216,12 +349,17 @@ class Scan:
     feats: np.ndarray  # (N, F) float32
     labels: np.ndarray  # (N,) int64 train ids, ignore where unlabelled
     unusable: str | None = None  # why no label of it is a train id (its raw ids), when none is
+    sample: tuple[np.ndarray, np.ndarray] | None = None  # xyz and unscaled features of the rows that enter the stats
+    sources: dict[str, str] = field(default_factory=dict)  # feature name -> how its values were made
 
 
 def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     cloud = read_points(item["image"], label_path=item.get("label"))
+    if "width_hint" in cloud.meta:
+        log.warning("%s: %s", cloud.source, width_message(cloud.meta["width_hint"]))
     keep = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
-    feats = net_features(cloud, cfg)
+    columns = scan_features(cloud, cfg, checkpoint_units(cfg, None, training=True))
+    feats = net_features(columns, cfg, len(cloud))
     finite = np.isfinite(feats).all(1)  # one NaN intensity would turn every loss into NaN
     if (keep & ~finite).any():
         log.warning("%s: %d points with NaN or infinite %s left out of training", cloud.source,
@@ -233,6 +371,9 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
     with about(cloud.source):  # validation tiles the whole scan: a stray far point fails here, not after an epoch
         check_scene_extent(cloud.xyz, cfg.infer.tile_size, cfg.infer.tile_size * (1 - cfg.infer.overlap))
     labels = train_labels(cloud, cfg, ignore)
+    rows = sample_rows(len(cloud))
+    unscaled = np.stack([columns[n][0][keep] for n in cfg.features], 1) if cfg.features else np.zeros((len(cloud), 0))
+    sample = (cloud.xyz[rows], unscaled[rows])
     if cfg.label_map is None and (outside := (labels == ignore)).any() and not outside.all():
         raw = np.unique(cloud.labels[outside])
         log.warning("%s: %d of %d points (%.1f %%) carry label ids %s outside the config's train ids 0..%d and are "
@@ -243,7 +384,7 @@ def load_training_scan(item: dict, cfg: LidarConfig, ignore: int) -> Scan:
         raw = np.unique(cloud.labels) if cloud.labels is not None else np.array([], np.int64)
         unusable = (f"{item.get('label') or cloud.source}: none of its label ids ({listed(raw)}) is a train id of the "
                     "config (labels/label_map): nothing to learn from it")
-    return Scan(cloud.xyz, feats[keep], labels, unusable)
+    return Scan(cloud.xyz, feats[keep], labels, unusable, sample, {n: how for n, (_, how) in columns.items()})
 
 
 class RandomCrop:
@@ -311,6 +452,8 @@ class ScanTask:
         for sc in self.scans + self.val:  # only when others have labels: else the error above says it once
             if sc.unusable:
                 log.warning(sc.unusable)
+        self.stats = training_stats([sc.sample[0] for sc in self.scans], [sc.sample[1] for sc in self.scans],
+                                    list(cfg.features), [sc.sources for sc in self.scans])
         self.loss_fn = CELovaszLoss(ce_weight=cfg.loss.ce_weight, lovasz_weight=cfg.loss.lovasz_weight,
                                     ignore_index=self.IGNORE)
 
@@ -340,7 +483,7 @@ class ScanTask:
         return {"score": float(res.miou), "per_label": per}
 
     def save(self, net: torch.nn.Module, path: Path, extra: dict[str, Any]) -> None:
-        save_point_checkpoint(net, path, config=self.cfg, extra=extra)
+        save_point_checkpoint(net, path, config=self.cfg, extra=extra, stats=self.stats)
 
 
 def train_lidar(cfg: LidarConfig, *, device: str | torch.device = "cpu", resume: bool = False,

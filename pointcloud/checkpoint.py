@@ -2,7 +2,9 @@
 
 The sidecar says ``"kind": "lidar"`` and carries the whole LiDAR config (labels, label map,
 features and their scales, voxel size, net, inference tiling), so a checkpoint alone is
-enough to segment a scan the way the net was trained.
+enough to segment a scan the way the net was trained. ``stats`` (written by ``lidar train``;
+see :mod:`pointcloud.ranges`) records the coordinate and feature ranges of the training scans;
+a checkpoint without them still loads, and its scans are then not checked against them.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ class LoadedPointNet:
     config: LidarConfig
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        """The training ranges (:func:`pointcloud.ranges.training_stats`), or None for an older checkpoint."""
+        return self.meta.get("stats")
+
 
 def build_from_config(cfg: LidarConfig) -> nn.Module:
     return build_point_net(cfg.model.name, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
                            voxel_size=cfg.voxel_size, options=cfg.model.options)
 
 
-def save_point_checkpoint(net: nn.Module, path: str | Path, *, config: LidarConfig, extra: dict | None = None) -> Path:
+def save_point_checkpoint(net: nn.Module, path: str | Path, *, config: LidarConfig, extra: dict | None = None,
+                          stats: dict | None = None) -> Path:
+    """Write ``net`` with its sidecar; ``stats`` are the training ranges (:mod:`pointcloud.ranges`)."""
     dumped = config.model_dump(mode="json", exclude={"train"})
     sidecar = {
         "format": FORMAT,
@@ -45,6 +54,8 @@ def save_point_checkpoint(net: nn.Module, path: str | Path, *, config: LidarConf
         "config": dumped,
         "extra": dict(extra or {}),
     }
+    if stats is not None:
+        sidecar["stats"] = stats
     return write_weights(net, path, sidecar)
 
 

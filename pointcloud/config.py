@@ -11,7 +11,9 @@ Example (see ``configs/lidar/*.yaml``)::
     infer: {tile_size: 50, overlap: 0.25, max_points: 200000}
 
 The net sees, per point, its tile-relative ``x, y, z`` followed by the named features,
-each multiplied by its scale (KITTI intensity is 0..1, nuScenes and LAS 0..255 or more).
+each multiplied by its scale. Intensity stored as an integer (LAS's 16 bits) is first mapped
+through its type's full range to 0..1; float intensity is taken as stored (KITTI 0..1, nuScenes
+0..255): see :mod:`pointcloud.ranges`.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def test_segment_real_scans_keeps_order_and_count(rel, n, ckpt, data_dir, tmp_pa
     name = Path(rel).name.split(".")[0]
     lab = np.fromfile(tmp_path / f"{name}.label", dtype=np.uint32)
     assert lab.shape == (n,) and set(np.unique(lab & 0xFFFF)) <= set(range(5))
-    assert f"{n} points" in out
+    assert f"{n:,} points" in out
 
 
 def test_segment_las_writes_classification_and_keeps_coordinates(ckpt, data_dir, tmp_path, capsys):
@@ -171,18 +171,21 @@ def test_las_header_is_kept_byte_for_byte(tmp_path, capsys):
     assert int.from_bytes(up[247:255], "little") == 400  # the LAS 1.4 point count
 
 
-def test_nan_points_are_dropped_reported_and_written_unlabelled(ckpt, tmp_path, capsys):
+def test_nan_points_are_reported_and_written_unlabelled(ckpt, tmp_path, capsys, caplog):
     rng = np.random.default_rng(0)
     xyz = rng.uniform(-20, 20, (3000, 3))
     xyz[[5, 17], 0] = np.nan
     xyz[40, 2] = np.inf
     write_kitti(xyz, rng.uniform(0, 1, 3000), None, tmp_path / "scan")
-    code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"), "--checkpoint",
-                              str(ckpt), "--no-progress"], capsys)
+    with caplog.at_level("WARNING"):
+        code, out, err = run_cli(["lidar", "segment", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "o"),
+                                  "--checkpoint", str(ckpt), "--no-progress"], capsys)
     assert code == 0, err
     lab = np.fromfile(tmp_path / "o" / "scan.label", dtype=np.uint32)
     assert len(lab) == 3000 and set(lab[[5, 17, 40]]) == {255}
-    assert "3 non-finite points dropped" in out
+    assert "scan.bin -> " in out and "3,000 points" in out and "(3 with NaN/inf coordinates, labelled 255)" in out
+    assert "scan.bin: 3 of 3,000 points have NaN or infinite coordinates: written as unlabelled (255)" in caplog.text
+    assert "dropped" not in caplog.text
 
 
 def _segment_uniform(folder: Path, ckpt: Path, n: int, half: float, seed: int, capsys):
@@ -300,7 +303,7 @@ def test_outputs_never_overwrite_inputs_or_each_other(ckpt, tmp_path, capsys):
 
 def test_bin_columns_reads_a_six_column_bin(ckpt, data_dir, tmp_path, capsys):
     """mmdet3d's S3DIS sample .bin is 100 points of 6 float32 (x y z r g b): as KITTI's 4 it reads as
-    150 points, which nothing in the file can reveal; --bin-columns 6 reads it as written."""
+    150 points (which the width check warns about); --bin-columns 6 reads it as written."""
     scan = data_dir / "mmdet3d/tests/data/s3dis/points/Area_1_office_2.bin"
     code, out, err = run_cli(["lidar", "segment", str(scan), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
                               "--bin-columns", "6", "--no-progress"], capsys)

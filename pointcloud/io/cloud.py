@@ -30,7 +30,9 @@ class PointCloud:
         meta: format details: ``format``, ``n_points_file`` (points in the file), and for LAS the
             header's ``scale``/``offset``/``point_format``/``version``/``crs``; ``kept_index``
             ``(N,)`` int64, present when the cloud holds a subset of the file's points, gives each
-            point's index in the file's order (see :func:`to_file_order`).
+            point's index in the file's order (see :func:`to_file_order`); ``feature_dtypes``
+            maps each feature name to the numpy type the file stores it in (``"uint16"`` for LAS
+            intensity), which the float32 ``features`` no longer show.
     """
 
     xyz: np.ndarray
@@ -104,11 +106,12 @@ def integer_labels(values: np.ndarray, source, field: str = "label") -> np.ndarr
     return values.astype(np.int64)
 
 
-def drop_nonfinite(cloud: PointCloud, mode: str = "drop") -> PointCloud:
+def drop_nonfinite(cloud: PointCloud, mode: str = "drop", *, warn: bool = True) -> PointCloud:
     """Remove (``"drop"``) or refuse (``"error"``) points whose coordinates are NaN or infinite.
 
     Dropping records the count in ``meta["dropped_nonfinite"]`` and the survivors' file indices in
-    ``meta["kept_index"]``, and logs one warning for the file.
+    ``meta["kept_index"]``, and logs one warning for the file unless ``warn`` is false (a caller
+    that says itself what becomes of those points).
     """
     if mode not in ("drop", "error"):
         raise ValueError(f"nonfinite must be 'drop' or 'error', got {mode!r}")
@@ -121,7 +124,9 @@ def drop_nonfinite(cloud: PointCloud, mode: str = "drop") -> PointCloud:
         raise InputError(cloud.source, f"{bad} of {len(cloud)} points have NaN or infinite coordinates")
     if bad == len(cloud):
         raise InputError(cloud.source, f"all {bad} points have NaN or infinite coordinates")
-    logger.warning("%s: dropped %d of %d points with NaN or infinite coordinates", cloud.source, bad, len(cloud))
+    if warn:
+        logger.warning("%s: dropped %s of %s points with NaN or infinite coordinates", cloud.source, f"{bad:,}",
+                       f"{len(cloud):,}")
     out = cloud.select(finite)
     out.meta["dropped_nonfinite"] = bad
     return out

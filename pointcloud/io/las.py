@@ -156,6 +156,7 @@ def read_las(path: Path, fields: Sequence[str] | None = None) -> PointCloud:
         "version": str(las.header.version),
         "crs": _crs(las),
         "las_dimensions": available,
+        "feature_dtypes": {f: np.asarray(las[f]).dtype.name for f in names},
     }
     return PointCloud(xyz=xyz, features=features, feature_names=names,
                       labels=np.asarray(las.classification).astype(np.int64), source=str(path), meta=meta)

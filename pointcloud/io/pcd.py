@@ -246,7 +246,8 @@ def read_pcd(path: Path) -> PointCloud:
     names = list(columns)
     features = np.stack([columns[k].astype(np.float32) for k in names], axis=1) if names else np.zeros((len(xyz), 0))
     meta = {"format": "pcd", "pcd_version": header.version, "pcd_data": header.data, "width": header.width,
-            "height": header.height, "viewpoint": header.viewpoint}
+            "height": header.height, "viewpoint": header.viewpoint,
+            "feature_dtypes": {k: columns[k].dtype.name for k in names}}
     return PointCloud(xyz=xyz, features=features, feature_names=names,
                       labels=None if labels is None else integer_labels(labels, path), source=str(path), meta=meta)
 

@@ -208,4 +208,5 @@ def read_ply(path: Path) -> PointCloud:
     features = np.stack([np.asarray(columns[n], dtype=np.float32) for n in names], axis=1) if names \
         else np.zeros((expected, 0), np.float32)
     return PointCloud(xyz=xyz, features=features, feature_names=names, labels=labels, source=str(path),
-                      meta={"format": "ply", "ply_format": fmt, "ply_elements": {e: c for e, c, _ in elements}})
+                      meta={"format": "ply", "ply_format": fmt, "ply_elements": {e: c for e, c, _ in elements},
+                            "feature_dtypes": {n: np.asarray(columns[n]).dtype.name for n in names}})

@@ -73,6 +73,7 @@ def _read_npy(path: Path) -> PointCloud:
         xyz = np.stack([array[a].astype(np.float64) for a in "xyz"], axis=1)
         features = np.stack([array[n].astype(np.float32) for n in names], axis=1) if names \
             else np.zeros((len(xyz), 0), np.float32)
+        meta["feature_dtypes"] = {n: array.dtype[n].name for n in names}
         labels = integer_labels(array["label"], path) if "label" in array.dtype.names else None
         return PointCloud(xyz=xyz, features=features, feature_names=names, labels=labels, source=str(path), meta=meta)
     if array.ndim != 2 or array.shape[1] < 3 or not _real(array.dtype):
@@ -82,6 +83,7 @@ def _read_npy(path: Path) -> PointCloud:
         logger.warning("%s: reads as %d points of %d columns (x, y, z, f0...); if the array is (columns, points), "
                        "save its transpose", path, array.shape[0], array.shape[1])
     names = [f"f{k}" for k in range(array.shape[1] - 3)]
+    meta["feature_dtypes"] = dict.fromkeys(names, array.dtype.name)
     return PointCloud(xyz=array[:, :3], features=array[:, 3:], feature_names=names, source=str(path), meta=meta)
 
 
@@ -98,8 +100,11 @@ def _select_fields(cloud: PointCloud, fields: Sequence[str]) -> PointCloud:
 def _attach_labels(cloud: PointCloud, label_path: Path) -> None:
     semantic, instance = read_label_file(label_path)
     if len(semantic) != len(cloud):
+        hint = cloud.meta.get("width_hint")
+        width = (f" as {hint['read']} float32 columns; read as {hint['better']} columns, which fit its values far "
+                 f"better, it has {hint['points_better']}") if hint else ""
         raise InputError(label_path, f"holds {len(semantic)} labels but the scan {cloud.source} has "
-                                     f"{len(cloud)} points")
+                                     f"{len(cloud)} points{width}")
     cloud.labels, cloud.instance = semantic, instance
     cloud.meta["label_path"] = str(label_path)
 
@@ -113,6 +118,7 @@ def read_points(
     nonfinite: Literal["drop", "error"] = "drop",
     sibling_labels: bool = True,
     bin_columns: int | None = None,
+    warn_nonfinite: bool = True,
 ) -> PointCloud:
     """Read a scan into a :class:`PointCloud` (``xyz`` ``(N, 3)`` float64, ``features`` ``(N, F)`` float32).
 
@@ -130,7 +136,7 @@ def read_points(
             (4 and 5): x, y, z, intensity, then ``f4``, ``f5``, ...
         nonfinite: ``"drop"`` removes points with NaN/inf coordinates (count in
             ``meta["dropped_nonfinite"]``, survivors' file indices in ``meta["kept_index"]``, one
-            logged warning); ``"error"`` raises InputError with the count.
+            logged warning unless ``warn_nonfinite`` is false); ``"error"`` raises InputError with the count.
 
     ``meta["n_points_file"]`` is the number of points in the file, before any are dropped.
     """
@@ -165,4 +171,4 @@ def read_points(
         label_path = sibling_label_path(path)
     if label_path is not None:
         _attach_labels(cloud, Path(label_path))
-    return drop_nonfinite(cloud, nonfinite)
+    return drop_nonfinite(cloud, nonfinite, warn=warn_nonfinite)
