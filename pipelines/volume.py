@@ -201,9 +201,10 @@ def _sha256(path: Path) -> str:
 
 def checkpoint_record(model: LoadedModel) -> dict:
     """What an output's sidecar says of the checkpoint: its path and SHA-256 (and its JSON
-    sidecar's, for ours), the net's name, the medvit version that wrote it."""
-    path = Path(model.meta["checkpoint"]).resolve()
-    record = {"path": str(path), "sha256": _sha256(path), "net": model.config.model.name}
+    sidecar's, for ours), the net's name, the medvit version that wrote it. A model built in code
+    rather than loaded from a file has no SHA-256 (None)."""
+    path = Path(str(model.meta.get("checkpoint", "(in memory)"))).resolve()
+    record = {"path": str(path), "sha256": _sha256(path) if path.is_file() else None, "net": model.config.model.name}
     sidecar = checkpoint_sidecar(path)
     if path.suffix == ".safetensors" and sidecar.is_file():
         record.update(sidecar=str(sidecar), sidecar_sha256=_sha256(sidecar),
@@ -212,8 +213,10 @@ def checkpoint_record(model: LoadedModel) -> dict:
 
 
 def nifti_description(checkpoint: dict) -> str:
-    """The label map's NIfTI ``descrip`` (80 bytes at most): ``medvit VERSION NET SHA256[:12]``."""
-    return f"medvit {medvit.__version__} {checkpoint['net']} {checkpoint['sha256'][:12]}"[:80]
+    """The label map's NIfTI ``descrip`` (80 bytes at most): ``medvit VERSION NET SHA256[:12]``
+    (``unsaved`` for a model that was not loaded from a file)."""
+    sha = checkpoint["sha256"][:12] if checkpoint["sha256"] else "unsaved"
+    return f"medvit {medvit.__version__} {checkpoint['net']} {sha}"[:80]
 
 
 def _write_sidecar(path: Path, result: CaseResult, original, model: LoadedModel, checkpoint: dict,
