@@ -1,14 +1,18 @@
-"""Two torch jobs on one machine: per-step time alone and two at once, per OpenMP wait policy.
+"""Two torch jobs on one machine: per-step time alone and two at once.
 
 Each job is a fresh process running training steps of one of the demos' nets (``lidar``: the
 LiDAR demo's FlatFormer on two 30k-point crops of a synthetic sweep; ``volume``: the volume
-demo's UNETR on a 48³ patch), forward + backward + AdamW. A setting is the environment the jobs
-start with: ``spin`` is libgomp's own default (no variable set: threads spin at a barrier before
-they sleep), ``medvit`` is what ``medvit``'s entry points set (``pipelines.threads``). For each
-setting the bench runs each job alone, then the pairs at once, and prints the median step time
-and the ratios: two-at-once against alone, and each setting's alone against ``spin``'s alone.
+demo's UNETR on a 48³ patch), forward + backward + AdamW, inside ``AdaptiveThreads`` with a tick
+a step, as ``pipelines.fit`` runs them. A setting is the environment the jobs start with:
+``medvit`` is the default (threads fitted to the cores other jobs leave), ``spin`` turns that off
+(``MEDVIT_ADAPT_THREADS=0``: torch's threads and libgomp's defaults, as before), and
+``VAR=VALUE;VAR=VALUE`` adds variables to ``spin`` (say ``OMP_WAIT_POLICY=PASSIVE``). A job
+written ``lidar:fixed`` in a pair keeps its threads in every setting (a process that does not
+adapt, such as another program). For each setting the bench runs each job alone, then the pairs at
+once, and prints the median step time and the ratios: two-at-once against alone, and each
+setting's alone against ``spin``'s alone.
 
-    python bench/two_jobs.py --steps 12 --json bench/results/two_jobs.json
+    python bench/two_jobs.py --steps 16 --json bench/results/two_jobs.json
 
 Run it on an otherwise idle machine: it measures contention, so any other load distorts it.
 """
@@ -27,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the variables a setting may set; every run starts with none of them, then its own
-KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MEDVIT_ADAPT_THREADS")
 
 
 def _lidar_step():
@@ -101,48 +105,52 @@ def worker(job: str, steps: int, warmup: int, sync: Path, n_jobs: int) -> None:
     """
     import torch
 
+    from pipelines.threads import AdaptiveThreads
+
     step = {"lidar": _lidar_step, "volume": _volume_step}[job]()
-    for _ in range(warmup):
-        step()
-    (sync / f"ready.{os.getpid()}").touch()
-    _wait_for(sync, "ready.", n_jobs)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    (sync / f"done.{os.getpid()}").touch()
-    while len(list(sync.glob("done.*"))) < n_jobs:
-        step()
-    print(json.dumps({"job": job, "threads": torch.get_num_threads(), "times": times,
-                      "policy": os.environ.get("OMP_WAIT_POLICY")}))
+    with AdaptiveThreads() as adapt:
+        for _ in range(warmup):
+            step()
+            adapt.tick()
+        (sync / f"ready.{os.getpid()}").touch()
+        _wait_for(sync, "ready.", n_jobs)
+        times, threads = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+            threads.append(adapt.tick())
+        (sync / f"done.{os.getpid()}").touch()
+        while len(list(sync.glob("done.*"))) < n_jobs:
+            step()
+            adapt.tick()
+    print(json.dumps({"job": job, "times": times, "threads": threads}))
 
 
 def setting_env(name: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in KNOBS}
     env["PYTHONPATH"] = str(ROOT)
-    if name == "medvit":
-        sys.path.insert(0, str(ROOT))
-        from pipelines.threads import openmp_defaults
-
-        env.update(openmp_defaults(env))
-    elif name != "spin":
-        env.update(dict(kv.split("=", 1) for kv in name.split(",")))  # e.g. GOMP_SPINCOUNT=10000
+    if name != "medvit":
+        env["MEDVIT_ADAPT_THREADS"] = "0"
+    if name not in ("medvit", "spin"):
+        env.update(dict(kv.split("=", 1) for kv in name.split(",")))  # e.g. OMP_WAIT_POLICY=PASSIVE
     return env
 
 
-def run_jobs(jobs: list[str], env: dict[str, str], steps: int, warmup: int) -> list[float]:
-    """Start ``jobs`` at once; the median step time of each, in seconds."""
+def run_jobs(jobs: list[str], env: dict[str, str], steps: int, warmup: int) -> list[tuple[float, int]]:
+    """Start ``jobs`` at once; the median step time of each (seconds) and its usual thread count."""
     with tempfile.TemporaryDirectory() as sync:
-        procs = [subprocess.Popen([sys.executable, __file__, "--worker", job, "--steps", str(steps), "--warmup",
-                                   str(warmup), "--sync", sync, "--jobs", str(len(jobs))],
-                                  env=env, stdout=subprocess.PIPE, text=True) for job in jobs]
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", job.split(":")[0], "--steps", str(steps),
+                                   "--warmup", str(warmup), "--sync", sync, "--jobs", str(len(jobs))],
+                                  env={**env, "MEDVIT_ADAPT_THREADS": "0"} if job.endswith(":fixed") else env,
+                                  stdout=subprocess.PIPE, text=True) for job in jobs]
         out = []
         for p in procs:
             stdout, _ = p.communicate()
             if p.returncode:
                 raise RuntimeError(f"a {jobs} worker failed with status {p.returncode}")
-            out.append(statistics.median(json.loads(stdout.strip().splitlines()[-1])["times"]))
+            res = json.loads(stdout.strip().splitlines()[-1])
+            out.append((statistics.median(res["times"]), statistics.mode(res["threads"])))
     return out
 
 
@@ -154,7 +162,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--settings", default="spin,medvit", help="comma list: spin, medvit, or VAR=VALUE;VAR=VALUE")
-    ap.add_argument("--pairs", default="lidar+lidar,lidar+volume,volume+volume")
+    ap.add_argument("--pairs", default="lidar+lidar,lidar+volume,lidar+volume:fixed")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.worker:
@@ -167,13 +175,14 @@ def main() -> None:
     for s in settings:
         env = setting_env(s)
         row: dict = {"env": {k: env[k] for k in KNOBS if k in env}, "alone": {}, "pairs": {}}
-        for job in sorted({j for p in pairs for j in p}):
-            row["alone"][job] = run_jobs([job], env, a.steps, a.warmup)[0]
-            print(f"{s:>10s}  {job} alone: {row['alone'][job]:.3f} s/step", flush=True)
+        for job in sorted({j.split(":")[0] for p in pairs for j in p}):
+            (row["alone"][job], n), = run_jobs([job], env, a.steps, a.warmup)
+            print(f"{s:>10s}  {job} alone: {row['alone'][job]:.3f} s/step ({n} threads)", flush=True)
         for p in pairs:
-            times = run_jobs(p, env, a.steps, a.warmup)
-            row["pairs"]["+".join(p)] = times
-            slow = ", ".join(f"{j} {t:.3f} s/step ({t / row['alone'][j]:.1f}x alone)" for j, t in zip(p, times))
+            got = run_jobs(p, env, a.steps, a.warmup)
+            row["pairs"]["+".join(p)] = [{"job": j, "seconds": t, "threads": n} for j, (t, n) in zip(p, got)]
+            slow = ", ".join(f"{j} {t:.3f} s/step, {n} threads ({t / row['alone'][j.split(':')[0]]:.1f}x alone)"
+                             for j, (t, n) in zip(p, got))
             print(f"{s:>10s}  {'+'.join(p)} at once: {slow}", flush=True)
         res["settings"][s] = row
         if a.json:

@@ -548,10 +548,6 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors → one line on stderr and exit status 2."""
     import signal
 
-    from pipelines.threads import apply_openmp_defaults
-
-    apply_openmp_defaults()  # before any command imports torch: a second job must not stall this one
-
     # SIGTERM (kill, a batch scheduler's time limit) unwinds like Ctrl-C, so temporary files are removed
     with contextlib.suppress(ValueError):  # (only the main thread may set it)
         signal.signal(signal.SIGTERM, _terminated)

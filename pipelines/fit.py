@@ -37,6 +37,7 @@ from medvit.errors import InputError, MedvitError, NonFiniteOutput
 from medvit.io import atomic_path, make_output_folder
 from medvit.checkpoint import nonfinite_key
 from medvit.io.writers import check_writable
+from pipelines.threads import AdaptiveThreads
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -250,63 +251,65 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
             },
         )
 
-    while epoch < tc.epochs:
-        train_ds.epoch = epoch
-        torch.manual_seed(_mix(tc.seed, epoch, 1))  # dropout and other in-net randomness
-        gen = torch.Generator().manual_seed(_mix(tc.seed, epoch, 2))
-        order = torch.randperm(len(train_ds), generator=gen).tolist()
-        order = order[batch_in_epoch * tc.batch_size : batches_per_epoch * tc.batch_size]
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(train_ds, order),
-            batch_size=tc.batch_size,
-            shuffle=False,
-            num_workers=tc.num_workers,
-            collate_fn=task.collate,
-        )
-        net.train()
-        t0, losses = time.time(), []
-        for batch in loader:
-            with _autocast(device, amp):
-                loss = task.loss(net, batch, device) / tc.accumulate
-            if not bool(torch.isfinite(loss)) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
-                raise MedvitError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, batch "
-                                  f"{batch_in_epoch + 1}; lower train.lr (now {tc.lr:g}) or check the data")
-            scaler.scale(loss).backward()
-            losses.append(float(loss.detach()) * tc.accumulate)
-            batch_in_epoch += 1
-            if batch_in_epoch % tc.accumulate == 0 or batch_in_epoch == batches_per_epoch:
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                global_step += 1
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-tc.accumulate:]):.4f}")
-                if tc.checkpoint_every and global_step % tc.checkpoint_every == 0 and batch_in_epoch < batches_per_epoch:
-                    save_resume_point()
-        record = {"epoch": epoch + 1, "step": global_step, "loss": float(np.mean(losses)) if losses else None,
-                  "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
-        epoch, batch_in_epoch = epoch + 1, 0
-        # the last step's update went bad (weights, or the running statistics of batch norm)
-        if nonfinite_key(net.state_dict()) is not None:
-            raise MedvitError(f"training diverged: the weights hold NaN or inf after epoch {epoch}; lower train.lr "
-                              f"(now {tc.lr:g}) or check the data")
-        if epoch % tc.val_every == 0 or epoch == tc.epochs:
-            try:
-                v = task.validate(net, device, amp)
-            except NonFiniteOutput as e:  # finite weights so large that the outputs overflow
-                raise MedvitError(f"training diverged: after epoch {epoch} the net's outputs on validation data are NaN "
-                                  f"or inf ({e}); lower train.lr (now {tc.lr:g}) or check the data") from None
-            if v is not None:
-                # no score (NaN: nothing to score) is logged as null, and never picks the best checkpoint
-                score = v["score"] if v["score"] is not None and math.isfinite(v["score"]) else None
-                record.update({f"val_{task.metric}": score, f"val_{task.per_label}": v["per_label"]})
-                if score is not None and (best_metric is None or score > best_metric):
-                    best_metric, best_epoch = score, epoch
-                    task.save(net, out / "best.safetensors", {"epoch": epoch, f"val_{task.metric}": best_metric})
+    with AdaptiveThreads() as threads:  # fewer torch threads while other jobs hold cores
+        while epoch < tc.epochs:
+            train_ds.epoch = epoch
+            torch.manual_seed(_mix(tc.seed, epoch, 1))  # dropout and other in-net randomness
+            gen = torch.Generator().manual_seed(_mix(tc.seed, epoch, 2))
+            order = torch.randperm(len(train_ds), generator=gen).tolist()
+            order = order[batch_in_epoch * tc.batch_size : batches_per_epoch * tc.batch_size]
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(train_ds, order),
+                batch_size=tc.batch_size,
+                shuffle=False,
+                num_workers=tc.num_workers,
+                collate_fn=task.collate,
+            )
             net.train()
-        task.save(net, out / "last.safetensors", {"epoch": epoch, "global_step": global_step})
-        save_resume_point()
-        log(record)
+            t0, losses = time.time(), []
+            for batch in loader:
+                with _autocast(device, amp):
+                    loss = task.loss(net, batch, device) / tc.accumulate
+                if not bool(torch.isfinite(loss)) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
+                    raise MedvitError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, batch "
+                                      f"{batch_in_epoch + 1}; lower train.lr (now {tc.lr:g}) or check the data")
+                scaler.scale(loss).backward()
+                losses.append(float(loss.detach()) * tc.accumulate)
+                batch_in_epoch += 1
+                if batch_in_epoch % tc.accumulate == 0 or batch_in_epoch == batches_per_epoch:
+                    threads.tick()
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    global_step += 1
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-tc.accumulate:]):.4f}")
+                    if tc.checkpoint_every and global_step % tc.checkpoint_every == 0 and batch_in_epoch < batches_per_epoch:
+                        save_resume_point()
+            record = {"epoch": epoch + 1, "step": global_step, "loss": float(np.mean(losses)) if losses else None,
+                      "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
+            epoch, batch_in_epoch = epoch + 1, 0
+            # the last step's update went bad (weights, or the running statistics of batch norm)
+            if nonfinite_key(net.state_dict()) is not None:
+                raise MedvitError(f"training diverged: the weights hold NaN or inf after epoch {epoch}; lower train.lr "
+                                  f"(now {tc.lr:g}) or check the data")
+            if epoch % tc.val_every == 0 or epoch == tc.epochs:
+                try:
+                    v = task.validate(net, device, amp)
+                except NonFiniteOutput as e:  # finite weights so large that the outputs overflow
+                    raise MedvitError(f"training diverged: after epoch {epoch} the net's outputs on validation data are NaN "
+                                      f"or inf ({e}); lower train.lr (now {tc.lr:g}) or check the data") from None
+                if v is not None:
+                    # no score (NaN: nothing to score) is logged as null, and never picks the best checkpoint
+                    score = v["score"] if v["score"] is not None and math.isfinite(v["score"]) else None
+                    record.update({f"val_{task.metric}": score, f"val_{task.per_label}": v["per_label"]})
+                    if score is not None and (best_metric is None or score > best_metric):
+                        best_metric, best_epoch = score, epoch
+                        task.save(net, out / "best.safetensors", {"epoch": epoch, f"val_{task.metric}": best_metric})
+                net.train()
+            task.save(net, out / "last.safetensors", {"epoch": epoch, "global_step": global_step})
+            save_resume_point()
+            log(record)
     bar.close()
     return TrainResult(out, best_metric, best_epoch, epoch, global_step)

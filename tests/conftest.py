@@ -6,12 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from pipelines.threads import apply_openmp_defaults
-
-apply_openmp_defaults()  # the suite is often the second job beside a demo or a training run
-
-import torch  # noqa: E402  (after the OpenMP defaults, which libgomp reads when torch loads it)
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDVIT_TEST_DATA", REPO.parent / "shared" / "data"))

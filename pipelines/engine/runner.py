@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from medvit.errors import MedvitError
+from pipelines.threads import AdaptiveThreads
 
 @dataclass
 class _Learnt:
@@ -235,69 +236,71 @@ def run_windows(
     bar = tqdm(total=len(wins), disable=not progress, desc=desc, unit="win", dynamic_ncols=True)
     i = 0
     pending = submit(0, bs)
-    try:
-        while i < len(wins):
-            n, loading = pending
-            batch = wins[i : i + n]
-            x = None
-            try:
-                x = take(loading)  # inside the try: the copy to the device may not fit either
-                pending = submit(i + n, bs)  # the next batch loads while this one runs
-                filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
-                if filled:  # inside the try: on a GPU the full batch may not fit
-                    x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
-                tm = time.perf_counter()
-                with torch.no_grad(), autocast_context(device, amp_dtype):
-                    out = predictor(x)
-                    if filled:
-                        out = out[: len(batch)]
-                sync_device(device)
-                rep.model_seconds += time.perf_counter() - tm
-                domain.check(batch, out)
-                if classes is None:
-                    classes = int(out.shape[1])
-                    size = _accumulator_bytes(domain, classes)
-                    if learnt.cpu_from is not None and size is not None and size >= learnt.cpu_from:
-                        if domain.accumulate_on_cpu():
-                            rep.notes.append("accumulating on the CPU: remembered from an earlier out-of-memory error")
-                domain.accumulate(batch, out)
-            except torch.OutOfMemoryError:
-                rep.oom_events += 1
-                x = out = None
-                if pending is not None and isinstance(pending[1], Future):
-                    pending[1].cancel()
-                    with contextlib.suppress(Exception):
-                        pending[1].result()
-                pending = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if bs > 1:
-                    bs //= 2
-                    learnt.batch = bs
-                    rep.notes.append(f"out of memory: batch size lowered to {bs}")
-                elif len(batch) > 1 and not single:
-                    single = learnt.single = True
-                    rep.notes.append("out of memory at batch 1: one window a call")
-                elif domain.accumulate_on_cpu():
-                    size = _accumulator_bytes(domain, classes) if classes is not None else None
-                    if size is not None:
-                        learnt.cpu_from = size if learnt.cpu_from is None else min(learnt.cpu_from, size)
-                    rep.notes.append("out of memory at batch 1: accumulating on the CPU")
-                else:
-                    raise MedvitError(
-                        f"out of memory on {device} with one window of {tuple(domain.window_shape)} and "
-                        "accumulation already on the CPU; use a smaller window or another device"
-                    ) from None
-                pending = submit(i, bs)
-                continue
-            i += len(batch)
-            rep.calls += 1
-            bar.update(len(batch))
-        result = domain.finalize()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with AdaptiveThreads() as threads:  # fewer torch threads while other jobs hold cores
+        try:
+            while i < len(wins):
+                n, loading = pending
+                batch = wins[i : i + n]
+                x = None
+                try:
+                    x = take(loading)  # inside the try: the copy to the device may not fit either
+                    pending = submit(i + n, bs)  # the next batch loads while this one runs
+                    filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
+                    if filled:  # inside the try: on a GPU the full batch may not fit
+                        x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
+                    tm = time.perf_counter()
+                    with torch.no_grad(), autocast_context(device, amp_dtype):
+                        out = predictor(x)
+                        if filled:
+                            out = out[: len(batch)]
+                    sync_device(device)
+                    rep.model_seconds += time.perf_counter() - tm
+                    domain.check(batch, out)
+                    if classes is None:
+                        classes = int(out.shape[1])
+                        size = _accumulator_bytes(domain, classes)
+                        if learnt.cpu_from is not None and size is not None and size >= learnt.cpu_from:
+                            if domain.accumulate_on_cpu():
+                                rep.notes.append("accumulating on the CPU: remembered from an earlier out-of-memory error")
+                    domain.accumulate(batch, out)
+                except torch.OutOfMemoryError:
+                    rep.oom_events += 1
+                    x = out = None
+                    if pending is not None and isinstance(pending[1], Future):
+                        pending[1].cancel()
+                        with contextlib.suppress(Exception):
+                            pending[1].result()
+                    pending = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if bs > 1:
+                        bs //= 2
+                        learnt.batch = bs
+                        rep.notes.append(f"out of memory: batch size lowered to {bs}")
+                    elif len(batch) > 1 and not single:
+                        single = learnt.single = True
+                        rep.notes.append("out of memory at batch 1: one window a call")
+                    elif domain.accumulate_on_cpu():
+                        size = _accumulator_bytes(domain, classes) if classes is not None else None
+                        if size is not None:
+                            learnt.cpu_from = size if learnt.cpu_from is None else min(learnt.cpu_from, size)
+                        rep.notes.append("out of memory at batch 1: accumulating on the CPU")
+                    else:
+                        raise MedvitError(
+                            f"out of memory on {device} with one window of {tuple(domain.window_shape)} and "
+                            "accumulation already on the CPU; use a smaller window or another device"
+                        ) from None
+                    pending = submit(i, bs)
+                    continue
+                i += len(batch)
+                rep.calls += 1
+                bar.update(len(batch))
+                threads.tick()
+            result = domain.finalize()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     rep.seconds = time.perf_counter() - t0
     rep.batch_size = bs
     if device.type == "cuda":
