@@ -7,7 +7,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medvit demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 setup: $(STAMP)
 

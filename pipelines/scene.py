@@ -249,11 +249,6 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
             raise InputError(path, f"LAS classification holds 0..255: without las_classes in its config this "
                                    f"checkpoint writes its {cfg.num_classes} train ids as id + {LAS_USER_CODES}, up to "
                                    f"{int(out_ids.max())}; give the config a las_classes table, or choose --format label or npy")
-        if cfg.las_classes is None and not model.meta.get("las_codes_said"):
-            model.meta["las_codes_said"] = True
-            log.warning("%s has no las_classes: LAS classes are written as train id + %d (ASPRS user-defined: %s), "
-                        "unsegmented points as %d", model.meta.get("checkpoint", "the checkpoint"), LAS_USER_CODES,
-                        ", ".join(f"{n} {i + LAS_USER_CODES}" for i, n in sorted(cfg.labels.items())), LAS_UNLABELLED)
     else:
         out_ids, unlabelled = cfg.output_ids(), cfg.infer.unlabelled  # raw ids when the checkpoint has a label_map
     # labels beside a SemanticKITTI scan are ground truth, not needed here (and a bad one must not stop it)
@@ -320,6 +315,11 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
                         f"with it varying {trained}, so expect less accurate labels")
     for w in warnings:
         log.warning("%s: %s", path, w)
+    if is_las and cfg.las_classes is None and not model.meta.get("las_codes_said"):  # once a model, after refusals
+        model.meta["las_codes_said"] = True
+        log.warning("%s has no las_classes: LAS classes are written as train id + %d (ASPRS user-defined: %s), "
+                    "unsegmented points as %d", model.meta.get("checkpoint", "the checkpoint"), LAS_USER_CODES,
+                    ", ".join(f"{n} {i + LAS_USER_CODES}" for i, n in sorted(cfg.labels.items())), LAS_UNLABELLED)
     train_ids, n_out, rep, n_bad = segment_points(seen, model, feats=feats, **kwargs)
     done = train_ids >= 0
     labels = np.full(len(cloud), unlabelled, dtype=np.int64)

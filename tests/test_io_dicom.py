@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medvit.errors import InputError
 from medvit.io import list_dicom_series, read_image, read_label
@@ -32,19 +32,23 @@ def ras(ipp) -> np.ndarray:
 
 def write_slice(path: Path, *, series_uid: str, ipp, instance: int, pixels: np.ndarray, iop=(1, 0, 0, 0, 1, 0),
                 spacing=(0.7, 0.5), description: str = "", thickness: float | None = 2.0, slope: float = 1.0,
-                intercept: float = 0.0) -> Path:
-    """A minimal uncompressed CT slice; ``pixels`` is (Rows, Columns) int16."""
+                intercept: float = 0.0, modality: str = "CT", number: int | None = None) -> Path:
+    """A minimal uncompressed CT (or, ``modality="MR"``, MR) slice; ``pixels`` is (Rows, Columns)
+    int16; ``number`` is its SeriesNumber (none when None)."""
+    sop = CTImageStorage if modality == "CT" else MRImageStorage
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
+    ds.SOPClassUID = sop
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
+    ds.Modality = modality
     ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesDescription = description
+    if number is not None:
+        ds.SeriesNumber = number
     ds.InstanceNumber = instance
     ds.ImagePositionPatient = [float(v) for v in ipp]
     ds.ImageOrientationPatient = [float(v) for v in iop]

@@ -13,14 +13,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from medvit.checkpoint import save_checkpoint
 from medvit.config import parse_config
 from medvit.data.phantom import make_phantom
 from medvit.nets import build_net
 from tests.test_cli import TINY, assert_user_error, run_cli
+from tests.test_io_dicom import write_slice
 
 
 def _checkpoint(folder: Path, modality: str) -> Path:
@@ -56,38 +56,14 @@ def write_series(folder: Path, *, modality: str = "CT", number: int | None = 1, 
     hold air (-1000) around a body (40 HU); MR ones 0 around 300."""
     folder.mkdir(parents=True, exist_ok=True)
     uid = uid or generate_uid()
-    sop = CTImageStorage if modality == "CT" else MRImageStorage
     rng = np.random.default_rng(seed)
     for i in range(n):
         body = np.zeros((16, 16), bool)
         body[3:13, 2:14] = True
         px = np.where(body, 40, -1000) if modality == "CT" else np.where(body, 300, 0)
-        px = (px + rng.normal(0, 5, px.shape)).astype(np.int16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"{uid[-4:]}_{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = sop, meta.MediaStorageSOPInstanceUID
-        ds.Modality = modality
-        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.7"
-        ds.SeriesInstanceUID = uid
-        if number is not None:
-            ds.SeriesNumber = number
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [0.0, 0.0, offset + 6.0 * i]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [5.0, 5.0]
-        ds.SliceThickness = 6.0
-        ds.Rows, ds.Columns = px.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1.0, 0.0
-        ds.PixelData = px.astype("<i2").tobytes()
-        ds.save_as(folder / f"{uid[-4:]}_{i}.dcm", enforce_file_format=True)
+        write_slice(folder / f"{uid[-4:]}_{i}.dcm", series_uid=uid, ipp=(0.0, 0.0, offset + 6.0 * i), instance=i + 1,
+                    pixels=(px + rng.normal(0, 5, px.shape)).astype(np.int16), spacing=(5.0, 5.0), thickness=6.0,
+                    modality=modality, number=number)
     return uid
 
 
