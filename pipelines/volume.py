@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from medvit.checkpoint import LoadedModel, checkpoint_sidecar
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
 from medvit.io.dicom import DicomSeries, select_series
+from medvit.io.common import sha256_file
 from medvit.io.reader import channel_mismatch, source_format
 from medvit.io.writers import atomic_path, check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
@@ -191,23 +191,15 @@ def check_modality(image: torch.Tensor, paths: list[str], model: LoadedModel, *,
     return message
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()  # hashlib.file_digest is Python 3.11+; we support 3.10
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_record(model: LoadedModel) -> dict:
     """What an output's sidecar says of the checkpoint: its path and SHA-256 (and its JSON
     sidecar's, for ours), the net's name, the medvit version that wrote it. A model built in code
     rather than loaded from a file has no SHA-256 (None)."""
     path = Path(str(model.meta.get("checkpoint", "(in memory)"))).resolve()
-    record = {"path": str(path), "sha256": _sha256(path) if path.is_file() else None, "net": model.config.model.name}
+    record = {"path": str(path), "sha256": sha256_file(path) if path.is_file() else None, "net": model.config.model.name}
     sidecar = checkpoint_sidecar(path)
     if path.suffix == ".safetensors" and sidecar.is_file():
-        record.update(sidecar=str(sidecar), sidecar_sha256=_sha256(sidecar),
+        record.update(sidecar=str(sidecar), sidecar_sha256=sha256_file(sidecar),
                       medvit_version=model.meta.get("medvit_version"))
     return record
 

@@ -8,27 +8,19 @@ is not (BraTS), ``layout.case_glob`` says how to find the cases in a local copy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from medvit.errors import InputError
+from medvit.io.common import sha256_file
 
 log = logging.getLogger(__name__)
 _EMPTY_SPLIT = {
     "training": "; train refuses a datalist with no training case",
     "validation": "; training would run without validation and write no best checkpoint",
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -157,7 +149,7 @@ def build_datalist(manifest_path: str | Path, root: str | Path, *, fold: int | N
             log.warning("%s%s: the %s split is empty (%d %s cases)%s", manifest["name"], where, split,
                         len(result[other]), other, _EMPTY_SPLIT[split])
     if sha256:
-        result["sha256"] = {p: _sha256(Path(p)) for p in datalist_files(result)}
+        result["sha256"] = {p: sha256_file(p) for p in datalist_files(result)}
     return result
 
 
