@@ -16,7 +16,7 @@ from torch import nn
 
 from medvit.config import ModelConfig
 from medvit.errors import ConfigError
-from medvit.option_types import check_option, type_hints
+from medvit.option_types import check_option, conforms, type_hints
 
 Builder = Callable[..., nn.Module]
 
@@ -127,8 +127,8 @@ def construct(
         check_option(key, value, hints)
         # every int option of these nets is a size or a count; a zero or negative one reached
         # arithmetic or torch.empty as a traceback, or built a net with empty layers
-        # (MONAI reads mlp_dim 0 as "hidden_size")
-        if _below_one(value) and not (key == "mlp_dim" and value == 0):
+        # (MONAI reads mlp_dim 0 as "hidden_size"); a float option (a rate, a ratio) may be 0
+        if _below_one(value) and not (key == "mlp_dim" and value == 0) and conforms(0.5, hints.get(key)) is not True:
             raise ConfigError(f"model.options.{key}: {net_name} needs sizes of at least 1, got {value!r}")
     try:
         return cls(**fixed, **options)
