@@ -312,10 +312,16 @@ def test_grid_attention_equals_naive_multihead():
 
 
 def test_grid_attention_dropout_p_follows_training():
-    m = GridAttention(8, 2, attn_drop=0.25)
-    assert m.dropout_p == 0.25
+    torch.manual_seed(0)
+    m = GridAttention(8, 2, attn_drop=0.5)
+    x = torch.randn(1, 2, 3, 4, 8)
+    assert m.dropout_p == 0.5
+    trained = m(x, partial(dilated_attention, group=(2, 2, 2), dropout_p=m.dropout_p))
     m.eval()
     assert m.dropout_p == 0.0
+    evaluated = m(x, partial(dilated_attention, group=(2, 2, 2), dropout_p=m.dropout_p))
+    assert not torch.allclose(trained, evaluated)
+    torch.testing.assert_close(evaluated, m(x, partial(dilated_attention, group=(2, 2, 2))))
 
 
 @pytest.mark.parametrize(
