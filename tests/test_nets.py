@@ -17,11 +17,12 @@ TINY = {
     # a 32³ window leaves Swin UNETR's bottleneck a single voxel, which instance norm refuses
     "swin_unetr": ({"feature_size": 12}, (64, 32, 32)),
     "unet": ({"features": [4, 4, 8, 16, 32, 4]}, (16, 24, 32)),
+    "dformer": ({"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4]}, (6, 20, 12)),
 }
 
 
-def test_available_lists_the_three_nets():
-    assert available() == ["swin_unetr", "unet", "unetr"]
+def test_available_lists_the_nets():
+    assert available() == ["dformer", "swin_unetr", "unet", "unetr"]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -62,7 +63,7 @@ def test_unet_default_features():
 def test_unknown_name_lists_available():
     with pytest.raises(ConfigError) as e:
         build_net(ModelConfig(name="vnet", out_channels=2))
-    assert str(e.value) == "model.name: unknown net 'vnet'; available: swin_unetr, unet, unetr"
+    assert str(e.value) == "model.name: unknown net 'vnet'; available: dformer, swin_unetr, unet, unetr"
 
 
 @pytest.mark.parametrize(
@@ -94,6 +95,16 @@ def test_bad_options_name_their_key(name, options, roi, expected):
     with pytest.raises(ConfigError) as e:
         build_net(ModelConfig(name=name, out_channels=2, roi_size=roi, options=options))
     assert str(e.value).startswith(expected), str(e.value)
+
+
+@pytest.mark.parametrize(("name", "options", "roi"), [
+    ("swin_unetr", {"feature_size": 12, "drop_rate": 0, "dropout_path_rate": 0}, (64, 32, 32)),
+    ("dformer", {**TINY["dformer"][0], "drop_rate": 0, "attn_drop_rate": 0, "drop_path_rate": 0}, (6, 20, 12)),
+])
+def test_zero_rates_are_not_sizes(name, options, roi):
+    # YAML writes 0 as an int; a float option (a rate) may be 0 where a size may not
+    net = build_net(ModelConfig(name=name, out_channels=2, roi_size=roi, options=options))
+    assert isinstance(net, nn.Module)
 
 
 def test_mlp_dim_zero_is_monais_hidden_size():
