@@ -4,6 +4,7 @@ attention each block runs, deep supervision, training, checkpoints and config-ti
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch.utils.flop_counter import FlopCounterMode
 
 from medvit.checkpoint import load_checkpoint, save_checkpoint
-from medvit.config import ModelConfig, parse_config
+from medvit.config import ModelConfig, load_config, parse_config
 from medvit.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.dformer import DFormer, DFormerBlock
@@ -44,6 +45,17 @@ def test_parameter_count_equals_the_official_code():
     # without deep supervision the 1/2 and 1/4 heads are not built
     assert plain.aux_heads is None
     assert n_params(plain) == OFFICIAL_PARAMS - OFFICIAL_HALF_HEAD - OFFICIAL_QUARTER_HEAD
+
+
+def test_shipped_synapse_config_is_the_official_size():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synapse_dformer.yaml")
+    assert cfg.model.name == "dformer" and cfg.model.out_channels == 14
+    with torch.device("meta"):
+        net = build_net(cfg.model)
+    assert n_params(net) == OFFICIAL_PARAMS  # 14 classes, deep supervision
+    # the paper's 64x128x128 (z, y, x) crop in RAS axis order
+    assert sorted(cfg.model.roi_size) == [64, 128, 128]
+    assert [r // p for r, p in zip(cfg.model.roi_size, net.patch_size)] == [32, 32, 32]
 
 
 @pytest.mark.parametrize("window", sorted(OFFICIAL_FLOPS))
