@@ -181,12 +181,23 @@ def test_block_attention_equals_the_masked_reference(scope, grid, rule):
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_grid_smaller_than_the_group_runs_full_attention(scope):
     torch.manual_seed(0)
-    block = DFormerBlock(12, 3, (2, 8, 8), scope, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0).eval()
-    grid = (12, 6, 6)  # 6 < 8 in height and width: the 96^3 window's stage 2
+    group = (2, 8, 8)
+    block = DFormerBlock(12, 3, group, scope, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0).eval()
+    everything = lambda i, j: torch.ones(i.shape[0], j.shape[1], dtype=torch.bool)  # noqa: E731
+    # (12, 6, 6): 6 < 8 in height and width, the 96^3 window's stage 2; (1, 16, 16): in depth only
+    for grid in [(12, 6, 6), (1, 16, 16)]:
+        x = torch.randn(1, *grid, 12)
+        with torch.no_grad():
+            ours = block.attn(x, block.pattern(grid))
+            ref = _reference_attention(block, x, everything)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # the choice is made per call: a larger grid afterwards gets groups again (the official block
+    # keeps the full-attention setting it switched to)
+    grid = (4, 16, 16)
     x = torch.randn(1, *grid, 12)
     with torch.no_grad():
         ours = block.attn(x, block.pattern(grid))
-        ref = _reference_attention(block, x, lambda i, j: torch.ones(i.shape[0], j.shape[1], dtype=torch.bool))
+        ref = _reference_attention(block, x, _per_axis(_local if scope == "local" else _dilated, grid, group))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 

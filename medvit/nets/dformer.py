@@ -41,7 +41,7 @@ unused weights to train or store. The official ``SegNetwork`` always builds and 
 heads, so our parameter count equals the official one with ``deep_supervision=True``, and the
 official count less its two auxiliary heads without it. The official forward returns only
 ``(full, half)``: its list of up-scaling ops has a single entry, so ``zip`` drops the ¼ logits
-it computed; we return all three as the paper describes.
+it computed; we return all three, as nnU-Net's deep supervision does.
 
 Fixes to the official code (each tested in ``tests/test_nets_dformer.py``)
 --------------------------------------------------------------------------
