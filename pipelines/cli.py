@@ -512,6 +512,29 @@ def bench_engine(
     typer.echo(format_result(res))
 
 
+@bench_app.command("models")
+def bench_models(
+    nets: Annotated[str, typer.Option(help="Comma-separated registered volume nets (default: all).")] = "",
+    threads: Annotated[Optional[int], typer.Option(help="The 'all threads' latency's thread count (default: the CPUs this process may use).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed calls per latency (the median is reported), after one warm-up.")] = 3,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
+) -> None:
+    """Every volume net in its paper configuration: parameters, GFLOPs, CPU latency per window, peak RSS, reference figures."""
+    from pipelines.bench_engine import machine
+    from pipelines.bench_models import format_table, run
+
+    names = [n.strip() for n in nets.split(",") if n.strip()]
+    if threads is not None and threads < 1 or repeats < 1:
+        raise MedvitError(f"--threads and --repeats must be at least 1, got {threads} and {repeats}")
+    _check_output_file(json_out, [])
+    write = _json_writer(json_out)
+    res = run(names or None, repeats=repeats, threads=threads, on_row=write)
+    res["machine"] = machine()
+    write(res)
+    typer.echo(f"machine: {res['machine']}")
+    typer.echo(format_table(res))
+
+
 @bench_app.command("lidar")
 def bench_lidar(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
