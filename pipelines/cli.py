@@ -256,23 +256,28 @@ def datalist(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("demo_out"),
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default demo_out; demo_NET_out with --net NET; demo_lidar_out with --lidar).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data and the training run.")] = 0,
+    net: Annotated[Optional[str], typer.Option("--net", help="The volume net to train (a registered name: unetr, swin_unetr, unet, ...; default unetr), in a small CPU configuration.")] = None,
     lidar: Annotated[bool, typer.Option("--lidar", help="The LiDAR demo instead: synthetic streets, FlatFormer, a 1M-point map.")] = False,
 ) -> None:
-    """Make synthetic CT phantoms, train a small UNETR, segment held-out phantoms and a real CT (or --lidar)."""
+    """Make synthetic CT phantoms, train a small UNETR (or --net), segment held-out phantoms and a real CT (or --lidar)."""
     if lidar:
+        if net is not None:
+            raise MedvitError("--net picks the volume demo's net; the LiDAR demo (--lidar) trains FlatFormer")
         from pipelines.lidar_demo import run_lidar_demo
 
         from pipelines.engine.scene import bounded_onednn_cache
 
         with bounded_onednn_cache():  # before the first kernel, so validation and the map stay flat too
-            run_lidar_demo(out if out != Path("demo_out") else Path("demo_lidar_out"), device=_device(device), seed=seed)
+            run_lidar_demo(out or Path("demo_lidar_out"), device=_device(device), seed=seed)
         return
-    from pipelines.demo import run_demo
+    from pipelines.demo import DEFAULT_NET, default_output, demo_config, run_demo
 
-    run_demo(out, device=_device(device), seed=seed)
+    net = net or DEFAULT_NET
+    config = demo_config(net)  # an unknown net fails before the folder is made
+    run_demo(out or default_output(net), device=_device(device), seed=seed, config=config)
 
 
 def _parse_fill(items: list[str], features, checkpoint: Path) -> dict[str, float]:
@@ -505,6 +510,29 @@ def bench_engine(
     save(res)
     typer.echo(f"machine: {res['machine']}")
     typer.echo(format_result(res))
+
+
+@bench_app.command("models")
+def bench_models(
+    nets: Annotated[str, typer.Option(help="Comma-separated registered volume nets (default: all).")] = "",
+    threads: Annotated[Optional[int], typer.Option(help="The 'all threads' latency's thread count (default: the CPUs this process may use).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed calls per latency (the median is reported), after one warm-up.")] = 3,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
+) -> None:
+    """Every volume net in its paper configuration: parameters, GFLOPs, CPU latency per window, peak RSS, reference figures."""
+    from pipelines.bench_engine import machine
+    from pipelines.bench_models import format_table, run
+
+    names = [n.strip() for n in nets.split(",") if n.strip()]
+    if threads is not None and threads < 1 or repeats < 1:
+        raise MedvitError(f"--threads and --repeats must be at least 1, got {threads} and {repeats}")
+    _check_output_file(json_out, [])
+    write = _json_writer(json_out)
+    res = run(names or None, repeats=repeats, threads=threads, on_row=write)
+    res["machine"] = machine()
+    write(res)
+    typer.echo(f"machine: {res['machine']}")
+    typer.echo(format_table(res))
 
 
 @bench_app.command("lidar")

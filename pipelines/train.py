@@ -1,7 +1,8 @@
 """Volume training: ``medvit train CONFIG``, the volume task of the shared loop in :mod:`pipelines.fit`.
 
 MONAI's DiceCE loss on random patches (RandCropByPosNegLabeld and the configured
-augmentation), validation through the shared engine with MONAI's DiceMetric on the
+augmentation), weighted over the scales of a deep-supervision net by MONAI's
+DeepSupervisionLoss; validation through the shared engine with MONAI's DiceMetric on the
 preprocessed grid, checkpoints as safetensors with a JSON sidecar.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import DataLoader, list_data_collate
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import Compose, Randomizable
 
@@ -92,8 +93,39 @@ class CheckedCases(torch.utils.data.Dataset):
         return self.items[index] if self.items is not None else run_chain(self.chain, self.files[index])
 
 
+class SegmentationLoss(torch.nn.Module):
+    """DiceCE (softmax, one-hot label) on a net's logits, deep supervision included.
+
+    ``outputs``: logits ``(B, K, D, H, W)``, or a deep-supervision net's tuple/list of them in
+    nnU-Net's order, full resolution first, then coarser (a net's ``deep_supervision`` option,
+    training mode only). Several outputs are weighted 1, 1/2, 1/4, ... (MONAI's
+    :class:`~monai.losses.DeepSupervisionLoss`, ``weight_mode="exp"``, floored at 1/16) and summed,
+    the label ``(B, 1, D, H, W)`` resized to each output's grid by ``nearest-exact`` interpolation.
+    A first output on another grid than the label, or a later one larger than the one before it,
+    is a RuntimeError (a net that breaks this contract is a bug, not a user's mistake).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.deep = DeepSupervisionLoss(self.dice_ce, weight_mode="exp")
+
+    def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor],
+                label: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, (tuple, list)):
+            return self.dice_ce(outputs, label)
+        shapes = [tuple(o.shape[2:]) for o in outputs]
+        if not shapes or shapes[0] != tuple(label.shape[2:]):
+            raise RuntimeError(f"a deep-supervision net must return the full-resolution output first: outputs on "
+                               f"{shapes}, label on {tuple(label.shape[2:])}")
+        if any(any(b > a for a, b in zip(big, small)) for big, small in zip(shapes, shapes[1:])):
+            raise RuntimeError(f"a deep-supervision net's outputs must go from fine to coarse, got {shapes}")
+        return self.deep(list(outputs), label)
+
+
 class VolumeTask:
-    """Random patches with DiceCE; validation Dice on whole preprocessed volumes."""
+    """Random patches with DiceCE (:class:`SegmentationLoss`, deep supervision included); validation
+    Dice on whole preprocessed volumes, from the full-resolution output only."""
 
     metric, per_label, collate = "mean_dice", "dice", staticmethod(list_data_collate)
 
@@ -109,7 +141,7 @@ class VolumeTask:
         if val_files:
             vds = CheckedCases(val_files, val_transforms(cfg), cache=tc.cache)
             self.val_loader = DataLoader(vds, batch_size=1, num_workers=0)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = SegmentationLoss()
 
     def train_samples(self) -> SeededSamples:
         return SeededSamples(self.cases, self.rand, self.cfg.train.seed)

@@ -368,3 +368,19 @@ def test_full_batches_feed_one_batch_shape_and_keep_the_output(monkeypatch):
     got, _ = segment_volume(x, pred, roi_size=(8, 8, 8), batch_size=7, output="scores", full_batches=True)
     assert set(seen) == {7}
     assert torch.equal(got.scores, want.scores)
+
+
+@pytest.mark.parametrize("kind", [tuple, list])
+def test_a_deep_supervision_output_is_read_by_its_full_resolution_first_element(kind):
+    x = torch.randn(1, 13, 11, 9)
+    net = random_net(1, 3, seed=7)
+
+    def deep(t):  # (full, half) as a deep-supervision net in training mode returns them
+        y = net(t)
+        return kind([y, torch.nn.functional.avg_pool3d(y, 2)])
+
+    plain, _ = segment_volume(x, net, roi_size=(8, 8, 8), output="both", mirror_axes=(1,))
+    got, _ = segment_volume(x, deep, roi_size=(8, 8, 8), output="both", mirror_axes=(1,))
+    assert torch.equal(got.scores, plain.scores) and torch.equal(got.labels, plain.labels)
+    got, _ = segment_volume(x, deep, roi_size=(8, 8, 8), output="scores")
+    assert torch.allclose(got.scores, segment_volume(x, net, roi_size=(8, 8, 8), output="scores")[0].scores)

@@ -11,6 +11,9 @@ halved and retried; at batch 1 a domain that packs several windows into a call (
 small tiles) runs one window a call, and then the domain moves its accumulators to the CPU. What
 worked is remembered per (device, window shape) for the next case: the batch size, one window a
 call, and the accumulator size from which accumulation starts on the CPU.
+
+A predictor that returns a tuple or list (a deep-supervision net, full resolution first) is
+read by its first element: inference uses the full-resolution output only.
 """
 
 from __future__ import annotations
@@ -142,6 +145,12 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def full_resolution(out: Any) -> Any:
+    """A net's output for the engine: a deep-supervision net's tuple or list (nnU-Net's order,
+    full resolution first) becomes its first element; anything else is returned as is."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Test-time augmentation: the mean of ``predictor`` over every flip combination of ``axes``.
 
@@ -157,7 +166,7 @@ def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[i
     def predict(x: torch.Tensor) -> torch.Tensor:
         total = None
         for flip in combos:
-            out = predictor(torch.flip(x, flip) if flip else x)
+            out = full_resolution(predictor(torch.flip(x, flip) if flip else x))
             out = torch.flip(out, flip) if flip else out
             total = out.float() if total is None else total + out.float()
         return total / len(combos)
@@ -250,7 +259,7 @@ def run_windows(
                         x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
                     tm = time.perf_counter()
                     with torch.no_grad(), autocast_context(device, amp_dtype):
-                        out = predictor(x)
+                        out = full_resolution(predictor(x))
                         if filled:
                             out = out[: len(batch)]
                     sync_device(device)

@@ -1,0 +1,274 @@
+"""``medvit bench models``: every registered volume net in its paper configuration, side by side.
+
+Per net: parameters, GFLOPs of one ``1x1x96³`` window (and of the net's paper window where it
+differs), CPU latency of one window (median of ``repeats`` calls after a warm-up, with one
+thread and with all of them), and the peak RSS of the process that measured it. Each net runs
+in a fresh subprocess, so the peak RSS is that net's alone.
+
+FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add)
+on one eval-mode forward pass (inference: a deep-supervision net's extra heads do not run),
+built and run on the ``meta`` device where the net allows (no compute), else on the CPU.
+Attention is counted through PyTorch's math path of ``scaled_dot_product_attention``: the
+CPU's fused kernel is not in the counter's table and would count as zero.
+
+The reference beside ours: for the nets that configure a MONAI class, MONAI's own class built
+directly with the same paper configuration (the registry must add nothing); for D-Former, the
+figures measured on the official code. :data:`PAPER` is the one table of paper settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from medvit.errors import MedvitError
+
+WINDOW = (96, 96, 96)
+"""The common window every net is measured at."""
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A net's paper configuration and the reference to compare it with."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    out_channels: int = 14
+    window: tuple[int, int, int] = WINDOW
+    monai: str | None = None
+    """The MONAI class (in ``monai.networks.nets``) that is the reference, built directly from ``options``."""
+    figures: dict[str, Any] | None = None
+    """Published or official-code figures: ``params``, ``params_no_ds``, ``gflops`` {window "DxHxW": GFLOP}."""
+
+
+PAPER: dict[str, Paper] = {
+    # UNETR (Hatamizadeh et al., 2022), BTCV: 14 classes on 96³
+    "unetr": Paper(options={"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}, monai="UNETR"),
+    # Swin UNETR (Hatamizadeh et al., 2022), BTCV: feature size 48 on 96³
+    "swin_unetr": Paper(options={"feature_size": 48}, monai="SwinUNETR"),
+    # MONAI's BasicUNet with its defaults: a CNN baseline, no paper figure
+    "unet": Paper(),
+    # D-Former (Wu et al., 2022), Synapse: the official model.py's SegNetwork(14), three heads built;
+    # measured there with FlopCounterMode. Used only when "dformer" is registered.
+    "dformer": Paper(options={"deep_supervision": True}, window=(64, 128, 128),
+                     figures={"params": 50.56e6, "params_no_ds": 44.35e6,
+                              "gflops": {"64x128x128": 120.8, "96x96x96": 107.3}}),
+}
+
+
+def window_key(window: tuple[int, ...]) -> str:
+    return "x".join(str(int(w)) for w in window)
+
+
+def _model_config(name: str, paper: Paper, window: tuple[int, int, int], options: dict | None = None):
+    from medvit.config import ModelConfig
+
+    return ModelConfig(name=name, in_channels=1, out_channels=paper.out_channels, roi_size=window,
+                       options=paper.options if options is None else options)
+
+
+def _monai_net(paper: Paper, window: tuple[int, int, int]) -> torch.nn.Module:
+    """The reference: MONAI's class from the paper options, not through our registry."""
+    import inspect
+
+    from monai.networks import nets
+
+    cls = getattr(nets, paper.monai)
+    kw = dict(in_channels=1, out_channels=paper.out_channels, spatial_dims=3, **paper.options)
+    if "img_size" in inspect.signature(cls.__init__).parameters:
+        kw["img_size"] = window
+    return cls(**kw)
+
+
+_NOT_ON_META = (NotImplementedError, RuntimeError, TypeError, ValueError, MedvitError)
+"""What a net that cannot be built or run on the meta device raises there (the registry turns a
+constructor's RuntimeError, such as ``Tensor.item()`` on a meta tensor, into a ConfigError)."""
+
+
+def count_flops(build: Callable[[], torch.nn.Module], window: tuple[int, int, int]) -> tuple[int, str]:
+    """``(FLOPs, device)`` of one eval-mode forward pass of ``build()`` on a ``1x1xwindow`` input:
+    on the ``meta`` device (no compute) when the net builds and runs there, else on the CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                net = build().eval()
+            x = torch.zeros((1, 1, *window), device=device)
+            # the math path: the CPU's fused attention kernel is not in the counter's table
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                net(x)
+            return int(counter.get_total_flops()), device
+        except _NOT_ON_META:
+            if device == "cpu":
+                raise
+    raise AssertionError("unreachable")
+
+
+def count_params(build: Callable[[], torch.nn.Module]) -> int:
+    """``build()``'s parameter count, built on the meta device where it allows (no memory)."""
+    try:
+        with torch.device("meta"):
+            net = build()
+    except _NOT_ON_META:
+        net = build()
+    return sum(p.numel() for p in net.parameters())
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def all_threads() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def measure(name: str, paper: Paper, *, window: tuple[int, int, int] = WINDOW, repeats: int = 3,
+            threads: int | None = None) -> dict[str, Any]:
+    """One net's row, measured in this process (run it in a fresh one: the peak RSS is the process's).
+
+    Latency first (a seeded net on the CPU, eval mode, no autograd; the peak RSS is read right
+    after), then parameters and FLOPs, ours and the reference's.
+    """
+    from medvit.nets import build_net
+
+    threads = threads or all_threads()
+    torch.manual_seed(0)
+    ours = lambda w, options=None: (lambda: build_net(_model_config(name, paper, w, options)))  # noqa: E731
+    net = ours(window)().eval()
+    x = torch.randn((1, 1, *window))
+    latency = {}
+    with torch.no_grad():
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            net(x)  # warm-up: oneDNN's kernels, the allocator
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                net(x)
+                times.append(time.perf_counter() - t0)
+            latency[str(n)] = statistics.median(times) * 1e3
+    row: dict[str, Any] = {"net": name, "options": paper.options, "out_channels": paper.out_channels,
+                           "window": list(window), "paper_window": list(paper.window),
+                           "ms_per_window": latency, "threads": threads, "peak_rss": _peak_rss_bytes(),
+                           "params": sum(p.numel() for p in net.parameters())}
+    del net, x
+    windows = [window] + ([paper.window] if tuple(paper.window) != tuple(window) else [])
+    row["gflops"], row["flops_on"] = {}, {}
+    for w in windows:
+        flops, device = count_flops(ours(w), w)
+        row["gflops"][window_key(w)], row["flops_on"][window_key(w)] = flops / 1e9, device
+    if paper.options.get("deep_supervision"):
+        row["params_no_ds"] = count_params(ours(window, {**paper.options, "deep_supervision": False}))
+    if paper.monai:
+        row["reference"] = {"source": f"monai.networks.nets.{paper.monai}",
+                            "params": count_params(lambda: _monai_net(paper, window)),
+                            "gflops": {window_key(w): count_flops(lambda w=w: _monai_net(paper, w), w)[0] / 1e9
+                                       for w in windows}}
+    elif paper.figures:
+        row["reference"] = {"source": "official code", **paper.figures}
+    return row
+
+
+USER_ERROR = "medvit-bench-models-worker: user error: "
+
+
+def _spawn(name: str, paper: Paper, *, window, repeats: int, threads: int) -> dict[str, Any]:
+    spec = {"name": name, "paper": asdict(paper), "window": list(window), "repeats": repeats, "threads": threads}
+    cmd = [sys.executable, "-m", "pipelines.bench_models", "--worker", json.dumps(spec)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    said = [ln[len(USER_ERROR):] for ln in r.stderr.splitlines() if ln.startswith(USER_ERROR)]
+    if r.returncode == MedvitError.exit_code and said:
+        raise MedvitError(said[-1])
+    if r.returncode != 0:
+        raise RuntimeError(f"bench worker for {name} failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(nets: list[str] | None = None, *, papers: dict[str, Paper] | None = None, window: tuple[int, int, int] = WINDOW,
+        repeats: int = 3, threads: int | None = None, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Measure ``nets`` (default: every registered volume net), each in a fresh subprocess.
+
+    ``papers`` replaces :data:`PAPER` rows (tests use tiny settings); a net without a row is
+    measured with its defaults and 14 classes. ``on_row(result so far)`` is called after each net.
+    Raises :class:`MedvitError` for a name that is not registered.
+    """
+    from medvit.nets import available
+
+    table = {**PAPER, **(papers or {})}
+    names = list(nets) if nets else available()
+    unknown = [n for n in names if n not in available()]
+    if unknown:
+        raise MedvitError(f"--nets: {', '.join(map(repr, unknown))} not registered; available: {', '.join(available())}")
+    threads = threads or all_threads()
+    res: dict[str, Any] = {"window": list(window), "repeats": repeats, "threads": threads, "rows": []}
+    for name in names:
+        res["rows"].append(_spawn(name, table.get(name, Paper()), window=window, repeats=repeats, threads=threads))
+        if on_row is not None:
+            on_row(res)
+    return res
+
+
+def _m(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}"
+
+
+def _g(n: float | None) -> str:
+    return "-" if n is None else f"{n:.1f}" if n >= 1 else f"{n:.3g}"
+
+
+COLUMNS = ("net", "params M", "ref. params M", "GFLOP window", "ref. GFLOP window", "paper window", "GFLOP paper window",
+           "ref. GFLOP paper window", "ms/window 1 thread", "ms/window all threads", "peak RSS GiB", "reference")
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The rows as a markdown table (``-`` where a figure does not exist)."""
+    win = window_key(res["window"])
+    lines = [f"window {win}, batch 1, median of {res['repeats']} after a warm-up; all threads = {res['threads']}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in res["rows"]:
+        ref = r.get("reference") or {}
+        rg = ref.get("gflops", {})
+        paper = window_key(r["paper_window"])
+        params = _m(r["params"]) + (f" ({_m(r['params_no_ds'])} without DS heads)" if "params_no_ds" in r else "")
+        rparams = (_m(ref.get("params")) + (f" ({_m(ref['params_no_ds'])})" if "params_no_ds" in ref else "")) if ref else "-"
+        differs = paper != win
+        lat = r["ms_per_window"]
+        cells = [r["net"], params, rparams, _g(r["gflops"][win]), _g(rg.get(win)), paper,
+                 _g(r["gflops"][paper]) if differs else "-", _g(rg.get(paper)) if differs else "-",
+                 f"{lat['1']:.0f}", f"{lat[str(r['threads'])]:.0f}", f"{r['peak_rss'] / 2**30:.2f}",
+                 ref.get("source", "-")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", required=True, help="JSON: name, paper, window, repeats, threads")
+    spec = json.loads(ap.parse_args(argv).worker)
+    p = spec["paper"]
+    paper = replace(Paper(**p), window=tuple(p["window"]))
+    import medvit.nets  # noqa: F401  (registers the nets)
+
+    try:
+        row = measure(spec["name"], paper, window=tuple(spec["window"]), repeats=spec["repeats"], threads=spec["threads"])
+    except MedvitError as e:  # a paper setting the net refuses: the parent repeats the one line
+        print(f"{USER_ERROR}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

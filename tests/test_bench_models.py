@@ -1,0 +1,93 @@
+"""`medvit bench models`: the table of every volume net, on tiny settings (no timing asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from medvit.config import ModelConfig
+from medvit.nets import available, build_net
+from pipelines import bench_models
+from pipelines.bench_models import COLUMNS, PAPER, Paper, count_flops, format_table, run
+from pipelines.cli import main
+
+TINY = {
+    "unetr": Paper(options={"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}, out_channels=3,
+                   window=(32, 32, 48), monai="UNETR"),
+    "unet": Paper(options={"features": [4, 4, 8, 8, 16, 4]}, out_channels=3, window=(32, 32, 32)),
+}
+
+
+def test_table_of_tiny_nets_counts_parameters_and_flops():
+    res = run(["unetr", "unet"], papers=TINY, window=(32, 32, 32), repeats=1, threads=2)
+    rows = {r["net"]: r for r in res["rows"]}
+    for name, paper in TINY.items():
+        net = build_net(ModelConfig(name=name, in_channels=1, out_channels=3, roi_size=(32, 32, 32), options=paper.options))
+        assert rows[name]["params"] == sum(p.numel() for p in net.parameters())
+        assert set(rows[name]["ms_per_window"]) == {"1", "2"} and rows[name]["peak_rss"] > 0
+    r = rows["unetr"]
+    # MONAI's own UNETR with the same configuration: the registry adds nothing
+    assert r["reference"]["params"] == r["params"] and r["reference"]["gflops"] == r["gflops"]
+    assert set(r["gflops"]) == {"32x32x32", "32x32x48"}  # the common window and the paper window
+    assert r["gflops"]["32x32x48"] > r["gflops"]["32x32x32"] > 0
+    assert set(rows["unet"]["gflops"]) == {"32x32x32"} and "reference" not in rows["unet"]
+    table = format_table(res).splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("| net"))
+    assert [c.strip() for c in table[head].strip("|").split("|")] == list(COLUMNS)
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[head + 2:]]
+    assert [b[0] for b in body] == ["unetr", "unet"] and all(len(b) == len(COLUMNS) for b in body)
+    assert body[0][1] == body[0][2] == f"{r['params'] / 1e6:.2f}"
+    assert body[1][2] == "-" and body[1][5] == "32x32x32" and body[1][6] == "-"
+
+
+def test_flops_count_attention_on_meta_and_on_the_cpu_alike():
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(1, 4)  # one input channel to 4
+
+        def forward(self, x):
+            t = self.proj(x.flatten(2).transpose(1, 2))[:, None]  # (1, 1, tokens, 4)
+            return torch.nn.functional.scaled_dot_product_attention(t, t, t)
+
+    tokens = 2 * 2 * 3
+    expect = 2 * tokens * 1 * 4 + 2 * (2 * tokens * tokens * 4)  # projection, then QK^T and AV
+    assert count_flops(Attend, (2, 2, 3))[0] == expect
+
+    class CpuOnly(Attend):
+        def forward(self, x):
+            if x.device.type == "meta":
+                raise NotImplementedError("no meta kernel")
+            return super().forward(x)
+
+    assert count_flops(CpuOnly, (2, 2, 3)) == (expect, "cpu")
+
+
+def test_paper_table_covers_the_registered_nets_and_dformer():
+    assert set(available()) <= set(PAPER)
+    assert PAPER["dformer"].window == (64, 128, 128) and PAPER["dformer"].figures["params"] == 50.56e6
+    assert PAPER["unetr"].options == {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
+
+
+def test_cli_writes_json_and_refuses_an_unknown_net(monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def fake_run(names, *, repeats, threads, on_row):
+        seen.append((names, repeats, threads))
+        res = {"window": [96, 96, 96], "repeats": repeats, "threads": 2, "rows": []}
+        on_row(res)
+        return res
+
+    monkeypatch.setattr(bench_models, "run", fake_run)
+    monkeypatch.setattr("pipelines.bench_engine.machine", lambda: "test box")
+    out = tmp_path / "models.json"
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "models", "--nets", "unetr,unet", "--repeats", "1", "--json", str(out)])
+    assert done.value.code == 0 and seen == [(["unetr", "unet"], 1, None)]
+    assert json.loads(out.read_text())["machine"] == "test box"
+    assert "| net | params M |" in capsys.readouterr().out
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "models", "--nets", "unetr,nonet"])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and "\n" not in err and "'nonet' not registered" in err
