@@ -176,7 +176,8 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = Fal
                     top, unused, len(cfg.labels) - 1)
     # the folder is checked before the data is read: a bad folder fails at once
     with prepared_output(cfg.train, resume=resume, restart=restart):
-        task = VolumeTask(cfg)
+        # the net first: a bad model option fails before minutes of reading and checking cases
         torch.manual_seed(cfg.train.seed)
         net = build_net(cfg.model)
+        task = VolumeTask(cfg)
         return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)

@@ -207,3 +207,15 @@ def test_sparse_label_ids_warn_of_the_channels_they_cost(tiny_set, tmp_path, cap
     assert_user_error(["train", str(cfg), "--no-progress"], capsys, "missing.json")
     assert "labels name 7 ids up to 40: the net gets an output channel for each id 0..40, 34 of them for ids no " \
            "label has" in caplog.text
+
+
+def test_a_bad_model_option_fails_before_the_data_is_read(tiny_set, tmp_path, capsys):
+    # the net is built first: a typo in model.options does not wait for every case to be checked
+    dl = _copy_set(tiny_set, tmp_path)
+    _edit_nifti(_label(dl), data=np.full((4, 4, 4), 9, np.int16))  # would fail the data checks
+    cfg = tiny_config(tmp_path, dl)
+    d = yaml.safe_load(cfg.read_text())
+    d["model"]["options"]["no_such_option"] = 1
+    cfg.write_text(yaml.safe_dump(d))
+    assert_user_error(["train", str(cfg), "--no-progress"], capsys, "model.options.no_such_option")
+    _no_run_written(Path(d["train"]["output_dir"]))
