@@ -6,7 +6,8 @@ thread and with all of them), and the peak RSS of the process that measured it. 
 in a fresh subprocess, so the peak RSS is that net's alone.
 
 FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add)
-on one eval-mode forward pass (inference: a deep-supervision net's extra heads do not run),
+on one eval-mode forward pass (inference: a deep-supervision net's extra heads do not run; for
+such a net also in training mode, with them, as the official D-Former figures are counted),
 built and run on the ``meta`` device where the net allows (no compute), else on the CPU.
 Attention is counted through PyTorch's math path of ``scaled_dot_product_attention``: the
 CPU's fused kernel is not in the counter's table and would count as zero.
@@ -93,16 +94,18 @@ _NOT_ON_META = (NotImplementedError, RuntimeError, TypeError, ValueError, Medvit
 constructor's RuntimeError, such as ``Tensor.item()`` on a meta tensor, into a ConfigError)."""
 
 
-def count_flops(build: Callable[[], torch.nn.Module], window: tuple[int, int, int]) -> tuple[int, str]:
-    """``(FLOPs, device)`` of one eval-mode forward pass of ``build()`` on a ``1x1xwindow`` input:
-    on the ``meta`` device (no compute) when the net builds and runs there, else on the CPU."""
+def count_flops(build: Callable[[], torch.nn.Module], window: tuple[int, int, int], *,
+                train: bool = False) -> tuple[int, str]:
+    """``(FLOPs, device)`` of one forward pass of ``build()`` on a ``1x1xwindow`` input, in eval mode
+    (or training mode with ``train``: a deep-supervision net's extra heads run too), on the
+    ``meta`` device (no compute) when the net builds and runs there, else on the CPU."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
-                net = build().eval()
+                net = build().train(train)
             x = torch.zeros((1, 1, *window), device=device)
             # the math path: the CPU's fused attention kernel is not in the counter's table
             with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -169,6 +172,8 @@ def measure(name: str, paper: Paper, *, window: tuple[int, int, int] = WINDOW, r
         flops, device = count_flops(ours(w), w)
         row["gflops"][window_key(w)], row["flops_on"][window_key(w)] = flops / 1e9, device
     if paper.options.get("deep_supervision"):
+        # the official D-Former figures run all three heads: count ours that way too
+        row["gflops_ds"] = {window_key(w): count_flops(ours(w), w, train=True)[0] / 1e9 for w in windows}
         row["params_no_ds"] = count_params(ours(window, {**paper.options, "deep_supervision": False}))
     if paper.monai:
         row["reference"] = {"source": f"monai.networks.nets.{paper.monai}",
@@ -244,8 +249,13 @@ def format_table(res: dict[str, Any]) -> str:
         rparams = (_m(ref.get("params")) + (f" ({_m(ref['params_no_ds'])})" if "params_no_ds" in ref else "")) if ref else "-"
         differs = paper != win
         lat = r["ms_per_window"]
-        cells = [r["net"], params, rparams, _g(r["gflops"][win]), _g(rg.get(win)), paper,
-                 _g(r["gflops"][paper]) if differs else "-", _g(rg.get(paper)) if differs else "-",
+        ds = r.get("gflops_ds", {})
+
+        def ours(w: str) -> str:
+            return _g(r["gflops"][w]) + (f" ({_g(ds[w])} with DS heads)" if w in ds else "")
+
+        cells = [r["net"], params, rparams, ours(win), _g(rg.get(win)), paper,
+                 ours(paper) if differs else "-", _g(rg.get(paper)) if differs else "-",
                  f"{lat['1']:.0f}", f"{lat[str(r['threads'])]:.0f}", f"{r['peak_rss'] / 2**30:.2f}",
                  ref.get("source", "-")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -40,6 +40,20 @@ def test_table_of_tiny_nets_counts_parameters_and_flops():
     assert body[1][2] == "-" and body[1][5] == "32x32x32" and body[1][6] == "-"
 
 
+def test_deep_supervision_net_counts_flops_with_and_without_its_heads():
+    tiny = Paper(options={"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 4],
+                          "deep_supervision": True}, out_channels=3, window=(16, 32, 32),
+                 figures={"params": 1.0, "gflops": {"16x32x32": 1.0}})
+    res = run(["dformer"], papers={"dformer": tiny}, window=(16, 32, 32), repeats=1, threads=1)
+    r = res["rows"][0]
+    # the 1/2 and 1/4 heads run in training only: they add FLOPs and parameters there
+    assert r["gflops_ds"]["16x32x32"] > r["gflops"]["16x32x32"] > 0
+    assert r["params"] > r["params_no_ds"]
+    assert r["reference"]["source"] == "official code"
+    row = format_table(res).splitlines()[-1]
+    assert "with DS heads" in row and "without DS heads" in row
+
+
 def test_flops_count_attention_on_meta_and_on_the_cpu_alike():
     class Attend(torch.nn.Module):
         def __init__(self):
