@@ -320,15 +320,24 @@ USER_ERROR = "medvit-bench-worker: user error: "
 """Prefix of the line a worker prints for a user error (a bad input), so the parent can repeat it."""
 
 
-def _spawn(impl: str, case: Case, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pipelines.bench_engine", "--worker", impl, "--case", json.dumps(case.__dict__), "--out", str(out)]
+def run_worker(cmd: list[str], what: str) -> dict:
+    """Run a bench worker process; its last stdout line is its JSON result.
+
+    A user error the worker printed with :data:`USER_ERROR` is raised here as :class:`MedvitError`
+    (one line); any other failure is a RuntimeError carrying the worker's stderr tail.
+    """
     r = subprocess.run(cmd, capture_output=True, text=True)
     said = [ln[len(USER_ERROR):] for ln in r.stderr.splitlines() if ln.startswith(USER_ERROR)]
     if r.returncode == MedvitError.exit_code and said:
         raise MedvitError(said[-1])
     if r.returncode != 0:
-        raise RuntimeError(f"{impl} worker failed:\n{r.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _spawn(impl: str, case: Case, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "pipelines.bench_engine", "--worker", impl, "--case", json.dumps(case.__dict__), "--out", str(out)]
+    return run_worker(cmd, f"{impl} worker")
 
 
 def machine() -> str:

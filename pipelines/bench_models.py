@@ -23,7 +23,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from medvit.errors import MedvitError
+from pipelines.bench_engine import USER_ERROR, run_worker
 
 WINDOW = (96, 96, 96)
 """The common window every net is measured at."""
@@ -185,19 +185,10 @@ def measure(name: str, paper: Paper, *, window: tuple[int, int, int] = WINDOW, r
     return row
 
 
-USER_ERROR = "medvit-bench-models-worker: user error: "
-
-
 def _spawn(name: str, paper: Paper, *, window, repeats: int, threads: int) -> dict[str, Any]:
     spec = {"name": name, "paper": asdict(paper), "window": list(window), "repeats": repeats, "threads": threads}
-    cmd = [sys.executable, "-m", "pipelines.bench_models", "--worker", json.dumps(spec)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    said = [ln[len(USER_ERROR):] for ln in r.stderr.splitlines() if ln.startswith(USER_ERROR)]
-    if r.returncode == MedvitError.exit_code and said:
-        raise MedvitError(said[-1])
-    if r.returncode != 0:
-        raise RuntimeError(f"bench worker for {name} failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_worker([sys.executable, "-m", "pipelines.bench_models", "--worker", json.dumps(spec)],
+                      f"bench worker for {name}")
 
 
 def run(nets: list[str] | None = None, *, papers: dict[str, Paper] | None = None, window: tuple[int, int, int] = WINDOW,

@@ -56,6 +56,11 @@ class GridAttention(nn.Module):
         """The attention dropout to bind into the pattern: ``attn_drop`` in training, else 0."""
         return self.attn_drop if self.training else 0.0
 
+    def check_tokens(self, x: Tensor) -> None:
+        """ValueError unless ``x`` is ``(B, D, H, W, dim)``."""
+        if x.ndim != 5 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, D, H, W, {self.dim}), got {tuple(x.shape)}")
+
     def forward(self, x: Tensor, pattern: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         """Args:
             x: tokens ``(B, D, H, W, dim)``.
@@ -68,8 +73,7 @@ class GridAttention(nn.Module):
         Raises:
             ValueError: ``x`` is not 5D or its last axis is not ``dim``.
         """
-        if x.ndim != 5 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (B, D, H, W, {self.dim}), got {tuple(x.shape)}")
+        self.check_tokens(x)
         b, d, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, d, h, w, 3, self.num_heads, self.dim // self.num_heads)
         q, k, v = qkv.permute(4, 0, 5, 1, 2, 3, 6).unbind(0)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvit.attention._grid import AxisPlan, check_qkv, grouped_attention
+from medvit.attention.multihead import GridAttention
 
 __all__ = ["CrossStripeAttention", "stripe_attention"]
 
@@ -103,7 +104,7 @@ def slab_conv(x: Tensor, conv: nn.Conv3d, axis: int, width: int) -> Tensor:
     return y.narrow(2 + axis, 0, n)
 
 
-class CrossStripeAttention(nn.Module):
+class CrossStripeAttention(GridAttention):
     """CSWin's cross-shaped window self-attention on a 3D token grid.
 
     ``x -> qkv (Linear dim -> 3*dim) -> channels (and heads) split in three sets -> set a:
@@ -138,30 +139,19 @@ class CrossStripeAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:
-        super().__init__()
         widths = (width,) * 3 if isinstance(width, int) else tuple(width)
-        if dim < 1 or num_heads < 1 or len(widths) != 3 or min(widths) < 1:
-            raise ValueError(
-                f"dim, num_heads and width must be >= 1 (width: one or three values), got dim={dim}, "
-                f"num_heads={num_heads}, width={width}"
-            )
+        if len(widths) != 3 or min(widths) < 1:
+            raise ValueError(f"width must be one or three values >= 1, got {width}")
         if num_heads % 3 or dim % 3:
             raise ValueError(f"dim and num_heads must divide by 3 (one set per axis), got dim={dim}, num_heads={num_heads}")
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must divide by num_heads={num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.width = widths
-        self.attn_drop = float(attn_drop)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         c3 = dim // 3
         self.lepe = (
             nn.ModuleList(nn.Conv3d(c3, c3, 3, padding=1, groups=c3) for _ in range(3)) if lepe else None
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]  (the pattern is fixed)
         """Args:
             x: tokens ``(B, D, H, W, dim)``.
 
@@ -171,14 +161,13 @@ class CrossStripeAttention(nn.Module):
         Raises:
             ValueError: ``x`` is not 5D or its last axis is not ``dim``.
         """
-        if x.ndim != 5 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (B, D, H, W, {self.dim}), got {tuple(x.shape)}")
+        self.check_tokens(x)
         b, d, h, w, _ = x.shape
         h3 = self.num_heads // 3
         hd = self.dim // self.num_heads
         # (q/k/v, set, B, heads per set, D, H, W, head_dim)
         qkv = self.qkv(x).reshape(b, d, h, w, 3, 3, h3, hd).permute(4, 5, 0, 6, 1, 2, 3, 7)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.dropout_p
         outs = []
         for a in range(3):
             q, k, v = qkv[0, a], qkv[1, a], qkv[2, a]
