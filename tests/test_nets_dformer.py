@@ -311,3 +311,37 @@ def test_bad_options_are_one_line_config_errors(options, roi, expected):
         build_net(ModelConfig(name="dformer", out_channels=3, roi_size=roi, options={**TINY, **options}))
     assert str(e.value).startswith(expected), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_train_and_segment_through_the_cli_with_deep_supervision(tmp_path, capsys):
+    # the whole user path, as for the other nets: train (deep supervision on), then segment a
+    # held-out volume with the best checkpoint; labels come back on the input's grid
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    import yaml
+
+    from tests.helpers import tiny_config, write_tiny_set
+    from tests.test_cli import run_cli
+
+    dl = write_tiny_set(tmp_path / "data", n_train=2)
+    cfg = tiny_config(tmp_path, dl, epochs=2)
+    d = yaml.safe_load(cfg.read_text())
+    d["model"] = {"name": "dformer", "roi_size": [16, 16, 16],
+                  "options": {**TINY, "patch_size": [2, 2, 2], "group_size": [2, 4, 4], "deep_supervision": True}}
+    cfg.write_text(yaml.safe_dump(d))
+    code, _, err = run_cli(["train", str(cfg), "--no-progress"], capsys)
+    assert code == 0, err
+    run = Path(d["train"]["output_dir"])
+    assert json.loads((run / "best.json").read_text())["net"]["options"]["deep_supervision"] is True
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    case = dl.parent / json.loads(dl.read_text())["test"][0]["image"]
+    code, _, err = run_cli(["segment", str(case), "-o", str(tmp_path / "seg"), "--checkpoint",
+                            str(run / "best.safetensors")], capsys)
+    assert code == 0, err
+    seg = nib.load(next((tmp_path / "seg").glob("*_seg.nii.gz")))
+    src = nib.load(case)
+    assert seg.shape == src.shape
+    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
