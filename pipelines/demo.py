@@ -82,6 +82,15 @@ DEMO_NETS: dict[str, dict] = {
                               "patch_size": [2, 2, 2], "group_size": [4, 4, 4]}},
         "train": {"lr": 5e-3, "epochs": 40},
     },
+    "transunet3d": {
+        # four stages (16..128 channels) leave a 6x6x6 token grid on 48^3 windows; a two-block
+        # ViT of width 96 keeps a step near the CNN baseline's
+        "model": {"name": "transunet3d", "in_channels": 1, "roi_size": [48, 48, 48],
+                  "options": {"strides": [1, 2, 2, 2], "base_features": 16, "max_features": 128,
+                              "vit_layers": 2, "vit_hidden": 96, "vit_heads": 4, "vit_mlp": 192,
+                              "vit_dropout": 0.0}},
+        "train": {"epochs": 24},
+    },
 }
 """Every registered volume net's small CPU configuration for ``medvit demo --net NAME``."""
 

@@ -81,6 +81,7 @@ def test_paper_table_covers_the_registered_nets_and_dformer():
     assert set(available()) <= set(PAPER)
     assert PAPER["dformer"].window == (64, 128, 128) and PAPER["dformer"].figures["params"] == 50.56e6
     assert PAPER["unetr"].options == {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
+    assert PAPER["transunet3d"].source.startswith("estimate") and PAPER["transunet3d"].figures["params"] == 117e6
 
 
 def test_cli_writes_json_and_refuses_an_unknown_net(monkeypatch, tmp_path, capsys):
