@@ -2,8 +2,9 @@
 
 MONAI's DiceCE loss on random patches (RandCropByPosNegLabeld and the configured
 augmentation), weighted over the scales of a deep-supervision net by MONAI's
-DeepSupervisionLoss (a mask-transformer net's prediction: the Hungarian set loss instead); validation through the shared engine with MONAI's DiceMetric on the
-preprocessed grid, checkpoints as safetensors with a JSON sidecar.
+DeepSupervisionLoss (a mask-transformer net's prediction: the Hungarian set loss instead);
+validation through the shared engine with MONAI's DiceMetric on the preprocessed grid,
+checkpoints as safetensors with a JSON sidecar.
 """
 
 from __future__ import annotations

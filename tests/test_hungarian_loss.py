@@ -112,7 +112,8 @@ def test_no_object_weight_scales_only_the_unmatched_queries():
     moved[0, j] += torch.randn(K + 1, generator=g)
     moved[0, j, K] -= 10.0  # the unmatched query far from "no object", but still the costlier match
     ignore = HungarianMaskLoss(K, no_object_weight=0.0)
-    assert torch.allclose(ignore(MaskPrediction(cls, masks, []), label), ignore(MaskPrediction(moved, masks, []), label))
+    assert torch.allclose(ignore(MaskPrediction(cls, masks, []), label),
+                          ignore(MaskPrediction(moved, masks, []), label))
     counted = HungarianMaskLoss(K, no_object_weight=0.1)
     assert counted(MaskPrediction(moved, masks, []), label) > counted(MaskPrediction(cls, masks, []), label)
 

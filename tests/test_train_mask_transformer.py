@@ -47,7 +47,8 @@ class TinyMaskNet(nn.Module):
 
 
 def tiny_mask(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options) -> nn.Module:
-    return construct(TinyMaskNet, "tiny_mask", options, fixed={"in_channels": in_channels, "out_channels": out_channels})
+    fixed = {"in_channels": in_channels, "out_channels": out_channels}
+    return construct(TinyMaskNet, "tiny_mask", options, fixed=fixed)
 
 
 @pytest.fixture

@@ -108,6 +108,7 @@ class HungarianMaskLoss(nn.Module):
             raise ValueError(f"label must be (B, 1, D, H, W), got {tuple(label.shape)}")
         lab = (label.round() if label.is_floating_point() else label).long()  # loaders give float labels
         if lab.min() < 0 or lab.max() >= self.num_classes:
-            raise ValueError(f"label ids must be in 0..{self.num_classes - 1}, got {lab.min().item()}..{lab.max().item()}")
+            raise ValueError(f"label ids must be in 0..{self.num_classes - 1}, "
+                             f"got {lab.min().item()}..{lab.max().item()}")
         return sum((self._one(c, m, lab) for c, m in [*pred.aux, (pred.class_logits, pred.mask_logits)]),
                    start=torch.zeros((), device=pred.class_logits.device))

@@ -14,10 +14,12 @@ Choices, each checked against that code and Mask2Former:
   the query init for layer 0): its mask logits resized by trilinear interpolation to the level
   layer ``i`` attends, a voxel masked where ``sigmoid < 0.5``; a query whose whole row is masked
   attends everywhere instead. The mask is detached (no gradient through it).
-- **Keys** carry a 3D sine position encoding (per axis a third of the channels, sin/cos of
-  positions normalised to ``(0, 2π]``, temperature 10000; channels left over by ``hidden`` not
-  divisible by 6 are zero) plus a learned per-level embedding added to the projected features;
-  queries carry their positional embedding in both attentions, values carry none.
+- **Keys** carry a 3D sine position encoding (per axis, D then H then W, a third of the channels:
+  sin/cos of positions normalised to ``(0, 2π]``, temperature 10000, DETR's frequency pairing;
+  channels left over by ``hidden`` not divisible by 6 are zero. The official 3D code spaces the
+  frequencies by ``3·(j // 3)``, a slip from DETR's ``2·(j // 2)`` that repeats sin/cos pairs'
+  frequencies; we keep DETR's) plus a learned per-level embedding added to the projected
+  features; queries carry their positional embedding in both attentions, values carry none.
 - **Heads**: class ``Linear(hidden, K + 1)`` (the last is "no object"); mask embedding by a
   3-layer MLP, dotted with the ``mask_features`` map, so masks come at its resolution.
 - **Predictions** after the query init and after every layer: the last is the output, the
