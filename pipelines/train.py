@@ -2,8 +2,9 @@
 
 MONAI's DiceCE loss on random patches (RandCropByPosNegLabeld and the configured
 augmentation), weighted over the scales of a deep-supervision net by MONAI's
-DeepSupervisionLoss; validation through the shared engine with MONAI's DiceMetric on the
-preprocessed grid, checkpoints as safetensors with a JSON sidecar.
+DeepSupervisionLoss (a mask-transformer net's prediction: the Hungarian set loss instead);
+validation through the shared engine with MONAI's DiceMetric on the preprocessed grid,
+checkpoints as safetensors with a JSON sidecar.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from medvit.checkpoint import save_checkpoint
 from medvit.config import Config
 from medvit.data.datalist import read_datalist
 from medvit.errors import ConfigError
+from medvit.losses import HungarianMaskLoss
 from medvit.nets import build_net
+from medvit.nets.mask_transformer import MaskPrediction
 from medvit.transforms import run_chain, train_transforms, val_transforms
 from pipelines.engine import sliding_window_labels
 from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor, prepared_output  # noqa: F401  (re-exported)
@@ -94,7 +97,8 @@ class CheckedCases(torch.utils.data.Dataset):
 
 
 class SegmentationLoss(torch.nn.Module):
-    """DiceCE (softmax, one-hot label) on a net's logits, deep supervision included.
+    """DiceCE (softmax, one-hot label) on a net's logits, deep supervision included; the
+    Hungarian set loss on a mask-classification net's prediction.
 
     ``outputs``: logits ``(B, K, D, H, W)``, or a deep-supervision net's tuple/list of them in
     nnU-Net's order, full resolution first, then coarser (a net's ``deep_supervision`` option,
@@ -103,15 +107,25 @@ class SegmentationLoss(torch.nn.Module):
     the label ``(B, 1, D, H, W)`` resized to each output's grid by ``nearest-exact`` interpolation.
     A first output on another grid than the label, or a later one larger than the one before it,
     is a RuntimeError (a net that breaks this contract is a bug, not a user's mistake).
+
+    A :class:`~medvit.nets.mask_transformer.MaskPrediction` (a mask-transformer decoder in training
+    mode) goes to :class:`~medvit.losses.HungarianMaskLoss` with ``num_classes`` classes (the
+    config's ``out_channels``), its aux predictions included; without ``num_classes`` it is a
+    RuntimeError.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int | None = None) -> None:
         super().__init__()
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
         self.deep = DeepSupervisionLoss(self.dice_ce, weight_mode="exp")
+        self.hungarian = None if num_classes is None else HungarianMaskLoss(num_classes)
 
-    def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor],
+    def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | MaskPrediction,
                 label: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, MaskPrediction):
+            if self.hungarian is None:
+                raise RuntimeError("a MaskPrediction needs SegmentationLoss(num_classes) for its Hungarian loss")
+            return self.hungarian(outputs, label)
         if not isinstance(outputs, (tuple, list)):
             return self.dice_ce(outputs, label)
         shapes = [tuple(o.shape[2:]) for o in outputs]
@@ -124,8 +138,8 @@ class SegmentationLoss(torch.nn.Module):
 
 
 class VolumeTask:
-    """Random patches with DiceCE (:class:`SegmentationLoss`, deep supervision included); validation
-    Dice on whole preprocessed volumes, from the full-resolution output only."""
+    """Random patches with DiceCE (:class:`SegmentationLoss`, deep supervision and mask-transformer
+    predictions included); validation Dice on whole preprocessed volumes, from the full-resolution output only."""
 
     metric, per_label, collate = "mean_dice", "dice", staticmethod(list_data_collate)
 
@@ -141,7 +155,7 @@ class VolumeTask:
         if val_files:
             vds = CheckedCases(val_files, val_transforms(cfg), cache=tc.cache)
             self.val_loader = DataLoader(vds, batch_size=1, num_workers=0)
-        self.loss_fn = SegmentationLoss()
+        self.loss_fn = SegmentationLoss(int(cfg.model.out_channels))
 
     def train_samples(self) -> SeededSamples:
         return SeededSamples(self.cases, self.rand, self.cfg.train.seed)
