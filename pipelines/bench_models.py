@@ -74,6 +74,15 @@ PAPER: dict[str, Paper] = {
 }
 
 
+VARIANTS: dict[str, tuple[str, Paper]] = {
+    # row label -> (registered net, its setting): a second configuration of one net, measured
+    # right after the net's own row
+    "transunet3d (mask transformer)": ("transunet3d", Paper(
+        options={"strides": [1, [2, 2, 1], 2, 2, 2, 2], "decoder": "mask_transformer"}, window=(160, 192, 64))),
+}
+"""Further rows: nets with a second paper configuration (3D TransUNet's decoder variant)."""
+
+
 def window_key(window: tuple[int, ...]) -> str:
     return "x".join(str(int(w)) for w in window)
 
@@ -114,8 +123,10 @@ def count_flops(build: Callable[[], torch.nn.Module], window: tuple[int, int, in
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
-                net = build().train(train)
+                net = build().train(train).requires_grad_(False)
             x = torch.zeros((1, 1, *window), device=device)
+            # no parameter requires grad: the counter's module tracker fails on a module input that is
+            # a view of a parameter (a mask transformer's expanded query embeddings) under no_grad
             # the math path: the CPU's fused attention kernel is not in the counter's table
             with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
                 net(x)
@@ -204,8 +215,8 @@ def run(nets: list[str] | None = None, *, papers: dict[str, Paper] | None = None
         repeats: int = 3, threads: int | None = None, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Measure ``nets`` (default: every registered volume net), each in a fresh subprocess.
 
-    ``papers`` replaces :data:`PAPER` rows (tests use tiny settings); a net without a row is
-    measured with its defaults and 14 classes. ``on_row(result so far)`` is called after each net.
+    ``papers`` replaces :data:`PAPER` (and :data:`VARIANTS`) rows (tests use tiny settings); a net
+    without a row is measured with its defaults and 14 classes. A net's :data:`VARIANTS` rows follow its own. ``on_row(result so far)`` is called after each net.
     Raises :class:`MedvitError` for a name that is not registered.
     """
     from medvit.nets import available
@@ -221,6 +232,14 @@ def run(nets: list[str] | None = None, *, papers: dict[str, Paper] | None = None
         res["rows"].append(_spawn(name, table.get(name, Paper()), window=window, repeats=repeats, threads=threads))
         if on_row is not None:
             on_row(res)
+        # a variant runs beside its net unless ``papers`` replaces the net's row and not the variant's
+        for label, (base, paper) in VARIANTS.items():
+            if base != name or (name in (papers or {}) and label not in (papers or {})):
+                continue
+            row = _spawn(name, (papers or {}).get(label, paper), window=window, repeats=repeats, threads=threads)
+            res["rows"].append({**row, "net": label})
+            if on_row is not None:
+                on_row(res)
     return res
 
 

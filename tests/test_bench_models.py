@@ -54,6 +54,23 @@ def test_deep_supervision_net_counts_flops_with_and_without_its_heads():
     assert "with DS heads" in row and "without DS heads" in row
 
 
+def test_transunet3d_rows_both_decoders_and_the_estimate_label():
+    tiny = {"strides": [1, 2, 2, 2], "base_features": 4, "max_features": 16, "vit_layers": 1, "vit_hidden": 16,
+            "vit_heads": 2, "vit_mlp": 32}
+    papers = {"transunet3d": Paper(options=tiny, out_channels=3, window=(16, 16, 16), figures={"params": 117e6},
+                                   source="estimate"),
+              "transunet3d (mask transformer)": Paper(
+                  options={**tiny, "decoder": "mask_transformer", "num_queries": 4, "query_hidden": 12,
+                           "query_heads": 2, "query_ffn": 24, "query_layers": 2}, out_channels=3, window=(16, 16, 16))}
+    res = run(["transunet3d"], papers=papers, window=(16, 16, 16), repeats=1, threads=1)
+    enc, dec = res["rows"]
+    assert enc["net"] == "transunet3d" and dec["net"] == "transunet3d (mask transformer)"
+    assert dec["params"] > enc["params"] and dec["gflops"]["16x16x16"] > 0
+    assert enc["reference"]["source"] == "estimate" and "reference" not in dec
+    lines = format_table(res).splitlines()
+    assert lines[-2].endswith("| estimate |") and lines[-1].startswith("| transunet3d (mask transformer) |")
+
+
 def test_flops_count_attention_on_meta_and_on_the_cpu_alike():
     class Attend(torch.nn.Module):
         def __init__(self):

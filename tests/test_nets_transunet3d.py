@@ -15,10 +15,16 @@ from medvit.checkpoint import load_checkpoint, save_checkpoint
 from medvit.config import ModelConfig, load_config, parse_config
 from medvit.errors import ConfigError
 from medvit.nets import build_net
+from medvit.losses.hungarian import HungarianMaskLoss
+from medvit.nets.mask_transformer import MaskPrediction, semantic_scores
 from medvit.nets.transunet3d import TransUNet3D, ViTBlock, token_grid
 
 TINY = {"strides": [1, 2, 2, 2], "base_features": 4, "max_features": 16, "vit_layers": 2, "vit_hidden": 16,
         "vit_heads": 2, "vit_mlp": 32, "vit_dropout": 0.0}
+
+
+MASK = {"decoder": "mask_transformer", "num_queries": 5, "query_hidden": 12, "query_heads": 2, "query_ffn": 24,
+        "query_layers": 2}
 
 
 def tiny(roi=(16, 16, 16), in_channels=1, out_channels=3, **kw) -> TransUNet3D:
@@ -172,6 +178,44 @@ def test_loss_falls_in_a_few_steps(deep_supervision):
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
 
+@pytest.mark.parametrize(("strides", "roi", "levels"), [
+    ([1, 2, 2, 2, 2], (17, 16, 20), (3, 2, 1)),  # 1/8, 1/4, 1/2 on odd sizes
+    ([1, 2, 2, 2], (16, 12, 16), (2, 1)),  # four stages: the levels there are
+    ([1, [1, 2, 2], 2], (9, 16, 12), (1,)),  # three stages: level 1 only
+])
+def test_mask_transformer_decoder(strides, roi, levels):
+    torch.manual_seed(0)
+    net = tiny(roi, strides=strides, **MASK)
+    assert net.mask_levels == levels and net.head is None and net.aux_heads is None
+    assert net.mask_decoder.in_channels == tuple(net.channels[i] for i in levels)
+    x = torch.randn(2, 1, *roi)
+    pred = net.train()(x)
+    assert isinstance(pred, MaskPrediction)
+    assert pred.class_logits.shape == (2, 5, 4) and pred.mask_logits.shape == (2, 5, *roi)
+    assert len(pred.aux) == 2  # the query init and the first of two layers
+    with torch.no_grad():
+        scores = net.eval()(x)
+        assert scores.shape == (2, 3, *roi)
+        pred = net.train()(x)  # no dropout: the same prediction in both modes
+        torch.testing.assert_close(scores, semantic_scores(pred))
+
+
+def test_mask_transformer_loss_falls_in_a_few_steps():
+    torch.manual_seed(0)
+    net = tiny(base_features=8, **MASK).train()
+    x, y = _blobs(4)
+    loss_fn = HungarianMaskLoss(3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = loss_fn(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+
 def _config(roi=(16, 16, 16), **options):
     return parse_config({
         "labels": {0: "background", 1: "liver", 2: "spleen"},
@@ -179,8 +223,9 @@ def _config(roi=(16, 16, 16), **options):
     })
 
 
-def test_checkpoint_round_trip_and_another_window(tmp_path):
-    cfg = _config(deep_supervision=True, layer_scale=0.5)
+@pytest.mark.parametrize("options", [{"deep_supervision": True, "layer_scale": 0.5}, MASK])
+def test_checkpoint_round_trip_and_another_window(tmp_path, options):
+    cfg = _config(**options)
     torch.manual_seed(0)
     net = build_net(cfg.model).eval()
     x = torch.linspace(-1, 1, 16**3).reshape(1, 1, 16, 16, 16).sin()
@@ -233,8 +278,12 @@ def test_builder_passes_options_and_channels():
         ({"strides": [1, 0, 2]}, (16, 16, 16), "model.options.strides: transunet3d: strides needs entries of one positive integer or three"),
         ({"strides": [1, [2, 2], 2]}, (16, 16, 16), "model.options.strides: transunet3d: strides needs entries of one positive integer or three"),
         ({"strides": [1]}, (16, 16, 16), "model.options.strides: transunet3d: strides needs at least two stages"),
+        ({"strides": [2, 2, 2]}, (16, 16, 16), "model.options.strides: transunet3d: strides must start with 1"),
         ({"decoder": "unet"}, (16, 16, 16), "model.options.decoder: transunet3d: decoder must be one of 'cnn', 'mask_transformer', got 'unet'"),
-        ({"decoder": "mask_transformer"}, (16, 16, 16), "model.options.decoder: transunet3d's 'mask_transformer' decoder is not built yet"),
+        ({"decoder": "mask_transformer", "num_queries": 0}, (16, 16, 16), "model.options.num_queries: transunet3d needs sizes of at least 1, got 0"),
+        ({"decoder": "mask_transformer", "query_layers": 0}, (16, 16, 16), "model.options.query_layers: transunet3d needs sizes of at least 1, got 0"),
+        ({"decoder": "mask_transformer", "query_hidden": 20, "query_heads": 8}, (16, 16, 16), "model.options.query_hidden: transunet3d: query_hidden = 20 must be at least 6 and divisible by query_heads = 8"),
+        ({"decoder": "mask_transformer", "deep_supervision": True}, (16, 16, 16), "model.options.deep_supervision: transunet3d: deep_supervision is for the 'cnn' heads"),
         ({"vit_dropout": 1.0}, (16, 16, 16), "model.options.vit_dropout: transunet3d: vit_dropout must be in [0, 1), got 1.0"),
         ({"layer_scale": "on"}, (16, 16, 16), "model.options.layer_scale: expected float or null, got 'on'"),
         ({"grid": [2, 2, 2]}, (16, 16, 16), "model.options.grid: transunet3d sets grid from model.roi_size"),
@@ -249,7 +298,8 @@ def test_bad_options_are_one_line_config_errors(options, roi, expected):
     assert "\n" not in str(e.value)
 
 
-def test_train_and_segment_through_the_cli_with_deep_supervision(tmp_path, capsys):
+@pytest.mark.parametrize("options", [{"deep_supervision": True}, MASK], ids=["cnn", "mask_transformer"])
+def test_train_and_segment_through_the_cli(tmp_path, capsys, options):
     import json
 
     import nibabel as nib
@@ -262,12 +312,13 @@ def test_train_and_segment_through_the_cli_with_deep_supervision(tmp_path, capsy
     dl = write_tiny_set(tmp_path / "data", n_train=2)
     cfg = tiny_config(tmp_path, dl, epochs=2)
     d = yaml.safe_load(cfg.read_text())
-    d["model"] = {"name": "transunet3d", "roi_size": [16, 16, 16], "options": {**TINY, "deep_supervision": True}}
+    d["model"] = {"name": "transunet3d", "roi_size": [16, 16, 16], "options": {**TINY, **options}}
     cfg.write_text(yaml.safe_dump(d))
     code, _, err = run_cli(["train", str(cfg), "--no-progress"], capsys)
     assert code == 0, err
     run = Path(d["train"]["output_dir"])
-    assert json.loads((run / "best.json").read_text())["net"]["options"]["deep_supervision"] is True
+    saved = json.loads((run / "best.json").read_text())["net"]["options"]
+    assert all(saved[k] == v for k, v in options.items())
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     case = dl.parent / json.loads(dl.read_text())["test"][0]["image"]

@@ -54,8 +54,23 @@ Choices and fixes to the official code (each tested in ``tests/test_nets_transun
   at zero and is only filled when 2D ImageNet weights are loaded, which are not used here.
 - The CNN's convs carry no bias (MONAI's blocks; a bias before instance norm is cancelled by it);
   the official convs have one. The official weights use He init; ours PyTorch's defaults.
-- The mask-transformer decoder (the paper's "decoder" variant, ``decoder: mask_transformer``) is not
-  built yet: the option is refused at config time.
+
+Decoder variant (``decoder: mask_transformer``)
+-----------------------------------------------
+The paper's "decoder" configuration: the CNN decoder runs as above, without its logit heads, and
+a Mask2Former-style transformer decoder (:class:`medvit.nets.mask_transformer.MaskTransformerDecoder`:
+``num_queries`` (20) learnable queries, width ``query_hidden`` (192), ``query_heads`` (8),
+FFN ``query_ffn`` (1536), ``query_layers`` (3) layers of masked cross-attention, self-attention,
+FFN) cross-attends the CNN decoder's outputs at ⅛, ¼ and ½ of the window (decoder levels 3, 2, 1,
+coarse to fine; with fewer stages the levels there are), its masks dotted with "mask features": a
+1×1×1 conv from the finest decoder level (full resolution) to ``query_hidden`` channels, as the
+official ``linear_mask_features``. The official code also passes each level through a 1×1×1 conv
+and GroupNorm; here the decoder's own per-level 1×1×1 projection serves. In training mode
+``forward`` returns the :class:`~medvit.nets.mask_transformer.MaskPrediction` (the training loop
+sends it to the Hungarian matching loss, which supervises every layer; so ``deep_supervision``
+does not combine with this decoder); in eval mode the semantic scores
+``Σ_q softmax(class_q)[:K] · sigmoid(mask_q)`` ``(B, K, D, H, W)``, on the input's grid (the finest
+level's: the first stage has stride 1).
 
 Size (default sizes, 1 input channel, 14 classes)
 -------------------------------------------------
@@ -80,6 +95,7 @@ from torch import Tensor, nn
 
 from medvit.attention import GridAttention, full_attention
 from medvit.errors import ConfigError
+from medvit.nets.mask_transformer import MaskPrediction, MaskTransformerDecoder, semantic_scores
 from medvit.nets.registry import construct, register
 
 __all__ = ["TransUNet3D", "transunet3d"]
@@ -87,6 +103,8 @@ __all__ = ["TransUNet3D", "transunet3d"]
 NORM = ("INSTANCE", {"affine": True})
 ACT = ("leakyrelu", {"inplace": True, "negative_slope": 0.01})
 DECODERS = ("cnn", "mask_transformer")
+MASK_LEVELS = (3, 2, 1)
+"""Decoder levels the mask transformer cross-attends, coarse to fine (1/8, 1/4, 1/2 with stride-2 stages)."""
 
 
 def _strides(strides: Sequence[int | Sequence[int]]) -> list[tuple[int, int, int]]:
@@ -99,6 +117,8 @@ def _strides(strides: Sequence[int | Sequence[int]]) -> list[tuple[int, int, int
         out.append(t)
     if len(out) < 2:
         raise ValueError(f"strides needs at least two stages (one downsampling), got {list(strides)}")
+    if out[0] != (1, 1, 1):
+        raise ValueError(f"strides must start with 1 (the first stage runs at the input's resolution), got {list(strides)}")
     return out  # type: ignore[return-value]
 
 
@@ -181,21 +201,26 @@ class TransUNet3D(nn.Module):
     Any ``D, H, W`` works as long as the bottleneck keeps more than one voxel (instance norm). In
     training mode with ``deep_supervision`` the forward pass returns a tuple of logits, full
     resolution first, then decoder levels 1 .. n-2 (sizes of encoder stages 1 .. n-2); otherwise the
-    full-resolution logits. See the module docstring for the architecture and the official code.
+    full-resolution logits. With ``decoder="mask_transformer"``: a ``MaskPrediction`` in training
+    mode, semantic scores ``(B, out_channels, D, H, W)`` in eval mode. See the module docstring for
+    the architecture and the official code.
 
     Args:
         grid: the token grid the position embedding is created on (the builder passes the
             bottleneck grid of ``roi_size``); other grids are served by resizing it.
-        strides: one entry per stage, the first usually 1 (an int, or three for D, H, W).
+        strides: one entry per stage (an int, or three for D, H, W), the first 1.
         base_features, max_features: stage ``i`` has ``min(base_features * 2**i, max_features)`` channels.
         vit_layers, vit_hidden, vit_heads, vit_mlp: the ViT's depth, width, heads, MLP width.
         vit_dropout, vit_attn_dropout: dropout after the embedding and in the MLP; on attention.
         layer_scale: initial LayerScale γ on the attention and MLP branches; None builds none.
-        decoder: "cnn" (the U-Net decoder); "mask_transformer" is not built yet.
+        decoder: "cnn" (the U-Net decoder's logit heads) or "mask_transformer" (see the module docstring).
+        num_queries, query_hidden, query_heads, query_ffn, query_layers, query_dropout: the mask
+            transformer's sizes (used with ``decoder="mask_transformer"`` only).
 
     Raises:
         ValueError: a size below 1, bad ``strides``, ``vit_hidden`` not divisible by ``vit_heads``, a
-            dropout outside [0, 1), an unknown or unbuilt ``decoder``; the message names the argument.
+            dropout outside [0, 1), an unknown ``decoder``, ``deep_supervision`` with the mask
+            transformer, or a bad mask-transformer size; the message names the argument.
     """
 
     encoder_prefixes: tuple[str, ...] = ("encoder.", "vit.")
@@ -219,12 +244,19 @@ class TransUNet3D(nn.Module):
         layer_scale: float | None = None,
         deep_supervision: bool = False,
         decoder: str = "cnn",
+        num_queries: int = 20,
+        query_hidden: int = 192,
+        query_heads: int = 8,
+        query_ffn: int = 1536,
+        query_layers: int = 3,
+        query_dropout: float = 0.0,
     ):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("base_features", base_features), ("max_features", max_features),
                         ("vit_layers", vit_layers), ("vit_hidden", vit_hidden), ("vit_heads", vit_heads),
-                        ("vit_mlp", vit_mlp)):
+                        ("vit_mlp", vit_mlp), ("num_queries", num_queries), ("query_hidden", query_hidden),
+                        ("query_heads", query_heads), ("query_ffn", query_ffn), ("query_layers", query_layers)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         strides_ = _strides(strides)
@@ -232,13 +264,18 @@ class TransUNet3D(nn.Module):
             raise ValueError(f"grid needs three positive sizes, got {list(grid)}")
         if vit_hidden % vit_heads:
             raise ValueError(f"vit_hidden = {vit_hidden} is not divisible by vit_heads = {vit_heads}")
-        for name, rate in (("vit_dropout", vit_dropout), ("vit_attn_dropout", vit_attn_dropout)):
+        if query_hidden % query_heads or query_hidden < 6:
+            raise ValueError(f"query_hidden = {query_hidden} must be at least 6 and divisible by query_heads = "
+                             f"{query_heads}")
+        for name, rate in (("vit_dropout", vit_dropout), ("vit_attn_dropout", vit_attn_dropout),
+                           ("query_dropout", query_dropout)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
-        if decoder == "mask_transformer":
-            raise ValueError("decoder 'mask_transformer' is not built yet in this version; use 'cnn'")
+        if decoder == "mask_transformer" and deep_supervision:
+            raise ValueError("deep_supervision is for the 'cnn' heads; the mask transformer's Hungarian loss "
+                             "supervises each of its layers")
 
         self.strides = strides_
         self.deep_supervision = bool(deep_supervision)
@@ -261,11 +298,22 @@ class TransUNet3D(nn.Module):
         self.decoder = nn.ModuleList(
             UnetBasicBlock(3, 2 * chans[i], chans[i], kernel_size=3, stride=1, norm_name=NORM, act_name=ACT)
             for i in range(n - 1))
-        self.head = nn.Conv3d(chans[0], out_channels, kernel_size=1, bias=False)
-        # heads of decoder levels 1 .. n-3 (the coarsest level, n-2, gets none), only with deep supervision
-        self.aux_heads = (nn.ModuleList(nn.Conv3d(chans[i], out_channels, kernel_size=1, bias=False)
-                                        for i in range(1, n - 2))
-                          if self.deep_supervision else None)
+        self.head: nn.Module | None = None
+        self.aux_heads: nn.ModuleList | None = None
+        self.mask_decoder: MaskTransformerDecoder | None = None
+        if decoder == "cnn":
+            self.head = nn.Conv3d(chans[0], out_channels, kernel_size=1, bias=False)
+            # heads of decoder levels 1 .. n-3 (the coarsest level, n-2, gets none), only with deep supervision
+            if self.deep_supervision:
+                self.aux_heads = nn.ModuleList(nn.Conv3d(chans[i], out_channels, kernel_size=1, bias=False)
+                                               for i in range(1, n - 2))
+        else:
+            # the decoder levels there are of 3, 2, 1 (level 0 makes the mask features)
+            self.mask_levels = tuple(i for i in MASK_LEVELS if i <= n - 2) or (0,)
+            self.mask_features = nn.Conv3d(chans[0], query_hidden, kernel_size=1)
+            self.mask_decoder = MaskTransformerDecoder(
+                [chans[i] for i in self.mask_levels], query_hidden, out_channels, num_queries=num_queries,
+                hidden=query_hidden, heads=query_heads, ffn=query_ffn, num_layers=query_layers, dropout=query_dropout)
 
     def _encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         if x.ndim != 5:
@@ -292,11 +340,16 @@ class TransUNet3D(nn.Module):
             levels[i] = x
         return levels
 
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...] | MaskPrediction:
         """Logits for ``x`` of shape ``(B, in_channels, D, H, W)``; see the class docstring."""
         bottleneck, skips = self._encode(x)
         levels = self.decode(bottleneck, skips)
-        full = self.head(levels[0])
+        if self.mask_decoder is not None:
+            pred = self.mask_decoder([levels[i] for i in self.mask_levels], self.mask_features(levels[0]))
+            if self.training:
+                return pred
+            return semantic_scores(pred)  # on level 0's grid: the input's
+        full = self.head(levels[0])  # type: ignore[misc]  (built with the cnn decoder)
         if not (self.training and self.aux_heads is not None):
             return full
         return (full, *(head(levels[i + 1]) for i, head in enumerate(self.aux_heads)))
@@ -308,7 +361,8 @@ def transunet3d(in_channels: int, out_channels: int, roi_size: tuple[int, int, i
 
     ``options`` are :class:`TransUNet3D`'s keyword arguments but ``grid`` (strides, base_features,
     max_features, vit_layers, vit_hidden, vit_heads, vit_mlp, vit_dropout, vit_attn_dropout,
-    layer_scale, deep_supervision, decoder). The position embedding is created on the bottleneck
+    layer_scale, deep_supervision, decoder, num_queries, query_hidden, query_heads, query_ffn,
+    query_layers, query_dropout). The position embedding is created on the bottleneck
     grid of ``roi_size`` and resized for other windows. Raises :class:`ConfigError` naming
     ``model.roi_size`` (a one-voxel bottleneck, which instance norm refuses) or
     ``model.options.<key>``.
@@ -321,9 +375,6 @@ def transunet3d(in_channels: int, out_channels: int, roi_size: tuple[int, int, i
     if math.prod(grid) <= 1:
         raise ConfigError(f"model.roi_size: transunet3d's strides leave {list(roi_size)} a one-voxel bottleneck, "
                           "which instance norm refuses; use a larger window or fewer strides")
-    if options.get("decoder") == "mask_transformer":
-        raise ConfigError("model.options.decoder: transunet3d's 'mask_transformer' decoder is not built yet "
-                          "in this version; use 'cnn'")
     return construct(
         TransUNet3D,
         "transunet3d",
