@@ -11,7 +11,8 @@ the ViT's attention runs through :mod:`medvit.attention` (:class:`GridAttention`
 Architecture (default sizes)
 ----------------------------
 - **CNN encoder** as in nnU-Net: one stage per entry of ``strides`` (default ``[1, 2, 2, 2, 2, 2]``,
-  six stages, five halvings; an entry is one stride for all axes or three, one per axis). A stage
+  six stages, five halvings; an entry is one stride for all axes or three, one per axis; the first
+  must be 1: the full-resolution stage, whose decoder level gives the logits or mask features). A stage
   is two 3×3×3 convs, each followed by InstanceNorm (affine) and LeakyReLU(0.01); its first conv
   carries the stage's stride (strided-conv downsampling, nnU-Net's ``convolutional_pooling``).
   Stage ``i`` has ``min(base_features * 2**i, max_features)`` channels: 32, 64, 128, 256, 320, 320.
@@ -78,7 +79,8 @@ The ViT blocks alone: 85 054 464 parameters (ViT-B's 85 M). The whole net at a 9
 token grid): 116 759 136, of which the CNN 31 189 792; in the official BTCV setting
 (``configs/btcv_transunet3d.yaml``: a 160×192×64 window, first halving in-plane only, a 5×6×4
 grid): 116 822 368 (116 828 640 with the deep-supervision heads), beside the issue's estimate of
-about 117 M (the official code has not been run; its conv biases would add about 4 k).
+about 117 M (the official code has not been run; its conv biases would add about 4 k). The decoder
+variant in the BTCV setting: 119 705 007.
 """
 
 from __future__ import annotations
