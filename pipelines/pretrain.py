@@ -165,10 +165,8 @@ class Pretrainer(nn.Module):
         if "rotation" in pc.tasks and self.plane is None:
             raise ConfigError(f"model.roi_size: rotation prediction turns crops in a plane of two equal sides; "
                               f"{list(self.roi)} has none (drop 'rotation' from pretrain.tasks or make two sizes equal)")
-        with torch.no_grad():
-            was = net.training
+        with torch.no_grad():  # the bottleneck's channels and grid size the heads
             feat = encoder.encode(torch.zeros(1, cfg.model.in_channels, *self.roi))
-            net.train(was)
         ch, grid = feat.shape[1], tuple(feat.shape[2:])
         self.heads = nn.ModuleDict()
         if "inpaint" in pc.tasks:
