@@ -264,3 +264,10 @@ def test_pretrain_reads_a_folder_of_images(tiny_set, tmp_path):
     cfg = parse_config(raw, tmp_path / "c.yaml")
     assert cfg.pretrain.folder == folder
     assert [Path(f["image"]).name for f in image_files(cfg)] == ["training_0.nii.gz", "training_1.nii.gz"]
+
+
+def test_pretrain_refuses_a_folder_holding_a_run(pretrained, capsys):
+    before = pretrained.read_bytes()
+    code, err = _run(["pretrain", str(pretrained.parent.parent / "cfg.yaml"), "--no-progress", "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "already holds a pretraining run" in err
+    assert pretrained.read_bytes() == before
