@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--net", default="dformer", help="a net with an encoder and a demo configuration")
     ap.add_argument("--labelled", type=int, default=3, help="labelled training cases for fine-tuning")
     ap.add_argument("--pretrain-epochs", type=int, default=8)
-    ap.add_argument("--finetune-epochs", type=int, default=25)
+    ap.add_argument("--finetune-epochs", type=int, default=20)
     ap.add_argument("--val-every", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--phantoms", type=int, nargs=3, default=(12, 2, 4), metavar=("TRAIN", "VAL", "TEST"),
