@@ -41,6 +41,8 @@ TORCH_SUFFIXES = (".pt", ".pth")
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net")
 """Keys under which training scripts (MONAI's CheckpointSaver among them) nest the state dict."""
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+PRETRAIN_KIND = "pretrain"
+"""The sidecar ``kind`` of an encoder checkpoint written by ``medvit pretrain``."""
 """Key prefixes added by DistributedDataParallel/DataParallel and torch.compile."""
 
 
@@ -76,6 +78,8 @@ def save_checkpoint(net: nn.Module, path: str | Path, *, config: Config, extra: 
     epoch, metric...) is stored under the sidecar's ``"extra"`` key.
     """
     dumped = dump_config(config)
+    if dumped["model"].get("pretrained") is None:  # kept only as provenance of a fine-tuned net
+        dumped["model"].pop("pretrained", None)
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -89,11 +93,14 @@ def save_checkpoint(net: nn.Module, path: str | Path, *, config: Config, extra: 
     return write_weights(net, path, sidecar)
 
 
-def write_weights(net: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> Path:
+def write_weights(net: nn.Module, path: str | Path, sidecar: dict[str, Any], *,
+                  prefixes: tuple[str, ...] | None = None) -> Path:
     """Weights to ``path`` (``.safetensors``), then ``sidecar`` as JSON beside it; both atomic.
 
     The shared writer for every kind of checkpoint (volume nets here, point nets in
-    ``pointcloud.checkpoint``); ``sidecar`` must carry ``format``, ``format_version``, ``net``, ``labels``.
+    ``pointcloud.checkpoint``, encoders from ``medvit pretrain``); ``sidecar`` must carry ``format``,
+    ``format_version``, ``net``, ``labels``. With ``prefixes`` only the keys starting with one of them
+    are written (an encoder's).
     """
     path = Path(path)
     if path.suffix != WEIGHTS_SUFFIX:
@@ -101,6 +108,8 @@ def write_weights(net: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> 
     # serialise before touching the disk: a value JSON cannot hold fails here, leaving old files intact
     text = json.dumps(sidecar, indent=2) + "\n"
     tensors = _portable_state_dict(net)
+    if prefixes is not None:
+        tensors = {k: t for k, t in tensors.items() if k.startswith(prefixes)}
     with atomic_path(path) as tmp:
         # bytes written by us, not save_file: its own temporary file is made 0600 (unreadable to
         # colleagues on a shared server) and its write errors are not OSErrors
@@ -156,6 +165,9 @@ def load_checkpoint(
     path = _checkpoint_file(path)
     if path.suffix == WEIGHTS_SUFFIX:
         meta = _read_sidecar(path)
+        if meta.get("kind", "volume") == PRETRAIN_KIND:
+            raise CheckpointError(f"{path}: holds an encoder from 'medvit pretrain', not a trained net; start a training "
+                                  "from it with model.pretrained")
         if meta.get("kind", "volume") != "volume":
             raise CheckpointError(f"{path}: this is a {meta['kind']} checkpoint; use it with 'medvit {meta['kind']} segment'")
         cfg = _config_from_sidecar(meta, checkpoint_sidecar(path))
@@ -357,3 +369,57 @@ def _check_fit(path: Path, state: dict[str, torch.Tensor], net: nn.Module, net_d
         )
     more = f" ({counts} keys)" if n_diff > 1 else ""
     raise CheckpointError(f"{path}: {problem}{more}")
+
+
+@dataclass
+class PretrainedLoad:
+    """What :func:`load_pretrained` copied: the checkpoint's keys (all loaded) and the net's keys it left alone."""
+
+    path: Path
+    loaded: list[str]
+    not_loaded: list[str]
+
+    def summary(self) -> str:
+        """One line: counts, and the top-level modules of the keys left at their fresh initialisation."""
+        fresh = sorted({k.split(".")[0] for k in self.not_loaded})
+        rest = f"; {len(self.not_loaded)} keys keep their fresh weights ({', '.join(fresh)})" if fresh else ""
+        tops = sorted({k.split(".")[0] for k in self.loaded})
+        return f"model.pretrained: loaded {len(self.loaded)} encoder keys ({', '.join(tops)}) from {self.path}{rest}"
+
+
+def load_pretrained(net: nn.Module, model: ModelConfig) -> PretrainedLoad:
+    """Copy the encoder weights of ``model.pretrained`` (a ``medvit pretrain`` checkpoint) into ``net``.
+
+    Every key of the checkpoint must be a key of ``net`` of the same shape; the net's other keys
+    (decoder, heads) are left as they are. Raises :class:`CheckpointError` naming ``model.pretrained``
+    for a missing or unreadable file, a checkpoint that is not an encoder from ``medvit pretrain``,
+    one of another net (name or input channels), a key the net lacks, or a shape that differs; nothing
+    is copied then.
+    """
+    if model.pretrained is None:
+        raise ValueError("model.pretrained is not set")
+    where = f"model.pretrained: {model.pretrained}"
+    try:
+        state, meta = read_weights(model.pretrained, kind=PRETRAIN_KIND)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.pretrained: {e}") from None
+    have = meta["net"] if isinstance(meta["net"], dict) else {}
+    if have.get("name") != model.name:
+        raise CheckpointError(f"{where}: holds the encoder of net '{have.get('name')}', but model.name is '{model.name}'")
+    if have.get("in_channels") != model.in_channels:
+        raise CheckpointError(f"{where}: its encoder takes {have.get('in_channels')} input channels, but model.in_channels "
+                              f"is {model.in_channels}")
+    expected = net.state_dict()
+    for key, t in state.items():
+        if key not in expected:
+            raise CheckpointError(f"{where}: key '{key}' is not a parameter of {describe_net(model)} (built with other "
+                                  f"options than the pretrained {have.get('options')}?)")
+        if t.shape != expected[key].shape:
+            raise CheckpointError(f"{where}: key '{key}' has shape {_shape(t)} in the checkpoint but "
+                                  f"{_shape(expected[key])} in {describe_net(model)}; model.options must build the "
+                                  f"encoder it was pretrained with ({have.get('options')})")
+    bad = nonfinite_key(state)
+    if bad is not None:
+        raise CheckpointError(f"{where}: key '{bad}' holds NaN or infinite values (saved from a diverged run?)")
+    net.load_state_dict(state, strict=False)
+    return PretrainedLoad(Path(model.pretrained), sorted(state), sorted(k for k in expected if k not in state))

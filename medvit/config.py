@@ -131,6 +131,9 @@ class ModelConfig(_Strict):
     roi_size: IntTriple = (96, 96, 96)
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the net's constructor (for example feature_size)."""
+    pretrained: Path | None = None
+    """An encoder checkpoint written by ``medvit pretrain`` (``.safetensors``), loaded by ``medvit train``
+    before training; relative to the config file's folder."""
 
 
 class TrainConfig(_Strict):
@@ -161,6 +164,56 @@ class TrainConfig(_Strict):
     """Optimiser steps between resume checkpoints; default: once per epoch."""
 
 
+PRETRAIN_TASKS = ("inpaint", "rotation", "contrast")
+
+
+class PretrainConfig(_Strict):
+    """Self-supervised pretraining of a net's encoder (``medvit pretrain``) on unlabelled images.
+
+    The images come from ``datalist`` (its ``split`` list; labels, if any, are ignored) or from
+    every ``.nii``/``.nii.gz`` file in ``folder``: exactly one of the two.
+    """
+
+    datalist: Path | None = None
+    """MONAI datalist JSON; relative to the config file's folder."""
+    split: str = "training"
+    """Which list of the datalist to read."""
+    folder: Path | None = None
+    """A folder of NIfTI images (one channel each); relative to the config file's folder."""
+    data_root: Path | None = None
+    """Base folder for relative paths in the datalist; default: the datalist's folder."""
+    output_dir: Path = Path("runs/pretrain")
+    """Relative to the folder the command runs in, like ``train.output_dir``."""
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(1, ge=1)
+    """Volumes per step; each gives ``num_samples`` random crops of ``model.roi_size``."""
+    num_samples: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    seed: int = Field(0, ge=0, lt=2**32)
+    cache: bool = True
+    tasks: list[Literal["inpaint", "rotation", "contrast"]] = Field(default_factory=lambda: list(PRETRAIN_TASKS))
+    mask_ratio: float = Field(0.4, gt=0, lt=1)
+    """Inpainting: the share of cubes zeroed in each crop."""
+    mask_cube: int = Field(8, ge=1)
+    """Inpainting: the side of the masked cubes, in voxels."""
+    temperature: float = Field(0.1, gt=0)
+    """Contrast: the InfoNCE temperature."""
+
+    @model_validator(mode="after")
+    def _source_and_tasks(self) -> PretrainConfig:
+        if (self.datalist is None) == (self.folder is None):
+            raise ValueError("pretrain needs exactly one of 'datalist' or 'folder' to name its images")
+        if not self.tasks:
+            raise ValueError(f"pretrain.tasks is empty; choose from {', '.join(PRETRAIN_TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"pretrain.tasks names a task twice: {self.tasks}")
+        if "contrast" in self.tasks and self.batch_size * self.num_samples < 2:
+            raise ValueError("pretrain: the contrast task needs at least two crops a step (batch_size * num_samples >= 2) "
+                             "so each view has a negative")
+        return self
+
+
 class InferConfig(_Strict):
     overlap: float = Field(0.5, ge=0, lt=1)
     sw_batch_size: int = Field(4, ge=1)
@@ -174,6 +227,7 @@ class Config(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig
     train: TrainConfig | None = None
+    pretrain: PretrainConfig | None = None
     infer: InferConfig = Field(default_factory=InferConfig)
 
     @model_validator(mode="after")
@@ -236,13 +290,16 @@ def validate_mapping(model: type[M], data: Any, source: str | Path = "<config>")
         cfg = model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
-    train = getattr(cfg, "train", None)
-    if train is not None and isinstance(source, Path):
+    if isinstance(source, Path):
         base = source.parent
-        if not train.datalist.is_absolute():
-            train.datalist = (base / train.datalist).resolve()
-        if train.data_root is not None and not train.data_root.is_absolute():
-            train.data_root = (base / train.data_root).resolve()
+        # inputs travel with the config: its paths resolve against its folder
+        for section, keys in (("train", ("datalist", "data_root")), ("pretrain", ("datalist", "folder", "data_root")),
+                              ("model", ("pretrained",))):
+            sec = getattr(cfg, section, None)
+            for key in keys if sec is not None else ():
+                value = getattr(sec, key, None)
+                if value is not None and not value.is_absolute():
+                    setattr(sec, key, (base / value).resolve())
     return cfg
 
 

@@ -141,6 +141,28 @@ def train(
 
 
 @app.command()
+def pretrain(
+    config: Annotated[Path, typer.Argument(help="YAML config with a 'pretrain' section.")],
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default cuda when available.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Overrides pretrain.output_dir.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Pretrain a net's encoder on unlabelled images (inpainting, rotation, contrast); the encoder
+    checkpoint goes to the output folder, for model.pretrained in a training config."""
+    from medvit.config import load_config
+    from pipelines.pretrain import pretrain as run_pretrain
+
+    cfg = load_config(config)
+    if cfg.pretrain is None:
+        raise MedvitError(f"{config}: no 'pretrain' section")
+    if output_dir is not None:
+        cfg.pretrain.output_dir = output_dir
+    with _naming_config(config):
+        path = run_pretrain(cfg, device=_device(device), progress=progress)
+    typer.echo(f"pretrained encoder: {path}")
+
+
+@app.command()
 def segment(
     inputs: Annotated[list[str], typer.Argument(help="NIfTI/NRRD/MHA files or DICOM folders; 'a.nii.gz,b.nii.gz' is one case with one channel per file.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],

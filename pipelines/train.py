@@ -20,7 +20,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import Compose, Randomizable
 
-from medvit.checkpoint import save_checkpoint
+from medvit.checkpoint import load_pretrained, save_checkpoint
 from medvit.config import Config
 from medvit.data.datalist import read_datalist
 from medvit.errors import ConfigError
@@ -178,7 +178,9 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = Fal
     """Train ``cfg.model`` on ``cfg.train.datalist``; checkpoints and metrics go to ``cfg.train.output_dir``.
 
     ``restart`` replaces an earlier run in that folder (the demo's); without it, or ``resume``, an
-    earlier run there is an error (see :func:`pipelines.fit.prepare_output`).
+    earlier run there is an error (see :func:`pipelines.fit.prepare_output`). With ``model.pretrained``
+    the encoder weights of that ``medvit pretrain`` checkpoint are loaded into the fresh net first
+    (:func:`medvit.checkpoint.load_pretrained`; a one-line summary of the keys loaded and left is logged).
     """
     if cfg.train is None:
         raise ConfigError("config has no 'train' section")
@@ -193,5 +195,7 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", resume: bool = Fal
         # the net first: a bad model option fails before minutes of reading and checking cases
         torch.manual_seed(cfg.train.seed)
         net = build_net(cfg.model)
+        if cfg.model.pretrained is not None and not resume:  # a resumed run has its own weights
+            log.warning("%s", load_pretrained(net, cfg.model).summary())
         task = VolumeTask(cfg)
         return fit(task, net, cfg.train, device=device, resume=resume, progress=progress)

@@ -330,6 +330,34 @@ class DFormer(nn.Module):
         self.aux_heads = (nn.ModuleList(Head(dims[i], out_channels, patch) for i in (1, 2))
                           if self.deep_supervision else None)
 
+    encoder_prefixes: tuple[str, ...] = ("patch_embed.", "embed_norm.", "encoder.", "merges.", "bottleneck_norm.")
+    """State-dict key prefixes of the encoder (patch embedding, stages, merges, bottleneck norm): what
+    ``medvit pretrain`` trains and ``model.pretrained`` loads."""
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Bottleneck tokens ``(B, d, h, w, C)`` and the skips entering each stage, for ``x`` ``(B, C_in, D, H, W)``."""
+        if x.ndim != 5 or any(s % p for s, p in zip(x.shape[2:], self.patch_size)):
+            raise ValueError(f"input must be (B, C, D, H, W) with D, H, W multiples of {self.patch_size}, "
+                             f"got {tuple(x.shape)}")
+        x = self.patch_embed(x).permute(0, 2, 3, 4, 1)
+        x = self.embed_drop(self.embed_norm(x))
+        skips = []
+        for i, stage in enumerate(self.encoder):
+            skips.append(x)
+            x = stage(x)
+            if i < STAGES - 1:
+                x = self.merges[i](x)
+        return self.bottleneck_norm(x), skips
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The encoder's bottleneck features ``(B, 8·embed_dim, d, h, w)`` for ``x`` ``(B, in_channels, D, H, W)``,
+        ``d = ceil(D / (8·patch_size[0]))`` and so on (odd grids are padded at each merge).
+
+        Raises:
+            ValueError: ``D, H, W`` not multiples of ``patch_size``.
+        """
+        return self._encode(x)[0].permute(0, 4, 1, 2, 3)
+
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Logits for ``x`` of shape ``(B, in_channels, D, H, W)``; see the class docstring.
 
@@ -337,19 +365,7 @@ class DFormer(nn.Module):
             ValueError: ``D, H, W`` not multiples of ``patch_size``.
         """
         size = tuple(x.shape[2:])
-        if x.ndim != 5 or any(s % p for s, p in zip(size, self.patch_size)):
-            raise ValueError(f"input must be (B, C, D, H, W) with D, H, W multiples of {self.patch_size}, "
-                             f"got {tuple(x.shape)}")
-        x = self.patch_embed(x).permute(0, 2, 3, 4, 1)
-        x = self.embed_drop(self.embed_norm(x))
-
-        skips = []
-        for i, stage in enumerate(self.encoder):
-            skips.append(x)
-            x = stage(x)
-            if i < STAGES - 1:
-                x = self.merges[i](x)
-        x = self.bottleneck_norm(x)
+        x, skips = self._encode(x)
 
         entering = {}  # features entering decoder levels 1 and 2, read by the auxiliary heads
         for i in reversed(range(STAGES - 1)):

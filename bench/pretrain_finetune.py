@@ -1,0 +1,116 @@
+"""Does self-supervised pretraining help with few labels? Pretrain vs. scratch on the demo phantoms.
+
+1. Writes the demo's phantom set (12 training, 2 validation, 4 test phantoms).
+2. ``medvit pretrain`` of the net's encoder on the 12 training images, their labels unused.
+3. Fine-tunes from that encoder (``model.pretrained``) with the first ``--labelled`` training cases,
+   and trains the same net from scratch with the same cases, seed, epochs and steps.
+4. Segments the 4 held-out phantoms with each net's last checkpoint and prints mean Dice of both,
+   the per-epoch training loss curves and the validation Dice; writes ``summary.json`` in ``--out``.
+
+Run it alone (heavy: several minutes on two cores)::
+
+    flock /tmp/medvit_heavy.lock python bench/pretrain_finetune.py --out /tmp/pretrain_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _curve(run: Path) -> tuple[list[float], list[tuple[int, float]]]:
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    loss = [round(r["loss"], 4) for r in lines]
+    val = [(r["epoch"], round(r["val_mean_dice"], 4)) for r in lines if r.get("val_mean_dice") is not None]
+    return loss, val
+
+
+def _test_dice(ckpt: Path, phantoms: Path, test: list[dict], labels: dict, out: Path) -> float:
+    from medvit.checkpoint import load_checkpoint
+    from pipelines.evaluate import evaluate_files
+    from pipelines.volume import segment_case
+
+    model = load_checkpoint(ckpt)
+    scores = []
+    for item in test:
+        r = segment_case([str(phantoms / item["image"])], model, out, device="cpu")
+        rep = evaluate_files(r.labels_path, phantoms / item["label"], labels=labels)
+        scores.append(np.mean([rep["labels"][labels[k]]["dice"] for k in sorted(labels) if k]))
+    return float(np.mean(scores))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="work folder (replaced)")
+    ap.add_argument("--net", default="dformer", help="a net with an encoder and a demo configuration")
+    ap.add_argument("--labelled", type=int, default=3, help="labelled training cases for fine-tuning")
+    ap.add_argument("--pretrain-epochs", type=int, default=8)
+    ap.add_argument("--finetune-epochs", type=int, default=20)
+    ap.add_argument("--val-every", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--phantoms", type=int, nargs=3, default=(12, 2, 4), metavar=("TRAIN", "VAL", "TEST"),
+                    help="phantoms written per split (the demo's 12 2 4)")
+    args = ap.parse_args()
+
+    from medvit.config import parse_config
+    from medvit.data.phantom import LABELS
+    from pipelines.demo import demo_config, write_phantom_set
+    from pipelines.pretrain import pretrain
+    from pipelines.train import train
+
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    phantoms = args.out / "phantoms"
+    n_train, n_val, n_test = args.phantoms
+    full = write_phantom_set(phantoms, seed=args.seed, n_train=n_train, n_val=n_val, n_test=n_test)
+    lists = json.loads(full.read_text())
+    few = phantoms / "few.json"
+    few.write_text(json.dumps({**lists, "training": lists["training"][: args.labelled]}))
+
+    base = demo_config(args.net)
+    base["train"].update(datalist=str(few), epochs=args.finetune_epochs, val_every=args.val_every, seed=args.seed,
+                         warmup_epochs=1)
+    base["pretrain"] = {"datalist": str(full), "output_dir": str(args.out / "pretrain"), "epochs": args.pretrain_epochs,
+                        "batch_size": 2, "num_samples": 1, "lr": base["train"]["lr"] / 2, "seed": args.seed}
+    t0 = time.time()
+    ckpt = pretrain(parse_config(copy.deepcopy(base)), progress=False)
+    t_pre = time.time() - t0
+    pre_log = [json.loads(s) for s in (args.out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    print(f"pretrained {args.net} encoder on {len(lists['training'])} unlabelled phantoms in {t_pre:.0f} s")
+    for r in pre_log:
+        tasks = ", ".join(f"{t} {r[t]:.3f} (w {r['weight'][t]:.2f})" for t in r["weight"])
+        print(f"  epoch {r['epoch']}: {tasks}")
+
+    results = {}
+    for name, pretrained in (("scratch", None), ("pretrained", ckpt)):
+        raw = copy.deepcopy(base)
+        raw.pop("pretrain")
+        raw["train"]["output_dir"] = str(args.out / name)
+        if pretrained is not None:
+            raw["model"]["pretrained"] = str(pretrained)
+        torch.manual_seed(args.seed)
+        t0 = time.time()
+        res = train(parse_config(raw), progress=False)
+        seconds = time.time() - t0
+        loss, val = _curve(res.output_dir)
+        dice = _test_dice(res.output_dir / "last.safetensors", phantoms, lists["test"], LABELS, args.out / f"{name}_seg")
+        results[name] = {"test_mean_dice": round(dice, 4), "train_loss": loss, "val_mean_dice": val,
+                         "steps": res.global_step, "seconds": round(seconds, 1)}
+        print(f"{name:>10s}: test mean Dice {dice:.3f} on {len(lists['test'])} phantoms, {res.global_step} steps, "
+              f"{seconds:.0f} s\n            loss {loss}\n            validation Dice {val}")
+    summary = {"net": args.net, "labelled": args.labelled, "pretrain_epochs": args.pretrain_epochs,
+               "pretrain_seconds": round(t_pre, 1), "pretrain_log": pre_log, **results}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"summary: {args.out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
