@@ -22,9 +22,9 @@ Encoder (default sizes)
   axis (2D CSWin has two, one per image axis), set ``a`` attending within slabs ``stripe_widths[i]``
   tokens wide along axis ``a`` that span the other two axes, plus LePE (a depthwise 3×3×3 conv on
   V inside each slab, as CSWin convolves V inside each stripe). Stripe widths default to
-  (1, 2, 4, "full"): CSWin-T's (1, 2, 7, 7) at 224² leave stage 3 stripes and stage 4 one window
-  over its 7×7 grid; at the 3D windows we use (96³ with stride 4: grids 24/12/6/3) a width of 4
-  at stage 3 keeps it a stripe pattern. A width larger than its stage's grid is one slab on that
+  (1, 2, 4, "full"): CSWin-T's (1, 2, 7, 7) at 224² give its third stage stripes half its 14×14
+  grid and its fourth one window over the 7×7 grid; on a 96³ window with stride 4 (grids
+  24/12/6/3) a width of 4 keeps the third stage (6³) a stripe pattern. A width larger than its stage's grid is one slab on that
   axis (full attention along it; :mod:`medvit.attention` pads and masks a width that does not
   divide the grid), so any width >= 1 is served.
 - **The last stage** (width ``"full"``, the default) runs full attention with all heads in one set
@@ -33,9 +33,11 @@ Encoder (default sizes)
   ``"full"`` is allowed at any stage; a stage of stripes needs ``num_heads`` a multiple of 3.
 - **Defaults**: ``embed_dim`` 48, ``depths`` (2, 2, 6, 2). CSWin-T's 64 channels do not split into
   three equal sets; 48 keeps 16 channels a head at the default heads. CSWin-T's depths
-  (1, 2, 21, 1) are sized for ImageNet; (2, 2, 6, 2) is the depth of Swin-T and of the
-  transformers the other volume nets here use, a size a bpMRI data set of a few thousand cases
-  can train. ``qkv_bias`` on (CSWin's class default).
+  (1, 2, 21, 1) put 21 blocks in the third stage for ImageNet; (2, 2, 6, 2) is Swin-T's, the
+  depth D-Former uses here, at less than half of CSWin-T's blocks. ``qkv_bias`` on (CSWin's
+  class default). Size: 24.73 M parameters, 143.2 GFLOP per 3×96³ window (2 classes, no deep
+  supervision), 117.7 of them in the two full-resolution conv blocks (the image skip and the
+  last up-step, as in Swin UNETR's decoder) and 9.5 in the encoder.
 
 Decoder (UNETR / Swin UNETR style, MONAI's blocks)
 --------------------------------------------------
