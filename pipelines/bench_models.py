@@ -1,6 +1,7 @@
 """``medvit bench models``: every registered volume net in its paper configuration, side by side.
 
-Per net: parameters, GFLOPs of one ``1x1x96³`` window (and of the net's paper window where it
+Per net: parameters, GFLOPs of one ``1 x C x 96³`` window (C: the paper's input channels, 1 but
+for bpMRI's 3; and of the net's paper window where it
 differs), CPU latency of one window (median of ``repeats`` calls after a warm-up, with one
 thread and with all of them), and the peak RSS of the process that measured it. Each net runs
 in a fresh subprocess, so the peak RSS is that net's alone.
@@ -44,6 +45,8 @@ class Paper:
 
     options: dict[str, Any] = field(default_factory=dict)
     out_channels: int = 14
+    in_channels: int = 1
+    """Input channels of the paper's data (3 for bi-parametric MRI); every window is ``in_channels x window``."""
     window: tuple[int, int, int] = WINDOW
     monai: str | None = None
     """The MONAI class (in ``monai.networks.nets``) that is the reference, built directly from ``options``."""
@@ -71,6 +74,9 @@ PAPER: dict[str, Paper] = {
     "transunet3d": Paper(options={"strides": [1, [2, 2, 1], 2, 2, 2, 2], "deep_supervision": True},
                          window=(160, 192, 64), figures={"params": 117e6},
                          source="estimate (ViT-B 85 M + nnU-Net CNN; official code not run)"),
+    # CSwin UNet (Li et al., 2023), bpMRI (T2W, ADC, HBV): our defaults (no public code, no
+    # published size), csPCa vs background; the common 96³ window only
+    "cswin_unet3d": Paper(in_channels=3, out_channels=2),
 }
 
 
@@ -90,7 +96,7 @@ def window_key(window: tuple[int, ...]) -> str:
 def _model_config(name: str, paper: Paper, window: tuple[int, int, int], options: dict | None = None):
     from medvit.config import ModelConfig
 
-    return ModelConfig(name=name, in_channels=1, out_channels=paper.out_channels, roi_size=window,
+    return ModelConfig(name=name, in_channels=paper.in_channels, out_channels=paper.out_channels, roi_size=window,
                        options=paper.options if options is None else options)
 
 
@@ -101,7 +107,7 @@ def _monai_net(paper: Paper, window: tuple[int, int, int]) -> torch.nn.Module:
     from monai.networks import nets
 
     cls = getattr(nets, paper.monai)
-    kw = dict(in_channels=1, out_channels=paper.out_channels, spatial_dims=3, **paper.options)
+    kw = dict(in_channels=paper.in_channels, out_channels=paper.out_channels, spatial_dims=3, **paper.options)
     if "img_size" in inspect.signature(cls.__init__).parameters:
         kw["img_size"] = window
     return cls(**kw)
@@ -113,8 +119,8 @@ constructor's RuntimeError, such as ``Tensor.item()`` on a meta tensor, into a C
 
 
 def count_flops(build: Callable[[], torch.nn.Module], window: tuple[int, int, int], *,
-                train: bool = False) -> tuple[int, str]:
-    """``(FLOPs, device)`` of one forward pass of ``build()`` on a ``1x1xwindow`` input, in eval mode
+                train: bool = False, in_channels: int = 1) -> tuple[int, str]:
+    """``(FLOPs, device)`` of one forward pass of ``build()`` on a ``1 x in_channels x window`` input, in eval mode
     (or training mode with ``train``: a deep-supervision net's extra heads run too), on the
     ``meta`` device (no compute) when the net builds and runs there, else on the CPU."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -124,7 +130,7 @@ def count_flops(build: Callable[[], torch.nn.Module], window: tuple[int, int, in
         try:
             with torch.device(device):
                 net = build().train(train).requires_grad_(False)
-            x = torch.zeros((1, 1, *window), device=device)
+            x = torch.zeros((1, in_channels, *window), device=device)
             # no parameter requires grad: the counter's module tracker fails on a module input that is
             # a view of a parameter (a mask transformer's expanded query embeddings) under no_grad
             # the math path: the CPU's fused attention kernel is not in the counter's table
@@ -169,7 +175,7 @@ def measure(name: str, paper: Paper, *, window: tuple[int, int, int] = WINDOW, r
     torch.manual_seed(0)
     ours = lambda w, options=None: (lambda: build_net(_model_config(name, paper, w, options)))  # noqa: E731
     net = ours(window)().eval()
-    x = torch.randn((1, 1, *window))
+    x = torch.randn((1, paper.in_channels, *window))
     latency = {}
     with torch.no_grad():
         for n in sorted({1, threads}):
@@ -181,7 +187,8 @@ def measure(name: str, paper: Paper, *, window: tuple[int, int, int] = WINDOW, r
                 net(x)
                 times.append(time.perf_counter() - t0)
             latency[str(n)] = statistics.median(times) * 1e3
-    row: dict[str, Any] = {"net": name, "options": paper.options, "out_channels": paper.out_channels,
+    row: dict[str, Any] = {"net": name, "options": paper.options, "in_channels": paper.in_channels,
+                           "out_channels": paper.out_channels,
                            "window": list(window), "paper_window": list(paper.window),
                            "ms_per_window": latency, "threads": threads, "peak_rss": _peak_rss_bytes(),
                            "params": sum(p.numel() for p in net.parameters())}
@@ -189,16 +196,18 @@ def measure(name: str, paper: Paper, *, window: tuple[int, int, int] = WINDOW, r
     windows = [window] + ([paper.window] if tuple(paper.window) != tuple(window) else [])
     row["gflops"], row["flops_on"] = {}, {}
     for w in windows:
-        flops, device = count_flops(ours(w), w)
+        flops, device = count_flops(ours(w), w, in_channels=paper.in_channels)
         row["gflops"][window_key(w)], row["flops_on"][window_key(w)] = flops / 1e9, device
     if paper.options.get("deep_supervision"):
         # the official D-Former figures run all three heads: count ours that way too
-        row["gflops_ds"] = {window_key(w): count_flops(ours(w), w, train=True)[0] / 1e9 for w in windows}
+        row["gflops_ds"] = {window_key(w): count_flops(ours(w), w, train=True, in_channels=paper.in_channels)[0] / 1e9
+                            for w in windows}
         row["params_no_ds"] = count_params(ours(window, {**paper.options, "deep_supervision": False}))
     if paper.monai:
         row["reference"] = {"source": f"monai.networks.nets.{paper.monai}",
                             "params": count_params(lambda: _monai_net(paper, window)),
-                            "gflops": {window_key(w): count_flops(lambda w=w: _monai_net(paper, w), w)[0] / 1e9
+                            "gflops": {window_key(w): count_flops(lambda w=w: _monai_net(paper, w), w,
+                                                                  in_channels=paper.in_channels)[0] / 1e9
                                        for w in windows}}
     elif paper.figures:
         row["reference"] = {"source": paper.source, **paper.figures}

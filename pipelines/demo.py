@@ -91,6 +91,14 @@ DEMO_NETS: dict[str, dict] = {
                               "vit_dropout": 0.0}},
         "train": {"epochs": 24},
     },
+    "cswin_unet3d": {
+        # stride-4 stem: 12/6/3/2-token stages on 48^3 windows, the conv decoder's full-resolution
+        # skip restoring the detail; stripes of 1 and 2 tokens where the grid is larger than them
+        "model": {"name": "cswin_unet3d", "in_channels": 1, "roi_size": [48, 48, 48],
+                  "options": {"embed_dim": 24, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 6, 12],
+                              "stripe_widths": [1, 2, 2, "full"], "stem_stride": 4, "feature_size": 16}},
+        "train": {"epochs": 40},
+    },
 }
 """Every registered volume net's small CPU configuration for ``medvit demo --net NAME``."""
 

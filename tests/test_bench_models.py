@@ -71,6 +71,21 @@ def test_transunet3d_rows_both_decoders_and_the_estimate_label():
     assert lines[-2].endswith("| estimate |") and lines[-1].startswith("| transunet3d (mask transformer) |")
 
 
+def test_input_channels_of_the_paper_reach_the_net_and_its_window():
+    # bpMRI: three channels in (T2W, ADC, HBV); the stem's weights and FLOPs see all three
+    opts = {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 6], "feature_size": 8, "stem_stride": 2}
+    tiny = Paper(options=opts, in_channels=3, out_channels=2, window=(32, 32, 32))
+    r = run(["cswin_unet3d"], papers={"cswin_unet3d": tiny}, window=(32, 32, 32), repeats=1, threads=1)["rows"][0]
+
+    def build(c):
+        return lambda: build_net(ModelConfig(name="cswin_unet3d", in_channels=c, out_channels=2, roi_size=(32, 32, 32),
+                                             options=opts))
+
+    assert r["in_channels"] == 3 and r["params"] == sum(p.numel() for p in build(3)().parameters())
+    assert r["gflops"]["32x32x32"] * 1e9 == pytest.approx(count_flops(build(3), (32, 32, 32), in_channels=3)[0])
+    assert count_flops(build(3), (32, 32, 32), in_channels=3)[0] > count_flops(build(1), (32, 32, 32))[0]
+
+
 def test_flops_count_attention_on_meta_and_on_the_cpu_alike():
     class Attend(torch.nn.Module):
         def __init__(self):
@@ -97,6 +112,7 @@ def test_flops_count_attention_on_meta_and_on_the_cpu_alike():
 def test_paper_table_covers_the_registered_nets_and_dformer():
     assert set(available()) <= set(PAPER)
     assert PAPER["dformer"].window == (64, 128, 128) and PAPER["dformer"].figures["params"] == 50.56e6
+    assert PAPER["cswin_unet3d"].in_channels == 3 and PAPER["cswin_unet3d"].options == {}  # its defaults
     assert PAPER["unetr"].options == {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
     assert PAPER["transunet3d"].source.startswith("estimate") and PAPER["transunet3d"].figures["params"] == 117e6
 

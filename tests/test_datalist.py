@@ -57,7 +57,7 @@ def test_a_label_list_or_an_empty_image_list_names_the_entry(tmp_path, entry, kw
     assert str(dl) in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["btcv.json", "msd_task09_spleen.json", "brats2021.json"])
+@pytest.mark.parametrize("name", ["btcv.json", "msd_task09_spleen.json", "brats2021.json", "picai.json"])
 def test_manifests_are_datalists_with_labels_and_spacing(name):
     m = read_manifest(REPO / "data_manifests" / name)
     assert m["labels"]["0"] == "background"
@@ -96,6 +96,19 @@ def test_brats_manifest_finds_cases_by_glob(tmp_path):
         case.rename(outer / "BraTS2021_Training_Data" / case.name)
     dl2 = build_datalist(REPO / "data_manifests" / "brats2021.json", outer, fold=1)
     assert len(dl2["training"]) == 5 and dl2["validation"][0]["image"][0].endswith("BraTS2021_00001_flair.nii.gz")
+
+
+def test_picai_manifest_finds_three_channel_cases_by_glob(tmp_path):
+    for i in range(5):
+        case = f"{10000 + i}_{1000000 + i}"  # {patient_id}_{study_id}
+        for name in (f"{case}_t2w.mha", f"{case}_adc.mha", f"{case}_hbv.mha", f"{case}.nii.gz"):
+            _touch(tmp_path, f"{case}/{name}")
+    dl = build_datalist(REPO / "data_manifests" / "picai.json", tmp_path)
+    assert len(dl["training"]) == 4 and len(dl["validation"]) == 1
+    image = dl["validation"][0]["image"]
+    assert [Path(p).name for p in image] == ["10000_1000000_t2w.mha", "10000_1000000_adc.mha", "10000_1000000_hbv.mha"]
+    assert dl["validation"][0]["label"].endswith("10000_1000000/10000_1000000.nii.gz")
+    assert dl["labels"] == {"0": "background", "1": "csPCa lesion (ISUP >= 2)"}
 
 
 def _brats(tmp_path: Path, n: int = 3) -> Path:

@@ -20,11 +20,13 @@ TINY = {
     "dformer": ({"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4]}, (6, 20, 12)),
     "transunet3d": ({"strides": [1, 2, 2], "base_features": 4, "vit_layers": 1, "vit_hidden": 8, "vit_heads": 2,
                      "vit_mlp": 16}, (9, 20, 12)),
+    "cswin_unet3d": ({"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 6], "feature_size": 8,
+                      "stem_stride": [2, 4, 4]}, (10, 36, 20)),
 }
 
 
 def test_available_lists_the_nets():
-    assert available() == ["dformer", "swin_unetr", "transunet3d", "unet", "unetr"]
+    assert available() == ["cswin_unet3d", "dformer", "swin_unetr", "transunet3d", "unet", "unetr"]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -65,7 +67,7 @@ def test_unet_default_features():
 def test_unknown_name_lists_available():
     with pytest.raises(ConfigError) as e:
         build_net(ModelConfig(name="vnet", out_channels=2))
-    assert str(e.value) == "model.name: unknown net 'vnet'; available: dformer, swin_unetr, transunet3d, unet, unetr"
+    assert str(e.value) == "model.name: unknown net 'vnet'; available: cswin_unet3d, dformer, swin_unetr, transunet3d, unet, unetr"
 
 
 @pytest.mark.parametrize(
@@ -103,6 +105,8 @@ def test_bad_options_name_their_key(name, options, roi, expected):
     ("swin_unetr", {"feature_size": 12, "drop_rate": 0, "dropout_path_rate": 0}, (64, 32, 32)),
     ("dformer", {**TINY["dformer"][0], "drop_rate": 0, "attn_drop_rate": 0, "drop_path_rate": 0}, (6, 20, 12)),
     ("transunet3d", {**TINY["transunet3d"][0], "vit_dropout": 0, "vit_attn_dropout": 0}, (9, 20, 12)),
+    ("cswin_unet3d", {**TINY["cswin_unet3d"][0], "drop_rate": 0, "attn_drop_rate": 0, "drop_path_rate": 0},
+     (10, 36, 20)),
 ])
 def test_zero_rates_are_not_sizes(name, options, roi):
     # YAML writes 0 as an int; a float option (a rate) may be 0 where a size may not
