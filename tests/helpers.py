@@ -47,3 +47,21 @@ def tiny_config(folder: Path, datalist: Path, *, out: str = "run", **train) -> P
     path = folder / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def blob_batch(n: int, size=(8, 16, 16), seed: int = 0):
+    """``n`` noisy volumes ``(n, 1, *size)`` with a bright box (label 1) and a dark box (label 2) at
+    random places, and their float label maps (as MONAI's loaders give them): a task any of the nets
+    learns in a few steps."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(n, 1, *size, generator=g)
+    y = torch.zeros(n, 1, *size)
+    for i in range(n):
+        for label, value in ((1, 2.0), (2, -2.0)):
+            d, h, w = (int(torch.randint(0, s - s // 2 + 1, (1,), generator=g)) for s in size)
+            sl = (i, 0, slice(d, d + size[0] // 2), slice(h, h + size[1] // 2), slice(w, w + size[2] // 2))
+            x[sl] += value
+            y[sl] = label
+    return x, y

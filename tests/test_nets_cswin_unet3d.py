@@ -17,6 +17,7 @@ from medvit.config import ModelConfig, load_config, parse_config
 from medvit.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.cswin_unet3d import CSwinUNet3D, FullAttentionLePE, stage_grids
+from tests.helpers import blob_batch
 
 TINY = {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 6], "feature_size": 8, "stem_stride": 1}
 
@@ -119,25 +120,13 @@ def test_encode_returns_the_bottleneck_and_reads_only_the_encoder():
         assert used == k.startswith(CSwinUNet3D.encoder_prefixes), k
 
 
-def _blobs(n: int, size=(8, 16, 16), seed=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy volumes with a bright box (label 1) and a dark box (label 2) at random places."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.3 * torch.randn(n, 1, *size, generator=g)
-    y = torch.zeros(n, 1, *size)
-    for i in range(n):
-        for label, value in ((1, 2.0), (2, -2.0)):
-            d, h, w = (int(torch.randint(0, s - s // 2 + 1, (1,), generator=g)) for s in size)
-            sl = (i, 0, slice(d, d + size[0] // 2), slice(h, h + size[1] // 2), slice(w, w + size[2] // 2))
-            x[sl] += value
-            y[sl] = label
-    return x, y
 
 
 @pytest.mark.parametrize("deep_supervision", [False, True])
 def test_loss_falls_in_a_few_steps(deep_supervision):
     torch.manual_seed(0)
     net = tiny(deep_supervision=deep_supervision).train()
-    x, y = _blobs(4)
+    x, y = blob_batch(4, size=(8, 16, 16))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     if deep_supervision:
         loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")

@@ -18,6 +18,7 @@ from medvit.nets import build_net
 from medvit.losses.hungarian import HungarianMaskLoss
 from medvit.nets.mask_transformer import MaskPrediction, semantic_scores
 from medvit.nets.transunet3d import TransUNet3D, ViTBlock, token_grid
+from tests.helpers import blob_batch
 
 TINY = {"strides": [1, 2, 2, 2], "base_features": 4, "max_features": 16, "vit_layers": 2, "vit_hidden": 16,
         "vit_heads": 2, "vit_mlp": 32, "vit_dropout": 0.0}
@@ -144,25 +145,13 @@ def test_encoder_protocol():
                                                               if n.startswith(("decoder.", "ups.", "head", "aux"))}
 
 
-def _blobs(n: int, size=(16, 16, 16), seed=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy volumes with a bright box (label 1) and a dark box (label 2) at random places."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.3 * torch.randn(n, 1, *size, generator=g)
-    y = torch.zeros(n, 1, *size)
-    for i in range(n):
-        for label, value in ((1, 2.0), (2, -2.0)):
-            d, h, w = (int(torch.randint(0, s - s // 2 + 1, (1,), generator=g)) for s in size)
-            sl = (i, 0, slice(d, d + size[0] // 2), slice(h, h + size[1] // 2), slice(w, w + size[2] // 2))
-            x[sl] += value
-            y[sl] = label
-    return x, y
 
 
 @pytest.mark.parametrize("deep_supervision", [False, True])
 def test_loss_falls_in_a_few_steps(deep_supervision):
     torch.manual_seed(0)
     net = tiny(base_features=8, deep_supervision=deep_supervision).train()
-    x, y = _blobs(4)
+    x, y = blob_batch(4, size=(16, 16, 16))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     if deep_supervision:
         loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
@@ -203,7 +192,7 @@ def test_mask_transformer_decoder(strides, roi, levels):
 def test_mask_transformer_loss_falls_in_a_few_steps():
     torch.manual_seed(0)
     net = tiny(base_features=8, **MASK).train()
-    x, y = _blobs(4)
+    x, y = blob_batch(4, size=(16, 16, 16))
     loss_fn = HungarianMaskLoss(3)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     losses = []

@@ -80,6 +80,7 @@ from torch import Tensor, nn
 
 from medvit.attention import CrossStripeAttention, GridAttention, full_attention
 from medvit.errors import ConfigError
+from medvit.nets.blocks import Mlp
 from medvit.nets.registry import construct, register
 
 __all__ = ["CSwinUNet3D", "cswin_unet3d"]
@@ -113,20 +114,6 @@ class FullAttentionLePE(GridAttention):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]  (the pattern is fixed)
         return super().forward(x, self._pattern)
-
-
-class Mlp(nn.Module):
-    """Linear → GELU → dropout → Linear → dropout."""
-
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class CSwinBlock(nn.Module):

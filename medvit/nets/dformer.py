@@ -94,6 +94,7 @@ from torch import Tensor, nn
 
 from medvit.attention import GridAttention, dilated_attention, full_attention, window_attention
 from medvit.errors import ConfigError
+from medvit.nets.blocks import Mlp
 from medvit.nets.registry import construct, register
 
 __all__ = ["DFormer", "dformer"]
@@ -117,20 +118,6 @@ class PositionEncoding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
-
-
-class Mlp(nn.Module):
-    """Linear → GELU → dropout → Linear → dropout."""
-
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class DFormerBlock(nn.Module):
