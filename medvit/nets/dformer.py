@@ -94,7 +94,7 @@ from torch import Tensor, nn
 
 from medvit.attention import GridAttention, dilated_attention, full_attention, window_attention
 from medvit.errors import ConfigError
-from medvit.nets.blocks import Mlp
+from medvit.nets.blocks import Mlp, check_block_options
 from medvit.nets.registry import construct, register
 
 __all__ = ["DFormer", "dformer"]
@@ -279,12 +279,8 @@ class DFormer(nn.Module):
         for i, (dim, heads) in enumerate(zip(dims, num_heads)):
             if dim % heads:
                 raise ValueError(f"num_heads[{i}] = {heads} does not divide the {dim} channels of stage {i}")
-        if not mlp_ratio > 0 or int(embed_dim * mlp_ratio) < 1:
-            raise ValueError(f"mlp_ratio must give at least one hidden unit, got {mlp_ratio!r}")
-        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
-                           ("drop_path_rate", drop_path_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+        check_block_options(embed_dim, mlp_ratio, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                            drop_path_rate=drop_path_rate)
 
         self.patch_size = patch
         self.group_size = group
