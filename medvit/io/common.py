@@ -43,6 +43,9 @@ class RawVolume:
     """The channels' count when they are a time series (a NIfTI whose 4th axis is time), else 0."""
     codes: tuple[int, int] = (1, 1)
     """NIfTI (sform, qform) codes of the file; scanner (1) for the other formats."""
+    label_names: dict[int, str] | None = None
+    """Label number -> name for label objects that carry names (DICOM SEG segment labels, RTSTRUCT
+    ROI names); None for plain label maps. Readers put it in ``meta["medvit_label_names"]``."""
 
 
 def source_info(fmt: str, series_uid: str = "", series_description: str = "", modality: str = "",

@@ -120,6 +120,8 @@ def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int, raws: list[
         "medvit_channels": _channels_said(raws),
         "medvit_xform_codes": np.asarray(raw.codes, dtype=np.int64),
     }
+    if raw.label_names is not None:
+        meta["medvit_label_names"] = dict(raw.label_names)
     affine = torch.as_tensor(raw.affine, dtype=torch.float64)
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine, meta=meta)
 
@@ -221,7 +223,29 @@ def _label_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(np.int32 if array.dtype.itemsize < 4 else np.int64)
 
 
-def read_label(path: PathLike, *, series: str | None = None) -> MetaTensor:
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def dicom_label_kind(path: Path) -> str | None:
+    """``"seg"`` for a DICOM Segmentation file (BINARY, FRACTIONAL or LABELMAP), ``"rtstruct"`` for
+    an RT Structure Set, else None (a folder, another format, an image slice)."""
+    if not path.is_file() or source_format(path) != "dicom":
+        return None
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except (InvalidDicomError, EOFError, OSError):
+        return None
+    sop = str(ds.get("SOPClassUID", "") or "")
+    if not sop and getattr(ds, "file_meta", None) is not None:
+        sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+    return "seg" if sop in SEG_SOP_CLASSES else "rtstruct" if sop == RTSTRUCT_SOP_CLASS else None
+
+
+def read_label(path: PathLike, *, series: str | None = None, source: PathLike | None = None) -> MetaTensor:
     """Read a label map as an integer MetaTensor ``(1, X, Y, Z)`` with a RAS affine.
 
     The dtype is the file's when torch holds it (uint8, int8, int16, int32, int64), else a wider
@@ -229,8 +253,29 @@ def read_label(path: PathLike, *, series: str | None = None) -> MetaTensor:
     integers scaled by its header to within 1e-3 of whole numbers are read as those (a 0/1 mask
     with ``scl_slope`` 0.99999997). A gantry-tilted DICOM
     series is read on its sheared grid (labels are never interpolated).
+
+    A DICOM SEG (:func:`medvit.io.dicom_seg.read_dicom_seg`) or RTSTRUCT
+    (:func:`medvit.io.rtstruct.read_rtstruct`) is read onto ``source``, the DICOM image series it
+    was drawn on (exactly ``read_image(source, tilt="keep")``'s grid), with its names in
+    ``meta["medvit_label_names"]``; without ``source`` it is an InputError. ``series`` picks
+    the source's series (or, for a label that is itself a series folder, that series).
     """
     p = Path(path)
+    kind = dicom_label_kind(p)
+    if kind is not None:
+        what = "a DICOM SEG" if kind == "seg" else "a DICOM RTSTRUCT"
+        if source is None:
+            raise InputError(p, f"is {what}; give the DICOM image series it was drawn on as its source "
+                                "(evaluate: --image DIR; a datalist entry's image)")
+        if kind == "seg":
+            from medvit.io.dicom_seg import read_dicom_seg
+
+            raw = read_dicom_seg(p, Path(source), series=series)
+        else:
+            from medvit.io.rtstruct import read_rtstruct
+
+            raw = read_rtstruct(p, Path(source))
+        return _to_metatensor(_label_dtype(raw.array, p), raw, 0)
     (fmt,) = _formats([p], series)
     raw = _read_raw(p, fmt, series, labels=True)
     if raw.array.shape[0] != 1:
