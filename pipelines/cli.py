@@ -55,6 +55,11 @@ class Tilt(str, Enum):
     error = "error"
 
 
+class SegType(str, Enum):
+    binary = "binary"
+    labelmap = "labelmap"
+
+
 class Resample(str, Enum):
     auto = "auto"
     probs = "probs"
@@ -181,6 +186,8 @@ def segment(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs an earlier run left in OUT (refused otherwise).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
     tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample onto an orthogonal grid (outputs on it), keep its sheared grid, or refuse.")] = Tilt.resample,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write NAME_seg.dcm, a DICOM SEG on the source slices (DICOM series input only).")] = False,
+    seg_type: Annotated[Optional[SegType], typer.Option("--seg-type", help="With --dicom-seg: binary (default; read by most viewers) or labelmap (the 2024 Label Map SEG class).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry, each with a NAME_seg.json of its provenance."""
@@ -192,16 +199,19 @@ def segment(
         raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
     _check_overlap(overlap)
     _check_hu(skip_below_hu)
+    if seg_type is not None and not dicom_seg:
+        raise MedvitError("--seg-type chooses the DICOM SEG's type; it needs --dicom-seg")
     dev = _device(device)
     cfg = load_config(config) if config is not None else None
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
-              progress=progress, strict=strict, tilt=tilt.value)
+              progress=progress, strict=strict, tilt=tilt.value, dicom_seg=dicom_seg,
+              seg_type=(seg_type or SegType.binary).value)
     results = segment_inputs([i.split(",") for i in inputs], model, out, overwrite=overwrite,
                              record={"config": str(config.resolve()) if config is not None else None}, **kw)
     for r in results:
-        extra = [str(p) for p in (r.sidecar_path, *r.stats_paths, r.preview_path) if p]
+        extra = [str(p) for p in (r.dicom_seg_path, r.sidecar_path, *r.stats_paths, r.preview_path) if p]
         e = r.engine
         run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
         run += _notes(e) if e else ""
@@ -220,14 +230,15 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the result as JSON here.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="JSON {id: name}, or a checkpoint's .json sidecar, for label names.")] = None,
     tolerance: Annotated[float, typer.Option(help="Surface Dice tolerance in mm.")] = 1.0,
+    image: Annotated[Optional[Path], typer.Option("--image", help="The DICOM series a DICOM SEG or RTSTRUCT (PRED or GT) was drawn on; its labels are read onto it.")] = None,
 ) -> None:
-    """Per-label Dice, HD95 and surface Dice of PRED against GT."""
+    """Per-label Dice, HD95 and surface Dice of PRED against GT (label maps, DICOM SEG or RTSTRUCT)."""
     from pipelines.evaluate import evaluate_files, format_table, read_label_names, write_json
 
     # before the work: a bad -o should not cost the metrics' time
-    _check_output_file(out, [pred, gt] + ([labels] if labels is not None else []), "-o")
+    _check_output_file(out, [pred, gt] + [p for p in (labels, image) if p is not None], "-o")
     names = read_label_names(labels) if labels is not None else None
-    result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance)
+    result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance, image=image)
     typer.echo(format_table(result))
     if out is not None:
         write_json(result, out, protect=(pred, gt))

@@ -229,16 +229,45 @@ def _reoriented(arr: np.ndarray, affine: np.ndarray, like: np.ndarray) -> tuple[
     return ornt.apply_orientation(arr, t), affine @ ornt.inv_ornt_aff(t, arr.shape)
 
 
+def _renumber_by_name(ref: np.ndarray, ref_names: Mapping[int, str], labels: dict[int, str], where) -> np.ndarray:
+    """``ref`` with each named label moved to the id ``labels`` gives the same name; a name
+    ``labels`` lacks gets the next free id, added to ``labels`` (updated in place) and warned about."""
+    from medvit.io.segment_codes import normalize
+
+    by_name = {normalize(v): int(k) for k, v in labels.items()}
+    lut = np.arange(max([int(ref.max()) if ref.size else 0, *ref_names]) + 1, dtype=np.int64)
+    new = max([0, *labels]) + 1
+    unknown = []
+    for n, name in sorted(ref_names.items()):
+        key = normalize(name)
+        if key in by_name:
+            lut[n] = by_name[key]
+        else:
+            lut[n], labels[new] = new, str(name)
+            unknown.append(f"{name!r} (now {new})")
+            new += 1
+    if unknown and by_name:
+        log.warning("%s: reference label(s) %s match no label name of the prediction; scored as labels of their own",
+                    where, ", ".join(unknown))
+    return lut[ref]
+
+
 def evaluate_files(
     pred_path: str | Path,
     gt_path: str | Path,
     *,
     labels: Mapping[int, str] | None = None,
     tolerance_mm: float = 1.0,
+    image: str | Path | None = None,
 ) -> dict:
     """Evaluate a predicted label map file against a reference file on the same grid.
 
-    Both are read with :func:`medvit.io.read_label`; their shapes must be equal and their
+    Both are read with :func:`medvit.io.read_label`, a DICOM SEG or RTSTRUCT onto ``image``, the
+    DICOM series it was drawn on (without it, such a file is an InputError). A reference that
+    names its labels (SEG segment labels, RTSTRUCT ROI names) is renumbered to the label ids of
+    the same name (case, separators and word order of left/right aside) in ``labels``, else in
+    the prediction's names; a reference label no id is named after keeps a new id of its own
+    and is warned about. Their shapes must be equal and their
     affines must place the grid within 1e-3 mm of each other, else :class:`InputError`
     naming the prediction. A reference holding the same grid in another axis order or
     direction (flipped along an axis, say) is reoriented to the prediction's first. Spacing
@@ -247,12 +276,19 @@ def evaluate_files(
     """
     from medvit.io import read_label
 
-    pred_m = read_label(pred_path)  # (1, X, Y, Z): read_label refuses several channels
-    gt_m = read_label(gt_path)
+    pred_m = read_label(pred_path, source=image)  # (1, X, Y, Z): read_label refuses several channels
+    gt_m = read_label(gt_path, source=image)
+    pred_names = pred_m.meta.get("medvit_label_names")
+    if labels is None and pred_names:
+        labels = dict(pred_names)
     pred_aff = np.asarray(pred_m.affine, dtype=np.float64)
     gt_aff = np.asarray(gt_m.affine, dtype=np.float64)
     pred = pred_m.as_tensor()[0].numpy()
     gt = gt_m.as_tensor()[0].numpy()
+    gt_names = gt_m.meta.get("medvit_label_names")
+    if gt_names:
+        labels = dict(labels or {})
+        gt = _renumber_by_name(gt, gt_names, labels, gt_path)
     diff = _grid_difference(pred.shape, pred_aff, gt.shape, gt_aff)
     if diff is not None:
         # The same voxels stored in another axis order or direction (a reference written by

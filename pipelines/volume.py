@@ -43,6 +43,9 @@ class CaseResult:
     engine: EngineReport | None = None
     stats_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
+    dicom_seg_path: Path | None = None
+    dicom_seg: dict | None = None
+    """What the DICOM SEG holds: segment number -> label id and name, and the labels left out."""
     warnings: list[str] = field(default_factory=list)
     sidecar_path: Path | None = None
 
@@ -226,9 +229,11 @@ def _write_sidecar(path: Path, result: CaseResult, original, model: LoadedModel,
         "labels": {str(k): v for k, v in model.config.labels.items()},
         "options": options,
         "resampled": result.resampled,
-        "outputs": [p.name for p in (*result.stats_paths, *([result.preview_path] if result.preview_path else []))],
+        "outputs": [p.name for p in (*result.stats_paths, result.preview_path, result.dicom_seg_path) if p],
         "warnings": result.warnings,
     }
+    if result.dicom_seg is not None:
+        doc["dicom_seg"] = result.dicom_seg
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
 
@@ -285,6 +290,8 @@ def segment_case(
     checkpoint: dict | None = None,
     record: dict | None = None,
     tilt: Literal["resample", "keep", "error"] = "resample",
+    dicom_seg: bool = False,
+    seg_type: Literal["binary", "labelmap"] = "binary",
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
@@ -299,6 +306,10 @@ def segment_case(
     (these keyword arguments, the defaults they resolved to, and ``record``) and the date.
     A gantry-tilted DICOM series is, by ``tilt``, resampled onto an orthogonal grid that every
     output is then on, segmented on its sheared grid, or refused (see :func:`medvit.io.read_image`).
+
+    With ``dicom_seg`` (a DICOM series input) the labels are also written as ``NAME_seg.dcm``, a
+    DICOM SEG of ``seg_type`` on the source slices (:func:`medvit.io.dicom_seg.write_dicom_seg`),
+    right after the NIfTI; its segments and the labels left out go into the sidecar.
     """
     cfg = model.config
     name = name or case_name(paths[0])
@@ -355,6 +366,9 @@ def segment_case(
     # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
                     protect=list(paths) + list(protect or []), codes=codes, descrip=nifti_description(checkpoint))
+    if dicom_seg:
+        _write_seg(result, labels, affine, paths, out_dir / f"{name}_seg.dcm", model, checkpoint, seg_type, series,
+                   list(paths) + list(protect or []))
     if stats or preview:
         from pipelines.report import label_stats, percentile_window, write_preview, write_stats
 
@@ -371,10 +385,48 @@ def segment_case(
             write_preview(image0, labels, affine, result.preview_path, window=window, names=cfg.labels)
     options = dict(device=str(dev), overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite,
                    resample=resample, skip_below_hu=skip_below_hu, tta=tta, stats=stats, preview=preview,
-                   strict=strict, **(record or {}))
+                   strict=strict, dicom_seg=dicom_seg, seg_type=seg_type if dicom_seg else None, **(record or {}))
     result.sidecar_path = out_dir / f"{name}_seg.json"
     _write_sidecar(result.sidecar_path, result, original, model, checkpoint, options)
     return result
+
+
+def _write_seg(result: CaseResult, labels: np.ndarray, affine: np.ndarray, paths: list[str], target: Path,
+               model: LoadedModel, checkpoint: dict, seg_type: str, series: str | None, protect: list[str]) -> None:
+    """``NAME_seg.dcm`` for :func:`segment_case`; a label map of background only gets none (a SEG
+    needs a segment), with a warning."""
+    from medvit.io.dicom_seg import write_dicom_seg
+
+    if not labels.any():
+        message = f"{', '.join(paths)}: no voxel was labelled; no DICOM SEG written (it needs at least one segment)"
+        log.warning(message)
+        result.warnings.append(message)
+        return
+    written = write_dicom_seg(labels, affine, paths[0], target, names=dict(model.config.labels),
+                              algorithm={"name": model.config.model.name, "version": medvit.__version__,
+                                         "sha256": checkpoint.get("sha256")},
+                              seg_type=seg_type, series=series, protect=protect)
+    result.dicom_seg_path = target
+    result.dicom_seg = {"file": target.name, "seg_type": seg_type,
+                        "segments": {str(n): {"label": v, "name": name} for n, (v, name) in written.segments.items()},
+                        "left_out": {str(k): v for k, v in written.empty.items()}}
+    if written.empty:
+        result.warnings.append(f"{target.name}: label(s) {', '.join(f'{k} ({v})' for k, v in written.empty.items())} "
+                               "hold no voxel and are left out of the DICOM SEG")
+
+
+def _check_seg_source(where: Path, s: DicomSeries, tilt: str) -> None:
+    """Before any case runs: a DICOM SEG needs an image series whose slices the label map lies on
+    (no gaps, and no gantry tilt unless ``--tilt keep`` leaves the labels on the tilted slices)."""
+    from medvit.io.common import tilt_degrees
+    from medvit.io.dicom import series_affine
+
+    if s.not_image is not None:
+        raise InputError(where, f"series {s.uid} {s.not_image}")
+    angle = tilt_degrees(series_affine(s, where))
+    if angle > 1e-6 and tilt != "keep":
+        raise InputError(where, f"series {s.uid} is gantry-tilted ({angle:.1f}°): --dicom-seg needs the labels on its "
+                                "own slices; add --tilt keep")
 
 
 def series_tag(s: DicomSeries, images: list[DicomSeries]) -> str:
@@ -418,7 +470,7 @@ def segment_inputs(
     resolved = {Path(p).resolve(): p for p in every}
     names: dict[str, tuple[str, list[str]]] = {}  # output name -> (the case as shown, its paths)
     outputs = ["_seg.nii.gz", "_seg.json"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
-        (["_preview.png"] if kwargs.get("preview") else [])
+        (["_preview.png"] if kwargs.get("preview") else []) + (["_seg.dcm"] if kwargs.get("dicom_seg") else [])
     for case in cases:
         shown = ",".join(case)
         if not case or any(not p for p in case):
@@ -427,12 +479,17 @@ def segment_inputs(
         if kwargs.get("series") is not None and "dicom" not in formats:
             raise InputError(shown, f"--series {kwargs['series']} picks a DICOM series, but this input is not DICOM")
         n = case_name(case[0])
+        if kwargs.get("dicom_seg") and formats[0] != "dicom":
+            raise InputError(shown, f"--dicom-seg writes a DICOM SEG on the slices of a DICOM series, but this input "
+                                    f"is {formats[0].upper() if formats[0] != 'nifti' else 'NIfTI'}")
         if formats[0] == "dicom":
             found = list_dicom_series(Path(case[0]))
             s = select_series(Path(case[0]), found, kwargs.get("series"))
             images = [x for x in found if x.not_image is None]
             if len(images) > 1:
                 n = f"{n}_{series_tag(s, images)}"
+            if kwargs.get("dicom_seg"):
+                _check_seg_source(Path(case[0]), s, kwargs.get("tilt", "resample"))
             why = modality_tag_mismatch(s.modality, model) if kwargs.get("strict") else None
             if why is not None:  # refused before any case runs, not after the first
                 raise InputError(case[0], f"{why}; refused by --strict")

@@ -158,6 +158,8 @@ def _source_headers(s: DicomSeries, where: Path) -> list[Dataset]:
         h.SOPClassUID = _meta_uid(h, "SOPClassUID", "MediaStorageSOPClassUID")
         for tag, value in derived.items():
             setattr(h, tag, value)
+        if "SpecificCharacterSet" in h and not h.SpecificCharacterSet:
+            del h.SpecificCharacterSet  # blank means the default repertoire, which highdicom wants unsaid
         for tag in _TYPE2:
             if tag not in h:
                 setattr(h, tag, None)
@@ -188,9 +190,10 @@ def write_dicom_seg(
         series: the SeriesInstanceUID read from a folder of several.
 
     Labels present are renumbered 1..n in ascending order; named labels absent from the map are
-    left out, listed in one warning and in the result. A source with gaps, a gantry tilt, several
-    series to choose from, or without the UIDs a SEG references raises InputError; ``labels`` off
-    the source's grid is a ValueError (a caller's bug).
+    left out, listed in one warning and in the result. A source with gaps, several series to
+    choose from, or without SOP instance UIDs raises InputError; ``labels`` off the source's grid
+    is a ValueError (a caller's bug). A gantry-tilted source's labels must be on its sheared grid
+    (``tilt="keep"``); each frame is then its slice.
     """
     import highdicom as hd
 
@@ -204,10 +207,6 @@ def write_dicom_seg(
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 3D integer array, got {labels.dtype} {labels.shape}")
     s, src_affine = source_series(source, series)
-    angle = tilt_degrees(src_affine)
-    if angle > 1e-6:
-        raise InputError(source, f"series {s.uid} is gantry-tilted ({angle:.1f}°); a DICOM SEG of it is not "
-                                 "written (its frames would need the slices' sheared grid)")
     h0 = s.headers[0]
     shape = (int(h0.Columns), int(h0.Rows), s.n_files)
     if labels.shape != shape or corner_offset_mm(shape, affine, src_affine) > 1e-3:
@@ -231,34 +230,41 @@ def write_dicom_seg(
         lut[v] = number
     relabeled = lut[labels]
 
-    # (X, Y, Z) = (column, row, slice) -> highdicom's (slice, row, column), affine in LPS
     headers = _source_headers(s, source)
     frame_of_ref = str(headers[0].FrameOfReferenceUID)
-    volume = hd.Volume(np.ascontiguousarray(relabeled.transpose(2, 1, 0)), LPS_TO_RAS @ affine[:, [2, 1, 0, 3]],
-                       coordinate_system="PATIENT", frame_of_reference_uid=frame_of_ref)
-    step = float(np.linalg.norm(src_affine[:3, 2]))
-    # highdicom stacks frames against the row x column normal, so from our last slice to our first
-    geometry = hd.VolumeGeometry.from_attributes(
-        image_position=s.headers[-1].ImagePositionPatient, image_orientation=h0.ImageOrientationPatient,
-        rows=int(h0.Rows), columns=int(h0.Columns), pixel_spacing=h0.PixelSpacing, spacing_between_slices=step,
-        number_of_frames=s.n_files, coordinate_system="PATIENT", frame_of_reference_uid=frame_of_ref)
-    volume = volume.match_geometry(geometry, tol=1e-3)
-    # each plane of the matched volume is one source slice: passing the planes as an array with the
-    # slices in the same order lets highdicom copy each frame's position from its slice and record
-    # the derivation reference (it records none for a Volume's own planes)
-    planes = np.array([p[0].ImagePositionPatient for p in volume.get_plane_positions()], dtype=np.float64)
-    ipp = np.array([h.ImagePositionPatient for h in headers], dtype=np.float64)
-    dist = np.linalg.norm(planes[:, None, :] - ipp[None, :, :], axis=2)
-    order = dist.argmin(axis=1)
-    if planes.shape != ipp.shape or sorted(order.tolist()) != list(range(len(headers))) or \
-            dist[np.arange(len(order)), order].max() > 1e-3:
-        raise RuntimeError(f"highdicom's volume planes are not the slices of series {s.uid}")
-    headers = [headers[i] for i in order]
+    if tilt_degrees(src_affine) > 1e-6:
+        # a gantry-tilted series has no Volume geometry (a sheared grid): the label map, on the
+        # slices' own grid, goes frame by frame onto the sorted slices
+        planes_array = np.ascontiguousarray(relabeled.transpose(2, 1, 0))
+    else:
+        # (X, Y, Z) = (column, row, slice) -> highdicom's (slice, row, column), affine in LPS
+        volume = hd.Volume(np.ascontiguousarray(relabeled.transpose(2, 1, 0)), LPS_TO_RAS @ affine[:, [2, 1, 0, 3]],
+                           coordinate_system="PATIENT", frame_of_reference_uid=frame_of_ref)
+        step = float(np.linalg.norm(src_affine[:3, 2]))
+        # highdicom stacks frames against the row x column normal, so from our last slice to our first
+        geometry = hd.VolumeGeometry.from_attributes(
+            image_position=s.headers[-1].ImagePositionPatient, image_orientation=h0.ImageOrientationPatient,
+            rows=int(h0.Rows), columns=int(h0.Columns), pixel_spacing=h0.PixelSpacing, spacing_between_slices=step,
+            number_of_frames=s.n_files, coordinate_system="PATIENT", frame_of_reference_uid=frame_of_ref)
+        volume = volume.match_geometry(geometry, tol=1e-3)
+        # each plane of the matched volume is one source slice: passing the planes as an array with the
+        # slices in the same order lets highdicom copy each frame's position from its slice and record
+        # the derivation reference (it records none for a Volume's own planes)
+        planes = np.array([p[0].ImagePositionPatient for p in volume.get_plane_positions()], dtype=np.float64)
+        ipp = np.array([h.ImagePositionPatient for h in headers], dtype=np.float64)
+        dist = np.linalg.norm(planes[:, None, :] - ipp[None, :, :], axis=2)
+        order = dist.argmin(axis=1)
+        if planes.shape != ipp.shape or sorted(order.tolist()) != list(range(len(headers))) or \
+                dist[np.arange(len(order)), order].max() > 1e-3:
+            raise RuntimeError(f"highdicom's volume planes are not the slices of series {s.uid}")
+        headers = [headers[i] for i in order]
+        planes_array = volume.array
+
     version = medvit.__version__
     number = h0.get("SeriesNumber")
     seg = hd.seg.Segmentation(
         source_images=headers,
-        pixel_array=volume.array,
+        pixel_array=planes_array,
         segmentation_type=hd.seg.SegmentationTypeValues[seg_type.upper()],
         segment_descriptions=_descriptions(segments, algorithm),
         series_instance_uid=hd.UID(),
@@ -339,7 +345,8 @@ def read_dicom_seg(path: str | Path, source: str | Path, *, series: str | None =
     numbers = [int(n) for n in seg.segment_numbers]
     dtype = np.uint8 if max(numbers, default=0) <= 255 else np.uint16
     out = np.zeros(shape[::-1], dtype=dtype)  # (Z, Y, X) as highdicom returns frames
-    overlap = 0
+    seen = np.zeros(out.shape, dtype=bool)
+    multi = np.zeros(out.shape, dtype=bool)
     for n in numbers:
         try:
             frames = seg.get_pixels_by_source_instance(
@@ -350,8 +357,10 @@ def read_dicom_seg(path: str | Path, source: str | Path, *, series: str | None =
         mask = frames[..., 0] >= (0.5 if np.issubdtype(frames.dtype, np.floating) else 1)
         if mask.shape != out.shape:
             raise InputError(path, f"frames of {mask.shape[1:]} pixels do not fit series {s.uid}'s {out.shape[1:]}")
-        overlap += int(np.count_nonzero(mask & (out != 0)))
+        multi |= mask & seen
+        seen |= mask
         out[mask] = n
+    overlap = int(np.count_nonzero(multi))
     if overlap:
         log.warning("%s: %d voxel(s) lie in more than one segment; each takes the highest segment number",
                     path, overlap)

@@ -20,7 +20,8 @@ class LoadVolumed(MapTransform):
     Images become float32 ``(C, X, Y, Z)`` (a list of paths stacks channels), labels integer
     ``(1, X, Y, Z)``; both carry the RAS affine, so Orientationd, Spacingd and later Invertd
     work on them as on MONAI's own LoadImaged output. Values that already are MetaTensors
-    pass through unchanged.
+    pass through unchanged. A label that is a DICOM SEG or RTSTRUCT is read onto the series of the
+    first image key (the datalist entry's ``image``; the first path of a channel list).
 
     Args:
         keys: keys of image paths.
@@ -50,12 +51,18 @@ class LoadVolumed(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
+        image_key = next((k for k in self.keys if k not in self.label_keys and k in d), None)
+        source = d[image_key] if image_key is not None else None
+        if isinstance(source, (list, tuple)):
+            source = source[0] if source else None
+        if isinstance(source, MetaTensor):
+            source = None
         for key in self.key_iterator(d):
             value = d[key]
             if isinstance(value, MetaTensor):
                 continue
             if key in self.label_keys:
-                d[key] = read_label(value)
+                d[key] = read_label(value, source=source)
             else:
                 d[key] = read_image(value, series=self.series, nonfinite=self.nonfinite, tilt=self.tilt)
         return d
