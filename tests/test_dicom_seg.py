@@ -357,3 +357,47 @@ def test_seg_type_needs_dicom_seg(data_dir, labelling_ckpt, tmp_path, capsys):
 def test_segment_dicom_seg_refuses_a_series_with_a_gap(data_dir, labelling_ckpt, tmp_path, capsys):
     assert_user_error(["segment", str(data_dir / "monai" / "CT_DICOM"), "-o", str(tmp_path / "o"), "--checkpoint",
                        str(labelling_ckpt), "--dicom-seg", "--no-progress"], capsys, "slice gap", out_dir=tmp_path / "o")
+
+
+def test_a_tilted_series_kept_on_its_slices_round_trips(tmp_path):
+    from tests.test_tilt import write_tilted
+
+    affine = write_tilted(tmp_path / "tilted")
+    image = read_image(tmp_path / "tilted")  # tilt="keep": the slices' own sheared grid
+    labels = (image[0].numpy() > 500).astype(np.int32)
+    assert labels.any()
+    write_dicom_seg(labels, affine, tmp_path / "tilted", tmp_path / "t.dcm", names={1: "liver"}, algorithm=ALGORITHM)
+    back = read_label(tmp_path / "t.dcm", source=tmp_path / "tilted")
+    np.testing.assert_array_equal(back[0].numpy(), labels)
+    s, _ = source_series(tmp_path / "tilted")
+    ipp = {str(h.SOPInstanceUID): np.asarray(h.ImagePositionPatient, float) for h in s.headers}
+    for frame in pydicom.dcmread(tmp_path / "t.dcm").PerFrameFunctionalGroupsSequence:
+        ref = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        assert np.abs(np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float) - ipp[ref]).max() < 1e-3
+
+
+def test_segment_dicom_seg_refuses_a_tilted_series_without_tilt_keep(labelling_ckpt, tmp_path, capsys):
+    from tests.test_tilt import write_tilted
+
+    write_tilted(tmp_path / "tilted")
+    assert_user_error(["segment", str(tmp_path / "tilted"), "-o", str(tmp_path / "o"), "--checkpoint",
+                       str(labelling_ckpt), "--dicom-seg", "--no-progress"], capsys, "gantry-tilted", "--tilt keep",
+                      out_dir=tmp_path / "o")
+
+
+def test_evaluate_matches_a_seg_reference_by_segment_name(ts_seg, tmp_path, capsys):
+    from medvit.io import write_label_map
+
+    path, labels, affine, written, src = ts_seg
+    write_label_map(labels, affine, tmp_path / "pred.nii.gz")  # the original ids 1, 5, 69, ...
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"0": "background", **{str(k): v for k, v in TS_LABELS.items()}}))
+    code, out, err = run_cli(["evaluate", str(tmp_path / "pred.nii.gz"), str(path), "--image", str(src), "--labels",
+                              str(names), "-o", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    scored = json.loads((tmp_path / "r.json").read_text())["labels"]
+    for v, name in TS_LABELS.items():
+        if v == 2:
+            assert scored[name]["status"] == "absent in both"
+        else:
+            assert scored[name]["dice"] == pytest.approx(1.0), name
