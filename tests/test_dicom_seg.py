@@ -401,3 +401,22 @@ def test_evaluate_matches_a_seg_reference_by_segment_name(ts_seg, tmp_path, caps
             assert scored[name]["status"] == "absent in both"
         else:
             assert scored[name]["dice"] == pytest.approx(1.0), name
+
+
+def test_writing_and_reading_a_seg_says_nothing_of_the_patient(data_dir, tmp_path, capsys, caplog, recwarn):
+    d = data_dir / "dcmqi" / "segmentations"
+    shutil.copytree(d / "ct-3slice", tmp_path / "ct")
+    for f in (tmp_path / "ct").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "CANARYNAME", "CANARYID", "19010101"
+        ds.ReferringPhysicianName, ds.AccessionNumber = "CANARYDOC", "CANARYACC"
+        ds.save_as(f)
+    ref = read_label(d / "liver_seg.nrrd")
+    with caplog.at_level(logging.DEBUG):
+        write_dicom_seg(ref[0].numpy().astype(np.int32), ref.affine.numpy(), tmp_path / "ct", tmp_path / "s.dcm",
+                        names={1: "liver", 2: "blob"}, algorithm=ALGORITHM)
+        read_label(tmp_path / "s.dcm", source=tmp_path / "ct")
+    out, err = capsys.readouterr()
+    said = out + err + caplog.text + "\n".join(str(w.message) for w in recwarn)
+    assert "CANARY" not in said and "19010101" not in said
+    assert str(pydicom.dcmread(tmp_path / "s.dcm").PatientName) == "CANARYNAME"  # the SEG itself carries it

@@ -20,7 +20,9 @@ the segment numbers, with the segment labels as names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,22 @@ SERIES_DESCRIPTION = "medvit segmentation - research use only, not for clinical 
 # type-2 attributes of the patient and general study modules: present, and empty when unknown
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+@contextlib.contextmanager
+def _values_unsaid():
+    """Silence highdicom's and pydicom's warnings while they copy or parse the source's attributes:
+    theirs quote the values (a patient name "unlikely to represent the intended person name", an
+    invalid date), and nothing medvit prints may carry patient data."""
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.setLevel(level)
 
 
 @dataclass
@@ -262,7 +280,17 @@ def write_dicom_seg(
 
     version = medvit.__version__
     number = h0.get("SeriesNumber")
-    seg = hd.seg.Segmentation(
+    with _values_unsaid():
+        seg = _segmentation(hd, headers, planes_array, seg_type, segments, algorithm, number, version)
+        seg.SeriesDescription = SERIES_DESCRIPTION
+        with atomic_path(path) as tmp:
+            seg.save_as(tmp, enforce_file_format=True)
+    return SegWritten(path, segments, empty)
+
+
+def _segmentation(hd, headers, planes_array, seg_type, segments, algorithm, number, version):
+    """highdicom's Segmentation of ``planes_array`` (one plane per header, in their order)."""
+    return hd.seg.Segmentation(
         source_images=headers,
         pixel_array=planes_array,
         segmentation_type=hd.seg.SegmentationTypeValues[seg_type.upper()],
@@ -279,10 +307,6 @@ def write_dicom_seg(
         content_description="medvit segmentation (research use only)",
         omit_empty_frames=True,
     )
-    seg.SeriesDescription = SERIES_DESCRIPTION
-    with atomic_path(path) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
-    return SegWritten(path, segments, empty)
 
 
 FRAME_POSITION_MM = 0.01
@@ -321,9 +345,10 @@ def read_dicom_seg(path: str | Path, source: str | Path, *, series: str | None =
 
     path = Path(path)
     try:
-        seg = hd.seg.segread(path)
+        with _values_unsaid():
+            seg = hd.seg.segread(path)
     except (ValueError, AttributeError, KeyError, TypeError) as e:
-        raise InputError(path, f"cannot be read as a DICOM SEG ({e})") from None
+        raise InputError(path, f"cannot be read as a DICOM SEG ({type(e).__name__})") from None
     s, affine = source_series(source, series)
     uids = instance_uids(s)
     refs = list(seg.get("ReferencedSeriesSequence", []))
@@ -349,9 +374,10 @@ def read_dicom_seg(path: str | Path, source: str | Path, *, series: str | None =
     multi = np.zeros(out.shape, dtype=bool)
     for n in numbers:
         try:
-            frames = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=uids, segment_numbers=[n], assert_missing_frames_are_empty=True,
-                ignore_spatial_locations=True)
+            with _values_unsaid():
+                frames = seg.get_pixels_by_source_instance(
+                    source_sop_instance_uids=uids, segment_numbers=[n], assert_missing_frames_are_empty=True,
+                    ignore_spatial_locations=True)
         except (ValueError, KeyError, RuntimeError) as e:
             raise InputError(path, f"segment {n} cannot be placed on the slices of series {s.uid} ({e})") from None
         mask = frames[..., 0] >= (0.5 if np.issubdtype(frames.dtype, np.floating) else 1)
