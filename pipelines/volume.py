@@ -396,6 +396,7 @@ def _write_seg(result: CaseResult, labels: np.ndarray, affine: np.ndarray, paths
     """``NAME_seg.dcm`` for :func:`segment_case`; a label map of background only gets none (a SEG
     needs a segment), with a warning."""
     from medvit.io.dicom_seg import write_dicom_seg
+    from pipelines.report import label_color
 
     if not labels.any():
         message = f"{', '.join(paths)}: no voxel was labelled; no DICOM SEG written (it needs at least one segment)"
@@ -405,7 +406,8 @@ def _write_seg(result: CaseResult, labels: np.ndarray, affine: np.ndarray, paths
     written = write_dicom_seg(labels, affine, paths[0], target, names=dict(model.config.labels),
                               algorithm={"name": model.config.model.name, "version": medvit.__version__,
                                          "sha256": checkpoint.get("sha256")},
-                              seg_type=seg_type, series=series, protect=protect)
+                              seg_type=seg_type, series=series, protect=protect,
+                              colors={int(k): label_color(int(k)) for k in model.config.labels})
     result.dicom_seg_path = target
     result.dicom_seg = {"file": target.name, "seg_type": seg_type,
                         "segments": {str(n): {"label": v, "name": name} for n, (v, name) in written.segments.items()},

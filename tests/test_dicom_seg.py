@@ -420,3 +420,18 @@ def test_writing_and_reading_a_seg_says_nothing_of_the_patient(data_dir, tmp_pat
     said = out + err + caplog.text + "\n".join(str(w.message) for w in recwarn)
     assert "CANARY" not in said and "19010101" not in said
     assert str(pydicom.dcmread(tmp_path / "s.dcm").PatientName) == "CANARYNAME"  # the SEG itself carries it
+
+
+def test_segments_carry_the_preview_colours(data_dir, tmp_path):
+    from pipelines.report import label_color
+
+    src = data_dir / "dcmqi" / "segmentations" / "ct-3slice"
+    ref = read_label(data_dir / "dcmqi" / "segmentations" / "liver_seg.nrrd")
+    labels = ref[0].numpy().astype(np.int32) * 6
+    write_dicom_seg(labels, ref.affine.numpy(), src, tmp_path / "c.dcm", names={6: "liver"}, algorithm=ALGORITHM,
+                    colors={6: label_color(6)})
+    import highdicom as hd
+
+    lab = pydicom.dcmread(tmp_path / "c.dcm").SegmentSequence[0].RecommendedDisplayCIELabValue
+    rgb = hd.color.CIELabColor.from_dicom_value(lab).to_rgb()
+    assert np.abs(np.asarray(rgb, float) - np.asarray(label_color(6), float)).max() <= 2

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ def _coded(code: tuple[str, str]):
     return CodedConcept(value=code[0], scheme_designator="SCT", meaning=code[1])
 
 
-def _descriptions(segments: dict[int, tuple[int, str]], algorithm: dict):
+def _descriptions(segments: dict[int, tuple[int, str]], algorithm: dict, colors: Mapping[int, tuple[int, int, int]]):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -117,11 +118,12 @@ def _descriptions(segments: dict[int, tuple[int, str]], algorithm: dict):
         parameters={"checkpoint_sha256": str(algorithm.get("sha256") or "unsaved")},
     )
     out = []
-    for number, (_, name) in segments.items():
+    for number, (v, name) in segments.items():
         code = coded[number]
         desc = hd.seg.SegmentDescription(
             segment_number=number, segment_label=str(name)[:64], segmented_property_category=_coded(code.category),
-            segmented_property_type=_coded(code.type), algorithm_type="AUTOMATIC", algorithm_identification=ident)
+            segmented_property_type=_coded(code.type), algorithm_type="AUTOMATIC", algorithm_identification=ident,
+            display_color=hd.color.CIELabColor.from_rgb(*colors[v]) if v in colors else None)
         if code.laterality is not None:
             desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 _coded(code.laterality)]
@@ -196,6 +198,7 @@ def write_dicom_seg(
     seg_type: str = "binary",
     series: str | None = None,
     protect: list[str | Path] | None = None,
+    colors: Mapping[int, tuple[int, int, int]] | None = None,
 ) -> SegWritten:
     """Write ``labels`` (``(X, Y, Z)`` integers on ``read_dicom(source)``'s grid, RAS ``affine``) as
     a DICOM SEG at ``path`` (through :func:`medvit.io.writers.atomic_path`).
@@ -206,6 +209,7 @@ def write_dicom_seg(
         seg_type: ``"binary"`` (Segmentation Storage, BINARY) or ``"labelmap"`` (Label Map
             Segmentation Storage, which most viewers and validators do not read yet).
         series: the SeriesInstanceUID read from a folder of several.
+        colors: label number -> RGB 0..255, written as each segment's recommended display colour.
 
     Labels present are renumbered 1..n in ascending order; named labels absent from the map are
     left out, listed in one warning and in the result. A source with gaps, several series to
@@ -281,20 +285,21 @@ def write_dicom_seg(
     version = medvit.__version__
     number = h0.get("SeriesNumber")
     with _values_unsaid():
-        seg = _segmentation(hd, headers, planes_array, seg_type, segments, algorithm, number, version)
+        seg = _segmentation(hd, headers, planes_array, seg_type, _descriptions(segments, algorithm, colors or {}),
+                            number, version, algorithm)
         seg.SeriesDescription = SERIES_DESCRIPTION
         with atomic_path(path) as tmp:
             seg.save_as(tmp, enforce_file_format=True)
     return SegWritten(path, segments, empty)
 
 
-def _segmentation(hd, headers, planes_array, seg_type, segments, algorithm, number, version):
+def _segmentation(hd, headers, planes_array, seg_type, descriptions, number, version, algorithm):
     """highdicom's Segmentation of ``planes_array`` (one plane per header, in their order)."""
     return hd.seg.Segmentation(
         source_images=headers,
         pixel_array=planes_array,
         segmentation_type=hd.seg.SegmentationTypeValues[seg_type.upper()],
-        segment_descriptions=_descriptions(segments, algorithm),
+        segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
         series_number=(int(number) if number not in (None, "") else 0) % 100000 + 1000,
         sop_instance_uid=hd.UID(),
