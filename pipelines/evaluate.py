@@ -232,21 +232,19 @@ def _reoriented(arr: np.ndarray, affine: np.ndarray, like: np.ndarray) -> tuple[
 def _renumber_by_name(ref: np.ndarray, ref_names: Mapping[int, str], labels: dict[int, str], where) -> np.ndarray:
     """``ref`` with each named label moved to the id ``labels`` gives the same name; a name
     ``labels`` lacks gets the next free id, added to ``labels`` (updated in place) and warned about."""
-    from medvit.io.segment_codes import normalize
+    from medvit.io.segment_codes import match_names
 
-    by_name = {normalize(v): int(k) for k, v in labels.items()}
+    matched, unmatched = match_names(ref_names, labels)
     lut = np.arange(max([int(ref.max()) if ref.size else 0, *ref_names]) + 1, dtype=np.int64)
-    new = max([0, *labels]) + 1
+    for n, i in matched.items():
+        lut[n] = i
+    had_names, new = bool(labels), max([0, *labels]) + 1
     unknown = []
-    for n, name in sorted(ref_names.items()):
-        key = normalize(name)
-        if key in by_name:
-            lut[n] = by_name[key]
-        else:
-            lut[n], labels[new] = new, str(name)
-            unknown.append(f"{name!r} (now {new})")
-            new += 1
-    if unknown and by_name:
+    for n, name in sorted(unmatched.items()):
+        lut[n], labels[new] = new, name
+        unknown.append(f"{name!r} (now {new})")
+        new += 1
+    if unknown and had_names:
         log.warning("%s: reference label(s) %s match no label name of the prediction; scored as labels of their own",
                     where, ", ".join(unknown))
     return lut[ref]

@@ -435,3 +435,28 @@ def test_segments_carry_the_preview_colours(data_dir, tmp_path):
     lab = pydicom.dcmread(tmp_path / "c.dcm").SegmentSequence[0].RecommendedDisplayCIELabValue
     rgb = hd.color.CIELabColor.from_dicom_value(lab).to_rgb()
     assert np.abs(np.asarray(rgb, float) - np.asarray(label_color(6), float)).max() <= 2
+
+
+def test_training_renumbers_seg_segments_to_the_config_ids_by_name(ts_seg):
+    from medvit.io.loader import LoadVolumed
+    from medvit.transforms.checks import CheckCased
+
+    path, labels, _, written, src = ts_seg
+    names = {0: "background", **TS_LABELS}
+    case = LoadVolumed(keys="image", label_keys="label")({"image": str(src), "label": str(path)})
+    checked = CheckCased("image", "label", in_channels=1, n_classes=max(names) + 1, label_ids=set(names),
+                         label_names=names)(case)
+    np.testing.assert_array_equal(checked["label"][0].numpy(), labels)  # ids 1, 5, 69, ... again, not 1..6
+
+
+def test_training_refuses_a_seg_segment_the_config_does_not_name(ts_seg):
+    from medvit.errors import InputError
+    from medvit.io.loader import LoadVolumed
+    from medvit.transforms.checks import CheckCased
+
+    path, _, _, _, src = ts_seg
+    names = {0: "background", 1: "spleen", 5: "liver"}
+    case = LoadVolumed(keys="image", label_keys="label")({"image": str(src), "label": str(path)})
+    with pytest.raises(InputError) as e:
+        CheckCased("image", "label", in_channels=1, n_classes=6, label_ids=set(names), label_names=names)(case)
+    assert "'humerus_left'" in str(e.value) and "case_seg.dcm" in str(e.value) and "'liver'" in str(e.value)

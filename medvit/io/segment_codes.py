@@ -156,6 +156,24 @@ def normalize(name: str) -> tuple[str, tuple[str, str] | None]:
     return " ".join(w for w in words if w != side), _SIDES[side]
 
 
+def match_names(named: Mapping[int, str], names: Mapping[int, str]) -> tuple[dict[int, int], dict[int, str]]:
+    """Map the numbers of ``named`` (a SEG's segments, an RTSTRUCT's ROIs) to the ids of ``names``
+    (a label table) whose name is the same after :func:`normalize` (its aliases too): returns
+    ``({number: id}, {number: name}`` of those no id is named after``)``."""
+    def key(name: str) -> tuple[str, tuple[str, str] | None]:
+        base, side = normalize(name)
+        return _ALIASES.get(base, base), side
+
+    ids = {key(v): int(k) for k, v in names.items()}
+    matched, unmatched = {}, {}
+    for n, name in named.items():
+        if key(name) in ids:
+            matched[int(n)] = ids[key(name)]
+        else:
+            unmatched[int(n)] = str(name)
+    return matched, unmatched
+
+
 def segment_code(name: str) -> SegmentCode:
     """The codes of one label name; a name the table does not hold gets the generic category
     and type "Tissue" (SCT 85756007) with ``known`` False (and keeps any laterality it names)."""

@@ -76,7 +76,7 @@ def _check(cfg: Config) -> MapTransform:
     from medvit.transforms.checks import CheckCased
 
     return CheckCased(IMAGE_KEY, LABEL_KEY, in_channels=cfg.model.in_channels, n_classes=int(cfg.model.out_channels),
-                      net=cfg.model.name, label_ids=set(cfg.labels))
+                      net=cfg.model.name, label_ids=set(cfg.labels), label_names=dict(cfg.labels))
 
 
 def preprocess_transforms(

@@ -12,6 +12,7 @@ from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
@@ -35,15 +36,19 @@ class CheckCased(MapTransform):
     (shape, and affine within :data:`LABEL_GRID_TOLERANCE`) and values in
     ``0 .. n_classes - 1``, all of them in ``label_ids`` when given (the config's named labels:
     an unnamed id would train as a class no output names). Raises :class:`InputError` naming the
-    file; passes the case on unchanged.
+    file; passes the case on unchanged, except a label that names its own labels (a DICOM SEG's
+    segments, an RTSTRUCT's ROIs, numbered 1..n in their file's order): with ``label_names``
+    (the config's id -> name) it is renumbered to the ids of the same names first, and a name the
+    config lacks is refused.
     """
 
     def __init__(self, image_key: str, label_key: str, *, in_channels: int, n_classes: int, net: str = "net",
-                 label_ids: set[int] | None = None) -> None:
+                 label_ids: set[int] | None = None, label_names: Mapping[int, str] | None = None) -> None:
         super().__init__((image_key, label_key), allow_missing_keys=True)
         self.image_key, self.label_key = image_key, label_key
         self.in_channels, self.n_classes, self.net = int(in_channels), int(n_classes), net
         self.label_ids = None if label_ids is None else {int(i) for i in label_ids}
+        self.label_names = None if label_names is None else {int(k): str(v) for k, v in label_names.items()}
 
     def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
         image, label = data[self.image_key], data.get(self.label_key)
@@ -55,6 +60,10 @@ class CheckCased(MapTransform):
         if label is None:
             return data
         lsrc = _source(label, self.label_key)
+        named = (getattr(label, "meta", None) or {}).get("medvit_label_names")
+        if named and self.label_names is not None:
+            data = dict(data)
+            data[self.label_key] = label = self._renumbered(label, named, lsrc)
         if tuple(label.shape[1:]) != tuple(image.shape[1:]):
             raise InputError(lsrc, f"label grid {tuple(label.shape[1:])} differs from its image's "
                                    f"{tuple(image.shape[1:])} ({src})")
@@ -76,6 +85,22 @@ class CheckCased(MapTransform):
                 raise InputError(lsrc, f"holds label values {listed(unnamed)} that the config's labels do not name "
                                        f"(it names {listed(sorted(self.label_ids))})")
         return data
+
+
+    def _renumbered(self, label, named: Mapping[int, str], lsrc: str):
+        from medvit.io.segment_codes import match_names
+
+        matched, unmatched = match_names(named, self.label_names)
+        if unmatched:
+            raise InputError(lsrc, f"names label(s) {listed([repr(v) for v in unmatched.values()])} that the config's "
+                                   f"labels do not ({listed([repr(v) for k, v in sorted(self.label_names.items()) if k])})")
+        lut = torch.arange(max([int(label.max()), *matched]) + 1, dtype=torch.int64)
+        for n, i in matched.items():
+            lut[n] = i
+        values = lut[torch.as_tensor(label).long()]
+        meta = dict(label.meta)
+        del meta["medvit_label_names"]  # now the config's ids; and cases of a batch must share meta keys to collate
+        return MetaTensor(values.to(torch.uint8) if int(lut.max()) <= 255 else values, meta=meta)  # meta holds the affine
 
 
 def physical_memory_bytes() -> int | None:
