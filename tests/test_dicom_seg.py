@@ -460,3 +460,12 @@ def test_training_refuses_a_seg_segment_the_config_does_not_name(ts_seg):
     with pytest.raises(InputError) as e:
         CheckCased("image", "label", in_channels=1, n_classes=6, label_ids=set(names), label_names=names)(case)
     assert "'humerus_left'" in str(e.value) and "case_seg.dcm" in str(e.value) and "'liver'" in str(e.value)
+
+
+def test_a_nifti_given_as_the_seg_source_is_one_line(data_dir):
+    from medvit.errors import InputError
+
+    d = data_dir / "dcmqi" / "segmentations"
+    with pytest.raises(InputError) as e:
+        read_label(d / "liver.dcm", source=d / "liver_seg.nrrd")
+    assert "liver_seg.nrrd" in str(e.value) and "not a DICOM series" in str(e.value)

@@ -37,10 +37,6 @@ from medvit.io.dicom import DicomSeries, list_dicom_series, select_series, serie
 
 log = logging.getLogger(__name__)
 
-SEG_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
-    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
-}
 SEG_TYPES = ("binary", "labelmap")
 SERIES_DESCRIPTION = "medvit segmentation - research use only, not for clinical use"
 
@@ -75,22 +71,16 @@ class SegWritten:
     empty: dict[int, str] = field(default_factory=dict)
 
 
-def is_dicom_seg(ds: Dataset) -> bool:
-    sop = str(ds.get("SOPClassUID", "") or "")
-    if not sop and getattr(ds, "file_meta", None) is not None:
-        sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
-    return sop in SEG_SOP_CLASSES
-
-
 def source_series(source: str | Path, series: str | None = None) -> tuple[DicomSeries, np.ndarray]:
     """The source image series (sorted, checked for gaps and mixed geometry as reading does) and
     its RAS affine; InputError for a source that is not a DICOM image series."""
+    from medvit.io.reader import source_format
+
     source = Path(source)
-    if not source.exists():
-        raise InputError(source, "no such file or folder")
-    if not source.is_dir() and source.suffix.lower() not in (".dcm", ".dicom", ".ima") and \
-            pydicom.misc.is_dicom(source) is False:
-        raise InputError(source, "is not a DICOM series; a DICOM SEG needs the DICOM image series it was drawn on")
+    fmt = source_format(source)  # a missing path or unsupported file is refused here
+    if fmt != "dicom":
+        raise InputError(source, f"is {'NIfTI' if fmt == 'nifti' else fmt.upper()}, not a DICOM series; a DICOM SEG is "
+                                 "read onto (and written on) the DICOM image series it was drawn on")
     s = select_series(source, list_dicom_series(source), series)
     if s.not_image is not None:
         raise InputError(source, s.not_image if source.is_file() else f"series {s.uid} {s.not_image}")
