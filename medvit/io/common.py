@@ -43,6 +43,8 @@ class RawVolume:
     """The channels' count when they are a time series (a NIfTI whose 4th axis is time), else 0."""
     codes: tuple[int, int] = (1, 1)
     """NIfTI (sform, qform) codes of the file; scanner (1) for the other formats."""
+    label_names: dict[int, str] | None = None
+    """Label number -> name, for label objects that carry names (RTSTRUCT ROIs); None otherwise."""
 
 
 def source_info(fmt: str, series_uid: str = "", series_description: str = "", modality: str = "",

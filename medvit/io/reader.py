@@ -18,6 +18,7 @@ from medvit.io.common import SUPPORTED, RawVolume
 from medvit.io.dicom import DICOM_SUFFIXES, Tilt, read_dicom
 from medvit.io.itk_formats import itk_format, read_itk
 from medvit.io.nifti import is_nifti, read_nifti
+from medvit.io.rtstruct import is_rtstruct
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ def _to_metatensor(array: np.ndarray, raw: RawVolume, replaced: int, raws: list[
         "medvit_channels": _channels_said(raws),
         "medvit_xform_codes": np.asarray(raw.codes, dtype=np.int64),
     }
+    if raw.label_names is not None:
+        meta["medvit_label_names"] = dict(raw.label_names)
     affine = torch.as_tensor(raw.affine, dtype=torch.float64)
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine, meta=meta)
 
@@ -221,18 +224,25 @@ def _label_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(np.int32 if array.dtype.itemsize < 4 else np.int64)
 
 
-def read_label(path: PathLike, *, series: str | None = None) -> MetaTensor:
+def read_label(path: PathLike, *, series: str | None = None, source: PathLike | None = None) -> MetaTensor:
     """Read a label map as an integer MetaTensor ``(1, X, Y, Z)`` with a RAS affine.
 
     The dtype is the file's when torch holds it (uint8, int8, int16, int32, int64), else a wider
     signed type; label files stored as floats must hold whole numbers, and a NIfTI's stored
     integers scaled by its header to within 1e-3 of whole numbers are read as those (a 0/1 mask
     with ``scl_slope`` 0.99999997). A gantry-tilted DICOM
-    series is read on its sheared grid (labels are never interpolated).
+    series is read on its sheared grid (labels are never interpolated). A DICOM RTSTRUCT is read
+    onto ``source``, the image series it was drawn on (:func:`medvit.io.rtstruct.read_rtstruct`;
+    its ROI names in ``meta["medvit_label_names"]``); without ``source`` it is an InputError.
     """
     p = Path(path)
     (fmt,) = _formats([p], series)
-    raw = _read_raw(p, fmt, series, labels=True)
+    if fmt == "dicom" and p.is_file() and is_rtstruct(p):
+        from medvit.io.rtstruct import read_rtstruct
+
+        raw = read_rtstruct(p, source)
+    else:
+        raw = _read_raw(p, fmt, series, labels=True)
     if raw.array.shape[0] != 1:
         raise InputError(p, f"label map has {raw.array.shape[0]} channels, expected 1")
     return _to_metatensor(_label_dtype(raw.array, p), raw, 0)
