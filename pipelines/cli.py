@@ -182,6 +182,7 @@ def segment(
     strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
     tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample onto an orthogonal grid (outputs on it), keep its sheared grid, or refuse.")] = Tilt.resample,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
+    rtstruct: Annotated[bool, typer.Option("--rtstruct", help="Also write NAME_rtstruct.dcm, a DICOM RT Structure Set with one ROI per label found (DICOM series input).")] = False,
 ) -> None:
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry, each with a NAME_seg.json of its provenance."""
     from medvit.checkpoint import load_checkpoint
@@ -197,11 +198,11 @@ def segment(
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
-              progress=progress, strict=strict, tilt=tilt.value)
+              progress=progress, strict=strict, tilt=tilt.value, rtstruct=rtstruct)
     results = segment_inputs([i.split(",") for i in inputs], model, out, overwrite=overwrite,
                              record={"config": str(config.resolve()) if config is not None else None}, **kw)
     for r in results:
-        extra = [str(p) for p in (r.sidecar_path, *r.stats_paths, r.preview_path) if p]
+        extra = [str(p) for p in (r.sidecar_path, *r.stats_paths, r.preview_path, r.rtstruct_path) if p]
         e = r.engine
         run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
         run += _notes(e) if e else ""
@@ -220,6 +221,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the result as JSON here.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="JSON {id: name}, or a checkpoint's .json sidecar, for label names.")] = None,
     tolerance: Annotated[float, typer.Option(help="Surface Dice tolerance in mm.")] = 1.0,
+    image: Annotated[Optional[Path], typer.Option("--image", help="The source DICOM series of a DICOM SEG or RTSTRUCT reference.")] = None,
 ) -> None:
     """Per-label Dice, HD95 and surface Dice of PRED against GT."""
     from pipelines.evaluate import evaluate_files, format_table, read_label_names, write_json
@@ -227,7 +229,7 @@ def evaluate(
     # before the work: a bad -o should not cost the metrics' time
     _check_output_file(out, [pred, gt] + ([labels] if labels is not None else []), "-o")
     names = read_label_names(labels) if labels is not None else None
-    result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance)
+    result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance, source=image)
     typer.echo(format_table(result))
     if out is not None:
         write_json(result, out, protect=(pred, gt))
