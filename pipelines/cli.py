@@ -221,7 +221,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the result as JSON here.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="JSON {id: name}, or a checkpoint's .json sidecar, for label names.")] = None,
     tolerance: Annotated[float, typer.Option(help="Surface Dice tolerance in mm.")] = 1.0,
-    image: Annotated[Optional[Path], typer.Option("--image", help="The source DICOM series of a DICOM SEG or RTSTRUCT reference.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="The DICOM series a DICOM SEG or RTSTRUCT (PRED or GT) was drawn on; its labels are read onto it.")] = None,
 ) -> None:
     """Per-label Dice, HD95 and surface Dice of PRED against GT."""
     from pipelines.evaluate import evaluate_files, format_table, read_label_names, write_json
@@ -229,7 +229,7 @@ def evaluate(
     # before the work: a bad -o should not cost the metrics' time
     _check_output_file(out, [pred, gt] + ([labels] if labels is not None else []), "-o")
     names = read_label_names(labels) if labels is not None else None
-    result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance, source=image)
+    result = evaluate_files(pred, gt, labels=names, tolerance_mm=tolerance, image=image)
     typer.echo(format_table(result))
     if out is not None:
         write_json(result, out, protect=(pred, gt))

@@ -235,11 +235,11 @@ def evaluate_files(
     *,
     labels: Mapping[int, str] | None = None,
     tolerance_mm: float = 1.0,
-    source: str | Path | None = None,
+    image: str | Path | None = None,
 ) -> dict:
     """Evaluate a predicted label map file against a reference file on the same grid.
 
-    Both are read with :func:`medvit.io.read_label` (a DICOM RTSTRUCT onto ``source``, its image
+    Both are read with :func:`medvit.io.read_label` (a DICOM RTSTRUCT onto ``image``, its image
     series); their shapes must be equal and their
     affines must place the grid within 1e-3 mm of each other, else :class:`InputError`
     naming the prediction. A reference holding the same grid in another axis order or
@@ -249,8 +249,8 @@ def evaluate_files(
     """
     from medvit.io import read_label
 
-    pred_m = read_label(pred_path, source=source)  # (1, X, Y, Z): read_label refuses several channels
-    gt_m = read_label(gt_path, source=source)
+    pred_m = read_label(pred_path, source=image)  # (1, X, Y, Z): read_label refuses several channels
+    gt_m = read_label(gt_path, source=image)
     pred_aff = np.asarray(pred_m.affine, dtype=np.float64)
     gt_aff = np.asarray(gt_m.affine, dtype=np.float64)
     pred = pred_m.as_tensor()[0].numpy()
