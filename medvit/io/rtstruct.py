@@ -247,6 +247,15 @@ def _contours_by_roi(ds: Dataset) -> dict[int, list[Dataset]]:
     return out
 
 
+def _bounding_box(m: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel of a 3D mask (an empty box for none)."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
+    return tuple(box)
+
+
 def read_rtstruct(path: str | Path, source: str | Path | None) -> RawVolume:
     """Read an RTSTRUCT's ROIs as one integer label map ``(1, X, Y, Z)`` on its source series.
 
@@ -319,21 +328,22 @@ def read_rtstruct(path: str | Path, source: str | Path | None) -> RawVolume:
     series_data = _series_data(s)
     grid = (int(h0.Columns), int(h0.Rows), s.n_files)
     _check_rt_utils_grid(series_data, affine, grid)
-    masks = []
+    masks = []  # per ROI: voxels, number, name, bounding box, mask inside it (whole-grid masks would not fit)
     for number, name, closed in rois:
-        m = image_helper.create_series_mask_from_contour_sequence(series_data, closed)  # (rows, cols, slices)
-        masks.append((int(m.sum()), number, name, m.transpose(1, 0, 2)))
-    top = max((n for _, n, _, _ in masks), default=0)
+        m = image_helper.create_series_mask_from_contour_sequence(series_data, closed).transpose(1, 0, 2)  # our (X, Y, Z)
+        box = _bounding_box(m)
+        masks.append((int(m.sum()), number, name, box, m[box].copy()))
+    top = max((n for _, n, _, _, _ in masks), default=0)
     out = np.zeros(grid, dtype=np.uint8 if top <= 255 else np.uint16)
     hits = np.zeros(grid, dtype=np.uint16)
-    for _, number, _, m in sorted(masks, key=lambda t: -t[0]):  # the largest first: smaller ROIs paint over it
-        out[m] = number
-        hits += m
+    for _, number, _, box, m in sorted(masks, key=lambda t: -t[0]):  # the largest first: smaller ROIs paint over it
+        out[box][m] = number
+        hits[box] += m
     overlap = int((hits > 1).sum())
     if overlap:
         log.warning("%s: %d voxels lie in more than one ROI; each went to the smallest of them", path, overlap)
     raw = RawVolume(out[None], affine, path,
                     source_info("rtstruct", s.uid, s.description, "RTSTRUCT",
                                 "" if s.series_number is None else str(s.series_number)))
-    raw.label_names = {number: name for _, number, name, _ in masks}
+    raw.label_names = {number: name for _, number, name, _, _ in masks}
     return raw
