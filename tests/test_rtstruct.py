@@ -284,3 +284,35 @@ def test_segment_rtstruct_refusals_come_before_the_net(ckpt, data_dir, tmp_path,
     assert_user_error(["segment", str(tmp_path / "tilted"), "-o", str(tmp_path / "c"), "--checkpoint", str(ckpt),
                        "--rtstruct", "--tilt", "keep"], capsys, "gantry-tilted", out_dir=tmp_path / "c")
     shutil.rmtree(tmp_path / "tilted")
+
+
+def test_a_folder_holding_other_files_and_an_rtstruct_is_read_as_its_series(ct3, tmp_path):
+    """rt-utils walks a folder and takes every DICOM with pixels; we hand it our series alone, so
+    an RTSTRUCT beside the slices, another series' slice and a text file change nothing."""
+    from tests.test_io_dicom import write_slice
+
+    folder = tmp_path / "study"
+    shutil.copytree(ct3, folder)
+    (folder / "notes.txt").write_text("not DICOM")
+    s, affine = _series(folder)
+    lab = _ct3_labels()
+    write_rtstruct(lab, affine, s, folder / "rt.dcm", names={}, description="test")
+    first = _read_contour_slices(folder / "rt.dcm")
+    write_slice(folder / "other.dcm", series_uid=generate_uid(), ipp=(0, 0, 0), instance=1,
+                pixels=np.zeros((8, 8), np.int16), spacing=(0.5, 0.5))  # a second image series: must be chosen
+    with pytest.raises(InputError, match="holds 3 DICOM series; choose one"):
+        read_rtstruct(folder / "rt.dcm", folder)
+    (folder / "other.dcm").unlink()
+    back = read_label(folder / "rt.dcm", source=folder).as_tensor()[0].numpy()
+    for i in (1, 2, 5):
+        assert _dice(lab == i, back == i) >= ROUND_TRIP_DICE
+    # written again with the RTSTRUCT in the folder: the same slices referenced
+    s2, _ = _series(folder)
+    write_rtstruct(lab, affine, s2, tmp_path / "again.dcm", names={}, description="test")
+    assert _read_contour_slices(tmp_path / "again.dcm") == first
+
+
+def _read_contour_slices(path: Path) -> list[str]:
+    ds = pydicom.dcmread(path)
+    ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    return [c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence]
