@@ -316,3 +316,13 @@ def _read_contour_slices(path: Path) -> list[str]:
     ds = pydicom.dcmread(path)
     ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     return [c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence]
+
+
+def test_a_damaged_rtstruct_is_one_line(ct3, tmp_path, capsys):
+    s, affine = _series(ct3)
+    write_rtstruct(_ct3_labels(), affine, s, tmp_path / "rt.dcm", names={2: "spleen"}, description="test")
+    ds = pydicom.dcmread(tmp_path / "rt.dcm")
+    ds.ROIContourSequence[1].ContourSequence[0].ContourData = [1.0, 2.0, 3.0, 4.0]  # not x, y, z triples
+    ds.save_as(tmp_path / "bad.dcm")
+    assert_user_error(["evaluate", str(tmp_path / "bad.dcm"), str(tmp_path / "bad.dcm"), "--image", str(ct3)],
+                      capsys, "bad.dcm", "ROI 'spleen'", "cannot be filled")

@@ -53,10 +53,14 @@ def is_rtstruct(path: str | Path) -> bool:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, EOFError):
         return False
+    return _sop_class(ds) == RTSTRUCT_SOP
+
+
+def _sop_class(ds: Dataset) -> str:
     sop = str(ds.get("SOPClassUID", "") or "")
-    if not sop and getattr(ds, "file_meta", None) is not None:
+    if not sop and getattr(ds, "file_meta", None) is not None:  # an anonymiser may blank it; the file meta keeps it
         sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
-    return sop == RTSTRUCT_SOP
+    return sop
 
 
 WRITE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
@@ -273,6 +277,7 @@ def read_rtstruct(path: str | Path, source: str | Path | None) -> RawVolume:
     contours on slices not in it; a source with a gap, a tilt, several image series, non-square
     pixels or non-square slices.
     """
+    import cv2
     from rt_utils import image_helper
 
     path = Path(path)
@@ -284,7 +289,7 @@ def read_rtstruct(path: str | Path, source: str | Path | None) -> RawVolume:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError) as e:
         raise InputError(path, f"unreadable DICOM RTSTRUCT ({e})") from None
-    if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP or "StructureSetROISequence" not in ds:
+    if _sop_class(ds) != RTSTRUCT_SOP or "StructureSetROISequence" not in ds:
         raise InputError(path, "is not a DICOM RT Structure Set with a StructureSetROISequence")
     s = select_series(source, list_dicom_series(source), None)
     affine = check_rtstruct_source(s, source, ("SOPInstanceUID",))
@@ -300,12 +305,16 @@ def read_rtstruct(path: str | Path, source: str | Path | None) -> RawVolume:
     if series_uids and s.uid not in series_uids:
         raise InputError(path, f"references series {listed(sorted(series_uids))}, but {source} is series {s.uid}")
 
-    contours = _contours_by_roi(ds)
+    try:
+        contours = _contours_by_roi(ds)
+        numbers = [int(roi.ROINumber) for roi in ds.StructureSetROISequence]
+    except (AttributeError, TypeError, ValueError) as e:
+        raise InputError(path, f"malformed RTSTRUCT: an ROI without a whole ROINumber or ReferencedROINumber ({e})") from None
     slices = {str(h.SOPInstanceUID) for h in s.headers}
     rois: list[tuple[int, str, list[Dataset]]] = []
     left_out = []
-    for roi in ds.StructureSetROISequence:
-        number, name = int(roi.ROINumber), str(roi.get("ROIName", "") or f"ROI {roi.ROINumber}")
+    for number, roi in zip(numbers, ds.StructureSetROISequence):
+        name = str(roi.get("ROIName", "") or f"ROI {number}")
         closed = [c for c in contours.get(number, []) if str(c.get("ContourGeometricType", "")) == "CLOSED_PLANAR"]
         if not closed:
             left_out.append(name)
@@ -330,7 +339,10 @@ def read_rtstruct(path: str | Path, source: str | Path | None) -> RawVolume:
     _check_rt_utils_grid(series_data, affine, grid)
     masks = []  # per ROI: voxels, number, name, bounding box, mask inside it (whole-grid masks would not fit)
     for number, name, closed in rois:
-        m = image_helper.create_series_mask_from_contour_sequence(series_data, closed).transpose(1, 0, 2)  # our (X, Y, Z)
+        try:
+            m = image_helper.create_series_mask_from_contour_sequence(series_data, closed).transpose(1, 0, 2)  # our (X, Y, Z)
+        except (ValueError, TypeError, AttributeError, cv2.error) as e:
+            raise InputError(path, f"ROI '{name}': its contour data cannot be filled ({e})") from None
         box = _bounding_box(m)
         masks.append((int(m.sum()), number, name, box, m[box].copy()))
     top = max((n for _, n, _, _, _ in masks), default=0)
