@@ -206,6 +206,7 @@ def _finish(ds: Dataset, source: Dataset, description: str, algorithm: str) -> N
     if "InstitutionName" in ds:  # rt-utils writes its own lab's name there
         del ds.InstitutionName
     ds.SeriesDescription = description[:64]
+    ds.SeriesDate, ds.SeriesTime = ds.StructureSetDate, ds.StructureSetTime  # rt-utils copies the image series'
     ds.StructureSetLabel = "medvit"
     ds.OperatorsName = ""
     for tag in ("ReferringPhysicianName", "AccessionNumber"):  # General Study, type 2: the source's, else empty
