@@ -188,6 +188,7 @@ def segment(
     tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample onto an orthogonal grid (outputs on it), keep its sheared grid, or refuse.")] = Tilt.resample,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write NAME_seg.dcm, a DICOM SEG on the source slices (DICOM series input only).")] = False,
     seg_type: Annotated[Optional[SegType], typer.Option("--seg-type", help="With --dicom-seg: binary (default; read by most viewers) or labelmap (the 2024 Label Map SEG class).")] = None,
+    rtstruct: Annotated[bool, typer.Option("--rtstruct", help="Also write NAME_rtstruct.dcm, a DICOM RT Structure Set with one ROI per label found (DICOM series input).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over windows.")] = True,
 ) -> None:
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry, each with a NAME_seg.json of its provenance."""
@@ -207,11 +208,12 @@ def segment(
     kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
               stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
               progress=progress, strict=strict, tilt=tilt.value, dicom_seg=dicom_seg,
-              seg_type=(seg_type or SegType.binary).value)
+              seg_type=(seg_type or SegType.binary).value, rtstruct=rtstruct)
     results = segment_inputs([i.split(",") for i in inputs], model, out, overwrite=overwrite,
                              record={"config": str(config.resolve()) if config is not None else None}, **kw)
     for r in results:
-        extra = [str(p) for p in (r.dicom_seg_path, r.sidecar_path, *r.stats_paths, r.preview_path) if p]
+        extra = [str(p) for p in (r.dicom_seg_path, r.rtstruct_path, r.sidecar_path, *r.stats_paths, r.preview_path)
+                 if p]
         e = r.engine
         run = f"; {e.windows_run} windows run, {e.windows_skipped} skipped as empty, {e.seconds:.1f} s" if e else ""
         run += _notes(e) if e else ""

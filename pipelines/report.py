@@ -11,7 +11,6 @@ the labels shown.
 
 from __future__ import annotations
 
-import colorsys
 import csv
 import io
 import json
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from medvit.io.label_colors import label_color
 
 __all__ = ["label_stats", "write_stats", "write_preview", "label_color", "percentile_window", "STATS_COLUMNS", "HU_WINDOW"]
 
@@ -128,13 +129,6 @@ def write_stats(rows: list[dict], csv_path: str | Path, json_path: str | Path) -
     _atomic_write_text(buf.getvalue(), csv_path)
     _atomic_write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n", json_path)
     return csv_path, json_path
-
-
-def label_color(label_id: int) -> tuple[int, int, int]:
-    """A bright RGB colour per label id; hues step by the golden ratio so neighbouring ids differ."""
-    h = (int(label_id) * 0.6180339887498949) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(h, 0.85, 1.0)
-    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
 def _to_ras(a: np.ndarray, ornt: np.ndarray) -> np.ndarray:

@@ -46,6 +46,9 @@ class CaseResult:
     dicom_seg_path: Path | None = None
     dicom_seg: dict | None = None
     """What the DICOM SEG holds: segment number -> label id and name, and the labels left out."""
+    rtstruct_path: Path | None = None
+    rtstruct_rois: list[int] = field(default_factory=list)
+    """Label ids written as RTSTRUCT ROIs (the labels present)."""
     warnings: list[str] = field(default_factory=list)
     sidecar_path: Path | None = None
 
@@ -229,11 +232,15 @@ def _write_sidecar(path: Path, result: CaseResult, original, model: LoadedModel,
         "labels": {str(k): v for k, v in model.config.labels.items()},
         "options": options,
         "resampled": result.resampled,
-        "outputs": [p.name for p in (*result.stats_paths, result.preview_path, result.dicom_seg_path) if p],
+        "outputs": [p.name for p in (*result.stats_paths, result.preview_path, result.dicom_seg_path,
+                                     result.rtstruct_path) if p],
         "warnings": result.warnings,
     }
     if result.dicom_seg is not None:
         doc["dicom_seg"] = result.dicom_seg
+    if result.rtstruct_path is not None:  # empty labels get no ROI: listed here
+        doc["rtstruct"] = {"file": result.rtstruct_path.name, "rois": result.rtstruct_rois,
+                           "empty_labels": [i for i in sorted(model.config.labels) if i and i not in result.rtstruct_rois]}
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
 
@@ -292,11 +299,14 @@ def segment_case(
     tilt: Literal["resample", "keep", "error"] = "resample",
     dicom_seg: bool = False,
     seg_type: Literal["binary", "labelmap"] = "binary",
+    rtstruct: bool = False,
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
 
     The label map is ``OUT_DIR/NAME_seg.nii.gz`` in the input's geometry; with ``stats``,
-    ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``.
+    ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``; with
+    ``rtstruct`` (a DICOM series input), ``NAME_rtstruct.dcm``, one ROI per label present
+    (:func:`medvit.io.rtstruct.write_rtstruct`).
     An input that cannot be of the checkpoint's modality (:func:`check_modality`) is warned
     about, or with ``strict`` refused (InputError) before the net runs.
 
@@ -383,9 +393,14 @@ def segment_case(
             window = tuple(cfg.preprocess.intensity.window) if cfg.preprocess.intensity.modality == "ct" \
                 else percentile_window(image0)
             write_preview(image0, labels, affine, result.preview_path, window=window, names=cfg.labels)
+    if rtstruct:
+        result.rtstruct_path = out_dir / f"{name}_rtstruct.dcm"
+        result.rtstruct_rois = write_case_rtstruct(labels, affine, Path(paths[0]), series, result.rtstruct_path, model,
+                                                   checkpoint, protect=list(paths) + list(protect or []))
     options = dict(device=str(dev), overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite,
                    resample=resample, skip_below_hu=skip_below_hu, tta=tta, stats=stats, preview=preview,
-                   strict=strict, dicom_seg=dicom_seg, seg_type=seg_type if dicom_seg else None, **(record or {}))
+                   strict=strict, dicom_seg=dicom_seg, seg_type=seg_type if dicom_seg else None, rtstruct=rtstruct,
+                   **(record or {}))
     result.sidecar_path = out_dir / f"{name}_seg.json"
     _write_sidecar(result.sidecar_path, result, original, model, checkpoint, options)
     return result
@@ -396,7 +411,7 @@ def _write_seg(result: CaseResult, labels: np.ndarray, affine: np.ndarray, paths
     """``NAME_seg.dcm`` for :func:`segment_case`; a label map of background only gets none (a SEG
     needs a segment), with a warning."""
     from medvit.io.dicom_seg import write_dicom_seg
-    from pipelines.report import label_color
+    from medvit.io.label_colors import label_color
 
     if not labels.any():
         message = f"{', '.join(paths)}: no voxel was labelled; no DICOM SEG written (it needs at least one segment)"
@@ -429,6 +444,17 @@ def _check_seg_source(where: Path, s: DicomSeries, tilt: str) -> None:
     if angle > 1e-6 and tilt != "keep":
         raise InputError(where, f"series {s.uid} is gantry-tilted ({angle:.1f}°): --dicom-seg needs the labels on its "
                                 "own slices; add --tilt keep")
+def write_case_rtstruct(labels: np.ndarray, affine: np.ndarray, source: Path, series: str | None, out: Path,
+                        model: LoadedModel, checkpoint: dict, *, protect: list[str]) -> list[int]:
+    """``labels`` (on the DICOM series ``source``/``series``' grid) as an RTSTRUCT ``out``: ROI names
+    from the checkpoint's labels, the series described as research use, each ROI's generation
+    description the NIfTI's provenance line. Returns the label ids written."""
+    from medvit.io.rtstruct import write_rtstruct
+
+    s = select_series(source, list_dicom_series(source), series)
+    return write_rtstruct(labels, affine, s, out, names=model.config.labels,
+                          description=f"medvit {model.config.model.name} labels, research use only",
+                          algorithm=nifti_description(checkpoint), protect=protect)
 
 
 def series_tag(s: DicomSeries, images: list[DicomSeries]) -> str:
@@ -472,7 +498,8 @@ def segment_inputs(
     resolved = {Path(p).resolve(): p for p in every}
     names: dict[str, tuple[str, list[str]]] = {}  # output name -> (the case as shown, its paths)
     outputs = ["_seg.nii.gz", "_seg.json"] + (["_stats.csv", "_stats.json"] if kwargs.get("stats") else []) + \
-        (["_preview.png"] if kwargs.get("preview") else []) + (["_seg.dcm"] if kwargs.get("dicom_seg") else [])
+        (["_preview.png"] if kwargs.get("preview") else []) + (["_seg.dcm"] if kwargs.get("dicom_seg") else []) + \
+        (["_rtstruct.dcm"] if kwargs.get("rtstruct") else [])
     for case in cases:
         shown = ",".join(case)
         if not case or any(not p for p in case):
@@ -484,6 +511,8 @@ def segment_inputs(
         if kwargs.get("dicom_seg") and formats[0] != "dicom":
             raise InputError(shown, f"--dicom-seg writes a DICOM SEG on the slices of a DICOM series, but this input "
                                     f"is {formats[0].upper() if formats[0] != 'nifti' else 'NIfTI'}")
+        if kwargs.get("rtstruct") and formats[0] != "dicom":
+            raise InputError(shown, "--rtstruct writes contours on the DICOM series segmented, but this input is not DICOM")
         if formats[0] == "dicom":
             found = list_dicom_series(Path(case[0]))
             s = select_series(Path(case[0]), found, kwargs.get("series"))
@@ -492,6 +521,10 @@ def segment_inputs(
                 n = f"{n}_{series_tag(s, images)}"
             if kwargs.get("dicom_seg"):
                 _check_seg_source(Path(case[0]), s, kwargs.get("tilt", "resample"))
+            if kwargs.get("rtstruct"):  # a series rt-utils cannot place contours on: refused before any case runs
+                from medvit.io.rtstruct import check_rtstruct_source
+
+                check_rtstruct_source(s, case[0])
             why = modality_tag_mismatch(s.modality, model) if kwargs.get("strict") else None
             if why is not None:  # refused before any case runs, not after the first
                 raise InputError(case[0], f"{why}; refused by --strict")
