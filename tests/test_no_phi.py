@@ -52,8 +52,8 @@ CANARIES = {
 }
 """Every attribute the issue names, set on every slice of the copy (added where a file lacks it)."""
 IF_PRESENT = {"InstanceCreationDate": "18770928", "InstanceCreationTime": "013705.271805",
-              "AcquisitionDateTime": "18770926013703.271803"}
-"""Further dates and times, replaced where the source has them (the second holds two canaries)."""
+              "AcquisitionDateTime": "18770929013706.271806"}
+"""Further dates and times, replaced where the source has them."""
 OTHER_IDS_SEQUENCE_ID = "QZOTHERPIDSEQ6620"
 
 SEGMENT_OPTION_SETS: list[list[str]] = [
@@ -70,25 +70,34 @@ SOURCES = {
 def canary_forms() -> dict[str, list[str]]:
     """Attribute -> the strings any printed form of its canary contains: each PN component (so
     "Family^Given", "Given Family" and "Family, Given" are all caught), a DA with and without
-    dashes, a TM to milliseconds and with colons."""
+    dashes, a TM to milliseconds and with colons, a DT as both."""
+    def date(v: str) -> list[str]:
+        return [v, f"{v[:4]}-{v[4:6]}-{v[6:]}"]
+
+    def time(v: str) -> list[str]:
+        return [v[:10], f"{v[:2]}:{v[2:4]}:{v[4:6]}"]
+
     forms: dict[str, list[str]] = {}
     for key, value in {**CANARIES, **IF_PRESENT, "OtherPatientIDsSequence": OTHER_IDS_SEQUENCE_ID}.items():
         if "^" in value:
             forms[key] = value.split("^")
+        elif key.endswith("DateTime"):
+            forms[key] = date(value[:8]) + time(value[8:])
         elif key.endswith("Date"):
-            forms[key] = [value, f"{value[:4]}-{value[4:6]}-{value[6:]}"]
+            forms[key] = date(value)
         elif key.endswith("Time"):
-            forms[key] = [value[:10], f"{value[:2]}:{value[2:4]}:{value[4:6]}"]
+            forms[key] = time(value)
         else:
             forms[key] = [value]
     return forms
 
 
-def write_canary_series(src: Path, dst: Path, *, new_series: bool = False) -> str:
+def write_canary_series(src: Path, dst: Path, *, new_series: bool = False, blank_uid: bool = False) -> str:
     """Copy the DICOM files of ``src`` to ``dst`` with the canaries set; ``new_series`` gives the copy
-    its own SeriesInstanceUID, SeriesNumber and SOPInstanceUIDs. Returns the SeriesInstanceUID."""
+    its own SeriesInstanceUID, SeriesNumber and SOPInstanceUIDs, ``blank_uid`` a blank
+    SeriesInstanceUID (as some anonymisers leave it). Returns the SeriesInstanceUID."""
     dst.mkdir(parents=True)
-    uid = generate_uid() if new_series else None
+    uid = "" if blank_uid else generate_uid() if new_series else None
     for f in sorted(p for p in src.iterdir() if p.is_file()):
         ds = pydicom.dcmread(f)
         for key, value in CANARIES.items():
@@ -100,7 +109,7 @@ def write_canary_series(src: Path, dst: Path, *, new_series: bool = False) -> st
         other.PatientID = OTHER_IDS_SEQUENCE_ID
         other.TypeOfPatientID = "TEXT"
         ds.OtherPatientIDsSequence = Sequence([other])
-        if new_series:
+        if new_series or blank_uid:
             ds.SeriesInstanceUID = uid
             ds.SeriesNumber = int(ds.get("SeriesNumber") or 1) + 100
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -217,6 +226,7 @@ def test_no_patient_data_in_output_or_logs(source, data_dir, tmp_path, capfd, ca
     write_canary_series(data_dir / SOURCES[source], ct)
     other_uid = write_canary_series(data_dir / SOURCES[source], inputs / "study" / "b", new_series=True)
     write_canary_series(data_dir / SOURCES[source], inputs / "study" / "a", new_series=True)
+    write_canary_series(data_dir / SOURCES[source], inputs / "nouid", blank_uid=True)
     write_canary_series(data_dir / SOURCES[source], inputs / "gap", new_series=True)
     _widen_last_step(inputs / "gap", 5.0)
     write_canary_series(data_dir / SOURCES[source], inputs / "cut", new_series=True)
@@ -244,6 +254,9 @@ def test_no_patient_data_in_output_or_logs(source, data_dir, tmp_path, capfd, ca
         for i, options in enumerate(SEGMENT_OPTION_SETS):
             cli(f"segment {options}", ["segment", str(ct), "-o", str(work / f"seg{i}"), "--checkpoint", str(ct_ckpt),
                                        *options])
+        cli("segment, blank SeriesInstanceUID", ["segment", str(inputs / "nouid"), "-o", str(work / "nouid"),
+                                                 "--checkpoint", str(ct_ckpt), "--resample", "labels"])
+        assert json.loads((work / "nouid" / "nouid_seg.json").read_text())["source"]["series_uid"].startswith("nouid-")
         said = cli("refusal: two series", ["segment", str(inputs / "study"), "-o", str(work / "refused"),
                                            "--checkpoint", str(ct_ckpt)], expect=2)
         assert other_uid in said  # the listing names each series by UID
@@ -254,7 +267,8 @@ def test_no_patient_data_in_output_or_logs(source, data_dir, tmp_path, capfd, ca
         assert "cut short" in cli("refusal: cut short", ["series", str(inputs / "cut")], expect=2)
         cli("refusal: --strict", ["segment", str(ct), "-o", str(work / "refused"), "--checkpoint", str(mr_ckpt),
                                   "--strict"], expect=2)
-        said = cli("modality warning", ["segment", str(ct), "-o", str(work / "warned"), "--checkpoint", str(mr_ckpt)])
+        said = cli("modality warning", ["segment", str(ct), "-o", str(work / "warned"), "--checkpoint", str(mr_ckpt),
+                                        "--resample", "labels"])
         assert "DICOM Modality is CT" in said + caplog.text
 
         # a reference label on the series' grid (one box), for evaluate and training
