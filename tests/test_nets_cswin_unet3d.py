@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 from medvit.attention import CrossStripeAttention
 from medvit.checkpoint import load_checkpoint, save_checkpoint
@@ -17,7 +16,7 @@ from medvit.config import ModelConfig, load_config, parse_config
 from medvit.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.cswin_unet3d import CSwinUNet3D, FullAttentionLePE, stage_grids
-from tests.helpers import blob_batch
+from tests.helpers import fit_losses, train_and_segment
 
 TINY = {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 6], "feature_size": 8, "stem_stride": 1}
 
@@ -126,19 +125,7 @@ def test_encode_returns_the_bottleneck_and_reads_only_the_encoder():
 def test_loss_falls_in_a_few_steps(deep_supervision):
     torch.manual_seed(0)
     net = tiny(deep_supervision=deep_supervision).train()
-    x, y = blob_batch(4, size=(8, 16, 16))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    if deep_supervision:
-        loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(25):
-        out = net(x)
-        loss = loss_fn(list(out), y) if deep_supervision else loss_fn(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(net, (8, 16, 16), lr=3e-3, steps=25, deep_supervision=deep_supervision)
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
 
@@ -267,34 +254,7 @@ def test_one_voxel_bottleneck_is_fine_without_instance_norm():
 
 
 def test_train_and_segment_through_the_cli_with_deep_supervision(tmp_path, capsys):
-    # the whole user path: train (deep supervision on), then segment a held-out volume with the
-    # best checkpoint; labels come back on the input's grid
-    import json
-
-    import nibabel as nib
-    import numpy as np
-    import yaml
-
-    from tests.helpers import tiny_config, write_tiny_set
-    from tests.test_cli import run_cli
-
-    dl = write_tiny_set(tmp_path / "data", n_train=2)
-    cfg = tiny_config(tmp_path, dl, epochs=2)
-    d = yaml.safe_load(cfg.read_text())
-    d["model"] = {"name": "cswin_unet3d", "roi_size": [32, 32, 32],
-                  "options": {**TINY, "stem_stride": 2, "deep_supervision": True}}
-    cfg.write_text(yaml.safe_dump(d))
-    code, _, err = run_cli(["train", str(cfg), "--no-progress"], capsys)
-    assert code == 0, err
-    run = Path(d["train"]["output_dir"])
-    assert json.loads((run / "best.json").read_text())["net"]["options"]["deep_supervision"] is True
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    case = dl.parent / json.loads(dl.read_text())["test"][0]["image"]
-    code, _, err = run_cli(["segment", str(case), "-o", str(tmp_path / "seg"), "--checkpoint",
-                            str(run / "best.safetensors")], capsys)
-    assert code == 0, err
-    seg = nib.load(next((tmp_path / "seg").glob("*_seg.nii.gz")))
-    src = nib.load(case)
-    assert seg.shape == src.shape
-    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
+    options = train_and_segment(tmp_path, capsys, {
+        "name": "cswin_unet3d", "roi_size": [32, 32, 32],
+        "options": {**TINY, "stem_stride": 2, "deep_supervision": True}})
+    assert options["deep_supervision"] is True

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch.utils.flop_counter import FlopCounterMode
 
 from medvit.checkpoint import load_checkpoint, save_checkpoint
@@ -17,7 +16,7 @@ from medvit.config import ModelConfig, load_config, parse_config
 from medvit.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.dformer import DFormer, DFormerBlock
-from tests.helpers import blob_batch
+from tests.helpers import fit_losses, train_and_segment
 
 # measured on github kkk55596/D-Former model.py (commit 364ff5e), SegNetwork(14): all three heads
 # built; FlopCounterMode with every head run
@@ -208,23 +207,7 @@ def test_grid_smaller_than_the_group_runs_full_attention(scope):
 def test_loss_falls_in_a_few_steps(deep_supervision):
     torch.manual_seed(0)
     net = tiny(deep_supervision=deep_supervision).train()
-    x, y = blob_batch(4, size=(8, 16, 16))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    if deep_supervision:
-        loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(25):
-        out = net(x)
-        if deep_supervision:
-            assert isinstance(out, tuple) and len(out) == 3
-            loss = loss_fn(list(out), y)
-        else:
-            loss = loss_fn(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(net, (8, 16, 16), lr=3e-3, steps=25, deep_supervision=deep_supervision)
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
 
@@ -303,34 +286,7 @@ def test_bad_options_are_one_line_config_errors(options, roi, expected):
 
 
 def test_train_and_segment_through_the_cli_with_deep_supervision(tmp_path, capsys):
-    # the whole user path, as for the other nets: train (deep supervision on), then segment a
-    # held-out volume with the best checkpoint; labels come back on the input's grid
-    import json
-
-    import nibabel as nib
-    import numpy as np
-    import yaml
-
-    from tests.helpers import tiny_config, write_tiny_set
-    from tests.test_cli import run_cli
-
-    dl = write_tiny_set(tmp_path / "data", n_train=2)
-    cfg = tiny_config(tmp_path, dl, epochs=2)
-    d = yaml.safe_load(cfg.read_text())
-    d["model"] = {"name": "dformer", "roi_size": [16, 16, 16],
-                  "options": {**TINY, "patch_size": [2, 2, 2], "group_size": [2, 4, 4], "deep_supervision": True}}
-    cfg.write_text(yaml.safe_dump(d))
-    code, _, err = run_cli(["train", str(cfg), "--no-progress"], capsys)
-    assert code == 0, err
-    run = Path(d["train"]["output_dir"])
-    assert json.loads((run / "best.json").read_text())["net"]["options"]["deep_supervision"] is True
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    case = dl.parent / json.loads(dl.read_text())["test"][0]["image"]
-    code, _, err = run_cli(["segment", str(case), "-o", str(tmp_path / "seg"), "--checkpoint",
-                            str(run / "best.safetensors")], capsys)
-    assert code == 0, err
-    seg = nib.load(next((tmp_path / "seg").glob("*_seg.nii.gz")))
-    src = nib.load(case)
-    assert seg.shape == src.shape
-    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
+    options = train_and_segment(tmp_path, capsys, {
+        "name": "dformer", "roi_size": [16, 16, 16],
+        "options": {**TINY, "patch_size": [2, 2, 2], "group_size": [2, 4, 4], "deep_supervision": True}})
+    assert options["deep_supervision"] is True

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 from medvit.checkpoint import load_checkpoint, save_checkpoint
 from medvit.config import ModelConfig, load_config, parse_config
@@ -18,7 +17,7 @@ from medvit.nets import build_net
 from medvit.losses.hungarian import HungarianMaskLoss
 from medvit.nets.mask_transformer import MaskPrediction, semantic_scores
 from medvit.nets.transunet3d import TransUNet3D, ViTBlock, token_grid
-from tests.helpers import blob_batch
+from tests.helpers import blob_batch, fit_losses, train_and_segment
 
 TINY = {"strides": [1, 2, 2, 2], "base_features": 4, "max_features": 16, "vit_layers": 2, "vit_hidden": 16,
         "vit_heads": 2, "vit_mlp": 32, "vit_dropout": 0.0}
@@ -151,19 +150,7 @@ def test_encoder_protocol():
 def test_loss_falls_in_a_few_steps(deep_supervision):
     torch.manual_seed(0)
     net = tiny(base_features=8, deep_supervision=deep_supervision).train()
-    x, y = blob_batch(4, size=(16, 16, 16))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    if deep_supervision:
-        loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        out = net(x)
-        loss = loss_fn(list(out), y) if deep_supervision else loss_fn(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(net, (16, 16, 16), lr=1e-2, steps=20, deep_supervision=deep_supervision)
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
 
@@ -289,32 +276,6 @@ def test_bad_options_are_one_line_config_errors(options, roi, expected):
 
 @pytest.mark.parametrize("options", [{"deep_supervision": True}, MASK], ids=["cnn", "mask_transformer"])
 def test_train_and_segment_through_the_cli(tmp_path, capsys, options):
-    import json
-
-    import nibabel as nib
-    import numpy as np
-    import yaml
-
-    from tests.helpers import tiny_config, write_tiny_set
-    from tests.test_cli import run_cli
-
-    dl = write_tiny_set(tmp_path / "data", n_train=2)
-    cfg = tiny_config(tmp_path, dl, epochs=2)
-    d = yaml.safe_load(cfg.read_text())
-    d["model"] = {"name": "transunet3d", "roi_size": [16, 16, 16], "options": {**TINY, **options}}
-    cfg.write_text(yaml.safe_dump(d))
-    code, _, err = run_cli(["train", str(cfg), "--no-progress"], capsys)
-    assert code == 0, err
-    run = Path(d["train"]["output_dir"])
-    saved = json.loads((run / "best.json").read_text())["net"]["options"]
+    saved = train_and_segment(tmp_path, capsys, {"name": "transunet3d", "roi_size": [16, 16, 16],
+                                                 "options": {**TINY, **options}})
     assert all(saved[k] == v for k, v in options.items())
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    case = dl.parent / json.loads(dl.read_text())["test"][0]["image"]
-    code, _, err = run_cli(["segment", str(case), "-o", str(tmp_path / "seg"), "--checkpoint",
-                            str(run / "best.safetensors")], capsys)
-    assert code == 0, err
-    seg = nib.load(next((tmp_path / "seg").glob("*_seg.nii.gz")))
-    src = nib.load(case)
-    assert seg.shape == src.shape
-    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
