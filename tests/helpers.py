@@ -142,3 +142,23 @@ def train_and_segment(tmp_path: Path, capsys, model: dict) -> dict:
     assert seg.shape == src.shape
     np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
     return json.loads((run / "best.json").read_text())["net"]["options"]
+
+
+def tiny_checkpoint(folder: Path, modality: str = "ct") -> Path:
+    """A freshly initialised (seed 0) tiny UNETR checkpoint ``folder/tiny_MODALITY.safetensors`` with
+    ``tests.test_cli.TINY``'s config, its intensity preprocessing CT or (``"mri"``) MRI."""
+    import copy
+
+    import torch
+
+    from medvit.checkpoint import save_checkpoint
+    from medvit.config import parse_config
+    from medvit.nets import build_net
+    from tests.test_cli import TINY
+
+    cfg = copy.deepcopy(TINY)
+    if modality == "mri":
+        cfg["preprocess"]["intensity"] = {"modality": "mri"}
+    cfg = parse_config(cfg)
+    torch.manual_seed(0)
+    return save_checkpoint(build_net(cfg.model), folder / f"tiny_{modality}.safetensors", config=cfg)

@@ -28,9 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from medvit.checkpoint import save_checkpoint
-from medvit.config import parse_config
-from medvit.nets import build_net
+from tests.helpers import tiny_checkpoint
 from tests.test_cli import TINY, run_cli
 
 CANARIES = {
@@ -182,15 +180,6 @@ def find_canaries(texts: dict[str, str], roots: list[Path]) -> list[str]:
     return hits
 
 
-def _checkpoint(folder: Path, modality: str) -> Path:
-    cfg = copy.deepcopy(TINY)
-    if modality == "mri":
-        cfg["preprocess"]["intensity"] = {"modality": "mri"}
-    cfg = parse_config(cfg)
-    torch.manual_seed(0)
-    return save_checkpoint(build_net(cfg.model), folder / f"tiny_{modality}.safetensors", config=cfg)
-
-
 def test_find_canaries_catches_every_place_a_leak_can_hide(tmp_path):
     """The search itself: a canary printed on purpose in each kind of place is reported, naming
     the place and the attribute; a clean file is not."""
@@ -242,7 +231,7 @@ def test_no_patient_data_in_output_or_logs(source, data_dir, tmp_path, capfd, ca
     grid, original = read_image(ct), read_image(data_dir / SOURCES[source])  # the same voxels where they were
     assert torch.equal(grid.as_tensor(), original.as_tensor()) and torch.equal(grid.affine, original.affine)
     work.mkdir()
-    ct_ckpt, mr_ckpt = _checkpoint(work, "ct"), _checkpoint(work, "mri")
+    ct_ckpt, mr_ckpt = tiny_checkpoint(work, "ct"), tiny_checkpoint(work, "mri")
 
     texts: dict[str, str] = {}
     caplog.set_level(logging.DEBUG)

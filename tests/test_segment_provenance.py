@@ -12,34 +12,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from pydicom.uid import generate_uid
 
-from medvit.checkpoint import save_checkpoint
 from medvit.config import parse_config
 from medvit.data.phantom import make_phantom
-from medvit.nets import build_net
+from tests.helpers import tiny_checkpoint
 from tests.test_cli import TINY, assert_user_error, run_cli
 from tests.test_io_dicom import write_slice
 
 
-def _checkpoint(folder: Path, modality: str) -> Path:
-    cfg = copy.deepcopy(TINY)
-    if modality == "mri":
-        cfg["preprocess"]["intensity"] = {"modality": "mri"}
-    cfg = parse_config(cfg)
-    torch.manual_seed(0)
-    return save_checkpoint(build_net(cfg.model), folder / f"tiny_{modality}.safetensors", config=cfg)
-
-
 @pytest.fixture(scope="module")
 def ct_ckpt(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("ct"), "ct")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ct"), "ct")
 
 
 @pytest.fixture(scope="module")
 def mr_ckpt(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("mr"), "mri")
+    return tiny_checkpoint(tmp_path_factory.mktemp("mr"), "mri")
 
 
 @pytest.fixture(scope="module")
