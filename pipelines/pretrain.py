@@ -9,8 +9,8 @@ Random crops of ``model.roi_size`` from unlabelled images train the encoder (see
 - ``rotation``: each crop is turned 0, 90, 180 or 270 degrees in the first plane whose two crop sides
   are equal; a linear head on the average-pooled features predicts which (cross-entropy);
 - ``contrast``: two views of each crop (random flips, intensity scale and shift, Gaussian noise); an
-  MLP projection of the pooled features, InfoNCE over the batch (SimCLR's NT-Xent: each view's
-  positive is the other view of its crop, every other view a negative).
+  MLP projection of the pooled features with BatchNorm as SimCLR's, InfoNCE over the batch (SimCLR's
+  NT-Xent: each view's positive is the other view of its crop, every other view a negative).
 
 The task losses are combined by learned uncertainty weighting (Kendall, Gal and Cipolla, 2018) in the
 form ``sum_i exp(-s_i) * L_i + s_i`` with one learned log-variance ``s_i`` per task, started at 0;
@@ -174,7 +174,9 @@ class Pretrainer(nn.Module):
         if "rotation" in pc.tasks:
             self.heads["rotation"] = nn.Linear(ch, 4)
         if "contrast" in pc.tasks:
-            self.heads["contrast"] = nn.Sequential(nn.Linear(ch, ch), nn.ReLU(), nn.Linear(ch, 128))
+            # SimCLR's projection: BatchNorm across the batch centres the pooled features, which
+            # start nearly parallel for crops of one kind of image (cosine 0.99), so InfoNCE can tell them apart
+            self.heads["contrast"] = nn.Sequential(nn.Linear(ch, ch), nn.BatchNorm1d(ch), nn.ReLU(), nn.Linear(ch, 128))
         self.weighting = UncertaintyWeighting(list(pc.tasks))
 
     def forward(self, x: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
@@ -199,7 +201,7 @@ class Pretrainer(nn.Module):
             losses["rotation"] = F.cross_entropy(self.heads["rotation"](feats[i].mean((2, 3, 4))), extra["k"])
             i += 1
         if "contrast" in self.heads:
-            z1, z2 = (self.heads["contrast"](f.mean((2, 3, 4))) for f in feats[i:i + 2])
+            z1, z2 = self.heads["contrast"](torch.cat([f.mean((2, 3, 4)) for f in feats[i:i + 2]])).split(b)
             losses["contrast"] = info_nce(z1, z2, self.pc.temperature)
         return self.weighting(losses), losses
 

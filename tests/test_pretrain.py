@@ -118,6 +118,33 @@ def test_info_nce_of_identical_views_is_below_shuffled():
     assert float(same) < 0.1  # each view finds its twin
 
 
+def test_contrast_projection_spreads_alike_crops_apart():
+    # crops of one kind of image pool to nearly parallel features (cosine 0.99 for the demo's
+    # dformer on phantoms); InfoNCE on projections that stay parallel sits at chance, ln(2n - 1),
+    # with no gradient to leave it (seen in the pretraining bench); the projection's BatchNorm
+    # centres them across the batch, as SimCLR's does
+    cfg = parse_config({"labels": {0: "background", 1: "organ"},
+                        "model": {"name": "dformer", "roi_size": [16, 16, 16],
+                                  "options": {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4],
+                                              "patch_size": [2, 2, 2], "group_size": [2, 2, 2]}},
+                        "pretrain": {"folder": ".", "tasks": ["contrast"]}})
+    torch.manual_seed(0)
+    net = build_net(cfg.model)
+    model = Pretrainer(net, encoder_of(net), cfg).train()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 16, 16, 16, generator=gen) + 0.2 * torch.rand(8, 1, 16, 16, 16, generator=gen)
+
+    def mean_cosine(v: torch.Tensor) -> float:
+        v = torch.nn.functional.normalize(v, dim=1)
+        return float(((v @ v.T).sum() - len(v)) / (len(v) * (len(v) - 1)))
+
+    with torch.no_grad():
+        pooled = model.encoder.encode(x).mean((2, 3, 4))
+        projected = model.heads["contrast"](pooled)
+    assert mean_cosine(pooled) > 0.9
+    assert mean_cosine(projected) < 0.5
+
+
 def test_uncertainty_weights_are_learned(tiny_set, tmp_path):
     cfg = load_config(_config(tmp_path, tiny_set))
     torch.manual_seed(0)
