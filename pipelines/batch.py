@@ -20,6 +20,7 @@ import secrets
 import shutil
 import socket
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,11 @@ def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoi
                 "seconds": time.perf_counter() - start}
     except Exception as e:  # noqa: BLE001 - one case's failure is its row; the cohort goes on
         shutil.rmtree(tmp, ignore_errors=True)
-        message = str(e) if isinstance(e, MedvitError) else f"{type(e).__name__}: {e} (a medvit bug; please report)"
-        return {"case_id": case.case_id, "status": "error", "message": redact(" ".join(message.split()), case)}
+        if isinstance(e, MedvitError):
+            return {"case_id": case.case_id, "status": "error", "message": redact(" ".join(str(e).split()), case)}
+        message = f"{type(e).__name__}: {e} (a medvit bug; please report it with the traceback printed)"
+        return {"case_id": case.case_id, "status": "error", "message": redact(" ".join(message.split()), case),
+                "traceback": redact(traceback.format_exc(), case)}
     finally:
         root.removeHandler(held)
 
@@ -260,7 +264,12 @@ def _run_on_ray(ray, todo: list[Case], out: Path, options: dict, expect: dict, r
         if address is None:
             ray.init(address="local", num_cpus=workers * threads, object_store_memory=100 << 20, **kw)
         else:
-            ray.init(address=address, **kw)
+            try:
+                ray.init(address=address, **kw)
+            except Exception as e:  # noqa: BLE001 - something answers there, but not a Ray cluster we can join
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise MedvitError(f"--address {address}: could not join a Ray cluster there ({type(e).__name__}: "
+                                  f"{first})") from None
     gpu = 1 if device.startswith("cuda") else 0
     actor = ray.remote(num_cpus=threads, num_gpus=gpu, max_restarts=0)(CaseWorker)
 
@@ -270,12 +279,18 @@ def _run_on_ray(ray, todo: list[Case], out: Path, options: dict, expect: dict, r
     pool = [start() for _ in range(workers)]
     pending: dict = {}
     queue = list(reversed(todo))
+    bar = None
     try:
+        loads = [w.load_time.remote() for w in pool]  # before any case: an actor runs its calls in order
         for w in pool:
             if queue:
                 c = queue.pop()
                 pending[w.run.remote(c, str(out), options, {**expect, "sources_sha256": sources_digest(c)})] = (w, c)
-        result.load_seconds = ray.get([w.load_time.remote() for w in pool])
+        try:
+            result.load_seconds = ray.get(loads)
+        except ray.exceptions.RayActorError as e:  # say, the checkpoint's path is not on a cluster node
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise MedvitError(f"{checkpoint}: a Ray worker could not load it ({last[0].strip()})") from None
         bar = tqdm(total=len(todo), desc="cases", unit="case", disable=not progress, dynamic_ncols=True)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -290,15 +305,18 @@ def _run_on_ray(ray, todo: list[Case], out: Path, options: dict, expect: dict, r
                 records[c.case_id] = res["record"]
                 result.done.append(c.case_id)
                 for m in res["warnings"]:
-                    log.warning("%s: %s", c.case_id, m)
+                    log.warning("%s", m if m.startswith(c.case_id) else f"{c.case_id}: {m}")
             else:
                 result.failed[c.case_id] = res["message"]
+                if "traceback" in res:  # our bug: its traceback, as any other command would show it
+                    log.error("case %s:\n%s", c.case_id, res["traceback"].rstrip())
             bar.update(1)
             if queue:
                 c = queue.pop()
                 pending[w.run.remote(c, str(out), options, {**expect, "sources_sha256": sources_digest(c)})] = (w, c)
-        bar.close()
     finally:
+        if bar is not None:
+            bar.close()
         for w in pool:
             ray.kill(w)
         if owned:

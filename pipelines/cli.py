@@ -270,7 +270,9 @@ def batch(
         typer.echo(f"medvit: case {case_id} failed: {message}", err=True)
     n = len(res.done) + len(res.skipped) + len(res.failed)
     typer.echo(f"{n} cases: {len(res.done)} segmented, {len(res.skipped)} already done (skipped), "
-               f"{len(res.failed)} failed; {res.seconds:.1f} s")
+               f"{len(res.failed)} failed; {res.seconds:.1f} s"
+               + (f" on {len(res.load_seconds)} Ray worker(s), each loading the checkpoint once "
+                  f"({max(res.load_seconds):.1f} s)" if res.load_seconds else ""))
     typer.echo(f"tables: {res.tables[0]}, {res.tables[1]}; case ids -> sources: {res.cases_csv}")
     return exit_status(len(res.failed))
 

@@ -80,7 +80,7 @@ def test_cohort_on_two_workers_writes_case_folders_and_table(ray_session, ckpt, 
     args = ["batch", str(tmp_path / "cases"), "-o", str(out), "--checkpoint", str(ckpt), "--workers", "2", "--stats"]
     code, stdout, err = run_cli(args, capfd)
     assert code == 0, err
-    assert "4 cases: 4 segmented, 0 already done (skipped), 0 failed" in stdout
+    assert "4 cases: 4 segmented, 0 already done (skipped), 0 failed" in stdout and " on 2 Ray worker(s)" in stdout
     ids = [hashed_id([str(p)]) for p in paths]
     with open(out / "cases.csv") as f:
         assert {r["case_id"]: r["source"] for r in csv.DictReader(f)} == {i: str(p) for i, p in zip(ids, paths)}
