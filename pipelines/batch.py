@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvit.errors import MedvitError
+from medvit.errors import InputError, MedvitError
 
 from pipelines.cohort import CASES, DONE, Case, finished, list_cases, output_hashes, remove_stale, sources_digest, \
     table_rows, write_cases, write_table
@@ -220,8 +220,8 @@ def run_batch(source: str | Path, out: str | Path, checkpoint: str | Path, *, co
     out = Path(out)
     src = Path(source).resolve()
     if src.is_dir() and (out.resolve() == src or src in out.resolve().parents):
-        raise MedvitError(f"{out}: the output folder lies inside the folder of cases {source}; its case folders "
-                          "would be read as cases. Choose another output folder")
+        raise InputError(out, f"the output folder lies inside the folder of cases {source}; its case folders "
+                              "would be read as cases. Choose another output folder")
     model = load_checkpoint(checkpoint, config=load_config(config) if config else None, device="cpu")
     options = {k: options.get(k) for k in SEGMENT_OPTIONS}
     expect = {"checkpoint_sha256": checkpoint_record(model)["sha256"], "options": options}

@@ -251,8 +251,9 @@ def test_case_ids_from_a_datalist_or_hashed(tmp_path):
 def test_no_patient_data_in_batch_output_or_logs(ray_session, ckpt, data_dir, tmp_path, capfd, caplog):
     """A case folder named with a canary, holding a series whose identifying attributes are
     canaries, and a failing folder of two such series: no canary in any output name, table,
-    sidecar, log or progress line (DICOM objects, which carry the patient module by the
-    standard, and cases.csv, the user's own map back to the sources, aside)."""
+    sidecar, log or progress line, nor in the Ray workers' log files (DICOM objects, which carry
+    the patient module by the standard, and cases.csv, the user's own map back to the sources,
+    aside)."""
     cases, out = tmp_path / "cohort", tmp_path / "out"
     src = data_dir / "dcmqi/segmentations/ct-3slice"
     write_canary_series(src, cases / f"{CANARIES['PatientID']}_ct")
@@ -268,5 +269,45 @@ def test_no_patient_data_in_batch_output_or_logs(ray_session, ckpt, data_dir, tm
     ok = hashed_id([str(cases / f"{CANARIES['PatientID']}_ct")])
     assert (out / ok / f"{ok}_seg.dcm").is_file() and (out / ok / f"{ok}_preview.png").is_file()
     assert CANARIES["PatientID"] in (out / "cases.csv").read_text()  # the search below would see it
-    hits = [h for h in find_canaries(texts, [out]) if f"{out / 'cases.csv'}" not in h]
+    session_logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"  # the workers' own
+    hits = [h for h in find_canaries(texts, [out, session_logs]) if f"{out / 'cases.csv'}" not in h]
     assert not hits, "patient data leaked:\n" + "\n".join(hits)
+
+
+def test_address_joins_a_running_cluster(ray_session, ckpt, tmp_path):
+    """A second process given --address of this file's Ray instance runs its cases on it and
+    leaves it running."""
+    ray = ray_session
+    _phantoms(tmp_path / "cases", 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "batch", str(tmp_path / "cases"), "-o",
+                           str(tmp_path / "out"), "--checkpoint", str(ckpt), "--no-progress", "--address",
+                           ray.get_runtime_context().gcs_address], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 cases: 2 segmented" in proc.stdout and " on 1 Ray worker(s)" in proc.stdout
+    assert len(list((tmp_path / "out").glob("*/done.json"))) == 2
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
+
+
+def test_cases_of_a_manifest_and_refused_sources(tmp_path):
+    """A manifest with --root gives its training and validation cases (or one split); a folder of
+    cases holding DICOM files itself, or an OUT inside a folder INPUT, is refused in one line."""
+    from pipelines.batch import run_batch
+
+    a, b = _phantoms(tmp_path / "data", 2)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"name": "two", "labels": {"0": "background", "1": "liver"}, "layout": {},
+                                    "training": [{"image": a.name, "label": a.name}],
+                                    "validation": [{"image": b.name, "label": b.name}]}))
+    assert [c.paths for c in list_cases(manifest, root=tmp_path / "data")] == [(str(a),), (str(b),)]
+    assert [c.paths for c in list_cases(manifest, root=tmp_path / "data", split="validation")] == [(str(b),)]
+    with pytest.raises(InputError, match="give the dataset's folder with --root"):
+        list_cases(manifest)
+    (tmp_path / "data" / "01.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(InputError, match="holds DICOM files itself"):
+        list_cases(tmp_path / "data")
+    (tmp_path / "data" / "01.dcm").unlink()
+    with pytest.raises(InputError, match="lies inside the folder of cases"):
+        run_batch(tmp_path / "data", tmp_path / "data" / "out", tmp_path / "x.safetensors")
+    assert not (tmp_path / "data" / "out").exists()
