@@ -311,3 +311,26 @@ def test_cases_of_a_manifest_and_refused_sources(tmp_path):
     with pytest.raises(InputError, match="lies inside the folder of cases"):
         run_batch(tmp_path / "data", tmp_path / "data" / "out", tmp_path / "x.safetensors")
     assert not (tmp_path / "data" / "out").exists()
+
+
+def test_a_done_record_counts_only_when_it_agrees_with_the_run(tmp_path):
+    """``finished``: the record of the same checkpoint, options and sources with every output at its
+    SHA-256; another option, checkpoint or source, a changed or missing output, or a record that
+    does not parse, and the case is redone."""
+    from pipelines.cohort import finished, output_hashes
+
+    case = tmp_path / "c1"
+    case.mkdir()
+    (case / "c1_seg.nii.gz").write_bytes(b"labels")
+    expect = {"checkpoint_sha256": "ab", "options": {"tta": False}, "sources_sha256": "cd"}
+    (case / "done.json").write_text(json.dumps({**expect, "outputs": output_hashes(case), "labels": []}))
+    assert finished(case, expect)["outputs"] == output_hashes(case)
+    for other in ({**expect, "options": {"tta": True}}, {**expect, "checkpoint_sha256": "ef"},
+                  {**expect, "sources_sha256": "01"}):
+        assert finished(case, other) is None
+    (case / "c1_seg.nii.gz").write_bytes(b"labelz")
+    assert finished(case, expect) is None
+    (case / "c1_seg.nii.gz").unlink()
+    assert finished(case, expect) is None
+    (case / "done.json").write_text('{"checkpoint_sha256": "ab", ')
+    assert finished(case, expect) is None
