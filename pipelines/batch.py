@@ -131,6 +131,8 @@ def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoi
         sidecar = json.loads(result.sidecar_path.read_text())
         sidecar["source"] = {"case_id": case.case_id,
                              **{k: v for k, v in sidecar["source"].items() if k != "paths"}}
+        sidecar["outputs"] = [n for n in sidecar["outputs"] if (tmp / n).is_file()]
+        sidecar["options"]["stats"] = options["stats"]
         result.sidecar_path.write_text(json.dumps(_redact_doc(sidecar, case), indent=1) + "\n")
         record = {**expect, "case_id": case.case_id, "outputs": output_hashes(tmp), "labels": labels,
                   "warnings": notes}

@@ -93,6 +93,7 @@ def test_cohort_on_two_workers_writes_case_folders_and_table(ray_session, ckpt, 
         ["done.json", f"{ids[1]}_seg.nii.gz", f"{ids[1]}_seg.json", f"{ids[1]}_stats.csv", f"{ids[1]}_stats.json"])
     sidecar = json.loads((out / ids[1] / f"{ids[1]}_seg.json").read_text())
     assert sidecar["source"]["case_id"] == ids[1] and "paths" not in sidecar["source"]
+    assert sorted(sidecar["outputs"]) == [f"{ids[1]}_stats.csv", f"{ids[1]}_stats.json"]
 
     rows = _table(out)
     assert len(rows) == 4 * (len(LABELS) - 1) and {r["status"] for r in rows} == {"ok"}  # LABELS has background
@@ -202,6 +203,10 @@ def test_failed_cases_are_error_rows_and_the_exit_status_counts_them(ray_session
     assert "holds 2 DICOM series" in errors[study] and "--series" in errors[study] and str(cases) not in errors[study]
     assert {r["case_id"] for r in rows if r["status"] == "ok"} == {hashed_id([str(p)]) for p in good}
     assert not (out / bad).exists() and not (out / study).exists()
+    first = hashed_id([str(good[0])])  # without --stats: the table has them, the case folder not
+    assert sorted(p.name for p in (out / first).iterdir()) == sorted(["done.json", f"{first}_seg.json",
+                                                                       f"{first}_seg.nii.gz"])
+    assert json.loads((out / first / f"{first}_seg.json").read_text())["outputs"] == []
     failed_lines = [line for line in err.splitlines() if line.startswith("medvit: case ")]
     assert sorted(failed_lines) == sorted(f"medvit: case {i} failed: {m}" for i, m in errors.items())
 
@@ -267,6 +272,9 @@ def test_no_patient_data_in_batch_output_or_logs(ray_session, ckpt, data_dir, tm
     assert code == 11, texts
     texts["log records"] = "\n".join(f"{r.name} {r.levelname} {r.getMessage()}" for r in caplog.records)
     ok = hashed_id([str(cases / f"{CANARIES['PatientID']}_ct")])
+    sidecar = json.loads((out / ok / f"{ok}_seg.json").read_text())
+    assert sorted(sidecar["outputs"]) == sorted(f"{ok}{s}" for s in ("_stats.csv", "_stats.json", "_preview.png",
+                                                                      "_seg.dcm"))
     assert (out / ok / f"{ok}_seg.dcm").is_file() and (out / ok / f"{ok}_preview.png").is_file()
     assert CANARIES["PatientID"] in (out / "cases.csv").read_text()  # the search below would see it
     session_logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"  # the workers' own
