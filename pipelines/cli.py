@@ -220,6 +220,63 @@ def segment(
         typer.echo(f"{', '.join(r.input)} -> {r.labels_path}" + (f" ({', '.join(extra)})" if extra else "") + run)
 
 
+@app.command()
+def batch(
+    source: Annotated[Path, typer.Argument(metavar="INPUT", help="A folder of cases (each NIfTI/NRRD/MHA file, each DICOM series subfolder), a MONAI datalist JSON, or a data_manifests/ manifest with --root.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: OUT/<case id>/, cohort.csv, cohort.parquet, cases.csv.")],
+    checkpoint: Annotated[Path, typer.Option(help="Our .safetensors (with its .json sidecar) or a MONAI bundle model.pt.")],
+    config: Annotated[Optional[Path], typer.Option(help="Config naming the net; required for a .pt state dict.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="The dataset's folder, for a manifest INPUT.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="The datalist's list to segment (default test); a manifest's training or validation (default both).")] = None,
+    workers: Annotated[int, typer.Option(help="Ray workers, each holding the model once.")] = 1,
+    address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (default: a local Ray instance).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (and Ray CPUs) per worker; default the CPUs divided among the workers.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N, on each worker (cuda: one GPU per worker).")] = None,
+    overlap: Annotated[Optional[float], typer.Option(help="Window overlap in [0, 1); default from the checkpoint.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass.")] = None,
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID to read where a case folder holds several.")] = None,
+    stats: Annotated[bool, typer.Option(help="Also keep each case's NAME_stats.csv/json (the cohort table has them either way).")] = False,
+    preview: Annotated[bool, typer.Option(help="Write a PNG of three orthogonal slices with the labels per case.")] = False,
+    nonfinite: Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, or replace by the minimum and report.")] = NonFinite.error,
+    resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
+    skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
+    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail a case whose DICOM Modality or intensities do not fit the checkpoint (else a warning).")] = False,
+    tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample, keep its sheared grid, or fail the case.")] = Tilt.resample,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write a DICOM SEG per case (a case that is not a DICOM series fails).")] = False,
+    seg_type: Annotated[Optional[SegType], typer.Option("--seg-type", help="With --dicom-seg: binary (default) or labelmap.")] = None,
+    rtstruct: Annotated[bool, typer.Option("--rtstruct", help="Also write a DICOM RTSTRUCT per case (DICOM series cases).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar over cases.")] = True,
+) -> int:
+    """Segment a cohort on Ray: one folder per case id, a cohort table, reruns skip the cases done.
+    Exit status 0 when every case is done, 10 + the number of failed cases (at most 109) otherwise."""
+    from pipelines.batch import exit_status, run_batch
+
+    if batch_size is not None and batch_size < 1:
+        raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise MedvitError(f"--threads must be at least 1, got {threads}")
+    _check_overlap(overlap)
+    _check_hu(skip_below_hu)
+    if seg_type is not None and not dicom_seg:
+        raise MedvitError("--seg-type chooses the DICOM SEG's type; it needs --dicom-seg")
+    res = run_batch(source, out, checkpoint, config=config, root=root, split=split, workers=workers, address=address,
+                    threads=threads, device=_device(device), progress=progress, overlap=overlap,
+                    batch_size=batch_size, series=series, nonfinite=nonfinite.value, resample=resample.value,
+                    skip_below_hu=skip_below_hu, tta=tta, strict=strict, tilt=tilt.value, dicom_seg=dicom_seg,
+                    seg_type=(seg_type or SegType.binary).value if dicom_seg else None, rtstruct=rtstruct,
+                    stats=stats, preview=preview)
+    for case_id, message in sorted(res.failed.items()):
+        typer.echo(f"medvit: case {case_id} failed: {message}", err=True)
+    n = len(res.done) + len(res.skipped) + len(res.failed)
+    typer.echo(f"{n} cases: {len(res.done)} segmented, {len(res.skipped)} already done (skipped), "
+               f"{len(res.failed)} failed; {res.seconds:.1f} s"
+               + (f" on {len(res.load_seconds)} Ray worker(s), each loading the checkpoint once "
+                  f"({max(res.load_seconds):.1f} s)" if res.load_seconds else ""))
+    typer.echo(f"tables: {res.tables[0]}, {res.tables[1]}; case ids -> sources: {res.cases_csv}")
+    return exit_status(len(res.failed))
+
+
 def _notes(report) -> str:
     """The engine's notes (out-of-memory fallbacks, taken or remembered) as "; note" parts."""
     return "".join(f"; {n}" for n in report.notes)

@@ -472,6 +472,42 @@ def series_tag(s: DicomSeries, images: list[DicomSeries]) -> str:
     return "uid" + "".join(ch if ch.isalnum() else "-" for ch in s.uid)
 
 
+def check_case(case: list[str], model: LoadedModel, **kwargs) -> str:
+    """The checks of one case (one path, or one per channel) that need no inference, and its output
+    name (see :func:`segment_inputs`): every path exists and can be read as an image, ``series``
+    only for DICOM, ``dicom_seg``/``rtstruct`` only on a DICOM series they can be written on, and
+    with ``strict`` a DICOM Modality tag that fits the checkpoint. ``kwargs`` are
+    :func:`segment_case`'s. Raises InputError."""
+    shown = ",".join(case)
+    if not case or any(not p for p in case):
+        raise InputError(shown, "has an empty path (a stray comma?); write one case as a,b with a path on each side")
+    formats = [source_format(Path(p)) for p in case]  # missing or unsupported: refused before any case runs
+    if kwargs.get("series") is not None and "dicom" not in formats:
+        raise InputError(shown, f"--series {kwargs['series']} picks a DICOM series, but this input is not DICOM")
+    n = case_name(case[0])
+    if kwargs.get("dicom_seg") and formats[0] != "dicom":
+        raise InputError(shown, f"--dicom-seg writes a DICOM SEG on the slices of a DICOM series, but this input "
+                                f"is {formats[0].upper() if formats[0] != 'nifti' else 'NIfTI'}")
+    if kwargs.get("rtstruct") and formats[0] != "dicom":
+        raise InputError(shown, "--rtstruct writes contours on the DICOM series segmented, but this input is not DICOM")
+    if formats[0] == "dicom":
+        found = list_dicom_series(Path(case[0]))
+        s = select_series(Path(case[0]), found, kwargs.get("series"))
+        images = [x for x in found if x.not_image is None]
+        if len(images) > 1:
+            n = f"{n}_{series_tag(s, images)}"
+        if kwargs.get("dicom_seg"):
+            _check_seg_source(Path(case[0]), s, kwargs.get("tilt", "resample"))
+        if kwargs.get("rtstruct"):  # a series rt-utils cannot place contours on: refused before any case runs
+            from medvit.io.rtstruct import check_rtstruct_source
+
+            check_rtstruct_source(s, case[0])
+        why = modality_tag_mismatch(s.modality, model) if kwargs.get("strict") else None
+        if why is not None:  # refused before any case runs, not after the first
+            raise InputError(case[0], f"{why}; refused by --strict")
+    return n
+
+
 def segment_inputs(
     cases: list[list[str]],
     model: LoadedModel,
@@ -502,32 +538,7 @@ def segment_inputs(
         (["_rtstruct.dcm"] if kwargs.get("rtstruct") else [])
     for case in cases:
         shown = ",".join(case)
-        if not case or any(not p for p in case):
-            raise InputError(shown, "has an empty path (a stray comma?); write one case as a,b with a path on each side")
-        formats = [source_format(Path(p)) for p in case]  # missing or unsupported: refused before any case runs
-        if kwargs.get("series") is not None and "dicom" not in formats:
-            raise InputError(shown, f"--series {kwargs['series']} picks a DICOM series, but this input is not DICOM")
-        n = case_name(case[0])
-        if kwargs.get("dicom_seg") and formats[0] != "dicom":
-            raise InputError(shown, f"--dicom-seg writes a DICOM SEG on the slices of a DICOM series, but this input "
-                                    f"is {formats[0].upper() if formats[0] != 'nifti' else 'NIfTI'}")
-        if kwargs.get("rtstruct") and formats[0] != "dicom":
-            raise InputError(shown, "--rtstruct writes contours on the DICOM series segmented, but this input is not DICOM")
-        if formats[0] == "dicom":
-            found = list_dicom_series(Path(case[0]))
-            s = select_series(Path(case[0]), found, kwargs.get("series"))
-            images = [x for x in found if x.not_image is None]
-            if len(images) > 1:
-                n = f"{n}_{series_tag(s, images)}"
-            if kwargs.get("dicom_seg"):
-                _check_seg_source(Path(case[0]), s, kwargs.get("tilt", "resample"))
-            if kwargs.get("rtstruct"):  # a series rt-utils cannot place contours on: refused before any case runs
-                from medvit.io.rtstruct import check_rtstruct_source
-
-                check_rtstruct_source(s, case[0])
-            why = modality_tag_mismatch(s.modality, model) if kwargs.get("strict") else None
-            if why is not None:  # refused before any case runs, not after the first
-                raise InputError(case[0], f"{why}; refused by --strict")
+        n = check_case(case, model, **kwargs)
         if n in names:
             raise InputError(shown, f"would write the same output name '{n}' as {names[n][0]}; segment them into separate folders")
         names[n] = (shown, case)
