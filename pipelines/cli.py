@@ -66,6 +66,17 @@ class Resample(str, Enum):
     labels = "labels"
 
 
+# Options `segment` and `batch` share, spelled once
+CheckpointOpt = Annotated[Path, typer.Option(help="Our .safetensors (with its .json sidecar) or a MONAI bundle model.pt.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="Config naming the net; required for a .pt state dict.")]
+OverlapOpt = Annotated[Optional[float], typer.Option(help="Window overlap in [0, 1); default from the checkpoint.")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Windows per forward pass.")]
+NonFiniteOpt = Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, or replace by the minimum and report.")]
+ResampleOpt = Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")]
+SkipBelowHuOpt = Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")]
+TtaOpt = Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")]
+
+
 def _override_train(cfg, config: Path, **overrides) -> None:
     """Apply --output-dir/--datalist/--data-root to a config's train section."""
     if cfg.train is None:
@@ -171,18 +182,18 @@ def pretrain(
 def segment(
     inputs: Annotated[list[str], typer.Argument(help="NIfTI/NRRD/MHA files or DICOM folders; 'a.nii.gz,b.nii.gz' is one case with one channel per file.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
-    checkpoint: Annotated[Path, typer.Option(help="Our .safetensors (with its .json sidecar) or a MONAI bundle model.pt.")],
-    config: Annotated[Optional[Path], typer.Option(help="Config naming the net; required for a .pt state dict.")] = None,
+    checkpoint: CheckpointOpt,
+    config: ConfigOpt = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    overlap: Annotated[Optional[float], typer.Option(help="Window overlap in [0, 1); default from the checkpoint.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass.")] = None,
+    overlap: OverlapOpt = None,
+    batch_size: BatchSizeOpt = None,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID to read from a folder holding several.")] = None,
     stats: Annotated[bool, typer.Option(help="Write per-label voxel count, volume (mm³) and mean intensity (CSV, JSON).")] = False,
     preview: Annotated[bool, typer.Option(help="Write a PNG of three orthogonal slices with the labels.")] = False,
-    nonfinite: Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, or replace by the minimum and report.")] = NonFinite.error,
-    resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
-    skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
-    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    nonfinite: NonFiniteOpt = NonFinite.error,
+    resample: ResampleOpt = Resample.auto,
+    skip_below_hu: SkipBelowHuOpt = None,
+    tta: TtaOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs an earlier run left in OUT (refused otherwise).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
     tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample onto an orthogonal grid (outputs on it), keep its sheared grid, or refuse.")] = Tilt.resample,
@@ -224,23 +235,23 @@ def segment(
 def batch(
     source: Annotated[Path, typer.Argument(metavar="INPUT", help="A folder of cases (each NIfTI/NRRD/MHA file, each DICOM series subfolder), a MONAI datalist JSON, or a data_manifests/ manifest with --root.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: OUT/<case id>/, cohort.csv, cohort.parquet, cases.csv.")],
-    checkpoint: Annotated[Path, typer.Option(help="Our .safetensors (with its .json sidecar) or a MONAI bundle model.pt.")],
-    config: Annotated[Optional[Path], typer.Option(help="Config naming the net; required for a .pt state dict.")] = None,
+    checkpoint: CheckpointOpt,
+    config: ConfigOpt = None,
     root: Annotated[Optional[Path], typer.Option(help="The dataset's folder, for a manifest INPUT.")] = None,
     split: Annotated[Optional[str], typer.Option(help="The datalist's list to segment (default test); a manifest's training or validation (default both).")] = None,
     workers: Annotated[int, typer.Option(help="Ray workers, each holding the model once.")] = 1,
     address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (default: a local Ray instance).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (and Ray CPUs) per worker; default the CPUs divided among the workers.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N, on each worker (cuda: one GPU per worker).")] = None,
-    overlap: Annotated[Optional[float], typer.Option(help="Window overlap in [0, 1); default from the checkpoint.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass.")] = None,
+    overlap: OverlapOpt = None,
+    batch_size: BatchSizeOpt = None,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID to read where a case folder holds several.")] = None,
     stats: Annotated[bool, typer.Option(help="Also keep each case's NAME_stats.csv/json (the cohort table has them either way).")] = False,
     preview: Annotated[bool, typer.Option(help="Write a PNG of three orthogonal slices with the labels per case.")] = False,
-    nonfinite: Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, or replace by the minimum and report.")] = NonFinite.error,
-    resample: Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")] = Resample.auto,
-    skip_below_hu: Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")] = None,
-    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")] = False,
+    nonfinite: NonFiniteOpt = NonFinite.error,
+    resample: ResampleOpt = Resample.auto,
+    skip_below_hu: SkipBelowHuOpt = None,
+    tta: TtaOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail a case whose DICOM Modality or intensities do not fit the checkpoint (else a warning).")] = False,
     tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample, keep its sheared grid, or fail the case.")] = Tilt.resample,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write a DICOM SEG per case (a case that is not a DICOM series fails).")] = False,
