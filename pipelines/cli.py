@@ -135,14 +135,18 @@ def train(
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a net from CONFIG; checkpoints and metrics.jsonl go to the output folder."""
+    """Train a net from CONFIG; checkpoints and metrics.jsonl go to the output folder.
+    Under torchrun --nproc_per_node=N it trains on N processes (DDP; batch_size per process)."""
     from medvit.config import load_config
+    from pipelines.ddp import distributed
     from pipelines.train import train as run_train
 
     cfg = load_config(config)
     _override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
-    with _naming_config(config):
-        _echo_trained(run_train(cfg, device=_device(device), resume=resume, progress=progress), "mean Dice")
+    with _naming_config(config), distributed(_device(device)) as (world, dev):
+        res = run_train(cfg, device=dev, resume=resume, progress=progress and world.main)
+        if world.main:
+            _echo_trained(res, "mean Dice")
 
 
 @app.command()
@@ -411,7 +415,9 @@ def lidar_train(
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a point net (cross-entropy + Lovász-softmax, mIoU validation, atomic checkpoints, resume)."""
+    """Train a point net (cross-entropy + Lovász-softmax, mIoU validation, atomic checkpoints, resume).
+    Under torchrun --nproc_per_node=N it trains on N processes (DDP; batch_size per process)."""
+    from pipelines.ddp import distributed
     from pipelines.scene import train_lidar
     from pointcloud.config import load_lidar_config
 
@@ -420,8 +426,10 @@ def lidar_train(
     from pipelines.engine.scene import bounded_onednn_cache
 
     # training's varying crop shapes would fill oneDNN's cache as tiles do
-    with bounded_onednn_cache(), _naming_config(config):
-        _echo_trained(train_lidar(cfg, device=_device(device), resume=resume, progress=progress), "mIoU")
+    with bounded_onednn_cache(), _naming_config(config), distributed(_device(device)) as (world, dev):
+        res = train_lidar(cfg, device=dev, resume=resume, progress=progress and world.main)
+        if world.main:
+            _echo_trained(res, "mIoU")
 
 
 bench_app = typer.Typer(help="Benchmarks that measure us against the peer in the same run.", no_args_is_help=True)
