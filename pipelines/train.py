@@ -3,7 +3,7 @@
 MONAI's DiceCE loss on random patches (RandCropByPosNegLabeld and the configured
 augmentation), weighted over the scales of a deep-supervision net by MONAI's
 DeepSupervisionLoss (a mask-transformer net's prediction: the Hungarian set loss instead);
-validation through the shared engine with MONAI's DiceMetric on the preprocessed grid,
+validation through the shared engine with MONAI's Dice (``compute_dice``) on the preprocessed grid,
 checkpoints as safetensors with a JSON sidecar.
 """
 
