@@ -51,7 +51,12 @@ class BlobTask:
         return loss
 
     def validate(self, net, device, amp):
-        return None
+        """Minus the mean loss over all eight volumes, so a later epoch scores better."""
+        net.eval()
+        with torch.no_grad():
+            x, y = (torch.stack([i[k] for i in self.items]) for k in ("image", "label"))
+            loss = self.loss_fn(net(x.to(device)), y.to(device))
+        return {"score": -float(loss), "per_label": {}}
 
     def save(self, net, path: Path, extra) -> None:
         self.saved.append(Path(path).name)
@@ -81,12 +86,13 @@ def _fit_blobs(rank: int, out: str, batch_size: int, resume: bool = False, nan_a
     the message of a user error that stopped it."""
     task, tc = BlobTask(nan_at, rank), train_cfg(Path(out), batch_size=batch_size, **kw)
     prepare_output(tc, resume=resume)
-    error = None
+    error, best = None, None
     try:
-        fit(task, tiny_unet(), tc, resume=resume, progress=False)
+        res = fit(task, tiny_unet(), tc, resume=resume, progress=False)
+        best = [res.best_metric, res.best_epoch]
     except MedvitError as e:
         error = str(e)
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"losses": task.losses, "saved": task.saved}))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"losses": task.losses, "saved": task.saved, "best": best}))
     if error is not None:
         (Path(out) / f"rank{rank}.error").write_text(error)
 
@@ -163,11 +169,14 @@ def test_two_ranks_take_the_steps_of_one_process(ddp_runs):
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-5, msg=k)
 
 
-def test_rank_zero_alone_writes(ddp_runs):
-    assert ran(ddp_runs / "two", 0)["saved"] == ["last.safetensors"] * 2
-    assert ran(ddp_runs / "two", 1)["saved"] == []
+def test_rank_zero_alone_validates_and_writes(ddp_runs):
+    zero, one = ran(ddp_runs / "two", 0), ran(ddp_runs / "two", 1)
+    assert zero["saved"] == ["best.safetensors", "last.safetensors"] * 2  # the score rises: best twice
+    assert one["saved"] == []
+    assert one["best"] == zero["best"] and zero["best"][1] == 2  # rank 0's verdict reached rank 1
     lines = (ddp_runs / "two" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert json.loads(lines[-1])["val_mean_dice"] == pytest.approx(zero["best"][0])
     st = torch.load(ddp_runs / "two" / "last_state.pt", weights_only=True)
     assert st["world_size"] == 2 and len(st["rng_ranks"]) == 2
 
