@@ -159,8 +159,11 @@ def pretrain(
     """Pretrain a net's encoder on unlabelled images (inpainting, rotation, contrast); the encoder
     checkpoint goes to the output folder, for model.pretrained in a training config."""
     from medvit.config import load_config
+    from pipelines.ddp import world_from_env
     from pipelines.pretrain import pretrain as run_pretrain
 
+    if world_from_env().size > 1:  # N copies would each pretrain alone and write the same files
+        raise MedvitError("pretrain runs in one process; start it without torchrun (train and lidar train take torchrun)")
     cfg = load_config(config)
     if cfg.pretrain is None:
         raise MedvitError(f"{config}: no 'pretrain' section")

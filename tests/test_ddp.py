@@ -243,3 +243,11 @@ def test_lidar_train_under_torchrun(tmp_path):
     assert r.stdout.count("trained 1 epochs") == 1, r.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and 0 <= lines[0]["val_miou"] <= 1
+
+
+def test_pretrain_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    from tests.test_cli import assert_user_error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert_user_error(["pretrain", str(tmp_path / "c.yaml")], capsys, "pretrain runs in one process", "without torchrun")
