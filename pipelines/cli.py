@@ -146,14 +146,18 @@ def train(
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a net from CONFIG; checkpoints and metrics.jsonl go to the output folder."""
+    """Train a net from CONFIG; checkpoints and metrics.jsonl go to the output folder.
+    Under torchrun --nproc_per_node=N it trains on N processes (DDP; batch_size per process)."""
     from medvit.config import load_config
+    from pipelines.ddp import distributed
     from pipelines.train import train as run_train
 
     cfg = load_config(config)
     _override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
-    with _naming_config(config):
-        _echo_trained(run_train(cfg, device=_device(device), resume=resume, progress=progress), "mean Dice")
+    with _naming_config(config), distributed(_device(device)) as (world, dev):
+        res = run_train(cfg, device=dev, resume=resume, progress=progress and world.main)
+        if world.main:
+            _echo_trained(res, "mean Dice")
 
 
 @app.command()
@@ -166,8 +170,11 @@ def pretrain(
     """Pretrain a net's encoder on unlabelled images (inpainting, rotation, contrast); the encoder
     checkpoint goes to the output folder, for model.pretrained in a training config."""
     from medvit.config import load_config
+    from pipelines.ddp import world_from_env
     from pipelines.pretrain import pretrain as run_pretrain
 
+    if world_from_env().size > 1:  # N copies would each pretrain alone and write the same files
+        raise MedvitError("pretrain runs in one process; start it without torchrun (train and lidar train take torchrun)")
     cfg = load_config(config)
     if cfg.pretrain is None:
         raise MedvitError(f"{config}: no 'pretrain' section")
@@ -479,7 +486,9 @@ def lidar_train(
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a point net (cross-entropy + Lovász-softmax, mIoU validation, atomic checkpoints, resume)."""
+    """Train a point net (cross-entropy + Lovász-softmax, mIoU validation, atomic checkpoints, resume).
+    Under torchrun --nproc_per_node=N it trains on N processes (DDP; batch_size per process)."""
+    from pipelines.ddp import distributed
     from pipelines.scene import train_lidar
     from pointcloud.config import load_lidar_config
 
@@ -488,8 +497,10 @@ def lidar_train(
     from pipelines.engine.scene import bounded_onednn_cache
 
     # training's varying crop shapes would fill oneDNN's cache as tiles do
-    with bounded_onednn_cache(), _naming_config(config):
-        _echo_trained(train_lidar(cfg, device=_device(device), resume=resume, progress=progress), "mIoU")
+    with bounded_onednn_cache(), _naming_config(config), distributed(_device(device)) as (world, dev):
+        res = train_lidar(cfg, device=dev, resume=resume, progress=progress and world.main)
+        if world.main:
+            _echo_trained(res, "mIoU")
 
 
 bench_app = typer.Typer(help="Benchmarks that measure us against the peer in the same run.", no_args_is_help=True)

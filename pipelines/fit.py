@@ -13,6 +13,16 @@ same next batch as the run that was killed, whatever the number of loader worker
 
 A *task* supplies what differs between the sides: the training samples, how a batch
 becomes a loss, validation, and how a checkpoint is written.
+
+Under torchrun (a process group initialised, :func:`pipelines.ddp.distributed`) the same loop
+runs on every rank with the net in ``DistributedDataParallel``. ``batch_size`` is per process,
+so a step's global batch is ranks × ``batch_size`` (the learning rate is not scaled); the epoch's
+global order is the one above, dealt out by :func:`pipelines.ddp.shard` (padded as
+``DistributedSampler`` pads it), so every rank runs the same number of batches and of
+accumulation boundaries, and the gradients are averaged over ranks only at a boundary. Rank 0
+alone validates (the others wait for its verdict), writes checkpoints and ``metrics.jsonl`` and
+shows progress; a non-finite loss on any rank stops every rank. The resume checkpoint holds
+every rank's RNG state and the number of ranks; a run resumes on as many ranks as it was saved by.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from medvit.config import TrainConfig
@@ -37,6 +48,7 @@ from medvit.errors import InputError, MedvitError, NonFiniteOutput
 from medvit.io import atomic_path, make_output_folder
 from medvit.checkpoint import nonfinite_key
 from medvit.io.writers import check_writable
+from pipelines.ddp import shard
 from pipelines.threads import AdaptiveThreads
 
 if TYPE_CHECKING:
@@ -188,17 +200,27 @@ def _load_state(path: Path, net: torch.nn.Module) -> dict[str, Any]:
     return st
 
 
+def _world() -> tuple[int, int]:
+    """(rank, number of ranks) of the process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torch.device = "cpu",
         resume: bool = False, progress: bool = True) -> TrainResult:
     """Train ``net`` on ``task`` with the settings ``tc``; see the module docstring. Run it inside
-    :func:`prepared_output`, which checks the output folder before the task reads its data."""
+    :func:`prepared_output`, which checks the output folder before the task reads its data.
+    Under an initialised process group ``device`` is this rank's, and ``net`` is wrapped here."""
     device = torch.device(device)
+    rank, world = _world()
+    main = rank == 0
     out = Path(tc.output_dir)
     state_path = out / STATE_FILE
     train_ds = task.train_samples()
-    net = net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    batches_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
+    model = net.to(device)  # the bare net: validated, saved and loaded; `net` is what trains
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    batches_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / tc.batch_size)
     if tc.max_steps_per_epoch:
         batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch * tc.accumulate)
     steps_per_epoch = math.ceil(batches_per_epoch / tc.accumulate)
@@ -210,8 +232,13 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
     epoch, batch_in_epoch, global_step = 0, 0, 0
     best_metric, best_epoch = None, None
     if resume:
-        st = _load_state(state_path, net)
-        net.load_state_dict(st["model"])
+        st = _load_state(state_path, model)
+        saved_world = int(st.get("world_size", 1))
+        if saved_world != world:  # each rank's share of an epoch and the step count depend on it
+            how = "without torchrun" if saved_world == 1 else f"with torchrun --nproc_per_node={saved_world} (in all)"
+            raise InputError(state_path, f"was saved by a run on {saved_world} process(es), this one has {world}; "
+                                         f"resume it {how}")
+        model.load_state_dict(st["model"])
         try:
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
@@ -224,21 +251,34 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
                         saved_lr, tc.lr)
         epoch, batch_in_epoch, global_step = st["epoch"], st["batch_in_epoch"], st["global_step"]
         best_metric, best_epoch = st["best_metric"], st["best_epoch"]
-        _set_rng_state(st["rng"])
+        _set_rng_state(st["rng_ranks"][rank] if "rng_ranks" in st else st["rng"])
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # some nets hold parameters a training forward leaves unused (UNETR's ViT, a decoder's eval-only
+        # head): DDP must look for them each step, or it waits for their gradients forever
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
 
     log_path = out / "metrics.jsonl"
     amp = tc.amp and device.type == "cuda"
-    bar = tqdm(total=total_steps, initial=global_step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=global_step, disable=not (progress and main), desc="train", unit="step", dynamic_ncols=True)
 
     def log(record: dict[str, Any]) -> None:
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def save_resume_point() -> None:
+        rngs = [_rng_state()]
+        if world > 1:  # every rank's dropout stream, for an exact resume on each
+            rngs = [None] * world if main else None
+            dist.gather_object(_rng_state(), rngs, dst=0)
+        if not main:
+            return
         _save_state(
             state_path,
             {
-                "model": net.state_dict(),
+                "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -247,16 +287,19 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
                 "global_step": global_step,
                 "best_metric": best_metric,
                 "best_epoch": best_epoch,
-                "rng": _rng_state(),
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "world_size": world,
             },
         )
 
-    with AdaptiveThreads() as threads:  # fewer torch threads while other jobs hold cores
+    # fewer torch threads while other jobs hold cores; never under DDP, where the ranks are those jobs
+    with AdaptiveThreads(ceiling=None if world == 1 else 1) as threads:
         while epoch < tc.epochs:
             train_ds.epoch = epoch
             torch.manual_seed(_mix(tc.seed, epoch, 1))  # dropout and other in-net randomness
             gen = torch.Generator().manual_seed(_mix(tc.seed, epoch, 2))
-            order = torch.randperm(len(train_ds), generator=gen).tolist()
+            order = shard(torch.randperm(len(train_ds), generator=gen).tolist(), rank, world)
             order = order[batch_in_epoch * tc.batch_size : batches_per_epoch * tc.batch_size]
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(train_ds, order),
@@ -268,15 +311,18 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
             net.train()
             t0, losses = time.time(), []
             for batch in loader:
-                with _autocast(device, amp):
-                    loss = task.loss(net, batch, device) / tc.accumulate
-                if not bool(torch.isfinite(loss)) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
-                    raise MedvitError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, batch "
-                                      f"{batch_in_epoch + 1}; lower train.lr (now {tc.lr:g}) or check the data")
-                scaler.scale(loss).backward()
+                boundary = (batch_in_epoch + 1) % tc.accumulate == 0 or batch_in_epoch + 1 == batches_per_epoch
+                # DDP exchanges gradients in backward: only at an accumulation boundary
+                with net.no_sync() if world > 1 and not boundary else contextlib.nullcontext():
+                    with _autocast(device, amp):
+                        loss = task.loss(net, batch, device) / tc.accumulate
+                    if not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
+                        _stop_if_nonfinite(loss, world, f"at epoch {epoch + 1}, batch {batch_in_epoch + 1}; lower "
+                                                        f"train.lr (now {tc.lr:g}) or check the data")
+                    scaler.scale(loss).backward()
                 losses.append(float(loss.detach()) * tc.accumulate)
                 batch_in_epoch += 1
-                if batch_in_epoch % tc.accumulate == 0 or batch_in_epoch == batches_per_epoch:
+                if boundary:
                     threads.tick()
                     scaler.step(opt)
                     scaler.update()
@@ -287,29 +333,67 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
                     bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-tc.accumulate:]):.4f}")
                     if tc.checkpoint_every and global_step % tc.checkpoint_every == 0 and batch_in_epoch < batches_per_epoch:
                         save_resume_point()
-            record = {"epoch": epoch + 1, "step": global_step, "loss": float(np.mean(losses)) if losses else None,
+            record = {"epoch": epoch + 1, "step": global_step, "loss": _mean_over_ranks(losses, device, world),
                       "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
             epoch, batch_in_epoch = epoch + 1, 0
             # the last step's update went bad (weights, or the running statistics of batch norm)
-            if nonfinite_key(net.state_dict()) is not None:
+            if nonfinite_key(model.state_dict()) is not None:
                 raise MedvitError(f"training diverged: the weights hold NaN or inf after epoch {epoch}; lower train.lr "
                                   f"(now {tc.lr:g}) or check the data")
             if epoch % tc.val_every == 0 or epoch == tc.epochs:
-                try:
-                    v = task.validate(net, device, amp)
-                except NonFiniteOutput as e:  # finite weights so large that the outputs overflow
-                    raise MedvitError(f"training diverged: after epoch {epoch} the net's outputs on validation data are NaN "
-                                      f"or inf ({e}); lower train.lr (now {tc.lr:g}) or check the data") from None
-                if v is not None:
-                    # no score (NaN: nothing to score) is logged as null, and never picks the best checkpoint
-                    score = v["score"] if v["score"] is not None and math.isfinite(v["score"]) else None
-                    record.update({f"val_{task.metric}": score, f"val_{task.per_label}": v["per_label"]})
-                    if score is not None and (best_metric is None or score > best_metric):
-                        best_metric, best_epoch = score, epoch
-                        task.save(net, out / "best.safetensors", {"epoch": epoch, f"val_{task.metric}": best_metric})
+                failure = None
+                if main:
+                    try:
+                        v = task.validate(model, device, amp)
+                    except NonFiniteOutput as e:  # finite weights so large that the outputs overflow
+                        failure = MedvitError(f"training diverged: after epoch {epoch} the net's outputs on validation "
+                                              f"data are NaN or inf ({e}); lower train.lr (now {tc.lr:g}) or check the data")
+                        v = None
+                    if v is not None:
+                        # no score (NaN: nothing to score) is logged as null, and never picks the best checkpoint
+                        score = v["score"] if v["score"] is not None and math.isfinite(v["score"]) else None
+                        record.update({f"val_{task.metric}": score, f"val_{task.per_label}": v["per_label"]})
+                        if score is not None and (best_metric is None or score > best_metric):
+                            best_metric, best_epoch = score, epoch
+                            task.save(model, out / "best.safetensors", {"epoch": epoch, f"val_{task.metric}": best_metric})
+                if world > 1:  # the others wait here for rank 0's verdict
+                    verdict = [None if failure is None else str(failure), best_metric, best_epoch]
+                    dist.broadcast_object_list(verdict, src=0)
+                    if verdict[0] is not None and failure is None:
+                        failure = MedvitError(verdict[0])
+                    best_metric, best_epoch = verdict[1], verdict[2]
+                if failure is not None:
+                    raise failure
                 net.train()
-            task.save(net, out / "last.safetensors", {"epoch": epoch, "global_step": global_step})
+            if main:
+                task.save(model, out / "last.safetensors", {"epoch": epoch, "global_step": global_step})
             save_resume_point()
-            log(record)
+            if main:
+                log(record)
     bar.close()
+    if world > 1:
+        dist.barrier()  # every rank returns once rank 0's files are written
     return TrainResult(out, best_metric, best_epoch, epoch, global_step)
+
+
+def _stop_if_nonfinite(loss: torch.Tensor, world: int, advice: str) -> None:
+    """MedvitError on every rank when the loss is NaN or inf on any (one rank alone stopping would
+    leave the others waiting at the next gradient exchange)."""
+    bad = not bool(torch.isfinite(loss))
+    anywhere = bad
+    if world > 1:
+        flag = torch.tensor([float(bad)], device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        anywhere = bool(flag.item())
+    if anywhere:
+        what = f"the loss is {float(loss.detach())}" if bad else "the loss is NaN or inf on another rank"
+        raise MedvitError(f"training diverged: {what} {advice}")
+
+
+def _mean_over_ranks(losses: list[float], device: torch.device, world: int) -> float | None:
+    """The epoch's mean batch loss over every rank's batches (None without any)."""
+    if world == 1:
+        return float(np.mean(losses)) if losses else None
+    t = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] else None

@@ -3,7 +3,7 @@
 MONAI's DiceCE loss on random patches (RandCropByPosNegLabeld and the configured
 augmentation), weighted over the scales of a deep-supervision net by MONAI's
 DeepSupervisionLoss (a mask-transformer net's prediction: the Hungarian set loss instead);
-validation through the shared engine with MONAI's DiceMetric on the preprocessed grid,
+validation through the shared engine with MONAI's Dice (``compute_dice``) on the preprocessed grid,
 checkpoints as safetensors with a JSON sidecar.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from monai.data import DataLoader, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
+from monai.metrics.utils import do_metric_reduction
 from monai.transforms import Compose, Randomizable
 
 from medvit.checkpoint import load_pretrained, save_checkpoint
@@ -42,9 +43,13 @@ def split_random(chain: Compose) -> tuple[Compose, Compose]:
 
 
 def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, amp: bool) -> dict[str, Any]:
-    """Mean and per-label Dice of argmax predictions on the preprocessed validation grid."""
+    """Mean and per-label Dice of argmax predictions on the preprocessed validation grid (a label
+    absent from a case's ground truth is left out of that label's mean, as MONAI's DiceMetric with
+    ``ignore_empty`` reduces with ``mean_batch``)."""
     n_classes = int(cfg.model.out_channels)
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    # MONAI's functional Dice, not DiceMetric, whose buffers gather from every rank of a process
+    # group: under DDP rank 0 validates alone
+    scores = []
     net.eval()
     with torch.no_grad():
         for batch in loader:
@@ -60,9 +65,9 @@ def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, am
                 )[:, None].to(device)
             label = torch.as_tensor(batch["label"]).to(device).long()
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], n_classes).movedim(-1, 1)  # noqa: E731
-            metric(y_pred=onehot(pred), y=onehot(label))
-    per = metric.aggregate().cpu()
-    metric.reset()
+            scores.append(compute_dice(onehot(pred), onehot(label), include_background=False, ignore_empty=True))
+    per, _ = do_metric_reduction(torch.cat(scores), "mean_batch")
+    per = per.cpu()
     names = {i: cfg.labels.get(i, str(i)) for i in range(1, n_classes)}
     per_label = {names[i + 1]: (None if torch.isnan(v) else float(v)) for i, v in enumerate(per)}
     valid = [v for v in per_label.values() if v is not None]
