@@ -326,3 +326,22 @@ def test_a_damaged_rtstruct_is_one_line(ct3, tmp_path, capsys):
     ds.save_as(tmp_path / "bad.dcm")
     assert_user_error(["evaluate", str(tmp_path / "bad.dcm"), str(tmp_path / "bad.dcm"), "--image", str(ct3)],
                       capsys, "bad.dcm", "ROI 'spleen'", "cannot be filled")
+
+
+def test_a_training_entry_takes_an_rtstruct_label_renumbered_by_name(ct3, tmp_path):
+    # the datalist's label is an RTSTRUCT on the entry's image series; its ROIs (numbered 1, 2, 5
+    # here) train as the config's ids of the same names
+    from medvit.io.loader import LoadVolumed
+    from medvit.transforms.checks import CheckCased
+
+    s, affine = _series(ct3)
+    lab = _ct3_labels()
+    write_rtstruct(lab, affine, s, tmp_path / "rt.dcm", names={1: "liver", 2: "spleen", 5: "Left kidney"},
+                   description="test", algorithm="medvit test")
+    names = {0: "background", 1: "kidney_left", 2: "liver", 3: "spleen"}
+    case = LoadVolumed(keys="image", label_keys="label")({"image": str(ct3), "label": str(tmp_path / "rt.dcm")})
+    assert case["label"].shape == case["image"].shape
+    checked = CheckCased("image", "label", in_channels=1, n_classes=4, label_ids=set(names), label_names=names)(case)
+    got = checked["label"][0].numpy()
+    for old, new in ((1, 2), (2, 3), (5, 1)):
+        assert _dice(lab == old, got == new) >= ROUND_TRIP_DICE, (old, new)
