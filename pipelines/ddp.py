@@ -124,6 +124,9 @@ def distributed(device: str) -> Iterator[tuple[World, str]]:
         logging.disable(logging.WARNING)
     try:
         yield world, str(dev)
+        # every rank leaves together: a rank that tore down its group while a peer still had gloo
+        # work in flight aborted that peer (SIGABRT, "terminate called without an active exception")
+        dist.barrier()
     finally:
         logging.disable(logging.NOTSET)
         dist.destroy_process_group()

@@ -104,6 +104,7 @@ def _rank_main(rank: int, world: int, store: str, kwargs: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         _fit_blobs(rank, **kwargs)
+        dist.barrier()  # as pipelines.ddp.distributed: leave together
     finally:
         dist.destroy_process_group()
 
