@@ -89,7 +89,7 @@ DEMO_NETS: dict[str, dict] = {
                   "options": {"strides": [1, 2, 2, 2], "base_features": 16, "max_features": 128,
                               "vit_layers": 2, "vit_hidden": 96, "vit_heads": 4, "vit_mlp": 192,
                               "vit_dropout": 0.0}},
-        "train": {"epochs": 24},
+        "train": {"epochs": 40},
     },
     "cswin_unet3d": {
         # stride-4 stem: 12/6/3/2-token stages on 48^3 windows, the conv decoder's full-resolution
