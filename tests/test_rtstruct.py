@@ -345,3 +345,15 @@ def test_a_training_entry_takes_an_rtstruct_label_renumbered_by_name(ct3, tmp_pa
     got = checked["label"][0].numpy()
     for old, new in ((1, 2), (2, 3), (5, 1)):
         assert _dice(lab == old, got == new) >= ROUND_TRIP_DICE, (old, new)
+
+
+def test_without_rt_utils_rtstruct_is_one_line_with_the_install_command(ct3, monkeypatch):
+    import sys
+
+    from medvit.errors import MedvitError
+    from medvit.io.rtstruct import check_rtstruct_source
+
+    monkeypatch.setitem(sys.modules, "rt_utils", None)  # an import of it now fails
+    with pytest.raises(MedvitError) as e:
+        check_rtstruct_source(_series(ct3)[0], ct3)
+    assert "pip install --no-deps rt-utils" in str(e.value) and "\n" not in str(e.value)

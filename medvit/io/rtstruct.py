@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import DSfloat
 
-from medvit.errors import InputError, listed
+from medvit.errors import InputError, MedvitError, listed
 from medvit.io.common import LPS_TO_RAS, RawVolume, corner_offset_mm, source_info, tilt_degrees
 from medvit.io.dicom import DicomSeries, list_dicom_series, select_series, series_affine
 from medvit.io.label_colors import label_color
@@ -58,11 +58,25 @@ WRITE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstan
 """What an RTSTRUCT references its source by; each slice must have them to be written on."""
 
 
+def require_rt_utils() -> None:
+    """MedvitError, one line with the install command, when rt-utils (or OpenCV's cv2) is missing:
+    it is installed without its requirements (see the README), so a plain ``pip install medvit``
+    lacks it."""
+    try:
+        import cv2  # noqa: F401
+        import rt_utils  # noqa: F401
+    except ImportError as e:
+        raise MedvitError(f"RTSTRUCT needs rt-utils and OpenCV ({e.name} is not installed): "
+                          "pip install opencv-python-headless && pip install --no-deps rt-utils==1.2.7") from None
+
+
 def check_rtstruct_source(s: DicomSeries, where: str | Path, uids: Sequence[str] = WRITE_UIDS) -> np.ndarray:
     """The RAS voxel->world affine of series ``s`` (:func:`series_affine`) after checking that
     rt-utils can place contours on it: an image series, untilted, with square pixels, whose slices
     all have the ``uids`` an RTSTRUCT references them by (an anonymiser may blank them); else
-    InputError naming ``where``. Gaps and uneven steps are refused by :func:`series_affine`."""
+    InputError naming ``where``. Gaps and uneven steps are refused by :func:`series_affine`.
+    Without rt-utils installed, a MedvitError saying how to install it."""
+    require_rt_utils()
     if s.not_image is not None:
         raise InputError(where, f"series {s.uid} {s.not_image}")
     affine = series_affine(s, Path(where))
@@ -269,6 +283,7 @@ def read_rtstruct(path: str | Path, source: str | Path | None) -> RawVolume:
     contours on slices not in it; a source with a gap, a tilt, several image series, non-square
     pixels or non-square slices.
     """
+    require_rt_utils()
     import cv2
     from rt_utils import image_helper
 
