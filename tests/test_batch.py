@@ -211,16 +211,32 @@ def test_failed_cases_are_error_rows_and_the_exit_status_counts_them(ray_session
     assert sorted(failed_lines) == sorted(f"medvit: case {i} failed: {m}" for i, m in errors.items())
 
 
-def test_closed_port_as_address_fails_at_once(ckpt, tmp_path, capfd):
-    """--address naming a port where nothing listens: one line naming it, exit 2, within 5 s, nothing written."""
+def test_closed_port_as_address_fails_at_once(ckpt, tmp_path, capfd, monkeypatch):
+    """--address naming a port where nothing listens: one line naming it, exit 2, nothing written;
+    decided by one TCP connect bounded by PROBE_TIMEOUT_S (under the issue's 5 s), before Ray starts."""
+    import ray
+
+    import pipelines.batch as batch
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _phantoms(tmp_path / "cases", 1)
-    start = time.monotonic()
+    timeouts = []
+    connect = socket.create_connection
+
+    def spy(address, timeout=None, *args, **kwargs):
+        timeouts.append(timeout)
+        return connect(address, timeout, *args, **kwargs)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init was called for a dead address")
+
+    monkeypatch.setattr(batch.socket, "create_connection", spy)
+    monkeypatch.setattr(ray, "init", no_ray)
     code, stdout, err = run_cli(["batch", str(tmp_path / "cases"), "-o", str(tmp_path / "out"), "--checkpoint",
                                  str(ckpt), "--address", f"127.0.0.1:{port}"], capfd)
-    assert time.monotonic() - start < 5  # the issue's bound for a dead address
+    assert timeouts == [batch.PROBE_TIMEOUT_S] and batch.PROBE_TIMEOUT_S < 5
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"--address 127.0.0.1:{port}: no Ray cluster reachable there" in err
     assert not (tmp_path / "out").exists()
