@@ -162,3 +162,22 @@ def tiny_checkpoint(folder: Path, modality: str = "ct") -> Path:
     cfg = parse_config(cfg)
     torch.manual_seed(0)
     return save_checkpoint(build_net(cfg.model), folder / f"tiny_{modality}.safetensors", config=cfg)
+
+
+def assert_checkpoint_round_trip(cfg, cls: type, shape: tuple[int, ...], folder: Path) -> None:
+    """``cfg``'s net (seed 0, eval) saved and loaded back is a ``cls`` in eval mode giving equal
+    outputs on a fixed input of ``shape``; a net of another seed gives different ones."""
+    import torch
+
+    from medvit.checkpoint import load_checkpoint, save_checkpoint
+    from medvit.nets import build_net
+
+    torch.manual_seed(0)
+    net = build_net(cfg.model).eval()
+    x = torch.linspace(-1, 1, int(np.prod(shape))).reshape(shape).sin()
+    loaded = load_checkpoint(save_checkpoint(net, folder / "best.safetensors", config=cfg))
+    assert isinstance(loaded.net, cls) and not loaded.net.training
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x), net(x))
+        torch.manual_seed(1)
+        assert not torch.equal(build_net(cfg.model).eval()(x), net(x))

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from medvit.attention import CrossStripeAttention
-from medvit.checkpoint import load_checkpoint, save_checkpoint
+from medvit.checkpoint import load_checkpoint
 from medvit.config import ModelConfig, load_config, parse_config
 from medvit.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.cswin_unet3d import CSwinUNet3D, FullAttentionLePE, stage_grids
-from tests.helpers import fit_losses, train_and_segment
+from tests.helpers import assert_checkpoint_round_trip, fit_losses, train_and_segment
 
 TINY = {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 6], "feature_size": 8, "stem_stride": 1}
 
@@ -138,17 +138,7 @@ def _config(roi=(8, 16, 16), **options):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    cfg = _config(deep_supervision=True)
-    torch.manual_seed(0)
-    net = build_net(cfg.model).eval()
-    x = torch.linspace(-1, 1, 3 * 8 * 16 * 16).reshape(1, 3, 8, 16, 16).sin()
-    path = save_checkpoint(net, tmp_path / "best.safetensors", config=cfg)
-    loaded = load_checkpoint(path)
-    assert isinstance(loaded.net, CSwinUNet3D) and not loaded.net.training
-    with torch.no_grad():
-        assert torch.equal(loaded.net(x), net(x))
-        torch.manual_seed(1)
-        assert not torch.equal(build_net(cfg.model).eval()(x), net(x))
+    assert_checkpoint_round_trip(_config(deep_supervision=True), CSwinUNet3D, (1, 3, 8, 16, 16), tmp_path)
 
 
 def test_checkpoint_of_another_size_is_refused(tmp_path):

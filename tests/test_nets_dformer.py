@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from medvit.checkpoint import load_checkpoint, save_checkpoint
+from medvit.checkpoint import load_checkpoint
 from medvit.config import ModelConfig, load_config, parse_config
 from medvit.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.dformer import DFormer, DFormerBlock
-from tests.helpers import fit_losses, train_and_segment
+from tests.helpers import assert_checkpoint_round_trip, fit_losses, train_and_segment
 
 # measured on github kkk55596/D-Former model.py (commit 364ff5e), SegNetwork(14): all three heads
 # built; FlopCounterMode with every head run
@@ -219,17 +219,7 @@ def _config(roi=(8, 16, 16), **options):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    cfg = _config(deep_supervision=True)
-    torch.manual_seed(0)
-    net = build_net(cfg.model).eval()
-    x = torch.linspace(-1, 1, 8 * 16 * 16).reshape(1, 1, 8, 16, 16).sin()
-    path = save_checkpoint(net, tmp_path / "best.safetensors", config=cfg)
-    loaded = load_checkpoint(path)
-    assert isinstance(loaded.net, DFormer) and not loaded.net.training
-    with torch.no_grad():
-        assert torch.equal(loaded.net(x), net(x))
-        torch.manual_seed(1)
-        assert not torch.equal(build_net(cfg.model).eval()(x), net(x))
+    assert_checkpoint_round_trip(_config(deep_supervision=True), DFormer, (1, 1, 8, 16, 16), tmp_path)
 
 
 def test_checkpoint_of_another_size_is_refused(tmp_path):
