@@ -60,7 +60,7 @@ def _setup(folder: Path, n: int) -> Path:
     from medvit.config import parse_config
     from medvit.data.phantom import make_phantom
     from medvit.nets import build_net
-    from pipelines.demo import DEMO_CONFIG
+    from pipelines.volume.demo import DEMO_CONFIG
 
     cfg = copy.deepcopy(DEMO_CONFIG)
     cfg.pop("train")
@@ -87,7 +87,7 @@ def main() -> None:
         folder = Path(tmp)
         ckpt = _setup(folder, a.cases)
         cases = sorted((folder / "cases").iterdir())
-        load = [_run(["-c", "from medvit.checkpoint import load_checkpoint; import pipelines.volume; "
+        load = [_run(["-c", "from medvit.checkpoint import load_checkpoint; import pipelines.volume.segment; "
                             f"load_checkpoint({str(ckpt)!r})"]) for _ in range(3)]
         res["process_start_and_load_s"] = statistics.median(load)
         per = [_run(["-m", "pipelines.cli", "segment", str(c), "-o", str(folder / "seg"), "--checkpoint", str(ckpt),

@@ -3,7 +3,7 @@
 On the H100 and the H200, SwinUNETR (SDPA, bf16 autocast) compiled whole was 12 % of its
 largest logit off the unmodified net, where eager bf16 is within about 1 %. On the 2-core CPU
 the compiled net stayed within bf16's own error. Every row here is judged against the fp32 net
-with the engine bench's rule (``pipelines.bench_engine.within_bf16_tolerance``), in this order:
+with the engine bench's rule (``pipelines.bench.engine.within_bf16_tolerance``), in this order:
 
 1. the whole net compiled with the other attention paths (every row is timed per batch, so a
    path that stays within tolerance comes with its speed): MONAI's explicit softmax attention; SDPA
@@ -32,7 +32,7 @@ import torch
 
 from medvit.io.writers import atomic_path
 from medvit.nets.speedups import use_sdpa
-from pipelines.bench_engine import Case, _input, _net, _time_batch, _window_batch, within_bf16_tolerance
+from pipelines.bench.engine import Case, _input, _net, _time_batch, _window_batch, within_bf16_tolerance
 
 KNOBS = {"emulate_precision_casts": True}
 """Inductor settings tried on the whole net (those that exist in this torch): rounding

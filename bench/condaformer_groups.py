@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from medvit.io.writers import atomic_path
-from pipelines import bench_lidar
+from pipelines.bench import lidar as bench_lidar
 from pointcloud.nets import condaformer
 
 

@@ -38,8 +38,8 @@ def _curve(run: Path) -> tuple[list[float], list[tuple[int, float]]]:
 
 def _test_dice(ckpt: Path, phantoms: Path, test: list[dict], labels: dict, out: Path) -> float:
     from medvit.checkpoint import load_checkpoint
-    from pipelines.evaluate import evaluate_files
-    from pipelines.volume import segment_case
+    from pipelines.volume.evaluate import evaluate_files
+    from pipelines.volume.segment import segment_case
 
     model = load_checkpoint(ckpt)
     scores = []
@@ -54,9 +54,9 @@ def _one_seed(args, seed: int, out: Path) -> dict:
     """Pretrain, then fine-tune from it and from scratch, for one seed (phantoms, crops, init)."""
     from medvit.config import parse_config
     from medvit.data.phantom import LABELS
-    from pipelines.demo import demo_config, write_phantom_set
-    from pipelines.pretrain import pretrain
-    from pipelines.train import train
+    from pipelines.volume.demo import demo_config, write_phantom_set
+    from pipelines.volume.pretrain import pretrain
+    from pipelines.volume.train import train
 
     out.mkdir(parents=True)
     phantoms = out / "phantoms"

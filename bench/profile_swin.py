@@ -23,7 +23,7 @@ import torch
 
 from medvit.io.writers import atomic_path
 from medvit.nets.speedups import speed_up
-from pipelines.bench_engine import Case, _input, _net, _time_batch, _window_batch
+from pipelines.bench.engine import Case, _input, _net, _time_batch, _window_batch
 from pipelines.engine.runner import autocast_context, sync_device
 
 

@@ -38,7 +38,7 @@ def _lidar_step():
     import numpy as np
     import torch
 
-    from pipelines.lidar_demo import DEMO_LIDAR_CONFIG
+    from pipelines.lidar.demo import DEMO_LIDAR_CONFIG
     from pointcloud.data.synthetic import make_scene
     from pointcloud.losses import CELovaszLoss
     from pointcloud.nets import build_point_net

@@ -23,7 +23,7 @@ from medvit.config import parse_config
 from medvit.data.phantom import LABELS, make_phantom
 from medvit.errors import InputError
 from medvit.nets import build_net
-from pipelines.cohort import hashed_id, list_cases
+from pipelines.volume.cohort import hashed_id, list_cases
 from tests.test_cli import TINY, run_cli
 from tests.test_no_phi import CANARIES, find_canaries, write_canary_series
 
@@ -216,7 +216,7 @@ def test_closed_port_as_address_fails_at_once(ckpt, tmp_path, capfd, monkeypatch
     decided by one TCP connect bounded by PROBE_TIMEOUT_S (under the issue's 5 s), before Ray starts."""
     import ray
 
-    import pipelines.batch as batch
+    import pipelines.volume.batch as batch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -317,7 +317,7 @@ def test_address_joins_a_running_cluster(ray_session, ckpt, tmp_path):
 def test_cases_of_a_manifest_and_refused_sources(tmp_path):
     """A manifest with --root gives its training and validation cases (or one split); a folder of
     cases holding DICOM files itself, or an OUT inside a folder INPUT, is refused in one line."""
-    from pipelines.batch import run_batch
+    from pipelines.volume.batch import run_batch
 
     a, b = _phantoms(tmp_path / "data", 2)
     manifest = tmp_path / "m.json"
@@ -341,7 +341,7 @@ def test_a_done_record_counts_only_when_it_agrees_with_the_run(tmp_path):
     """``finished``: the record of the same checkpoint, options and sources with every output at its
     SHA-256; another option, checkpoint or source, a changed or missing output, or a record that
     does not parse, and the case is redone."""
-    from pipelines.cohort import finished, output_hashes
+    from pipelines.volume.cohort import finished, output_hashes
 
     case = tmp_path / "c1"
     case.mkdir()

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pipelines import bench_engine
-from pipelines.bench_engine import Case, compare
+from pipelines.bench import engine as bench_engine
+from pipelines.bench.engine import Case, compare
 
 
 def test_compare_reports_after_every_run(monkeypatch):
@@ -28,7 +28,7 @@ def test_compare_reports_after_every_run(monkeypatch):
 
 
 def test_bench_lidar_writes_json_after_every_row_and_names_the_machine_last(monkeypatch, tmp_path):
-    from pipelines import bench_lidar
+    from pipelines.bench import lidar as bench_lidar
     from pipelines.cli import main
 
     events = []

@@ -7,8 +7,8 @@ import torch
 
 from medvit.config import ModelConfig
 from medvit.nets import available, build_net
-from pipelines import bench_models
-from pipelines.bench_models import COLUMNS, PAPER, Paper, count_flops, format_table, run
+from pipelines.bench import models as bench_models
+from pipelines.bench.models import COLUMNS, PAPER, Paper, count_flops, format_table, run
 from pipelines.cli import main
 
 TINY = {
@@ -127,7 +127,7 @@ def test_cli_writes_json_and_refuses_an_unknown_net(monkeypatch, tmp_path, capsy
         return res
 
     monkeypatch.setattr(bench_models, "run", fake_run)
-    monkeypatch.setattr("pipelines.bench_engine.machine", lambda: "test box")
+    monkeypatch.setattr("pipelines.bench.engine.machine", lambda: "test box")
     out = tmp_path / "models.json"
     with pytest.raises(SystemExit) as done:
         main(["bench", "models", "--nets", "unetr,unet", "--repeats", "1", "--json", str(out)])

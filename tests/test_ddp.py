@@ -31,7 +31,7 @@ class BlobTask:
     metric, per_label, collate = "mean_dice", "dice", None
 
     def __init__(self, nan_at: int | None = None, rank: int = 0, nan_rank: int = 1):
-        from pipelines.train import SegmentationLoss
+        from pipelines.volume.train import SegmentationLoss
 
         x, y = blob_batch(8, size=(16, 32, 32))
         self.items = [{"image": x[i], "label": y[i]} for i in range(len(x))]

@@ -16,7 +16,7 @@ from medvit.errors import ConfigError
 from medvit.nets import build_net
 from medvit.nets import registry as registry_module
 from medvit.nets.registry import construct
-from pipelines.train import SegmentationLoss, train
+from pipelines.volume.train import SegmentationLoss, train
 from tests.helpers import tiny_config, write_tiny_set
 
 

@@ -11,7 +11,7 @@ from medvit.data.phantom import LABELS, make_phantom, phantom_axcodes
 from medvit.config import ModelConfig
 from medvit.nets import available, build_net
 from pipelines.cli import main
-from pipelines.demo import DEMO_CONFIG, DEMO_NETS, default_output, demo_config, run_demo
+from pipelines.volume.demo import DEMO_CONFIG, DEMO_NETS, default_output, demo_config, run_demo
 from tests.helpers import TINY_UNETR
 
 
@@ -66,7 +66,7 @@ def test_every_registered_net_has_a_demo_configuration_that_builds():
 
 
 def test_demo_net_picks_the_config_and_a_folder_naming_the_net(tmp_path, monkeypatch):
-    from pipelines import demo
+    from pipelines.volume import demo
 
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append((out, kw["config"])))

@@ -423,7 +423,7 @@ def test_writing_and_reading_a_seg_says_nothing_of_the_patient(data_dir, tmp_pat
 
 
 def test_segments_carry_the_preview_colours(data_dir, tmp_path):
-    from pipelines.report import label_color
+    from pipelines.volume.report import label_color
 
     src = data_dir / "dcmqi" / "segmentations" / "ct-3slice"
     ref = read_label(data_dir / "dcmqi" / "segmentations" / "liver_seg.nrrd")

@@ -9,7 +9,7 @@ import torch
 
 from medvit.errors import MedvitError
 from pipelines.engine import PointScene, run_windows, segment_scene
-from pipelines.engine import scene as scene_module
+from pipelines.engine import points as scene_module
 
 
 class LinearPointNet(torch.nn.Module):

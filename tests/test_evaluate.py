@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medvit.errors import InputError
-from pipelines.evaluate import (
+from pipelines.volume.evaluate import (
     STATUS_ABSENT,
     STATUS_MISSING_PRED,
     STATUS_MISSING_REF,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pipelines.lidar_demo import write_kitti
+from pipelines.lidar.demo import write_kitti
 from pointcloud.checkpoint import build_from_config, load_point_checkpoint, save_point_checkpoint
 from pointcloud.config import parse_lidar_config
 from tests.test_cli import assert_user_error, run_cli
@@ -102,7 +102,7 @@ def test_las_classes_map_train_ids_to_asprs_codes(tmp_path, capsys, caplog):
     train = np.load(tmp_path / "ids" / "scan.npy").astype(np.int64)
     outside = np.any(np.abs(laspy.read(tmp_path / "scan.las").xyz) > [10, 10, 5], 1)
     assert outside.any() and (train[outside] == 255).all() and set(train[~outside].tolist()) <= set(range(5))
-    with caplog.at_level("WARNING", logger="pipelines.scene"):
+    with caplog.at_level("WARNING", logger="pipelines.lidar.segment"):
         code, out, err = run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "plain_out"), "--checkpoint", str(plain)], capsys)
     assert code == 0, err
     said = [r.getMessage() for r in caplog.records if "no las_classes" in r.getMessage()]
@@ -111,7 +111,7 @@ def test_las_classes_map_train_ids_to_asprs_codes(tmp_path, capsys, caplog):
     got = np.asarray(laspy.read(tmp_path / "plain_out" / "scan.las").classification).astype(np.int64)
     np.testing.assert_array_equal(got, np.where(outside, 1, train + 64))
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipelines.scene"):
+    with caplog.at_level("WARNING", logger="pipelines.lidar.segment"):
         code, _, err = run_cli(["lidar", "segment", *args, "-o", str(tmp_path / "named_out"), "--checkpoint", str(named)], capsys)
     assert code == 0, err
     assert not any("no las_classes" in r.getMessage() for r in caplog.records)
@@ -486,7 +486,7 @@ def test_shipped_lidar_configs_build_their_nets(name):
 
 def test_label_ids_past_the_class_count_are_reported(tmp_path, caplog):
     """Without a label_map, ids outside 0..K-1 are ignored in training, and the scan says how many."""
-    from pipelines.scene import load_training_scan
+    from pipelines.lidar.train import load_training_scan
 
     rng = np.random.default_rng(6)
     labels = np.r_[np.zeros(300, np.uint32), np.full(100, 7, np.uint32)]

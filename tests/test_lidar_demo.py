@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.lidar_demo import DEMO_LIDAR_CONFIG, run_lidar_demo
+from pipelines.lidar.demo import DEMO_LIDAR_CONFIG, run_lidar_demo
 
 
 def test_lidar_demo_path_on_a_tiny_set(tmp_path):

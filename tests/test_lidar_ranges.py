@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.lidar_demo import write_kitti
+from pipelines.lidar.demo import write_kitti
 from pointcloud.checkpoint import build_from_config, save_point_checkpoint
 from pointcloud.config import parse_lidar_config
 from pointcloud.ranges import training_stats
@@ -68,7 +68,7 @@ def test_training_records_ranges_and_units(tmp_path, capsys):
 
 
 def test_las_intensity_is_normalised_by_its_16_bit_range(ckpt, tmp_path):
-    from pipelines.scene import checkpoint_units, scan_features
+    from pipelines.lidar.segment import checkpoint_units, scan_features
     from pointcloud.checkpoint import load_point_checkpoint
     from pointcloud.io import read_points
 
@@ -132,7 +132,7 @@ def test_intensity_on_another_scale_warns_with_the_factor(ckpt, tmp_path, capsys
 
 
 def test_demo_config_has_a_point_range():
-    from pipelines.lidar_demo import DEMO_LIDAR_CONFIG
+    from pipelines.lidar.demo import DEMO_LIDAR_CONFIG
 
     assert parse_lidar_config(DEMO_LIDAR_CONFIG).point_range is not None
 

@@ -19,7 +19,7 @@ from medvit.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.encoders import encoder_of
 from pipelines.cli import main
-from pipelines.pretrain import (
+from pipelines.volume.pretrain import (
     Pretrainer,
     cube_mask,
     info_nce,
@@ -279,7 +279,7 @@ def test_net_without_encoder_and_bad_pretrain_sections(tiny_set, tmp_path, capsy
 
 
 def test_pretrain_reads_a_folder_of_images(tiny_set, tmp_path):
-    from pipelines.pretrain import image_files
+    from pipelines.volume.pretrain import image_files
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipelines.report as report
-from pipelines.report import HU_WINDOW, label_color, label_stats, write_preview, write_stats
+import pipelines.volume.report as report
+from pipelines.volume.report import HU_WINDOW, label_color, label_stats, write_preview, write_stats
 
 DATA = Path(os.environ.get("MEDVIT_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TS = DATA / "totalsegmentator"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medvit.errors import InputError
-from pipelines.volume import check_net_extent
+from pipelines.volume.segment import check_net_extent
 from tests.test_cli import assert_user_error, ckpt, phantom, run_cli  # noqa: F401  (fixtures)
 
 

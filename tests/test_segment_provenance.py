@@ -115,7 +115,7 @@ def test_real_cts_pass_the_ct_check_and_fail_the_mr_one(name, data_dir):
     from types import SimpleNamespace
 
     from medvit.io import read_image
-    from pipelines.volume import check_modality
+    from pipelines.volume.segment import check_modality
 
     image = read_image(data_dir / name)
     mr_cfg = copy.deepcopy(TINY)
@@ -131,7 +131,7 @@ def test_real_mrs_fail_the_ct_check(name, data_dir):
     from types import SimpleNamespace
 
     from medvit.io import read_image
-    from pipelines.volume import check_modality
+    from pipelines.volume.segment import check_modality
 
     ct = SimpleNamespace(config=parse_config(TINY), meta={"checkpoint": "ct.safetensors"})
     assert "is for CT" in check_modality(read_image(data_dir / name), [name], ct)
@@ -227,7 +227,7 @@ def test_version_is_the_package_version(capsys):
 
 
 def test_mr_preview_uses_the_image_range_not_a_ct_window(mr_ckpt, tmp_path, capsys, monkeypatch):
-    import pipelines.report as report
+    import pipelines.volume.report as report
 
     x = np.zeros((24, 24, 12), np.float32)
     x[4:20, 4:20, 2:10] = 300.0

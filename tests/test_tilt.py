@@ -18,8 +18,8 @@ from medvit.errors import InputError
 from medvit.io import read_image, read_label, write_image, write_label_map
 from medvit.io.common import corner_offset_mm, itk_affine
 from medvit.io.dicom import orthogonal_grid, tilt_degrees
-from pipelines.report import label_stats
-from pipelines.volume import segment_case
+from pipelines.volume.report import label_stats
+from pipelines.volume.segment import segment_case
 from tests.test_cli import assert_user_error, ckpt, run_cli  # noqa: F401  (ckpt is a fixture)
 from tests.test_io_dicom import write_slice
 
@@ -185,7 +185,7 @@ def test_demo_phantoms_are_written_with_agreeing_forms(tmp_path, axcodes):
 
 
 def test_evaluate_scores_a_kept_tilted_map_with_a_warning(tilted, tmp_path, caplog):
-    from pipelines.evaluate import evaluate_files
+    from pipelines.volume.evaluate import evaluate_files
 
     folder, sheared = tilted
     labels = (read_image(folder)[0].numpy() > 500).astype(np.uint8)

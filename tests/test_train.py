@@ -11,7 +11,7 @@ import torch
 
 from medvit.config import load_config
 from medvit.errors import InputError
-from pipelines.train import SeededSamples, lr_factor, split_random, train
+from pipelines.volume.train import SeededSamples, lr_factor, split_random, train
 from tests.helpers import tiny_config, write_tiny_set
 
 

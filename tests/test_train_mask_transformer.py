@@ -17,7 +17,7 @@ from medvit.nets import build_net
 from medvit.nets import registry as registry_module
 from medvit.nets.mask_transformer import MaskPrediction, MaskTransformerDecoder, semantic_scores
 from medvit.nets.registry import construct
-from pipelines.train import SegmentationLoss, train
+from pipelines.volume.train import SegmentationLoss, train
 from tests.helpers import tiny_config, write_tiny_set
 
 

@@ -8,7 +8,7 @@ from medvit.config import parse_config
 from medvit.data.phantom import make_phantom
 from medvit.errors import MedvitError
 from medvit.transforms import infer_transforms
-from pipelines.volume import preprocess_case
+from pipelines.volume.segment import preprocess_case
 from tests.test_cli import TINY
 
 

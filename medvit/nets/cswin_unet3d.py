@@ -52,7 +52,7 @@ Decoder (UNETR / Swin UNETR style, MONAI's blocks)
 Deep supervision
 ----------------
 With ``deep_supervision=True``, in training mode ``forward`` returns ``(full, half, quarter)``
-logits (nnU-Net's order, what :class:`pipelines.train.SegmentationLoss` takes) of spatial size
+logits (nnU-Net's order, what :class:`pipelines.volume.train.SegmentationLoss` takes) of spatial size
 ``S``, ``ceil(S / 2)`` and ``ceil(S / 4)``: the ½ and ¼ heads are transposed convs (kernel =
 stride = ``stem_stride``) from the decoder's features at stage 1's and stage 2's grid to
 ``out_channels``, cropped. In eval mode, or without the option, only the full-resolution logits;

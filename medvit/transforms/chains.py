@@ -160,7 +160,7 @@ def train_transforms(cfg: Config, *, load: bool = True) -> Compose:
     ``scale_prob`` (image only).
 
     Every transform up to and including the padding is deterministic, so
-    ``pipelines.train.split_random`` can cache that part.
+    ``pipelines.volume.train.split_random`` can cache that part.
     """
     roi = tuple(int(s) for s in cfg.model.roi_size)
     aug = cfg.augment

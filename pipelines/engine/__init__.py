@@ -8,6 +8,6 @@ and stitches windows (``DenseGrid`` for volumes, ``PointScene`` for scenes).
 
 from pipelines.engine.dense import DenseGrid, segment_volume, sliding_window, sliding_window_labels
 from pipelines.engine.runner import EngineReport, mirrored, run_windows
-from pipelines.engine.scene import PointScene, segment_scene
+from pipelines.engine.points import PointScene, segment_scene
 
 __all__ = ["PointScene", "segment_scene", "DenseGrid", "EngineReport", "mirrored", "run_windows", "segment_volume", "sliding_window", "sliding_window_labels"]

@@ -75,14 +75,15 @@ def write_scene_set(folder: Path, *, seed: int, n_train: int = N_TRAIN_MAPS, tra
 def run_lidar_demo(out: Path, *, device: str = "cpu", seed: int = 0, config: dict | None = None,
                    scene_sizes: tuple[int, int, int] = (N_TRAIN_MAPS, TRAIN_MAP_POINTS, HELD_OUT_POINTS)) -> dict:
     """Run the LiDAR demo into ``out``; returns the summary it prints."""
-    from pipelines.scene import segment_scan, train_lidar
-    from pipelines.scene_report import write_bev
+    from pipelines.lidar.segment import segment_scan
+    from pipelines.lidar.train import train_lidar
+    from pipelines.lidar.report import write_bev
     from pointcloud.checkpoint import load_point_checkpoint
     from pointcloud.config import load_lidar_config
     from pointcloud.io import read_points
     from pointcloud.metrics import SegMetric
 
-    from pipelines.demo import write_run_config
+    from pipelines.volume.demo import write_run_config
 
     t_start = time.time()
     out, raw, cfg_path = write_run_config(out, config or DEMO_LIDAR_CONFIG, seed=seed, data="scenes",

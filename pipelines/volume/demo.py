@@ -193,9 +193,9 @@ def run_demo(
     """
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
-    from pipelines.evaluate import evaluate_files
-    from pipelines.train import train
-    from pipelines.volume import segment_case
+    from pipelines.volume.evaluate import evaluate_files
+    from pipelines.volume.train import train
+    from pipelines.volume.segment import segment_case
 
     t_start = time.time()
     out, raw, cfg_path = write_run_config(out, config or DEMO_CONFIG, seed=seed, data="phantoms", name="config.yaml")

@@ -273,7 +273,7 @@ def pretrain(cfg: Config, *, device: str | torch.device = "cpu", progress: bool 
     encoder, :class:`InputError` for an output folder that already holds a run, missing images, or
     an image of the wrong channel count, :class:`MedvitError` when the loss diverges.
     """
-    from pipelines.train import CheckedCases
+    from pipelines.volume.train import CheckedCases
 
     pc = cfg.pretrain
     if pc is None:

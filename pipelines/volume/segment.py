@@ -380,7 +380,7 @@ def segment_case(
         _write_seg(result, labels, affine, paths, out_dir / f"{name}_seg.dcm", model, checkpoint, seg_type, series,
                    list(paths) + list(protect or []))
     if stats or preview:
-        from pipelines.report import label_stats, percentile_window, write_preview, write_stats
+        from pipelines.volume.report import label_stats, percentile_window, write_preview, write_stats
 
         image0 = keep.as_tensor()[0].numpy()
         if stats:

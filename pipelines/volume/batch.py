@@ -1,8 +1,8 @@
 """``medvit batch``: segment a cohort on Ray, one model per worker, resumable after a crash.
 
-The driver lists the cases (:mod:`pipelines.cohort`), skips those whose ``done`` record and
+The driver lists the cases (:mod:`pipelines.volume.cohort`), skips those whose ``done`` record and
 outputs agree with this run, and feeds the rest to ``--workers`` Ray actors (:class:`CaseWorker`),
-each of which loads the checkpoint once and runs :func:`pipelines.volume.segment_case` per case
+each of which loads the checkpoint once and runs :func:`pipelines.volume.segment.segment_case` per case
 into ``OUT/.<id>.tmp-XXXX``, writes ``done.json`` there last and renames the folder to
 ``OUT/<id>``. A case's error becomes its row in the cohort table; the other cases go on.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from medvit.errors import InputError, MedvitError
 
-from pipelines.cohort import CASES, DONE, Case, finished, list_cases, output_hashes, remove_stale, sources_digest, \
+from pipelines.volume.cohort import CASES, DONE, Case, finished, list_cases, output_hashes, remove_stale, sources_digest, \
     table_rows, write_cases, write_table
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoi
     ``{"case_id", "status": "error", "message"}`` with nothing of the case left in ``out``.
     Messages name the case id, not its sources.
     """
-    from pipelines.volume import check_case, segment_case
+    from pipelines.volume.segment import check_case, segment_case
 
     start = time.perf_counter()
     tmp = out / f".{case.case_id}.tmp-{secrets.token_hex(4)}"
@@ -165,7 +165,7 @@ class CaseWorker:
 
         from medvit.checkpoint import load_checkpoint
         from medvit.config import load_config
-        from pipelines.volume import checkpoint_record
+        from pipelines.volume.segment import checkpoint_record
 
         torch.set_num_threads(threads)
         start = time.perf_counter()
@@ -197,9 +197,9 @@ class BatchResult:
 def run_batch(source: str | Path, out: str | Path, checkpoint: str | Path, *, config: str | Path | None = None,
               root: str | Path | None = None, split: str | None = None, workers: int = 1, address: str | None = None,
               threads: int | None = None, device: str = "cpu", progress: bool = True, **options) -> BatchResult:
-    """Segment every case of ``source`` (see :func:`pipelines.cohort.list_cases`) into ``out``.
+    """Segment every case of ``source`` (see :func:`pipelines.volume.cohort.list_cases`) into ``out``.
 
-    ``options`` are :data:`SEGMENT_OPTIONS` (as :func:`pipelines.volume.segment_case` takes them).
+    ``options`` are :data:`SEGMENT_OPTIONS` (as :func:`pipelines.volume.segment.segment_case` takes them).
     ``address`` joins a running Ray cluster (probed first: MedvitError within
     :data:`PROBE_TIMEOUT_S`); without it a local Ray instance of ``workers`` × ``threads`` CPUs runs
     and is shut down at the end (a Ray session this process already holds is used as is).
@@ -210,7 +210,7 @@ def run_batch(source: str | Path, out: str | Path, checkpoint: str | Path, *, co
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
     from medvit.io.writers import check_writable, make_output_folder
-    from pipelines.volume import checkpoint_record
+    from pipelines.volume.segment import checkpoint_record
 
     start = time.perf_counter()
     if workers < 1:

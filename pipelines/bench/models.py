@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from medvit.errors import MedvitError
-from pipelines.bench_engine import USER_ERROR, run_worker
+from pipelines.bench.engine import USER_ERROR, run_worker
 
 WINDOW = (96, 96, 96)
 """The common window every net is measured at."""
@@ -216,7 +216,7 @@ def measure(name: str, paper: Paper, *, window: tuple[int, int, int] = WINDOW, r
 
 def _spawn(name: str, paper: Paper, *, window, repeats: int, threads: int) -> dict[str, Any]:
     spec = {"name": name, "paper": asdict(paper), "window": list(window), "repeats": repeats, "threads": threads}
-    return run_worker([sys.executable, "-m", "pipelines.bench_models", "--worker", json.dumps(spec)],
+    return run_worker([sys.executable, "-m", "pipelines.bench.models", "--worker", json.dumps(spec)],
                       f"bench worker for {name}")
 
 

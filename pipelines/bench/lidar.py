@@ -110,7 +110,7 @@ def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile:
         tiles = calls = 1
         notes: list[str] = []
     else:
-        from pipelines.engine.scene import segment_scene
+        from pipelines.engine.points import segment_scene
 
         t0 = time.perf_counter()
         _, rep = segment_scene(xyz, feats, net, tile_size=tile, overlap=0.25, max_points=150_000, device=dev,
@@ -130,7 +130,7 @@ def worker(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]])
     context, spconv) cost more than the GPU measurements themselves. Peak RSS is counted from
     each job's data read (``_reset_peak``), and peak GPU memory from each job's start.
     """
-    from pipelines.engine.scene import bounded_onednn_cache
+    from pipelines.engine.points import bounded_onednn_cache
 
     torch.set_grad_enabled(False)
     dev = torch.device(device)
@@ -142,7 +142,7 @@ def worker(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]])
 
 def _spawn(backbone: str, device: str, tile: float, jobs: list[tuple[str, str]]):
     """Yield one result per job from a worker process; the jobs it did not reach get an error row."""
-    cmd = [sys.executable, "-m", "pipelines.bench_lidar", backbone, device, str(tile), *[f"{k}:{s}" for k, s in jobs]]
+    cmd = [sys.executable, "-m", "pipelines.bench.lidar", backbone, device, str(tile), *[f"{k}:{s}" for k, s in jobs]]
     # stderr to a file, not a pipe: a worker that logs more than a pipe holds would block
     # while this process waits on its stdout
     with tempfile.TemporaryFile("w+") as errf:

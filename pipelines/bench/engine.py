@@ -94,7 +94,7 @@ def _input(case: Case) -> tuple[torch.Tensor, float | None, torch.Tensor | None]
         g = torch.Generator().manual_seed(case.seed)
         return torch.rand((1, *case.shape), generator=g), None, None
     from medvit.io import LoadVolumed
-    from pipelines.volume import preprocess_case
+    from pipelines.volume.segment import preprocess_case
 
     prep = preprocess_case(_preprocess(case), LoadVolumed(keys="image")({"image": case.input}), case.skip_below_hu)
     return prep.image, prep.skip_below, prep.skip_source
@@ -336,7 +336,7 @@ def run_worker(cmd: list[str], what: str) -> dict:
 
 
 def _spawn(impl: str, case: Case, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pipelines.bench_engine", "--worker", impl, "--case", json.dumps(case.__dict__), "--out", str(out)]
+    cmd = [sys.executable, "-m", "pipelines.bench.engine", "--worker", impl, "--case", json.dumps(case.__dict__), "--out", str(out)]
     return run_worker(cmd, f"{impl} worker")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.report import label_color
+from pipelines.volume.report import label_color
 
 
 def write_bev(xyz: np.ndarray, labels: np.ndarray, path: str | Path, *, names: dict[int, str] | None = None,
