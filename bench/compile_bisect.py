@@ -1,8 +1,8 @@
 """Which part of SwinUNETR does ``torch.compile`` get wrong on the GPU, and which way round it is exact?
 
-On the H100 and the H200, SwinUNETR (SDPA, bf16 autocast) compiled whole was 12 % of its
-largest logit off the unmodified net, where eager bf16 is within about 1 %. On the 2-core CPU
-the compiled net stayed within bf16's own error. Every row here is judged against the fp32 net
+On a GPU, SwinUNETR (SDPA, bf16 autocast) compiled whole leaves bf16 tolerance against the
+unmodified net, where eager bf16 stays within it; on the CPU the compiled net stays within it too
+(``docs/benchmarks.md``). Every row here is judged against the fp32 net
 with the engine bench's rule (``pipelines.bench.engine.within_bf16_tolerance``), in this order:
 
 1. the whole net compiled with the other attention paths (every row is timed per batch, so a
@@ -12,11 +12,11 @@ with the engine bench's rule (``pipelines.bench.engine.within_bf16_tolerance``),
    carries the error is where to look next (``--parts`` takes dotted names, e.g.
    ``swinViT.layers1``, to go deeper);
 3. the whole net with SDPA as ``bench engine --speedups sdpa,compile`` runs it (the deviation
-   itself, known from the two GPU runs), then with the inductor settings that change numerics
+   itself), then with the inductor settings that change numerics
    (``KNOBS``).
 
 The JSON is rewritten after every row, so a run cut short keeps what it measured.
-On the GPU machine (carry ``.whl``; about 8 minutes on an H200):
+On the GPU machine (carry ``.whl``; ``timeout`` keeps it inside one device call):
     source bench/gpu_env.sh && timeout 570 python3 bench/compile_bisect.py --json $OUT/compile_bisect.json
 A dry run here: python3 bench/compile_bisect.py --device cpu --feature-size 12 --batch 2 --parts out --time-limit 120
 """

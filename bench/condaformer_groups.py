@@ -1,11 +1,9 @@
 """ConDaFormer's smallest window group (``MIN_GROUP_SIZE``) against scan latency, on one device.
 
 Plane windows run in size groups, one attention call per group, each padded to its largest
-window. On the 2-core CPU the smallest group of 2 voxels was fastest (nuScenes sweep 0.71 s, 8:
-1.26 s); a huge value puts every window in one group, padded to the largest (SST-style, 8.88 s
-there). On the H200 the grouped sweep took 0.292 s where the H100 had taken 0.126 s with one
-padded group, so on a GPU, where a small scan is bound by kernel launches and host syncs (each
-group costs several), fewer groups may win. This times the bench's ConDaFormer (equal width,
+window; a huge value puts every window in one group, padded to the largest (SST-style). On the
+CPU small groups win; on a GPU, where a small scan is bound by kernel launches and host syncs (each
+group costs several), fewer groups may win (``docs/benchmarks.md``). This times the bench's ConDaFormer (equal width,
 as ``medvit bench lidar``) on the real scans at each value, median of 3 after a warm-up.
 
 On the GPU machine (carry ``.whl`` with ``--spconv`` and ``.gpu_data/mmdet3d/demo/data``):

@@ -6,8 +6,8 @@
 # sw_batch 4, Gaussian weights, 14 classes, overlap 0.5, bf16 autocast; MONAI with its stitched
 # output on the GPU and on the CPU; ours plain, then with model speed-ups (SDPA attention, then
 # torch.compile), each timed on one batch and checked against the unmodified net in fp32: a step
-# counts only when its error is within bf16's own (see pipelines/bench_engine.within_bf16_tolerance).
-# Channels-last is left out: on the H100 it made SwinUNETR slower (81 vs 55 ms a batch).
+# counts only when its error is within bf16's own (see pipelines/bench/engine.py, within_bf16_tolerance).
+# Channels-last is left out: it made SwinUNETR slower on a GPU (docs/benchmarks.md).
 # MEDVIT_GPU_SMALL=1 runs the same steps on a small case on the CPU (a dry run).
 # Per-job time limits: MEDVIT_GPU_SWIN_S, MEDVIT_GPU_UNETR_S, MEDVIT_GPU_COMPILE_S (0 skips a job).
 set -uo pipefail
@@ -27,8 +27,7 @@ run() {  # model, speed-ups, seconds allowed (0: skip this job), json name, wind
 run "$model_swin" sdpa "${MEDVIT_GPU_SWIN_S:-200}" gpu_engine_swin_unetr 4 --batch-sweep "$sweep"
 run "$model_unetr" sdpa "${MEDVIT_GPU_UNETR_S:-120}" gpu_engine_unetr 4 --batch-sweep "$sweep"
 # torch.compile on top, ours only, with our fp32 run as the labels' reference: compiling takes
-# minutes (99 s on the H100 at 4 windows a pass), so it runs apart and last, at one batch size
-# (MEDVIT_GPU_COMPILE_BATCH, default 8: at 4 a pass the compiled net ran 35 ms a batch and the
-# engine reached 1.87x MONAI); the engine fills its last batch, so the net is compiled once
+# minutes, so it runs apart and last, at one batch size (MEDVIT_GPU_COMPILE_BATCH, default 8, the
+# faster per window of 4 and 8 on the GPU); the engine fills its last batch, so the net is compiled once
 run "$model_swin" sdpa,compile "${MEDVIT_GPU_COMPILE_S:-240}" gpu_engine_swin_unetr_compile "$cbatch" \
   --no-peer --fp32-reference

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The next GPU run, prepared to fit one 10-minute device call: what the H200 run of 2026-11-27
-# left open for the issue's last GPU target (SwinUNETR bf16 at 2x MONAI with its output on the
-# GPU; the engine already runs at 1.05x the model's own time, so the rest is the net's):
+# The next GPU run, prepared to fit one 10-minute device call: what the last GPU run left open
+# for the issue's last GPU target (SwinUNETR bf16 at 2x MONAI with its output on the GPU; the
+# engine's time is within a few per cent of the model's own, so the rest is the net's):
 # 1. bench/profile_swin.py: where one batch of 16 spends its time, per part and per op, with
 #    cuDNN's default algorithms and with its algorithm search (cudnn_benchmark);
 # 2. the engine bench with SDPA + cudnn_benchmark against MONAI (output on the GPU), batch swept;
-# 3. ConDaFormer's smallest window group against scan latency (its grouped sweep ran slower on
-#    the H200 than the H100's single padded group);
+# 3. ConDaFormer's smallest window group against scan latency (on a GPU fewer, padded groups
+#    may beat the CPU's best);
 # 4. bench/compile_bisect.py (where compiled SwinUNETR leaves bf16 tolerance) until the time is up.
 # Here, first: bash bench/fetch_gpu_wheels.sh --spconv, and the .gpu_data link (see gpu_lidar.sh);
 # then with carry [".whl", ".gpu_data/mmdet3d/demo/data"]: bash bench/gpu_next.sh 2>&1 | tee $OUT/gpu_next.log

@@ -9,8 +9,8 @@
 
 With ``--seeds``, the whole comparison (phantoms, pretraining, both fine-tunings) repeats per seed
 and the summary gives each start's Dice per seed, their mean and standard deviation, and the
-per-seed difference. Run it alone (heavy: about ten minutes a seed on two cores at the README's
-settings)::
+per-seed difference. Run it alone under the heavy-run lock (it trains three nets a seed); the
+settings of ``docs/benchmarks.md``::
 
     flock /tmp/medvit_heavy.lock python bench/pretrain_finetune.py --out /tmp/pretrain_bench \
         --pretrain-epochs 24 --pretrain-batch 4 --pretrain-crops 2 --finetune-epochs 40 --seeds 0 1 2

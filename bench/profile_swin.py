@@ -1,8 +1,8 @@
 """Where one batch of SwinUNETR spends its time on one device: per top-level part, and per op.
 
-On the H200 the engine runs at 1.05x the model's own time, so the issue's 2x-MONAI target
-(SwinUNETR, bf16, output on the GPU) is now a question about the net: 10.8 ms a window with SDPA
-at 16 a pass, about 27 TFLOP/s, a few per cent of the card's bf16 peak. This prints, for the
+The engine's time is within a few per cent of the model's own, so the issue's 2x-MONAI GPU target
+(SwinUNETR, bf16, output on the GPU) depends on the net alone (``docs/benchmarks.md``). This
+prints, for the
 eager net with the speed-ups given (default SDPA), each top-level part's share (timed with
 device events around its forward), and the ops with the most device time (``torch.profiler``,
 self time, summed over calls). It runs once with cuDNN's default algorithms and once with

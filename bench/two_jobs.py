@@ -5,7 +5,7 @@ LiDAR demo's FlatFormer on two 30k-point crops of a synthetic sweep; ``volume``:
 demo's UNETR on a 48³ patch), forward + backward + AdamW, inside ``AdaptiveThreads`` with a tick
 a step, as ``pipelines.fit`` runs them. A setting is the environment the jobs start with:
 ``medvit`` is the default (threads fitted to the cores other jobs leave), ``spin`` turns that off
-(``MEDVIT_ADAPT_THREADS=0``: torch's threads and libgomp's defaults, as before), and
+(``MEDVIT_ADAPT_THREADS=0``: torch's threads and libgomp's defaults), and
 ``VAR=VALUE;VAR=VALUE`` adds variables to ``spin`` (say ``OMP_WAIT_POLICY=PASSIVE``). A job
 written ``lidar:fixed`` in a pair keeps its threads in every setting (a process that does not
 adapt, such as another program). For each setting the bench runs each job alone, then the pairs at

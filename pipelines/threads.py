@@ -6,7 +6,7 @@ on the same cores, a thread spins while the partner it waits for is descheduled 
 job's threads, and a net of many small ops (the point nets most of all) stalls at every op. Making
 threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) or sooner (``GOMP_SPINCOUNT``) does not help
 on these machines: waking a sleeping thread costs more than the spin it saves, alone and two at
-once (``bench/two_jobs.py`` measured both). What helps is fewer threads than there are busy
+once (``bench/two_jobs.py`` compares them). What helps is fewer threads than there are busy
 cores: :class:`AdaptiveThreads` watches how much of the CPUs this process may use other processes
 keep busy, and lowers torch's intra-op threads to the cores left (at least one), raising them
 again when the others are gone. The training loop and the engine call :meth:`AdaptiveThreads.tick`

@@ -213,7 +213,7 @@ def _candidate_files(path: Path) -> list[Path]:
 
 def no_series_found(where: Path) -> str:
     """Why ``where`` gave no series: the files looked at, and the first one named like DICOM
-    that is not a DICOM image (a garbage ``.dcm`` was skipped as "not DICOM" without a word)."""
+    that is not a DICOM image, so a corrupt ``.dcm`` is named rather than passed over in silence."""
     files = _candidate_files(where)
     named = next((f for f in files if f.suffix.lower() in DICOM_SUFFIXES), None)
     why = f"; {named.name} is named like DICOM but is not a DICOM image" if named is not None else ""

@@ -17,10 +17,8 @@ The nets stay MONAI's; these only change how they run:
 - ``compile``: ``torch.compile`` of the whole net (fixed shapes: the engine always feeds the
   same window size, and the batch only changes for a last, smaller batch).
 
-On the 2-core CPU none of them pays for UNETR (measured: SDPA 1.79 s vs 1.74 s per 96³ window,
-channels-last 1.95 s; compile 1.44 s vs 1.58 s, outputs within 5e-6, but the first call compiles
-for 32 s, more than it saves on a 60-window CT), so nothing turns them on by default: for now only
-``medvit bench engine --speedups`` applies them, to measure each against the plain net.
+None is on by default, since on the CPU none pays for UNETR (``docs/benchmarks.md``): only
+``medvit bench engine --speedups`` applies them, to time each against the plain net.
 """
 
 from __future__ import annotations

@@ -123,8 +123,8 @@ def preprocess_transforms(
         from medvit.transforms.checks import CheckResampleSized
 
         out.append(CheckResampleSized(image_key, cfg.spacing))  # a header in the wrong unit: one line, not an OOM
-        # float32 grids: three times faster than MONAI's float64 default and exact enough for
-        # millimetre geometry (the recorded affines stay float64).
+        # float32 grids: faster than MONAI's float64 default and exact enough for millimetre
+        # geometry (the recorded affines stay float64).
         out.append(Spacingd(keys=keys, pixdim=tuple(cfg.spacing), mode=modes, dtype=torch.float32))
     icfg = cfg.intensity
     if icfg.modality == "ct":

@@ -1,7 +1,7 @@
 """``medvit demo``: the embedded default job, end to end on synthetic phantoms and one real CT.
 
 1. Writes a phantom set (NIfTI, varied spacing and orientation) with a MONAI datalist.
-2. Trains a small UNETR on the CPU (about four minutes on two cores), or with ``--net NAME``
+2. Trains a small UNETR on the CPU (its time: the README's demo table), or with ``--net NAME``
    another registered volume net in the small CPU configuration :data:`DEMO_NETS` holds for it.
 3. Segments the held-out phantoms through the full read → transform → engine → invert →
    write path and scores them against their true labels.

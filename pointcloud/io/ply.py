@@ -168,7 +168,7 @@ def _plain_vertices(path: Path, fmt: str, vertex, start: int | None, table: np.n
 
 def _open3d_vertices(path: Path, expected: int) -> dict[str, np.ndarray]:
     """Vertices with list properties, through open3d (its names: positions, colors, normals, others)."""
-    import open3d as o3d  # heavy (about 0.6 s): imported only for these
+    import open3d as o3d  # heavy: imported only for these
 
     with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
         pcd = o3d.t.io.read_point_cloud(str(path))

@@ -111,9 +111,9 @@ class WindowGroup:
 
 
 MIN_GROUP_SIZE = 2
-"""Windows of up to this many voxels share one group. Measured on the CPU (nuScenes sweep, the
-bench's ConDaFormer): 0.73 / 0.71 / 0.85 / 1.26 s at 1 / 2 / 4 / 8; every further group costs
-a few more kernel launches on a GPU."""
+"""Windows of up to this many voxels share one group: the fastest smallest group on the CPU
+(``bench/condaformer_groups.py``, ``docs/benchmarks.md``); every further group costs a few more
+kernel launches on a GPU."""
 
 
 @dataclass(eq=False)

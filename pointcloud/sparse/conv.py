@@ -10,7 +10,7 @@ For a fixed kernel offset the map from output site to input site
 (``in = out * stride - padding + k * dilation``) is one-to-one, so within one offset no
 output row receives two contributions: the scatter has no collisions and the offsets are
 summed in a fixed order. Results are therefore the same run to run whatever the
-thread count (measured: bit-identical, also between 1 and 2 threads), unlike spconv
+thread count (tested: bit-identical between 1 and 2 threads), unlike spconv
 2.3.8 on CPU (see ``spconv_compat``).
 
 Layouts match spconv, so weights load either way: the weight is
