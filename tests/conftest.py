@@ -1,4 +1,5 @@
-"""Shared test settings: where the real sample data lives, and small helpers."""
+"""Shared test settings and fixtures: where the real sample data lives, a tiny volume checkpoint
+and phantom, one torch thread. Plain helpers live in ``helpers.py``/``helpers_dicom.py``."""
 
 from __future__ import annotations
 
@@ -21,3 +22,43 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"real test data not found at {DATA} (set MEDVIT_TEST_DATA)")
     return DATA
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """An untrained tiny UNETR checkpoint (:data:`tests.helpers.TINY`): enough to test geometry and
+    errors, not labels. A module that needs another checkpoint defines its own ``ckpt``."""
+    from medvit.checkpoint import save_checkpoint
+    from medvit.config import parse_config
+    from medvit.nets import build_net
+    from tests.helpers import TINY
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    cfg = parse_config(TINY)
+    torch.manual_seed(0)
+    return save_checkpoint(build_net(cfg.model), folder / "tiny.safetensors", config=cfg)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    """A CT phantom NIfTI (int16, LPS axes, 7 x 6 x 9 mm voxels)."""
+    import nibabel as nib
+    import numpy as np
+
+    from medvit.data.phantom import make_phantom
+
+    folder = tmp_path_factory.mktemp("ph")
+    p = make_phantom(np.random.default_rng(5), spacing=(7.0, 6.0, 9.0), axcodes="LPS")
+    path = folder / "case.nii.gz"
+    nib.save(nib.Nifti1Image(p.image.astype(np.int16), p.affine), path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    sparse ops on two threads crawl when the other core is busy; one is steady."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,4 +1,6 @@
-"""Small phantom sets and tiny configs shared by the pipeline tests."""
+"""What the tests share: tiny configs and phantom sets, in-process CLI runs with the user-error
+check, a LiDAR training set, and sparse-voxel references. DICOM writers: ``helpers_dicom.py``;
+fixtures: ``conftest.py``. No test file imports another."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from medvit.data.phantom import LABELS, make_phantom
+from pointcloud.structure import SparseVoxels
 
 
 def require_tool(name: str) -> str:
@@ -29,6 +33,14 @@ def require_tool(name: str) -> str:
 
 
 TINY_UNETR = {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}
+
+TINY = {
+    "labels": LABELS,
+    "preprocess": {"orientation": "RAS", "spacing": [8.0, 8.0, 8.0], "intensity": {"modality": "ct", "window": [-1000.0, 600.0]}},
+    "model": {"name": "unetr", "roi_size": [32, 32, 32], "options": TINY_UNETR},
+    "infer": {"overlap": 0.25, "sw_batch_size": 2},
+}
+"""A tiny UNETR's config on 8 mm phantoms: the volume CLI tests' checkpoint (``ckpt`` in conftest)."""
 
 
 def write_tiny_set(folder: Path, *, n_train: int = 4, n_val: int = 1, n_test: int = 1, seed: int = 0) -> Path:
@@ -71,8 +83,6 @@ def blob_batch(n: int, size=(8, 16, 16), seed: int = 0):
     """``n`` noisy volumes ``(n, 1, *size)`` with a bright box (label 1) and a dark box (label 2) at
     random places, and their float label maps (as MONAI's loaders give them): a task any of the nets
     learns in a few steps."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     x = 0.3 * torch.randn(n, 1, *size, generator=g)
     y = torch.zeros(n, 1, *size)
@@ -89,7 +99,6 @@ def fit_losses(net, size, *, lr: float, steps: int, deep_supervision: bool = Fal
     """DiceCE losses of ``steps`` AdamW steps of ``net`` (in training mode) on a
     :func:`blob_batch` of 4 volumes of ``size``; a deep-supervision net's outputs go through
     MONAI's ``DeepSupervisionLoss`` (weights 1, ½, ¼, ...), as ``medvit train`` does."""
-    import torch
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     x, y = blob_batch(4, size=size)
@@ -121,8 +130,6 @@ def train_and_segment(tmp_path: Path, capsys, model: dict) -> dict:
 
     import nibabel as nib
 
-    from tests.test_cli import run_cli
-
     dl = write_tiny_set(tmp_path / "data", n_train=2)
     cfg = tiny_config(tmp_path, dl, epochs=2)
     d = yaml.safe_load(cfg.read_text())
@@ -146,15 +153,12 @@ def train_and_segment(tmp_path: Path, capsys, model: dict) -> dict:
 
 def tiny_checkpoint(folder: Path, modality: str = "ct") -> Path:
     """A freshly initialised (seed 0) tiny UNETR checkpoint ``folder/tiny_MODALITY.safetensors`` with
-    ``tests.test_cli.TINY``'s config, its intensity preprocessing CT or (``"mri"``) MRI."""
+    :data:`TINY`'s config, its intensity preprocessing CT or (``"mri"``) MRI."""
     import copy
-
-    import torch
 
     from medvit.checkpoint import save_checkpoint
     from medvit.config import parse_config
     from medvit.nets import build_net
-    from tests.test_cli import TINY
 
     cfg = copy.deepcopy(TINY)
     if modality == "mri":
@@ -167,8 +171,6 @@ def tiny_checkpoint(folder: Path, modality: str = "ct") -> Path:
 def assert_checkpoint_round_trip(cfg, cls: type, shape: tuple[int, ...], folder: Path) -> None:
     """``cfg``'s net (seed 0, eval) saved and loaded back is a ``cls`` in eval mode giving equal
     outputs on a fixed input of ``shape``; a net of another seed gives different ones."""
-    import torch
-
     from medvit.checkpoint import load_checkpoint, save_checkpoint
     from medvit.nets import build_net
 
@@ -181,3 +183,90 @@ def assert_checkpoint_round_trip(cfg, cls: type, shape: tuple[int, ...], folder:
         assert torch.equal(loaded.net(x), net(x))
         torch.manual_seed(1)
         assert not torch.equal(build_net(cfg.model).eval()(x), net(x))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``medvit ARGS`` in this process: (exit status, stdout, stderr)."""
+    from pipelines.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(args, capsys, *needles, out_dir: Path | None = None):
+    """``medvit ARGS`` fails as a user error: exit 2, one line on stderr holding every needle, no
+    traceback, and nothing in ``out_dir``. Returns that line."""
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+    if out_dir is not None:
+        assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+    return err
+
+
+TINY_LIDAR = {
+    "labels": {0: "ground", 1: "building", 2: "car", 3: "pole", 4: "vegetation"},
+    "features": {"intensity": 1.0},
+    "voxel_size": 0.4,
+    "model": {"name": "sparse_unet", "options": {"channels": [8, 16, 16], "point_mlp": 8}},
+    "infer": {"tile_size": 30.0, "overlap": 0.25, "max_points": 8000},
+}
+"""A tiny sparse U-Net's LiDAR config: the LiDAR CLI tests' checkpoint."""
+
+
+def lidar_train_set(folder: Path, n_scans: int = 2) -> Path:
+    """``n_scans`` synthetic KITTI scans (seeded) for training plus one for validation, cropped to
+    40 m, and their datalist ``folder/dl.json``; returns the datalist."""
+    from pipelines.lidar.demo import write_kitti
+    from pointcloud.data.synthetic import make_scene
+
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(n_scans + 1):
+        c = make_scene(rng)
+        keep = np.all(np.abs(c.xyz[:, :2]) < 20, 1)
+        write_kitti(c.xyz[keep], c.feature("intensity")[keep], c.labels[keep], folder / f"s{i}")
+        items.append({"image": f"s{i}.bin", "label": f"s{i}.label"})
+    dl = folder / "dl.json"
+    dl.write_text(json.dumps({"training": items[:-1], "validation": items[-1:]}))
+    return dl
+
+
+def random_sites(n: int, side: int, batch: int = 2, seed: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` unique random ``(batch, z, y, x)`` int64 sites per grid of ``side^3``, rows shuffled
+    (no reliance on sorted input); drawn from ``generator`` when given, else from ``seed``."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        lin = torch.randperm(side**3, generator=g)[:n]
+        rows.append(torch.stack([torch.full_like(lin, b), lin // side**2, (lin // side) % side, lin % side], 1))
+    idx = torch.cat(rows)
+    return idx[torch.randperm(len(idx), generator=g)]
+
+
+def random_voxels(n: int, side: int, channels: int, batch: int = 2, seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> SparseVoxels:
+    """:func:`random_sites` with random features ``(M, channels)`` of ``dtype``, one generator."""
+    g = torch.Generator().manual_seed(seed)
+    idx = random_sites(n, side, batch, generator=g)
+    feats = torch.randn(len(idx), channels, generator=g, dtype=dtype)
+    return SparseVoxels(feats, idx, (side,) * 3, batch)
+
+
+def at_sites(dense: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``(B, C, D, H, W)`` -> ``(M, C)`` at ``(batch, z, y, x)`` sites."""
+    i = indices.long()
+    return dense[i[:, 0], :, i[:, 1], i[:, 2], i[:, 3]]
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Ours/spconv ``(C_out, kz, ky, kx, C_in)`` -> conv3d ``(C_out, C_in, kz, ky, kx)``."""
+    return weight.permute(0, 4, 1, 2, 3)

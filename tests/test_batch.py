@@ -24,8 +24,8 @@ from medvit.data.phantom import LABELS, make_phantom
 from medvit.errors import InputError
 from medvit.nets import build_net
 from pipelines.volume.cohort import hashed_id, list_cases
-from tests.test_cli import TINY, run_cli
-from tests.test_no_phi import CANARIES, find_canaries, write_canary_series
+from tests.helpers import TINY, run_cli
+from tests.helpers_dicom import CANARIES, find_canaries, write_canary_series
 
 REPO = Path(__file__).resolve().parents[1]
 

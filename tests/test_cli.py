@@ -14,56 +14,9 @@ import yaml
 
 from medvit.checkpoint import save_checkpoint
 from medvit.config import parse_config
-from medvit.data.phantom import LABELS, make_phantom
+from medvit.data.phantom import LABELS
 from medvit.nets import build_net
-from pipelines.cli import main
-from tests.helpers import TINY_UNETR
-
-TINY = {
-    "labels": LABELS,
-    "preprocess": {"orientation": "RAS", "spacing": [8.0, 8.0, 8.0], "intensity": {"modality": "ct", "window": [-1000.0, 600.0]}},
-    "model": {"name": "unetr", "roi_size": [32, 32, 32], "options": TINY_UNETR},
-    "infer": {"overlap": 0.25, "sw_batch_size": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """An untrained tiny UNETR checkpoint: enough to test geometry and errors, not labels."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    cfg = parse_config(TINY)
-    torch.manual_seed(0)
-    return save_checkpoint(build_net(cfg.model), folder / "tiny.safetensors", config=cfg)
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ph")
-    p = make_phantom(np.random.default_rng(5), spacing=(7.0, 6.0, 9.0), axcodes="LPS")
-    path = folder / "case.nii.gz"
-    nib.save(nib.Nifti1Image(p.image.astype(np.int16), p.affine), path)
-    return path
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(args, capsys, *needles, out_dir: Path | None = None):
-    code, out, err = run_cli(args, capsys)
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and err.count("\n") == 1, err
-    for n in needles:
-        assert n in err, (n, err)
-    if out_dir is not None:
-        assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
-    return err
+from tests.helpers import TINY, assert_user_error, run_cli
 
 
 def test_segment_writes_labels_in_input_geometry(ckpt, phantom, tmp_path, capsys):

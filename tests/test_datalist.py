@@ -120,7 +120,7 @@ def _brats(tmp_path: Path, n: int = 3) -> Path:
 
 
 def test_datalist_never_overwrites_its_manifest_or_a_dataset_file(tmp_path, capsys):
-    from tests.test_cli import assert_user_error
+    from tests.helpers import assert_user_error
 
     root = _brats(tmp_path / "data")
     manifest = tmp_path / "man.json"
@@ -157,7 +157,7 @@ def test_fold_out_of_range_or_on_a_fixed_split_is_refused(tmp_path):
 
 
 def test_an_empty_split_is_warned_about(tmp_path, capsys, caplog):
-    from tests.test_cli import run_cli
+    from tests.helpers import run_cli
 
     root = _brats(tmp_path / "data", n=3)  # five folds of three cases: folds 3 and 4 validate nothing
     with caplog.at_level("WARNING"):

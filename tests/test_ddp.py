@@ -232,10 +232,10 @@ def test_train_under_torchrun_writes_once_and_resumes(tmp_path):
 
 
 def test_lidar_train_under_torchrun(tmp_path):
-    from tests.test_lidar_cli import TINY, _train_set
+    from tests.helpers import TINY_LIDAR, lidar_train_set
 
-    dl = _train_set(tmp_path)
-    cfg = {**TINY, "augment": {"crop_points": 2000, "crop_size": 20.0},
+    dl = lidar_train_set(tmp_path)
+    cfg = {**TINY_LIDAR, "augment": {"crop_points": 2000, "crop_size": 20.0},
            "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 1, "lr": 3e-3}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -247,7 +247,7 @@ def test_lidar_train_under_torchrun(tmp_path):
 
 
 def test_pretrain_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
-    from tests.test_cli import assert_user_error
+    from tests.helpers import assert_user_error
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

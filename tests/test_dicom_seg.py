@@ -20,9 +20,8 @@ from nibabel.orientations import apply_orientation, io_orientation, ornt_transfo
 from medvit.io import LoadVolumed, read_image, read_label
 from medvit.io.dicom_seg import SERIES_DESCRIPTION, read_dicom_seg, source_series, write_dicom_seg
 from medvit.io.segment_codes import LEFT, RIGHT, TISSUE, _TABLE, normalize, segment_code, segment_codes
-from tests.helpers import require_tool
-from tests.test_cli import TINY, assert_user_error, run_cli
-from tests.test_segment_provenance import write_series
+from tests.helpers import TINY, assert_user_error, require_tool, run_cli
+from tests.helpers_dicom import write_body_series
 
 TS_LABELS = {1: "spleen", 2: "kidney_right", 5: "liver", 69: "humerus_left", 70: "humerus_right",
              86: "autochthon_left", 87: "autochthon_right"}
@@ -266,7 +265,7 @@ def test_datalist_entries_take_a_seg_label(data_dir):
 
 def test_a_seg_of_another_series_names_both_uids(data_dir, tmp_path):
     d = data_dir / "dcmqi" / "segmentations"
-    uid = write_series(tmp_path / "other", n=3)
+    uid = write_body_series(tmp_path / "other", n=3)
     with pytest.raises(Exception) as e:
         read_label(d / "liver.dcm", source=tmp_path / "other")
     assert type(e.value).__name__ == "InputError"
@@ -360,7 +359,7 @@ def test_segment_dicom_seg_refuses_a_series_with_a_gap(data_dir, labelling_ckpt,
 
 
 def test_a_tilted_series_kept_on_its_slices_round_trips(tmp_path):
-    from tests.test_tilt import write_tilted
+    from tests.helpers_dicom import write_tilted
 
     affine = write_tilted(tmp_path / "tilted")
     image = read_image(tmp_path / "tilted")  # tilt="keep": the slices' own sheared grid
@@ -377,7 +376,7 @@ def test_a_tilted_series_kept_on_its_slices_round_trips(tmp_path):
 
 
 def test_segment_dicom_seg_refuses_a_tilted_series_without_tilt_keep(labelling_ckpt, tmp_path, capsys):
-    from tests.test_tilt import write_tilted
+    from tests.helpers_dicom import write_tilted
 
     write_tilted(tmp_path / "tilted")
     assert_user_error(["segment", str(tmp_path / "tilted"), "-o", str(tmp_path / "o"), "--checkpoint",

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medvit.errors import InputError
 from medvit.io import list_dicom_series, read_image, read_label
+from tests.helpers_dicom import write_slice
 
 DATA = Path(os.environ.get("MEDVIT_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -28,43 +27,6 @@ def data() -> Path:
 
 def ras(ipp) -> np.ndarray:
     return (LPS_TO_RAS[:3, :3] @ np.asarray(ipp, dtype=np.float64))
-
-
-def write_slice(path: Path, *, series_uid: str, ipp, instance: int, pixels: np.ndarray, iop=(1, 0, 0, 0, 1, 0),
-                spacing=(0.7, 0.5), description: str = "", thickness: float | None = 2.0, slope: float = 1.0,
-                intercept: float = 0.0, modality: str = "CT", number: int | None = None) -> Path:
-    """A minimal uncompressed CT (or, ``modality="MR"``, MR) slice; ``pixels`` is (Rows, Columns)
-    int16; ``number`` is its SeriesNumber (none when None)."""
-    sop = CTImageStorage if modality == "CT" else MRImageStorage
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesDescription = description
-    if number is not None:
-        ds.SeriesNumber = number
-    ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [float(v) for v in ipp]
-    ds.ImageOrientationPatient = [float(v) for v in iop]
-    ds.PixelSpacing = [float(v) for v in spacing]
-    if thickness is not None:
-        ds.SliceThickness = thickness
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype("<i2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def write_series(folder: Path, uid: str, positions, *, rows=4, cols=5, seed=0, **kw) -> list[np.ndarray]:

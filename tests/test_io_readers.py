@@ -212,6 +212,25 @@ def test_missing_and_unknown(tmp_path):
         read_image(tmp_path / "scan.png")
 
 
+def test_the_formats_table_names_every_accepted_suffix_and_output_stem(tmp_path):
+    from medvit.io.formats import FORMATS, strip_suffix
+    from medvit.io.reader import source_format
+
+    for fmt in FORMATS:
+        for suffix in fmt.suffixes:
+            for name in (f"case{suffix}", f"CASE{suffix.upper()}"):
+                (tmp_path / name).write_bytes(b"")
+                assert source_format(tmp_path / name) == fmt.key, name
+                assert strip_suffix(name) in ("case", "CASE")
+    assert strip_suffix("notes.txt") == "notes.txt" and strip_suffix("scan.gz") == "scan.gz"
+    (tmp_path / "scan.png").write_bytes(b"")
+    with pytest.raises(InputError) as err:
+        source_format(tmp_path / "scan.png")
+    for fmt in FORMATS:
+        assert f"{fmt.title} (" in str(err.value)
+        assert all(s in str(err.value) for s in fmt.suffixes if fmt.key != "dicom")
+
+
 def test_series_on_non_dicom_is_refused(data):
     with pytest.raises(InputError, match="input is not DICOM"):
         read_image(data / "monai" / "anatomical.nii", series="1.2.3")

@@ -12,28 +12,13 @@ import yaml
 from pipelines.lidar.demo import write_kitti
 from pointcloud.checkpoint import build_from_config, load_point_checkpoint, save_point_checkpoint
 from pointcloud.config import parse_lidar_config
-from tests.test_cli import assert_user_error, run_cli
+from tests.helpers import TINY_LIDAR, assert_user_error, lidar_train_set, run_cli
 
-TINY = {
-    "labels": {0: "ground", 1: "building", 2: "car", 3: "pole", 4: "vegetation"},
-    "features": {"intensity": 1.0},
-    "voxel_size": 0.4,
-    "model": {"name": "sparse_unet", "options": {"channels": [8, 16, 16], "point_mlp": 8}},
-    "infer": {"tile_size": 30.0, "overlap": 0.25, "max_points": 8000},
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # sparse ops on two threads crawl when the other core is busy; one is steady
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ckpt(folder: Path, **patch) -> Path:
-    cfg = parse_lidar_config({**TINY, **patch})
+    cfg = parse_lidar_config({**TINY_LIDAR, **patch})
     torch.manual_seed(0)
     return save_point_checkpoint(build_from_config(cfg), folder / "tiny.safetensors", config=cfg)
 
@@ -325,7 +310,7 @@ def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
     mapped to it (learning_map_inv), and unsegmented points as infer.unlabelled (0, 'unlabeled')."""
     raw = {10: 0, 252: 0, 40: 1, 60: 1, 50: 2, 80: 3, 70: 4}
     ckpt = make_ckpt(tmp_path, label_map=raw, point_range=[-10, -10, -5, 10, 10, 5],
-                     infer={**TINY["infer"], "unlabelled": 0})
+                     infer={**TINY_LIDAR["infer"], "unlabelled": 0})
     xyz, _, got = _segment_uniform(tmp_path, ckpt, 800, 15.0, 5, capsys)
     got = got & 0xFFFF
     outside = np.any(np.abs(xyz) > [10, 10, 5], 1)
@@ -335,7 +320,7 @@ def test_a_label_map_checkpoint_writes_raw_ids(tmp_path, capsys):
 
 def test_las_output_of_ids_past_255_is_refused_before_the_net_runs(tmp_path, capsys):
     """Without las_classes, train ids go to LAS as id + 64: 193 classes would need class 256."""
-    ck = make_ckpt(tmp_path, labels={i: f"c{i}" for i in range(193)}, infer={**TINY["infer"], "unlabelled": 300})
+    ck = make_ckpt(tmp_path, labels={i: f"c{i}" for i in range(193)}, infer={**TINY_LIDAR["infer"], "unlabelled": 300})
     rng = np.random.default_rng(7)
     write_kitti(rng.uniform(-20, 20, (500, 3)), rng.uniform(0, 1, 500), None, tmp_path / "scan")
     out = tmp_path / "o"
@@ -363,24 +348,9 @@ def test_las_without_the_feature_the_net_needs(tmp_path, data_dir, capsys):
                       capsys, "simple.las", "nir", out_dir=out)
 
 
-def _train_set(folder: Path, n_scans: int = 2) -> Path:
-    from pointcloud.data.synthetic import make_scene
-
-    rng = np.random.default_rng(3)
-    items = []
-    for i in range(n_scans + 1):
-        c = make_scene(rng)
-        keep = np.all(np.abs(c.xyz[:, :2]) < 20, 1)
-        write_kitti(c.xyz[keep], c.feature("intensity")[keep], c.labels[keep], folder / f"s{i}")
-        items.append({"image": f"s{i}.bin", "label": f"s{i}.label"})
-    dl = folder / "dl.json"
-    dl.write_text(json.dumps({"training": items[:-1], "validation": items[-1:]}))
-    return dl
-
-
 def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
-    dl = _train_set(tmp_path)
-    cfg = {**TINY, "augment": {"crop_points": 3000, "crop_size": 20.0},
+    dl = lidar_train_set(tmp_path)
+    cfg = {**TINY_LIDAR, "augment": {"crop_points": 3000, "crop_size": 20.0},
            "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 2, "batch_size": 2, "lr": 3e-3}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -388,7 +358,7 @@ def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
     assert code == 0, err
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2] and all(0 <= r["val_miou"] <= 1 for r in lines)
-    assert set(lines[0]["val_iou"]) == set(TINY["labels"].values())
+    assert set(lines[0]["val_iou"]) == set(TINY_LIDAR["labels"].values())
     assert (tmp_path / "run" / "best.safetensors").is_file() and load_point_checkpoint(tmp_path / "run" / "last.safetensors")
     code, out, err = run_cli(["lidar", "train", str(p), "--resume", "--no-progress"], capsys)  # nothing left to do
     assert code == 0 and "trained 2 epochs" in out
@@ -396,8 +366,8 @@ def test_lidar_train_writes_checkpoints_and_miou(tmp_path, capsys):
 
 
 def test_lidar_resume_into_a_missing_folder_creates_nothing(tmp_path, capsys):
-    dl = _train_set(tmp_path, n_scans=1)
-    cfg = {**TINY, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "runs" / "a"), "epochs": 1}}
+    dl = lidar_train_set(tmp_path, n_scans=1)
+    cfg = {**TINY_LIDAR, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "runs" / "a"), "epochs": 1}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     assert_user_error(["lidar", "train", str(p), "--resume", "--no-progress"], capsys, "last_state.pt",
@@ -409,8 +379,8 @@ def test_lidar_resume_into_a_missing_folder_creates_nothing(tmp_path, capsys):
 
 
 def test_diverging_lidar_training_says_so(tmp_path, capsys):
-    dl = _train_set(tmp_path, n_scans=1)
-    cfg = {**TINY, "augment": {"crop_points": 3000, "crop_size": 20.0},
+    dl = lidar_train_set(tmp_path, n_scans=1)
+    cfg = {**TINY_LIDAR, "augment": {"crop_points": 3000, "crop_size": 20.0},
            "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 2, "lr": 1e6}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -418,18 +388,18 @@ def test_diverging_lidar_training_says_so(tmp_path, capsys):
 
 
 def test_label_length_mismatch_in_training_data(tmp_path, capsys):
-    dl = _train_set(tmp_path, n_scans=1)
+    dl = lidar_train_set(tmp_path, n_scans=1)
     lab = np.fromfile(tmp_path / "s0.label", dtype=np.uint32)
     lab[:-3].tofile(tmp_path / "s0.label")
-    cfg = {**TINY, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1}}
+    cfg = {**TINY_LIDAR, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     assert_user_error(["lidar", "train", str(p)], capsys, "s0.label", out_dir=tmp_path / "run")
 
 
 def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsys):
-    dl = _train_set(tmp_path, n_scans=1)
-    cfg = {**TINY, "label_map": {90 + i: i for i in range(5)}, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"),
+    dl = lidar_train_set(tmp_path, n_scans=1)
+    cfg = {**TINY_LIDAR, "label_map": {90 + i: i for i in range(5)}, "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"),
                                                                          "epochs": 1}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -445,8 +415,8 @@ def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsy
 
 @pytest.mark.parametrize("patch, needle", [({"labels": {0: "a", 2: "b"}}, "labels"), ({"voxel_size": -1}, "voxel_size"),
                                            ({"model": {"name": "nope"}}, "unknown point-cloud net"),
-                                           ({"infer": {**TINY["infer"], "unlabelled": 70000}}, "unlabelled"),
-                                           ({"infer": {**TINY["infer"], "unlabelled": 3}}, "unlabelled 3 is the train id of 'pole'"),
+                                           ({"infer": {**TINY_LIDAR["infer"], "unlabelled": 70000}}, "unlabelled"),
+                                           ({"infer": {**TINY_LIDAR["infer"], "unlabelled": 3}}, "unlabelled 3 is the train id of 'pole'"),
                                            ({"label_map": {10: 0, 11: 1, 12: 2, 13: 3, 255: 4}},
                                             "unlabelled 255 is a raw id in label_map (255 -> vegetation)"),
                                            ({"label_map": {10: 0, 11: 1}}, "maps no raw id to train ids [2, 3, 4]"),
@@ -470,7 +440,7 @@ def test_training_data_with_no_usable_label_or_a_stray_far_point(tmp_path, capsy
                                             "car class 40, reserved by ASPRS")])
 def test_bad_lidar_configs(patch, needle, tmp_path, capsys):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({**TINY, **patch, "train": {"datalist": "x.json"}}))
+    p.write_text(yaml.safe_dump({**TINY_LIDAR, **patch, "train": {"datalist": "x.json"}}))
     assert_user_error(["lidar", "train", str(p)], capsys, needle)
 
 
@@ -491,7 +461,7 @@ def test_label_ids_past_the_class_count_are_reported(tmp_path, caplog):
     rng = np.random.default_rng(6)
     labels = np.r_[np.zeros(300, np.uint32), np.full(100, 7, np.uint32)]
     write_kitti(rng.uniform(-10, 10, (400, 3)), rng.uniform(0, 1, 400), labels, tmp_path / "s")
-    cfg = parse_lidar_config(TINY)
+    cfg = parse_lidar_config(TINY_LIDAR)
     with caplog.at_level("WARNING"):
         scan = load_training_scan({"image": str(tmp_path / "s.bin"), "label": str(tmp_path / "s.label")}, cfg, -100)
     assert (scan.labels == -100).sum() == 100

@@ -12,8 +12,9 @@ from pipelines.lidar.demo import write_kitti
 from pointcloud.checkpoint import build_from_config, save_point_checkpoint
 from pointcloud.config import parse_lidar_config
 from pointcloud.ranges import training_stats
-from tests.test_cli import assert_user_error, run_cli
-from tests.test_lidar_cli import TINY, one_thread  # noqa: F401  (an autouse fixture)
+from tests.helpers import TINY_LIDAR, assert_user_error, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a sensor-frame training set: heights -2..12 m, KITTI intensity 0..0.86
 TRAIN_Z, TRAIN_I = (-2.0, 12.0), (0.0, 0.86)
@@ -27,7 +28,7 @@ def tiny_stats(features=("intensity",)) -> dict:
 
 
 def make_ckpt(folder: Path, stats: dict | None, **patch) -> Path:
-    cfg = parse_lidar_config({**TINY, **patch})
+    cfg = parse_lidar_config({**TINY_LIDAR, **patch})
     torch.manual_seed(0)
     return save_point_checkpoint(build_from_config(cfg), folder / "tiny.safetensors", config=cfg, stats=stats)
 
@@ -51,10 +52,10 @@ def survey_las(path: Path, n: int = 3000, seed: int = 0) -> Path:
 
 def test_training_records_ranges_and_units(tmp_path, capsys):
     """lidar train writes the training scans' z and intensity percentiles and the intensity's unit."""
-    from tests.test_lidar_cli import _train_set
+    from tests.helpers import lidar_train_set
 
-    dl = _train_set(tmp_path, n_scans=1)
-    cfg = {**TINY, "augment": {"crop_points": 2000, "crop_size": 20.0},
+    dl = lidar_train_set(tmp_path, n_scans=1)
+    cfg = {**TINY_LIDAR, "augment": {"crop_points": 2000, "crop_size": 20.0},
            "train": {"datalist": str(dl), "output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 2}}
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(["lidar", "train", str(tmp_path / "c.json"), "--no-progress"], capsys)

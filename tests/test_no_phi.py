@@ -11,8 +11,6 @@ values take when printed (PN components, dates with and without dashes, times wi
 from __future__ import annotations
 
 import copy
-import gzip
-import io
 import json
 import logging
 import warnings
@@ -24,35 +22,9 @@ import pydicom
 import pytest
 import torch
 import yaml
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
 
-from tests.helpers import tiny_checkpoint
-from tests.test_cli import TINY, run_cli
-
-CANARIES = {
-    "PatientName": "Qzpatfamily^Qzpatgiven",
-    "PatientID": "QZPID4417",
-    "OtherPatientIDs": "QZOTHERPID5531",
-    "PatientBirthDate": "18770923",
-    "AccessionNumber": "QZACC8812",
-    "InstitutionName": "Qzinstitution Canary",
-    "ReferringPhysicianName": "Qzreffamily^Qzrefgiven",
-    "StudyDate": "18770924",
-    "SeriesDate": "18770925",
-    "AcquisitionDate": "18770926",
-    "ContentDate": "18770927",
-    "StudyTime": "013701.271801",
-    "SeriesTime": "013702.271802",
-    "AcquisitionTime": "013703.271803",
-    "ContentTime": "013704.271804",
-}
-"""Every attribute the issue names, set on every slice of the copy (added where a file lacks it)."""
-IF_PRESENT = {"InstanceCreationDate": "18770928", "InstanceCreationTime": "013705.271805",
-              "AcquisitionDateTime": "18770929013706.271806"}
-"""Further dates and times, replaced where the source has them."""
-OTHER_IDS_SEQUENCE_ID = "QZOTHERPIDSEQ6620"
+from tests.helpers import TINY, run_cli, tiny_checkpoint
+from tests.helpers_dicom import CANARIES, OTHER_IDS_SEQUENCE_ID, find_canaries, write_canary_series
 
 SEGMENT_OPTION_SETS: list[list[str]] = [
     ["--stats", "--preview"],
@@ -70,56 +42,6 @@ BLANK_UIDS = {"totalsegmentator"}
 DICOM SEG derives UIDs for them, the RTSTRUCT writer refuses them."""
 
 
-def canary_forms() -> dict[str, list[str]]:
-    """Attribute -> the strings any printed form of its canary contains: each PN component (so
-    "Family^Given", "Given Family" and "Family, Given" are all caught), a DA with and without
-    dashes, a TM to milliseconds and with colons, a DT as both."""
-    def date(v: str) -> list[str]:
-        return [v, f"{v[:4]}-{v[4:6]}-{v[6:]}"]
-
-    def time(v: str) -> list[str]:
-        return [v[:10], f"{v[:2]}:{v[2:4]}:{v[4:6]}"]
-
-    forms: dict[str, list[str]] = {}
-    for key, value in {**CANARIES, **IF_PRESENT, "OtherPatientIDsSequence": OTHER_IDS_SEQUENCE_ID}.items():
-        if "^" in value:
-            forms[key] = value.split("^")
-        elif key.endswith("DateTime"):
-            forms[key] = date(value[:8]) + time(value[8:])
-        elif key.endswith("Date"):
-            forms[key] = date(value)
-        elif key.endswith("Time"):
-            forms[key] = time(value)
-        else:
-            forms[key] = [value]
-    return forms
-
-
-def write_canary_series(src: Path, dst: Path, *, new_series: bool = False, blank_uid: bool = False) -> str:
-    """Copy the DICOM files of ``src`` to ``dst`` with the canaries set; ``new_series`` gives the copy
-    its own SeriesInstanceUID, SeriesNumber and SOPInstanceUIDs, ``blank_uid`` a blank
-    SeriesInstanceUID (as some anonymisers leave it). Returns the SeriesInstanceUID."""
-    dst.mkdir(parents=True)
-    uid = "" if blank_uid else generate_uid() if new_series else None
-    for f in sorted(p for p in src.iterdir() if p.is_file()):
-        ds = pydicom.dcmread(f)
-        for key, value in CANARIES.items():
-            setattr(ds, key, value)
-        for key, value in IF_PRESENT.items():
-            if key in ds:
-                setattr(ds, key, value)
-        other = Dataset()
-        other.PatientID = OTHER_IDS_SEQUENCE_ID
-        other.TypeOfPatientID = "TEXT"
-        ds.OtherPatientIDsSequence = Sequence([other])
-        if new_series or blank_uid:
-            ds.SeriesInstanceUID = uid
-            ds.SeriesNumber = int(ds.get("SeriesNumber") or 1) + 100
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(dst / f.name)
-    return str(ds.SeriesInstanceUID)
-
-
 def _widen_last_step(folder: Path, mm: float) -> None:
     """Move the slice farthest along the normal ``mm`` further: a slice gap."""
     files = {f: pydicom.dcmread(f) for f in folder.iterdir()}
@@ -133,51 +55,6 @@ def _cut_after(path: Path, value: str) -> None:
     """Truncate a DICOM file a few bytes after ``value`` (inside the next element): a copy cut short."""
     raw = path.read_bytes()
     path.write_bytes(raw[: raw.index(value.encode()) + len(value) + 3])
-
-
-def _views(path: Path) -> list[tuple[str, bytes]]:
-    """The bytes of a file to search: as stored, gunzipped, each zip member, and PNG text chunks
-    (compressed zTXt/iTXt ones too, as Pillow decodes them)."""
-    raw = path.read_bytes()
-    views = [("", raw)]
-    if raw[:2] == b"\x1f\x8b":
-        views.append((" (gunzipped)", gzip.decompress(raw)))
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            views += [(f" (member {n})", z.read(n)) for n in z.namelist()]
-    if raw[:8] == b"\x89PNG\r\n\x1a\n":
-        from PIL import Image
-
-        with Image.open(io.BytesIO(raw)) as im:
-            views.append((" (PNG metadata)", repr({**im.info, **getattr(im, "text", {})}).encode()))
-    return views
-
-
-def is_dicom_object(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
-
-
-def find_canaries(texts: dict[str, str], roots: list[Path]) -> list[str]:
-    """Where a canary occurs (case-insensitively): in ``texts`` (what -> captured text), or in a
-    file or folder name under ``roots``, or in a file's contents (DICOM objects excepted)."""
-    forms = {k: [f.lower() for f in v] for k, v in canary_forms().items()}
-    hits = []
-
-    def search(where: str, data: bytes) -> None:
-        low = data.lower()
-        hits.extend(f"{key} ({form!r}) in {where}" for key, fs in forms.items() for form in fs
-                    if form.encode() in low)
-
-    for what, text in texts.items():
-        search(what, text.encode("utf-8", "replace"))
-    for root in roots:
-        for p in sorted(root.rglob("*")):
-            search(f"the name {p}", p.name.encode())
-            if p.is_file() and not is_dicom_object(p):
-                for how, data in _views(p):
-                    search(f"{p}{how}", data)
-    return hits
 
 
 def test_find_canaries_catches_every_place_a_leak_can_hide(tmp_path):

@@ -340,3 +340,18 @@ def test_a_transposed_npy_is_warned_about_and_missing_fields_listed_short(tmp_pa
     assert len(cloud) == 4 and "reads as 4 points of 2000 columns" in caplog.text
     with pytest.raises(InputError, match=r"no field intensity .*\(it has f0, f1, .*f9, \.\.\. \(1997 in all\)\)"):
         read_points(tmp_path / "t.npy", fields=["intensity"])
+
+
+def test_the_scan_formats_table_names_every_suffix_longest_first(tmp_path):
+    from pointcloud.io.readers import FORMATS, SUPPORTED, detect_format, scan_stem
+
+    for fmt in FORMATS:
+        for suffix in fmt.suffixes:
+            assert detect_format(tmp_path / f"SCAN{suffix.upper()}") == fmt.key
+            assert scan_stem(f"a.b{suffix}") == "a.b"
+        assert fmt.described in SUPPORTED
+    assert detect_format("x.pcd.bin") == "nuscenes" and scan_stem("x.pcd.bin") == "x"
+    assert scan_stem("notes.txt") == "notes.txt"
+    (tmp_path / "a.bin").write_bytes(bytes(16))
+    with pytest.raises(ValueError, match="format must be one of kitti, nuscenes, pcd, ply, las, laz, npy"):
+        read_points(tmp_path / "a.bin", format="xyz")

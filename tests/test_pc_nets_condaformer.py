@@ -22,6 +22,7 @@ from pointcloud.nets.condaformer import (
 )
 from pointcloud.sparse import DepthwiseSubMConv3d
 from pointcloud.structure import Point, SparseVoxels
+from tests.helpers import random_sites
 
 TINY = dict(channels=(8, 24, 48), depths=(0, 2, 1), head_dim=8, window_size=4, mlp_ratio=2.0, point_mlp=8)
 THIN = {"xy": 2, "xz": 1, "yz": 0}
@@ -44,17 +45,6 @@ def scene(n: int = 2400, seed: int = 0) -> tuple[Point, torch.Tensor]:
     feats = torch.cat([pts, torch.rand(n, 1, generator=g)], 1)
     half = n // 2
     return Point.from_clouds([pts[:half], pts[half:]], [feats[:half], feats[half:]]), pts
-
-
-def random_sites(n: int, side: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """``n`` unique random ``(batch, z, y, x)`` sites per grid of ``side^3``, rows shuffled."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch):
-        lin = torch.randperm(side**3, generator=g)[:n]
-        rows.append(torch.stack([torch.full_like(lin, b), lin // side**2, (lin // side) % side, lin % side], 1))
-    idx = torch.cat(rows)
-    return idx[torch.randperm(len(idx), generator=g)].int()
 
 
 def test_output_shape_and_input_order():
@@ -164,7 +154,7 @@ def naive_dawin(q, k, v, indices, attn: DisassembledWindowAttention, shift: bool
 @pytest.mark.parametrize("window_size,thickness", [(3, 1), (4, 2)])
 def test_attention_matches_naive_reference(shift, window_size, thickness):
     torch.manual_seed(3)
-    indices = random_sites(70, 7, batch=2, seed=4)
+    indices = random_sites(70, 7, batch=2, seed=4).int()
     heads, d = 6, 4
     attn = DisassembledWindowAttention(heads, d, window_size, thickness).double()
     with torch.no_grad():  # tables large enough that a wrong lookup shows
@@ -187,7 +177,7 @@ def test_attention_matches_naive_reference(shift, window_size, thickness):
 
 
 def test_plane_windows_are_planes():
-    indices = random_sites(200, 9, batch=2, seed=5)
+    indices = random_sites(200, 9, batch=2, seed=5).int()
     xyz = indices[:, [3, 2, 1]].long()
     for w in disassembled_windows(indices, 4, 1, shift=True):
         filled = torch.cat([g.index[g.valid] for g in w.groups])
@@ -259,7 +249,7 @@ def test_lse_is_truly_depthwise():
     assert len(dws) == 2 * sum(TINY["depths"])  # one before, one after each attention
     assert all(sum(p.numel() for p in m.parameters()) == 27 * m.channels for m in dws)
     # each output channel sees only its own input channel: O(K^3 N C) work
-    indices = random_sites(150, 6, batch=1, seed=6)
+    indices = random_sites(150, 6, batch=1, seed=6).int()
     x = SparseVoxels(torch.randn(len(indices), c), indices, (6, 6, 6), 1)
     base = lse.dwconv(x).features
     bumped = x.features.clone()

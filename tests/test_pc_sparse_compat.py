@@ -27,7 +27,7 @@ from pointcloud.sparse.spconv_compat import (
     subm_conv,
     use_backend,
 )
-from tests.test_pc_sparse_conv import at_sites, dense_weight, random_voxels
+from tests.helpers import at_sites, dense_weight, random_voxels
 
 needs_spconv = pytest.mark.skipif(not spconv_available(), reason="spconv not installed")
 

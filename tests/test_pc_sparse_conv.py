@@ -2,7 +2,7 @@
 
 Every sparse result is compared with ``torch.nn.functional.conv3d`` /
 ``conv_transpose3d`` on the densified grid, read at the active sites; gradients with
-dense autograd. The helpers here are also used by ``test_pc_sparse_compat.py``.
+dense autograd (the references: ``tests.helpers.at_sites``/``dense_weight``).
 """
 
 from __future__ import annotations
@@ -20,36 +20,12 @@ from pointcloud.sparse.conv import (
     submanifold_map,
 )
 from pointcloud.structure import SparseVoxels
-
-
-def random_voxels(n: int, side: int, channels: int, batch: int = 2, seed: int = 0,
-                  dtype: torch.dtype = torch.float32) -> SparseVoxels:
-    """``n`` random sites per grid of ``side^3`` in ``batch`` grids, rows in random order."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch):
-        lin = torch.randperm(side**3, generator=g)[:n]
-        rows.append(torch.stack([torch.full_like(lin, b), lin // side**2, (lin // side) % side, lin % side], 1))
-    idx = torch.cat(rows)
-    idx = idx[torch.randperm(len(idx), generator=g)]  # no reliance on sorted input
-    feats = torch.randn(len(idx), channels, generator=g, dtype=dtype)
-    return SparseVoxels(feats, idx, (side,) * 3, batch)
-
-
-def at_sites(dense: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``(B, C, D, H, W)`` -> ``(M, C)`` at ``(batch, z, y, x)`` sites."""
-    i = indices.long()
-    return dense[i[:, 0], :, i[:, 1], i[:, 2], i[:, 3]]
+from tests.helpers import at_sites, dense_weight, random_voxels
 
 
 def densify(features: torch.Tensor, x: SparseVoxels) -> torch.Tensor:
     """Differentiable densification of ``features`` on ``x``'s sites."""
     return x.replace_feature(features).dense()
-
-
-def dense_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Ours/spconv ``(C_out, kz, ky, kx, C_in)`` -> conv3d ``(C_out, C_in, kz, ky, kx)``."""
-    return weight.permute(0, 4, 1, 2, 3)
 
 
 @pytest.mark.parametrize("kernel_size,dilation", [(3, 1), ((1, 3, 5), 1), (3, 2)])

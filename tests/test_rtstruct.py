@@ -21,8 +21,7 @@ from medvit.io.common import LPS_TO_RAS
 from medvit.io.dicom import list_dicom_series, select_series, series_affine
 from medvit.io.label_colors import label_color
 from medvit.io.rtstruct import read_rtstruct, write_rtstruct
-from tests.helpers import require_tool
-from tests.test_cli import assert_user_error, ckpt, run_cli  # noqa: F401  (ckpt is a fixture)
+from tests.helpers import assert_user_error, require_tool, run_cli
 
 ROUND_TRIP_DICE = 0.98
 ROUND_TRIP_COUNT = 0.02
@@ -223,8 +222,7 @@ def test_overlapping_rois_go_to_the_smaller_with_a_warning(ct3, tmp_path, caplog
 
 
 def test_sources_rt_utils_cannot_place_contours_on_are_refused(data_dir, ct3, tmp_path):
-    from tests.test_io_dicom import write_slice
-    from tests.test_tilt import write_tilted
+    from tests.helpers_dicom import write_slice, write_tilted
 
     s, affine = _series(ct3)
     write_rtstruct(_ct3_labels(), affine, s, tmp_path / "rt.dcm", names={}, description="test")
@@ -272,7 +270,7 @@ def test_segment_rtstruct_on_the_command_line(ckpt, ct3, tmp_path, capsys):  # n
 
 
 def test_segment_rtstruct_refusals_come_before_the_net(ckpt, data_dir, tmp_path, capsys):  # noqa: F811
-    from tests.test_tilt import write_tilted
+    from tests.helpers_dicom import write_tilted
 
     nii = data_dir / "totalsegmentator" / "example_ct_sm.nii.gz"
     assert_user_error(["segment", str(nii), "-o", str(tmp_path / "a"), "--checkpoint", str(ckpt), "--rtstruct"],
@@ -289,7 +287,7 @@ def test_segment_rtstruct_refusals_come_before_the_net(ckpt, data_dir, tmp_path,
 def test_a_folder_holding_other_files_and_an_rtstruct_is_read_as_its_series(ct3, tmp_path):
     """rt-utils walks a folder and takes every DICOM with pixels; we hand it our series alone, so
     an RTSTRUCT beside the slices, another series' slice and a text file change nothing."""
-    from tests.test_io_dicom import write_slice
+    from tests.helpers_dicom import write_slice
 
     folder = tmp_path / "study"
     shutil.copytree(ct3, folder)

@@ -11,7 +11,7 @@ import pytest
 
 from medvit.errors import InputError
 from pipelines.volume.segment import check_net_extent
-from tests.test_cli import assert_user_error, ckpt, phantom, run_cli  # noqa: F401  (fixtures)
+from tests.helpers import assert_user_error, run_cli
 
 
 def test_one_slice_is_warned_about_naming_axis_and_window(ckpt, phantom, tmp_path, capsys, caplog):  # noqa: F811

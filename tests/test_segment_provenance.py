@@ -12,13 +12,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from pydicom.uid import generate_uid
 
 from medvit.config import parse_config
 from medvit.data.phantom import make_phantom
-from tests.helpers import tiny_checkpoint
-from tests.test_cli import TINY, assert_user_error, run_cli
-from tests.test_io_dicom import write_slice
+from tests.helpers import TINY, assert_user_error, run_cli, tiny_checkpoint
+from tests.helpers_dicom import write_body_series
 
 
 @pytest.fixture(scope="module")
@@ -39,28 +37,11 @@ def ct_phantom(tmp_path_factory) -> Path:
     return path
 
 
-def write_series(folder: Path, *, modality: str = "CT", number: int | None = 1, n: int = 4, uid: str | None = None,
-                 offset: float = 0.0, seed: int = 0) -> str:
-    """``n`` axial 16x16 slices, 6 mm apart, of one series; returns its SeriesInstanceUID. CT pixels
-    hold air (-1000) around a body (40 HU); MR ones 0 around 300."""
-    folder.mkdir(parents=True, exist_ok=True)
-    uid = uid or generate_uid()
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        body = np.zeros((16, 16), bool)
-        body[3:13, 2:14] = True
-        px = np.where(body, 40, -1000) if modality == "CT" else np.where(body, 300, 0)
-        write_slice(folder / f"{uid[-4:]}_{i}.dcm", series_uid=uid, ipp=(0.0, 0.0, offset + 6.0 * i), instance=i + 1,
-                    pixels=(px + rng.normal(0, 5, px.shape)).astype(np.int16), spacing=(5.0, 5.0), thickness=6.0,
-                    modality=modality, number=number)
-    return uid
-
-
 # ---------------------------------------------------------------- modality check
 
 
 def test_mr_series_through_a_ct_checkpoint_warns_and_strict_refuses(ct_ckpt, tmp_path, capsys, caplog):
-    write_series(tmp_path / "mr", modality="MR")
+    write_body_series(tmp_path / "mr", modality="MR")
     args = ["segment", str(tmp_path / "mr"), "--checkpoint", str(ct_ckpt), "--no-progress"]
     with caplog.at_level(logging.WARNING):
         code, _, err = run_cli(args + ["-o", str(tmp_path / "o")], capsys)
@@ -95,13 +76,13 @@ def test_ct_through_an_mr_checkpoint_warns(mr_ckpt, ct_phantom, tmp_path, capsys
                                 "--no-progress"], capsys)
     assert code == 0, err
     assert "lie at or below -500 (air in Hounsfield units): a CT?" in caplog.text and "is for MRI" in caplog.text
-    write_series(tmp_path / "ct", modality="CT")
+    write_body_series(tmp_path / "ct", modality="CT")
     assert_user_error(["segment", str(tmp_path / "ct"), "-o", str(tmp_path / "s"), "--checkpoint", str(mr_ckpt),
                        "--strict"], capsys, "DICOM Modality is CT", "is for MRI", out_dir=tmp_path / "s")
 
 
 def test_ct_through_a_ct_checkpoint_is_quiet(ct_ckpt, ct_phantom, tmp_path, capsys, caplog):
-    write_series(tmp_path / "ct", modality="CT")
+    write_body_series(tmp_path / "ct", modality="CT")
     with caplog.at_level(logging.WARNING):
         code, _, err = run_cli(["segment", str(ct_phantom), str(tmp_path / "ct"), "-o", str(tmp_path / "o"),
                                 "--checkpoint", str(ct_ckpt), "--no-progress", "--strict"], capsys)
@@ -148,8 +129,8 @@ def _sha256(path: Path) -> str:
 
 def test_two_series_of_one_folder_get_their_own_outputs(ct_ckpt, tmp_path, capsys):
     study = tmp_path / "study"
-    a = write_series(study / "a", number=3)
-    b = write_series(study / "b", number=7, offset=100.0, seed=1)
+    a = write_body_series(study / "a", number=3)
+    b = write_body_series(study / "b", number=7, offset=100.0, seed=1)
     out = tmp_path / "o"
     for uid in (a, b):
         code, stdout, err = run_cli(["segment", str(study), "-o", str(out), "--checkpoint", str(ct_ckpt), "--series", uid,
@@ -167,8 +148,8 @@ def test_two_series_of_one_folder_get_their_own_outputs(ct_ckpt, tmp_path, capsy
 
 def test_series_without_a_number_are_named_by_their_uid(ct_ckpt, tmp_path, capsys):
     study = tmp_path / "study"
-    a = write_series(study / "a", number=None, uid="1.2.826.0.1.3680043.8.498.11112222")
-    write_series(study / "b", number=None, uid="1.2.826.0.1.3680043.8.498.33334444", offset=100.0)
+    a = write_body_series(study / "a", number=None, uid="1.2.826.0.1.3680043.8.498.11112222")
+    write_body_series(study / "b", number=None, uid="1.2.826.0.1.3680043.8.498.33334444", offset=100.0)
     code, _, err = run_cli(["segment", str(study), "-o", str(tmp_path / "o"), "--checkpoint", str(ct_ckpt),
                             "--series", a, "--no-progress"], capsys)
     assert code == 0, err
@@ -249,8 +230,8 @@ def test_mr_preview_uses_the_image_range_not_a_ct_window(mr_ckpt, tmp_path, caps
 
 
 def test_series_lists_the_subfolder_of_each_series(tmp_path, capsys):
-    a = write_series(tmp_path / "study" / "t1", number=3)
-    b = write_series(tmp_path / "study" / "ct" / "axial", number=7, offset=100.0)
+    a = write_body_series(tmp_path / "study" / "t1", number=3)
+    b = write_body_series(tmp_path / "study" / "ct" / "axial", number=7, offset=100.0)
     code, stdout, err = run_cli(["series", str(tmp_path / "study")], capsys)
     assert code == 0, err
     lines = stdout.splitlines()

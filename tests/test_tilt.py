@@ -20,37 +20,10 @@ from medvit.io.common import corner_offset_mm, itk_affine
 from medvit.io.dicom import orthogonal_grid, tilt_degrees
 from pipelines.volume.report import label_stats
 from pipelines.volume.segment import segment_case
-from tests.test_cli import assert_user_error, ckpt, run_cli  # noqa: F401  (ckpt is a fixture)
-from tests.test_io_dicom import write_slice
+from tests.helpers import assert_user_error, run_cli
+from tests.helpers_dicom import BLOCK_LPS, COLS, N, PIX, ROWS, STEP, TILT, write_slice, write_tilted
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-TILT = 14.0
-ROWS, COLS, N, STEP, PIX = 20, 24, 6, 3.0, 1.5
-BLOCK_LPS = (np.array([-4.0, -6.0, 3.0]), np.array([5.0, 4.0, 10.0]))  # a bright box, world mm (LPS)
-
-
-def block_hu(lps: np.ndarray) -> np.ndarray:
-    inside = np.all((lps >= BLOCK_LPS[0]) & (lps <= BLOCK_LPS[1]), axis=-1)
-    return np.where(inside, 1000, 0).astype(np.int16)
-
-
-def write_tilted(folder, tilt_deg: float = TILT, n: int = N):
-    """Axial slices (rows along +x, columns along +y) whose positions step along z tilted by
-    ``tilt_deg`` towards y; the pixel values sample a world-space block. Returns the RAS affine the
-    tags describe."""
-    folder.mkdir(parents=True, exist_ok=True)
-    t = np.radians(tilt_deg)
-    step = STEP * np.array([0.0, np.sin(t), np.cos(t)])
-    origin = np.array([-COLS * PIX / 2, -ROWS * PIX / 2, -3.0])
-    for k in range(n):
-        ipp = origin + k * step
-        i, j = np.meshgrid(np.arange(COLS), np.arange(ROWS))  # (Rows, Columns) grids of column i, row j
-        lps = ipp + i[..., None] * PIX * np.array([1.0, 0, 0]) + j[..., None] * PIX * np.array([0, 1.0, 0])
-        write_slice(folder / f"s{k:02d}.dcm", series_uid="1.2.826.0.1.3680043.8.498.77", ipp=ipp, instance=k + 1,
-                    pixels=block_hu(lps), spacing=(PIX, PIX), thickness=STEP)
-    lps_aff = np.eye(4)
-    lps_aff[:3, 0], lps_aff[:3, 1], lps_aff[:3, 2], lps_aff[:3, 3] = [PIX, 0, 0], [0, PIX, 0], step, origin
-    return LPS_TO_RAS @ lps_aff
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import tiny_config, write_tiny_set
-from tests.test_cli import assert_user_error, run_cli
+from tests.helpers import assert_user_error, run_cli, tiny_config, write_tiny_set
 
 
 @pytest.fixture(scope="module")

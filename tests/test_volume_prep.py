@@ -9,7 +9,7 @@ from medvit.data.phantom import make_phantom
 from medvit.errors import MedvitError
 from medvit.transforms import infer_transforms
 from pipelines.volume.segment import preprocess_case
-from tests.test_cli import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 Every reader returns a MONAI ``MetaTensor``, channel-first ``(C, X, Y, Z)``, whose ``.affine``
 maps voxel indices to RAS mm (nibabel's convention, float64). NIfTI goes through nibabel,
 NRRD/MetaImage through SimpleITK, DICOM series through pydicom (grouping, sorting, gap checks)
-and SimpleITK/GDCM (pixels, JPEG 2000 included). Writers write a temporary file beside the
+and SimpleITK/GDCM (pixels, JPEG 2000 included); which suffix goes to which reader is one table,
+:data:`medvit.io.formats.FORMATS`. Writers write a temporary file beside the
 target and rename it, and refuse to overwrite a protected input.
 """
 

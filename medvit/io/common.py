@@ -11,12 +11,6 @@ import numpy as np
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """Left-multiplying an ITK/DICOM (LPS) voxel->world matrix by this gives nibabel's RAS one."""
 
-SUPPORTED = (
-    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
-    "DICOM (a folder holding a series, or one .dcm file)"
-)
-
-
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks (``hashlib.file_digest`` needs Python 3.11)."""
     h = hashlib.sha256()

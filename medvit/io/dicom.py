@@ -30,13 +30,13 @@ from pydicom.uid import UID
 
 from medvit.errors import InputError
 from medvit.io.common import LPS_TO_RAS, RawVolume, source_info, tilt_degrees
+from medvit.io.formats import by_key
 from medvit.io.itk_formats import sitk_to_raw
 
 log = logging.getLogger(__name__)
 Tilt = Literal["keep", "resample", "error"]
 TILT_MODES = ("keep", "resample", "error")
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "FID", "PLAN"}
 _STORAGE = "1.2.840.10008.5.1.4.1.1."
@@ -215,7 +215,7 @@ def no_series_found(where: Path) -> str:
     """Why ``where`` gave no series: the files looked at, and the first one named like DICOM
     that is not a DICOM image, so a corrupt ``.dcm`` is named rather than passed over in silence."""
     files = _candidate_files(where)
-    named = next((f for f in files if f.suffix.lower() in DICOM_SUFFIXES), None)
+    named = next((f for f in files if f.name.lower().endswith(by_key("dicom").suffixes)), None)
     why = f"; {named.name} is named like DICOM but is not a DICOM image" if named is not None else ""
     return f"no DICOM files found ({len(files)} file{'s' if len(files) != 1 else ''} looked at{why})"
 

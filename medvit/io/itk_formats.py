@@ -14,15 +14,15 @@ import SimpleITK as sitk
 
 from medvit.errors import InputError
 from medvit.io.common import RawVolume, itk_affine, source_info
+from medvit.io.formats import by_name
 
 log = logging.getLogger(__name__)
 
-ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
 
-
-def itk_format(path: Path) -> str | None:
-    """``"nrrd"`` or ``"mha"`` from the file name, else None."""
-    return ITK_SUFFIXES.get(path.suffix.lower())
+def _format_key(path: Path) -> str | None:
+    """``"nrrd"`` or ``"mha"`` by the file name (:data:`medvit.io.formats.FORMATS`), else None."""
+    fmt = by_name(path)
+    return fmt.key if fmt is not None and fmt.key in ("nrrd", "mha") else None
 
 
 def sitk_to_raw(image: sitk.Image, path: Path, source: dict[str, str]) -> RawVolume:
@@ -85,9 +85,9 @@ def read_itk(path: Path) -> RawVolume:
     except RuntimeError as e:
         # MetaIO's own lines say what is wrong ("data not read completely"); SimpleITK's says errno
         reason = "; ".join(said[:2]) or (str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable")
-        raise InputError(path, f"not a readable {itk_format(path) or 'ITK'} image ({reason})") from None
+        raise InputError(path, f"not a readable {_format_key(path) or 'ITK'} image ({reason})") from None
     for line in said:
         log.warning("%s: %s", path, line)
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(path, "complex-valued images are not supported")
-    return sitk_to_raw(image, path, source_info(itk_format(path) or "itk"))
+    return sitk_to_raw(image, path, source_info(_format_key(path) or "itk"))

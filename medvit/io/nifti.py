@@ -19,11 +19,6 @@ log = logging.getLogger(__name__)
 _NIBABEL_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError)
 
 
-def is_nifti(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
-
-
 def _warn_if_forms_disagree(img, path: Path) -> None:
     """Both sform and qform set but placing voxels differently: we (like nibabel and FSL) use
     the sform, ITK-based viewers may use the qform, and the labels would then look misplaced."""

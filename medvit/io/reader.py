@@ -14,10 +14,9 @@ from monai.data import MetaTensor
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from medvit.errors import InputError
-from medvit.io.common import SUPPORTED, RawVolume
-from medvit.io.dicom import DICOM_SUFFIXES, Tilt, read_dicom
-from medvit.io.itk_formats import itk_format, read_itk
-from medvit.io.nifti import is_nifti, read_nifti
+from medvit.io.common import RawVolume
+from medvit.io.dicom import Tilt
+from medvit.io.formats import SUPPORTED, by_key, by_name
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +38,23 @@ def _has_dicom_magic(path: Path) -> bool:
 
 
 def source_format(path: Path) -> str:
-    """``"nifti"``, ``"nrrd"``, ``"mha"`` or ``"dicom"`` for an existing path, else InputError."""
+    """The :data:`medvit.io.formats.FORMATS` key (``"nifti"``, ``"nrrd"``, ``"mha"`` or ``"dicom"``)
+    of an existing path: by its name's suffix; a folder, or a file whose header has DICOM's magic,
+    is ``"dicom"``. InputError for a missing path or another file, listing the supported formats."""
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_dir():
         return "dicom"
-    if is_nifti(path):
-        return "nifti"
-    fmt = itk_format(path)
+    fmt = by_name(path)
     if fmt is not None:
-        return fmt
-    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path):
+        return fmt.key
+    if _has_dicom_magic(path):
         return "dicom"
     raise InputError(path, f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
 
 
 def _read_raw(path: Path, fmt: str, series: str | None, tilt: Tilt = "keep", *, labels: bool = False) -> RawVolume:
-    if fmt == "nifti":
-        return read_nifti(path, labels=labels)
-    if fmt == "dicom":
-        return read_dicom(path, series=series, tilt=tilt)
-    return read_itk(path)
+    return by_key(fmt).read(path, series=series, tilt=tilt, labels=labels)
 
 
 def _paths(path: PathLike | Sequence[PathLike]) -> list[Path]:

@@ -16,6 +16,7 @@ import torch
 
 from medvit.errors import InputError
 from medvit.io.common import corner_offset_mm
+from medvit.io.formats import by_key, by_name
 
 PathLike = str | os.PathLike
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.ENOTDIR}
@@ -133,9 +134,9 @@ def _check_affine(affine) -> np.ndarray:
 
 
 def _check_target(path: Path, protect: Sequence[PathLike]) -> None:
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        raise InputError(path, "NIfTI output must be named .nii or .nii.gz")
+    nifti = by_key("nifti")
+    if by_name(path) is not nifti:
+        raise InputError(path, f"NIfTI output must be named {' or '.join(nifti.suffixes)}")
     refuse_protected(path, protect)
 
 

@@ -21,21 +21,10 @@ from pointcloud.checkpoint import LoadedPointNet
 from pointcloud.config import LAS_UNLABELLED, LAS_USER_CODES, LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las
 from pointcloud.io.kitti import sibling_label_path, width_message
-from pointcloud.io.readers import check_scan_file, detect_format
+from pointcloud.io.readers import check_scan_file, detect_format, scan_stem
 from pointcloud.ranges import NORMALISED, feature_unit, feature_values, range_findings
 
 log = logging.getLogger(__name__)
-
-SCAN_SUFFIXES = (".pcd.bin", ".bin", ".pcd", ".ply", ".las", ".laz", ".npy")
-
-
-def scan_name(path: str | Path) -> str:
-    name = Path(path).name
-    for ext in SCAN_SUFFIXES:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
 
 def checkpoint_units(cfg: LidarConfig, stats: dict[str, Any] | None, *, training: bool = False) -> dict[str, float | None]:
     """Per feature, the unit :func:`pointcloud.ranges.feature_values` maps it to: for training and for a
@@ -186,8 +175,8 @@ def scan_output(path: str | Path, out_dir: Path, label_format: str | None = None
     is_las = str(path).lower().endswith((".las", ".laz"))
     fmt = label_format or ("las" if is_las else "label")
     if fmt == "las":
-        return out_dir / f"{scan_name(path)}{'.laz' if str(path).lower().endswith('.laz') else '.las'}"
-    return out_dir / f"{scan_name(path)}.{fmt}"
+        return out_dir / f"{scan_stem(path)}{'.laz' if str(path).lower().endswith('.laz') else '.las'}"
+    return out_dir / f"{scan_stem(path)}.{fmt}"
 
 
 def check_scan_outputs(scans: list[str], out_dir: Path, label_format: str | None = None) -> list[str]:

@@ -42,6 +42,7 @@ import medvit
 from medvit.checkpoint import FORMAT, FORMAT_VERSION, PRETRAIN_KIND, write_weights
 from medvit.config import Config, dump_config
 from medvit.errors import ConfigError, InputError, MedvitError
+from medvit.io.formats import by_key, by_name
 from medvit.nets import build_net
 from medvit.nets.encoders import Encoder, encoder_of
 from pipelines.fit import _mix, lr_factor
@@ -50,7 +51,6 @@ from pipelines.threads import AdaptiveThreads
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "encoder.safetensors"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 # --- the tasks, as functions of tensors --------------------------------------------------------
@@ -218,7 +218,7 @@ def image_files(cfg: Config) -> list[dict]:
     folder = Path(pc.folder)
     if not folder.is_dir():
         raise InputError(folder, "pretrain.folder: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and by_name(p) is by_key("nifti"))
     if not files:
         raise InputError(folder, "pretrain.folder holds no .nii or .nii.gz images")
     return [{"image": str(p)} for p in files]

@@ -17,6 +17,7 @@ from medvit.checkpoint import LoadedModel, checkpoint_sidecar
 from medvit.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
 from medvit.io.dicom import DicomSeries, select_series
+from medvit.io.formats import strip_suffix
 from medvit.io.common import sha256_file
 from medvit.io.reader import channel_mismatch, source_format
 from medvit.io.writers import atomic_path, check_writable
@@ -56,11 +57,7 @@ class CaseResult:
 def case_name(path: str | Path) -> str:
     """Output stem for an input: the file name without image extensions, or the folder name."""
     p = Path(path)
-    name = p.name or p.resolve().name  # "." or "..": the folder's own name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return strip_suffix(p.name or p.resolve().name)  # "." or "..": the folder's own name
 
 
 @dataclass

@@ -83,22 +83,22 @@ def _records(path: Path, dtype: np.dtype, width: int, what: str) -> np.ndarray:
     return np.fromfile(path, dtype=dtype).reshape(-1, width)
 
 
-def read_raw_scan(path: Path, layout: str, columns: int | None = None) -> PointCloud:
+def read_raw_scan(path: Path, layout: str, bin_columns: int | None = None) -> PointCloud:
     """A headerless little-endian float32 scan, ``(N, 3 + F)``: x, y, z then ``RAW_LAYOUTS[layout]``.
 
-    ``columns`` overrides the layout's width for ``.bin`` files written with another one (mmdet3d's
+    ``bin_columns`` overrides the layout's width for ``.bin`` files written with another one (mmdet3d's
     ``load_dim``: Waymo's are 6 wide): x, y, z, then ``intensity``, then ``f4``, ``f5``, ...
     The file cannot tell for sure: a 6-column file of an even point count reads as 4 columns too.
     When another width reads the values far more plausibly (:func:`better_width`),
     ``meta["width_hint"]`` says which; the reader itself does not warn (``lidar segment`` does, or
     refuses with ``--strict``).
     """
-    if columns is None:
+    if bin_columns is None:
         names = RAW_LAYOUTS[layout]
     else:
-        if not 3 <= columns <= 64:
-            raise ValueError(f"columns must be 3..64, got {columns}")
-        names = ["intensity", *(f"f{k}" for k in range(4, columns))][: columns - 3]
+        if not 3 <= bin_columns <= 64:
+            raise ValueError(f"columns must be 3..64, got {bin_columns}")
+        names = ["intensity", *(f"f{k}" for k in range(4, bin_columns))][: bin_columns - 3]
     table = _records(path, np.dtype("<f4"), 3 + len(names), f"{layout} point (float32 x y z {' '.join(names)})")
     meta = {"format": layout, "feature_dtypes": dict.fromkeys(names, "float32")}
     if (hint := better_width(table.reshape(-1), table.shape[1])) is not None:

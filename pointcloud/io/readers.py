@@ -1,9 +1,16 @@
-"""``read_points``: one entry for every scan format, with the checks every format shares."""
+"""``read_points``: one entry for every scan format, with the checks every format shares.
+
+:data:`FORMATS` is the one table of scan formats: the suffixes that name each, the function that
+reads it and the ``read_points`` options it takes. :func:`detect_format`, :func:`scan_stem` (output
+names) and the messages listing the supported formats (:data:`SUPPORTED`) all read it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -11,20 +18,63 @@ import numpy as np
 
 from medvit.errors import InputError, listed
 from pointcloud.io.cloud import PointCloud, drop_nonfinite, integer_labels, logger
-from pointcloud.io.kitti import RAW_LAYOUTS, read_label_file, read_raw_scan, sibling_label_path
+from pointcloud.io.kitti import read_label_file, sibling_label_path
 
-# format key -> suffixes; ".pcd.bin" is matched before ".bin"
-FORMATS = {
-    "nuscenes": (".pcd.bin",),
-    "kitti": (".bin",),
-    "pcd": (".pcd",),
-    "ply": (".ply",),
-    "las": (".las",),
-    "laz": (".laz",),
-    "npy": (".npy",),
-}
-SUPPORTED = ("KITTI/SemanticKITTI .bin, nuScenes .pcd.bin, .pcd (ascii, binary, binary_compressed), .ply, "
-             ".las, .laz, .npy")
+
+@dataclass(frozen=True)
+class ScanFormat:
+    """One readable scan format.
+
+    ``key`` is the ``format`` argument of :func:`read_points` and ``meta["format"]``; ``suffixes``
+    (lower case) end the file names of this format; ``reader`` names the function
+    ``module:function`` that reads a path into a :class:`PointCloud`, imported on first use (laspy
+    only when a LAS file is read); ``options`` are the keyword arguments it takes (``layout``: the
+    format key; ``bin_columns``, ``fields``: :func:`read_points`' own), and a reader that takes
+    ``fields`` selects them itself; ``described`` is how messages name the format.
+    """
+
+    key: str
+    suffixes: tuple[str, ...]
+    reader: str
+    described: str
+    options: tuple[str, ...] = ()
+
+    def read(self, path: Path, **options) -> PointCloud:
+        """``path`` read by this format's reader, given those of ``options`` it takes."""
+        module, _, name = self.reader.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        return fn(path, **{k: v for k, v in options.items() if k in self.options})
+
+
+FORMATS: tuple[ScanFormat, ...] = (
+    ScanFormat("kitti", (".bin",), "pointcloud.io.kitti:read_raw_scan", "KITTI/SemanticKITTI .bin",
+               ("layout", "bin_columns")),
+    ScanFormat("nuscenes", (".pcd.bin",), "pointcloud.io.kitti:read_raw_scan", "nuScenes .pcd.bin",
+               ("layout", "bin_columns")),
+    ScanFormat("pcd", (".pcd",), "pointcloud.io.pcd:read_pcd", ".pcd (ascii, binary, binary_compressed)"),
+    ScanFormat("ply", (".ply",), "pointcloud.io.ply:read_ply", ".ply"),
+    ScanFormat("las", (".las",), "pointcloud.io.las:read_las", ".las", ("fields",)),
+    ScanFormat("laz", (".laz",), "pointcloud.io.las:read_las", ".laz", ("fields",)),
+    ScanFormat("npy", (".npy",), "pointcloud.io.readers:read_npy", ".npy"),
+)
+"""Every scan format, in the order messages list them; a name matches its longest suffix
+(``.pcd.bin`` is nuScenes, not KITTI)."""
+
+SUPPORTED = ", ".join(f.described for f in FORMATS)
+
+
+def _matching(name: str) -> tuple[ScanFormat, str] | None:
+    """The format whose suffix ends ``name`` (case-insensitively), the longest one winning, and that suffix."""
+    low = name.lower()
+    hits = [(f, s) for f in FORMATS for s in f.suffixes if low.endswith(s)]
+    return max(hits, key=lambda hit: len(hit[1]), default=None)
+
+
+def scan_stem(path: str | os.PathLike) -> str:
+    """``path``'s file name without its scan suffix (``x.pcd.bin`` -> ``x``); other names whole."""
+    name = Path(path).name
+    hit = _matching(name)
+    return name[: -len(hit[1])] if hit is not None else name
 
 
 def check_scan_file(path: str | os.PathLike) -> Path:
@@ -41,10 +91,9 @@ def check_scan_file(path: str | os.PathLike) -> Path:
 
 def detect_format(path: str | os.PathLike) -> str:
     """The format key for ``path``'s suffix (InputError listing the supported ones)."""
-    name = Path(path).name.lower()
-    for key, suffixes in FORMATS.items():
-        if any(name.endswith(s) for s in suffixes):
-            return key
+    hit = _matching(Path(path).name)
+    if hit is not None:
+        return hit[0].key
     raise InputError(path, f"unknown point-cloud suffix; supported: {SUPPORTED}")
 
 
@@ -53,7 +102,7 @@ def _real(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
 
 
-def _read_npy(path: Path) -> PointCloud:
+def read_npy(path: Path) -> PointCloud:
     """``(N, >=3)`` float array: x, y, z then features ``f0, f1, ...``; or a structured array with
     ``x``, ``y``, ``z`` fields whose other numeric fields become features by name."""
     try:
@@ -142,30 +191,16 @@ def read_points(
     """
     path = check_scan_file(path)
     key = detect_format(path) if format is None else format.lower()
-    if key not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    fmt = next((f for f in FORMATS if f.key == key), None)
+    if fmt is None:
+        raise ValueError(f"format must be one of {', '.join(f.key for f in FORMATS)}, got {format!r}")
     if nonfinite not in ("drop", "error"):
         raise ValueError(f"nonfinite must be 'drop' or 'error', got {nonfinite!r}")
-    if key in RAW_LAYOUTS:
-        cloud = read_raw_scan(path, key, bin_columns)
-    elif key == "pcd":
-        from pointcloud.io.pcd import read_pcd
-
-        cloud = read_pcd(path)
-    elif key == "ply":
-        from pointcloud.io.ply import read_ply
-
-        cloud = read_ply(path)
-    elif key in ("las", "laz"):
-        from pointcloud.io.las import read_las  # laspy only when a LAS file is read
-
-        cloud = read_las(path, fields)
-    else:
-        cloud = _read_npy(path)
+    cloud = fmt.read(path, layout=key, bin_columns=bin_columns, fields=fields)
     if len(cloud) == 0:
         raise InputError(path, "holds no points")
     cloud.meta["n_points_file"] = len(cloud)
-    if fields is not None and key not in ("las", "laz"):
+    if fields is not None and "fields" not in fmt.options:
         cloud = _select_fields(cloud, fields)
     if label_path is None and key == "kitti" and sibling_labels:
         label_path = sibling_label_path(path)

@@ -55,9 +55,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import DropPath
 from torch import nn
 
+from pointcloud.nets.layers import DropPath, feed_forward, per_level
 from pointcloud.nets.registry import register
 from pointcloud.nets.sparse_unet import ResidualBlock, SparseUNetBase
 from pointcloud.sparse import depthwise_conv
@@ -364,8 +364,7 @@ class ConDaFormerBlock(nn.Module):
         self.proj = nn.Linear(channels, channels)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(channels, eps=1e-6)
-        hidden = max(1, int(round(channels * mlp_ratio)))
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+        self.mlp = feed_forward(channels, mlp_ratio)
 
     def windows(self, x: SparseVoxels) -> tuple[PlaneWindows, PlaneWindows, PlaneWindows]:
         return disassembled_windows(x.indices, self.window_size, self.thickness, self.shift)
@@ -398,13 +397,6 @@ class ConDaFormerStage(nn.Module):
                 layouts[block.shift] = block.windows(x)
             x = block(x, layouts[block.shift])
         return x
-
-
-def _per_level(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    t = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(t) != n or any(v < 0 for v in t):
-        raise ValueError(f"{name} must be an int >= 0 or {n} of them (one per level), got {value}")
-    return t
 
 
 @register("condaformer")
@@ -449,7 +441,7 @@ class ConDaFormer(SparseUNetBase):
         point_offsets: bool = True,
     ) -> None:
         n = len(channels)
-        depths = _per_level(depths, n, "depths")
+        depths = per_level(depths, n, "depths")
         if head_dim < 1 or window_size < 1 or thickness < 1:
             raise ValueError(f"head_dim, window_size and thickness must be >= 1, "
                              f"got {head_dim}, {window_size}, {thickness}")

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pointcloud.nets.layers import feed_forward, per_level
 from pointcloud.nets.registry import register
 from pointcloud.nets.serialize import FLAT_ORDERS, FlatGrouping, flat_grouping, grid_offset
-from pointcloud.nets.sparse_unet import ResidualBlock, SparseUNetBase, _per_stage
+from pointcloud.nets.sparse_unet import ResidualBlock, SparseUNetBase
 from pointcloud.structure import SparseVoxels
 
 __all__ = ["FlatBlock", "FlatFormerUNet", "FlatLayer", "GroupAttention", "sincos_position_encoding"]
@@ -108,12 +109,9 @@ class FlatLayer(nn.Module):
 
     def __init__(self, channels: int, heads: int, ffn_ratio: float = 2.0, dropout: float = 0.0) -> None:
         super().__init__()
-        hidden = max(1, int(round(channels * ffn_ratio)))
         self.attn = GroupAttention(channels, heads, dropout)
         self.norm1 = nn.LayerNorm(channels)
-        self.ffn = nn.Sequential(
-            nn.Linear(channels, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, channels)
-        )
+        self.ffn = feed_forward(channels, ffn_ratio, dropout)
         self.drop = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(channels)
 
@@ -224,8 +222,8 @@ class FlatFormerUNet(SparseUNetBase):
             layers = (1,) + (0,) * (n - 1)
         if flat_blocks is None:
             flat_blocks = (0,) + (1,) * (n - 1)
-        self.flat_blocks = _per_stage(flat_blocks, n, "flat_blocks")
-        self.heads = _per_stage(heads, n, "heads", minimum=1)
+        self.flat_blocks = per_level(flat_blocks, n, "flat_blocks")
+        self.heads = per_level(heads, n, "heads", minimum=1)
         self.window_shape = tuple(int(w) for w in window_shape)
         self.group_size = int(group_size)
         self.ffn_ratio = float(ffn_ratio)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pointcloud.nets.layers import per_level
 from pointcloud.nets.registry import register
 from pointcloud.sparse import devoxelize, inverse_conv, sparse_conv, subm_conv, voxelize
 from pointcloud.structure import Point, SparseVoxels
@@ -162,13 +163,6 @@ def _triple(v: float | Sequence[float]) -> tuple[float, float, float]:
     return t  # type: ignore[return-value]
 
 
-def _per_stage(value: int | Sequence[int], n: int, name: str, minimum: int = 0) -> tuple[int, ...]:
-    t = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(t) != n or any(v < minimum for v in t):
-        raise ValueError(f"{name} must be an int >= {minimum} or {n} of them (one per stage), got {value}")
-    return t
-
-
 class SparseUNetBase(nn.Module):
     """Point in, per-point logits out, around a sparse U-Net whose encoder stages a subclass fills.
 
@@ -201,8 +195,8 @@ class SparseUNetBase(nn.Module):
         if len(self.channels) < 1 or min(self.channels) < 1:
             raise ValueError(f"channels must be one or more positive widths, got {channels}")
         n = len(self.channels)
-        self.layers = _per_stage(layers, n, "layers")
-        self.decoder_layers = _per_stage(decoder_layers, max(n - 1, 1), "decoder_layers")
+        self.layers = per_level(layers, n, "layers")
+        self.decoder_layers = per_level(decoder_layers, max(n - 1, 1), "decoder_layers")
         if point_mlp < 0:
             raise ValueError(f"point_mlp must be >= 0, got {point_mlp}")
         self.voxel_size = _triple(voxel_size)
