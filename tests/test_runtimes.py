@@ -29,7 +29,7 @@ BOTH = pytest.mark.skipif(len(INSTALLED) < 2, reason="needs onnxruntime and open
 # the smallest settings each registered volume net accepts, with a window it takes
 TINY = {
     "unetr": ((32, 32, 32), {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 2}),
-    "swin_unetr": ((64, 32, 32), {"feature_size": 12, "depths": [1, 1, 1, 1]}),
+    "swin_unetr": ((64, 32, 32), {"feature_size": 12, "depths": [2, 1, 1, 1]}),  # a shifted block too
     "dformer": ((8, 16, 16), {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4]}),
     "cswin_unet3d": ((8, 16, 16), {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 6],
                                     "feature_size": 8, "stem_stride": 1}),
