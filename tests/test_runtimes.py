@@ -240,9 +240,11 @@ def test_lidar_nets_stay_on_torch(tmp_path):
     assert compile_conv(SparseNet(), tmp_path, "auto").runtime == "torch"
 
 
-def test_unknown_runtime_is_a_user_error(tmp_path):
+def test_unknown_runtime_is_a_user_error_and_a_bad_key_a_bug(tmp_path):
     with pytest.raises(MedvitError, match="unknown runtime 'tensorrt'; choose from torch, openvino, onnxruntime or auto"):
         compile_conv(conv_net(), tmp_path, "tensorrt")
+    with pytest.raises(ValueError, match="checkpoint_sha256 must be 64 lowercase hex digits, got '../x'"):
+        compile_predictor(conv_net(), runtime="auto", roi=ROI, batch=1, in_channels=1, checkpoint_sha256="../x")
 
 
 @ANY

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -178,6 +179,8 @@ def compile_predictor(
     threads = cpu_threads() if threads is None else int(threads)
     if threads < 1:
         raise ValueError(f"threads must be positive, got {threads}")
+    if not re.fullmatch(r"[0-9a-f]{64}", checkpoint_sha256):
+        raise ValueError(f"checkpoint_sha256 must be 64 lowercase hex digits, got {checkpoint_sha256!r}")
     if runtime not in (*backends.RUNTIMES, "auto"):
         raise MedvitError(f"unknown runtime {runtime!r}; choose from {', '.join(backends.RUNTIMES)} or auto")
 
