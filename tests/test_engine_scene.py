@@ -10,6 +10,7 @@ import torch
 from medvit.errors import MedvitError
 from pipelines.engine import PointScene, run_windows, segment_scene
 from pipelines.engine import points as scene_module
+from pipelines.engine.tiling import plan_tiles
 
 
 class LinearPointNet(torch.nn.Module):
@@ -69,19 +70,6 @@ def test_labels_follow_points_through_the_sort():
     assert np.array_equal(labels, cls)
 
 
-def test_dense_tiles_are_split_to_the_budget():
-    xyz, feats = scene(n=3000)
-    rng = np.random.default_rng(3)
-    dense = np.c_[rng.normal(500_010, 0.5, 6000), rng.normal(5_400_010, 0.5, 6000), rng.normal(0, 1, 6000)]
-    xyz = np.r_[xyz, dense]
-    feats = np.r_[feats, rng.uniform(0, 1, (6000, 2)).astype(np.float32)]
-    sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25, max_points=1500)
-    assert max(t.n_points for t in sc.tiles) <= 1500
-    assert min(min(t.width, t.height) for t in sc.tiles) < 40.0
-    labels, _ = run_windows(sc, LinearPointNet(), batch_size=2)
-    assert sc.uncovered == 0 and len(labels) == len(xyz)
-
-
 def test_small_tiles_share_calls_up_to_the_points_budget():
     """A sparse scene's tiles are packed into calls of at most batch_size * max_points points
     (and batch_size * MAX_TILES_PER_CALL tiles); labels equal running every tile alone."""
@@ -129,99 +117,54 @@ def test_one_tile_a_call_after_out_of_memory_is_remembered_for_the_next_scene(mo
     assert np.array_equal(first, ref) and np.array_equal(again, ref)
 
 
-def test_a_tile_just_over_budget_is_halved_not_quartered():
-    """One cut suffices: two pieces across the longer side, overlapping by the overlap fraction."""
-    xyz, feats = scene(n=2000, extent=(40.0, 40.0), seed=4)
-    sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25, max_points=1500)
-    x0, y0 = xyz[:, 0].min(), xyz[:, 1].min()
-    got = [v for t in sc.tiles for v in (t.x0 - x0, t.y0 - y0, t.width, t.height)]
-    assert got == pytest.approx([0.0, 0.0, 25.0, 40.0, 15.0, 0.0, 25.0, 40.0])
-    in_both = int(((xyz[:, 0] >= x0 + 15.0) & (xyz[:, 0] <= x0 + 25.0)).sum())
-    assert sum(t.n_points for t in sc.tiles) == len(xyz) + in_both
-    labels, _ = run_windows(sc, LinearPointNet(), batch_size=2)
-    assert sc.uncovered == 0
-    assert np.array_equal(labels, reference_labels(sc, LinearPointNet()))
+def cut_scene(kind: str) -> tuple[np.ndarray, dict]:
+    """Scenes whose tiles the planner cuts (tests/test_tiling.py checks the cuts themselves)."""
+    rng = np.random.default_rng(3)
+    if kind == "halves":  # 2,000 points in one 40 m tile, 1,500 a tile
+        return scene(n=2000, extent=(40.0, 40.0), seed=4)[0], dict(tile_size=40.0, overlap=0.25, max_points=1500)
+    if kind == "strips":  # a 1 m lattice, 125 a tile: strips each cut across
+        g = np.arange(40) + 0.5
+        return np.c_[np.repeat(g, 40), np.tile(g, 40), np.zeros(1600)], dict(tile_size=40.0, overlap=0.25, max_points=125)
+    if kind == "blob":  # runs of points cut at once
+        r = np.random.default_rng(1)
+        xyz = np.r_[np.c_[r.uniform(0, 50, (2000, 2)), np.zeros(2000)], np.c_[r.normal(25, 0.5, (20000, 2)), np.zeros(20000)]]
+        xyz[:, :2] += (500_000.0, 5_400_000.0)
+        return xyz, dict(tile_size=50.0, overlap=0.5, max_points=1000)
+    if kind == "cluster":  # a 2 m cluster inside the halves' overlap, cut at its box
+        xyz = np.c_[rng.uniform(24, 26, (4000, 2)), rng.normal(0, 1, 4000)]
+        return np.r_[xyz, [[0.0, 0.0, 0.0], [50.0, 50.0, 0.0]]], dict(tile_size=50.0, overlap=0.25, max_points=1000)
+    # a pole at one xy among scattered points: one over-budget tile holds it
+    pole = np.c_[np.full(1500, 20.0), np.full(1500, 20.0), np.linspace(0, 10, 1500)]
+    xyz = np.r_[np.random.default_rng(0).uniform([0, 0, 0], [40, 40, 5], (1500, 3)), pole]
+    return xyz, dict(tile_size=50.0, overlap=0.25, max_points=150)
 
 
-def test_halves_still_over_budget_are_halved_across_the_other_side():
-    xyz, feats = scene(n=3500, extent=(40.0, 40.0), seed=5)
-    sc = PointScene(xyz, feats, tile_size=40.0, overlap=0.25, max_points=1500)
-    assert len(sc.tiles) == 4
-    assert {(t.width, t.height) for t in sc.tiles} == {(25.0, 25.0)}
-    assert max(t.n_points for t in sc.tiles) <= 1500
-
-
-def test_a_tile_far_over_budget_is_cut_once_into_strips_and_each_strip_once_across():
-    """1,600 points on a 1 m lattice in a 40 m tile, 125 a tile: 6 strips of 10 m sharing
-    2 overlap / (1 + overlap) = 0.4 of a strip (step 6 m), each cut once across, where halving
-    took three levels on each side (64 tiles of 9.8 m, 6,241 points through the net)."""
-    g = np.arange(40) + 0.5
-    xyz = np.c_[np.repeat(g, 40), np.tile(g, 40), np.zeros(1600)]
-    sc = PointScene(xyz, np.zeros((1600, 1), np.float32), tile_size=40.0, overlap=0.25, max_points=125)
-    assert {t.width for t in sc.tiles} == {10.0} and min(t.height for t in sc.tiles) == 10.0
-    assert sorted({t.x0 - 0.5 for t in sc.tiles}) == pytest.approx([0, 6, 12, 18, 24, 30])
-    assert len(sc.tiles) <= 36  # the last strip holds 10 columns, not 11, and fits in 5 pieces
-    assert max(t.n_points for t in sc.tiles) <= 125
+@pytest.mark.parametrize("kind", ["halves", "strips", "blob", "cluster", "pole"])
+def test_labels_over_cut_tiles_equal_the_full_memory_reference(kind):
+    xyz, kw = cut_scene(kind)
+    feats = np.random.default_rng(0).uniform(0, 1, (len(xyz), 1)).astype(np.float32)
+    sc = PointScene(xyz, feats, **kw)
+    assert any(t.width < kw["tile_size"] or t.height < kw["tile_size"] for t in sc.tiles)
     net = LinearPointNet()
-    labels, _ = run_windows(sc, net)
+    labels, _ = run_windows(sc, net, batch_size=2)
+    assert sc.uncovered == 0
     np.testing.assert_array_equal(labels, reference_labels(sc, net))
 
 
-@pytest.mark.parametrize("overlap, most", [(0.25, 4), (0.5, 15)])
-def test_points_through_the_net_grow_linearly_with_the_cuts(overlap, most):
-    """1,500 points in 40 m, 150 a tile: halving level after level ran 4.6x (overlap 0.25) and
-    72x (0.5) the scene's points through the net; cut k ways, 2.9x and 11x."""
-    rng = np.random.default_rng(0)
-    xyz = np.c_[rng.uniform(0, 40, (1500, 2)), rng.uniform(0, 5, 1500)]
-    sc = PointScene(xyz, np.zeros((1500, 1), np.float32), tile_size=50.0, overlap=overlap, max_points=150)
-    assert max(t.n_points for t in sc.tiles) <= 150
-    assert sum(t.n_points for t in sc.tiles) < most * len(xyz)
-    labels, _ = run_windows(sc, LinearPointNet())
-    assert sc.uncovered == 0
-
-
-def test_points_closer_than_float32_far_from_the_scene_start_stay_covered():
-    """x = 1000.5 and 1000.50001 are one float32 value relative to the scene's start: the cut at
-    the points parted them, their boxes did not, and both were left out of every tile."""
-    xyz = np.array([[0.0, 0, 0], [1000.50001, 0, 0], [1000.5, 0, 0]])
-    sc = PointScene(xyz, np.zeros((3, 1), np.float32), tile_size=4.0, overlap=0.0, max_points=1)
-    labels, _ = run_windows(sc, LinearPointNet())
-    assert sc.uncovered == 0 and labels.shape == (3,)
-
-
-def test_three_points_two_on_one_x_are_parted():
-    """Cut along x, every piece held all three; the cut at the points needed the overlap-free cut."""
-    xyz = np.array([[10.0, 87.3, 0], [10.3, 87.3, 0], [10.3, 89.5, 0]])
-    for size in (2.5, 4.0, 240.0):
-        sc = PointScene(xyz, np.zeros((3, 1), np.float32), tile_size=size, overlap=0.5, max_points=2)
-        assert max(t.n_points for t in sc.tiles) <= 2, size
-
-
-@pytest.mark.parametrize("kwargs", [dict(overlap=1 - 1e-9), dict(stride=1e-9), dict(overlap=0.999)])
-def test_an_overlap_near_one_still_plans_a_few_pieces(kwargs):
-    """Pieces sharing 2 overlap / (1 + overlap) of their size need countless pieces as that nears
-    1 (a 40 m scene at overlap 1 - 1e-9 did not finish planning); pieces overlap by at most 0.5."""
-    rng = np.random.default_rng(0)
-    xyz = np.c_[rng.uniform(0, 40, (1000, 2)), np.zeros(1000)]
-    sc = PointScene(xyz, np.zeros((1000, 1), np.float32), tile_size=50.0, max_points=500, **kwargs)
-    assert len(sc.tiles) < 50 and max(t.n_points for t in sc.tiles) <= 500
-
-
-@pytest.mark.parametrize("overlap, most", [(0.25, 3.0), (0.5, 9.0)])
-def test_a_dense_blob_is_cut_into_several_runs_at_once(overlap, most):
-    """A 20k-point blob (0.5 m across) among 2,000 points, 1,000 a tile: cut at the points two
-    at a time, level after level, it ran 4.8x (overlap 0.25) and 86x (0.5) its points through
-    the net; cut into several runs of points at once, 2.5x and 7.5x."""
-    rng = np.random.default_rng(1)
-    xyz = np.r_[np.c_[rng.uniform(0, 50, (2000, 2)), np.zeros(2000)],
-                np.c_[rng.normal(25, 0.5, (20000, 2)), np.zeros(20000)]]
-    xyz[:, :2] += (500_000.0, 5_400_000.0)
-    sc = PointScene(xyz, np.zeros((len(xyz), 1), np.float32), tile_size=50.0, overlap=overlap, max_points=1000)
-    assert max(t.n_points for t in sc.tiles) <= 1000
-    assert sum(t.n_points for t in sc.tiles) < most * len(xyz)
-    net = LinearPointNet()
-    labels, _ = run_windows(sc, net)
-    np.testing.assert_array_equal(labels, reference_labels(sc, net))
+def test_a_plan_made_apart_runs_to_the_same_labels():
+    xyz, feats = scene(seed=3)
+    kw = dict(tile_size=30.0, overlap=0.5, max_points=800)
+    plan = plan_tiles(xyz[:, :2], tile_size=30.0, overlap=0.5, budget=800)
+    sc = PointScene(xyz, feats, plan=plan)
+    assert sc.tiles is plan.tiles and sc.max_points == 800 and sc.window_shape == ("tile", 800)
+    net = LinearPointNet(seed=3)
+    got, _ = run_windows(sc, net, batch_size=2)
+    want, _ = run_windows(PointScene(xyz, feats, **kw), net, batch_size=2)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(TypeError, match="not both"):
+        PointScene(xyz, feats, plan=plan, tile_size=30.0)
+    with pytest.raises(ValueError, match=f"made for {len(xyz)} points"):
+        PointScene(xyz[:-1], feats[:-1], plan=plan)
 
 
 def test_accumulator_holds_a_band_not_the_scene():
@@ -385,58 +328,6 @@ def test_tiles_are_gathered_as_arrays_and_made_into_tensors_on_the_runner_thread
     got, _ = run_windows(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net, batch_size=2)
     assert made_on and all(t is threading.main_thread() for t in made_on)
     np.testing.assert_array_equal(got, want)
-
-
-def test_the_point_on_the_top_y_edge_is_covered():
-    """The last tile starts at hi - size; (hi - size) + size rounded to just below hi and lost
-    the highest point (found by review: y -100, -70, -46.04265724722594 at 50 m tiles)."""
-    xyz = np.array([[0.0, -100.0, 0.0], [1.0, -70.0, 0.0], [2.0, -46.04265724722594, 0.0]])
-    labels, rep = segment_scene(xyz, np.zeros((3, 1), np.float32), LinearPointNet(), tile_size=50.0, overlap=0.25)
-    assert labels.shape == (3,) and rep.windows_run >= 2
-    rng = np.random.default_rng(7)
-    for _ in range(40):  # the review's random search: 4 of 300 such scenes failed
-        xyz = np.round(np.c_[rng.uniform(-60, 10, (50, 2)), np.zeros(50)], 2)
-        segment_scene(xyz, np.zeros((50, 1), np.float32), LinearPointNet(), tile_size=50.0, overlap=0.25)
-
-
-@pytest.mark.parametrize("where", [(22.5, 22.5), (0.0, 0.0)])
-def test_points_on_one_xy_position_make_one_tile_not_thousands(where):
-    """Twenty points stacked on one xy over a budget of ten cannot be split: halving them inside
-    the halves' overlap copied them into 4,098 tiles; now they stay in one or two (over-budget)
-    tiles: a cut at the points cannot part them, only the corners from them."""
-    xyz = np.r_[np.c_[np.full((20, 2), where), np.arange(20.0)], [[0.0, 0.0, 0.0], [50.0, 50.0, 0.0]]]
-    sc = PointScene(xyz, np.zeros((22, 1), np.float32), tile_size=50.0, overlap=0.25, max_points=10)
-    assert len(sc.tiles) <= 3 and sum(t.n_points for t in sc.tiles) <= 2 * 22
-    labels, _ = run_windows(sc, LinearPointNet())
-    assert labels.shape == (22,)
-
-
-def test_a_dense_cluster_inside_the_halves_overlap_is_cut_at_its_own_box():
-    """A 2 m cluster in a 50 m tile's middle sits in both halves' overlap: the tile is cut at the
-    cluster's box, so pieces fit the budget and no piece holds the whole cluster."""
-    rng = np.random.default_rng(3)
-    xyz = np.c_[rng.uniform(24, 26, (4000, 2)), rng.normal(0, 1, 4000)]
-    xyz = np.r_[xyz, [[0.0, 0.0, 0.0], [50.0, 50.0, 0.0]]]  # the tile's corners
-    sc = PointScene(xyz, np.zeros((len(xyz), 1), np.float32), tile_size=50.0, overlap=0.25, max_points=1000)
-    assert max(t.n_points for t in sc.tiles) <= 1000 and len(sc.tiles) < 30
-    net = LinearPointNet()
-    labels, rep = run_windows(sc, net)
-    np.testing.assert_array_equal(labels, reference_labels(sc, net))
-
-
-def test_points_at_one_xy_go_to_one_piece_not_to_every_piece():
-    """A 1,500-point pole (one xy) among 1,500 scattered points, 150 a tile: cut with overlap, the
-    pole was copied into both pieces at every depth, and 20 over-budget tiles held it whole."""
-    rng = np.random.default_rng(0)
-    pole = np.c_[np.full(1500, 20.0), np.full(1500, 20.0), np.linspace(0, 10, 1500)]
-    xyz = np.r_[rng.uniform([0, 0, 0], [40, 40, 5], (1500, 3)), pole]
-    sc = PointScene(xyz, np.zeros((len(xyz), 1), np.float32), tile_size=50.0, overlap=0.25, max_points=150)
-    whole = [t for t in sc.tiles if t.n_points > 150]
-    assert len(whole) == 1 and whole[0].n_points == 1500  # the pole, alone: it cannot be cut
-    assert sum(t.n_points for t in sc.tiles) < 9000  # 36,681 before
-    net = LinearPointNet()
-    labels, _ = run_windows(sc, net)
-    np.testing.assert_array_equal(labels, reference_labels(sc, net))
 
 
 def test_out_of_memory_while_the_ring_is_allocated_or_the_tiles_copied_is_retried(monkeypatch):

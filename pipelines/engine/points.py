@@ -1,46 +1,27 @@
 """``PointScene``: the scene domain of the engine (LiDAR sweeps and aggregated scenes).
 
-A scene is cut into overlapping square xy tiles (size and stride in metres); a tile
-holding more points than the budget is cut across its longer side into as few overlapping
-pieces as would fit it at its mean density (two pieces: its halves, overlapping by the grid's
-overlap fraction of the tile), and a piece still over budget is cut again. A dense cluster in
-the pieces' overlap would be copied into every piece, so a cut whose pieces hold far more
-points than an evenly filled tile's would (1.9x the tile's for two pieces), or that leaves one
-piece with over 90 % of them, is replaced by cuts at the points' quantiles (each piece the box
-of its points); points sharing one xy position cannot be cut, and their tile stays over budget.
-The points the tiles hold (each point counted once per tile holding it) thus grow linearly
-with the cuts of evenly filled tiles: 1.96x the scene's points on the 1.2M-point synthetic map
-at 150k points a tile (quartering gave 2.75x), and 21x rather than 94x at 50k points and
-overlap 0.5, where halving again and again multiplied them by ``1 + overlap`` per level; the
-cuts at the points likewise make several runs of points at once when two would not do (a
-20k-point blob at 1,000 a tile and overlap 0.5: 7.5x, not 86x). A tile whose points fill a
-thin band of its box (a road) is still cut as if they filled it, and halves again and again.
-Each tile runs through a point net (``net(Point) -> (n, K)`` logits) with coordinates
-made relative to the tile's centre. A point's logits from every tile that holds it are
-averaged in fp32 with weights that peak at the tile centre and fall linearly to a small
-floor at its edge, so a point near a tile border defers to the tile it is central in.
+A scene runs through a point net (``net(Point) -> (n, K)`` logits) tile by tile, in the order
+of a :class:`~pipelines.engine.tiling.TilePlan` (:func:`~pipelines.engine.tiling.plan_tiles`
+decides the tiles), with coordinates made relative to each tile's centre. A point's logits
+from every tile that holds it are averaged in fp32 with weights that peak at the tile centre
+and fall linearly to :data:`EDGE_WEIGHT` at its edge, so a point near a tile border defers to
+the tile it is central in.
 
-Memory: points are sorted by x once; tiles run column by column, and the points left of
-the next column are final as soon as that column starts, so their logits are reduced to
-labels and their slots cleared. The float accumulator holds one column band of points,
-not the scene: a ring allocated once with the widest band any tile needs (known from the
-plan), so no band-sized buffer is re-made per tile. Every point must be covered by some
-tile; the domain checks it.
+Memory: the accumulator holds one column band of x-sorted points, not the scene: a ring of
+``plan.ring`` rows allocated once; points before a column's first index are final when that
+column starts, so their logits are reduced to labels and their rows cleared. Every point must
+be covered by some tile; the domain checks it.
 
-oneDNN (torch's CPU kernels for GELU and others) caches a compiled kernel per input shape,
-up to 1024 of them, and every tile has its own point count, so each tile left a few cached
-kernels (about 0.5 MB of heap each) that fragmented the heap: peak memory grew with the
-number of tiles (about 70 bytes a point). ``segment_scene`` bounds that cache (see
-:func:`bounded_onednn_cache`).
+oneDNN (torch's CPU kernels) caches a compiled kernel per input shape and every tile has its
+own point count, so ``segment_scene`` bounds that cache (:func:`bounded_onednn_cache`) to keep
+the heap from fragmenting as the tiles pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +30,7 @@ import torch
 
 from medvit.errors import MedvitError, NonFiniteOutput
 from pipelines.engine.runner import EngineReport, ring_runs, run_windows
+from pipelines.engine.tiling import Tile, TilePlan, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +43,7 @@ EDGE_WEIGHT = 1e-3
 
 ONEDNN_CACHE_CAPACITY = 8
 """oneDNN primitive-cache size while a scene runs: enough for the kernels one batch of tiles
-reuses (3 shapes for FlatFormer, 6 for ConDaFormer); the default 1024 kept up to ~0.5 GB."""
+reuses (3 shapes for FlatFormer, 6 for ConDaFormer)."""
 
 _ONEDNN_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 _onednn_logged = False
@@ -93,32 +75,13 @@ def bounded_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> Iterator[None
         os.environ.pop(_ONEDNN_VAR, None)
 
 
-@dataclass(frozen=True)
-class Tile:
-    index: int
-    column: int
-    """Index of the tile column this tile belongs to (tiles run column by column)."""
-    x0: float
-    y0: float
-    width: float
-    """Extent along x in metres (tiles are square until a dense one is cut)."""
-    height: float
-    """Extent along y in metres."""
-    lo: int
-    """First index of the tile's column in the x-sorted order (points before it are in no later tile)."""
-    hi: int
-    """One past the largest x-sorted index among the tile's points (sizes the accumulator ring)."""
-    n_points: int
-
-
 @dataclass
 class TileBatch:
     """A batch of tiles as numpy arrays: what ``gather`` makes on the runner's copy thread.
 
     ``to(device)`` makes the net's :class:`~pointcloud.structure.Point` on the runner's own
-    thread. Tensors made on the copy thread cost the point nets 2.6x on the 2-core CPU: torch
-    ops there start a second OpenMP thread team, and the nets' thousands of small ops then
-    wait on threads of both teams (sparse_unet, 1M-point map: 23 s against 9 s).
+    thread: torch ops on the copy thread would start a second OpenMP thread team, whose threads
+    the nets' many small ops then wait on.
     """
 
     coords: list[np.ndarray]
@@ -132,50 +95,32 @@ class TileBatch:
         return Point.from_clouds(self.coords, self.feats, device=device)
 
 
-def _n_starts(extent: float, size: float, stride: float) -> int:
-    """How many tiles of ``size`` at ``stride`` cover ``extent`` along one axis (see :func:`_starts`)."""
-    return 1 if extent <= size else math.ceil((extent - size) / stride) + 1
-
-
-def _starts(lo: float, hi: float, size: float, stride: float) -> list[float]:
-    """Tile starts along one axis covering [lo, hi]: evenly spaced, the last flush with hi."""
-    if hi - lo <= size:
-        return [lo]
-    return [min(lo + i * stride, hi - size) for i in range(_n_starts(hi - lo, size, stride))]
-
-
-MAX_TILE_GRID = 4_000_000
-"""Tile positions a scene's xy extent may span (2,000 x 2,000: 75 km square at 50 m tiles and 0.25
-overlap). Past that the extent is almost always a few stray points (x = 1e30) far from the rest,
-and planning the tiles alone would not end."""
-
-
-def check_scene_extent(xyz: np.ndarray, tile_size: float, stride: float) -> None:
-    """MedvitError when the xy extent of ``xyz`` spans more than :data:`MAX_TILE_GRID` tile positions."""
-    lo, hi = xyz[:, :2].min(0), xyz[:, :2].max(0)
-    ext = hi - lo
-    n = math.prod(_n_starts(float(e), tile_size, stride) for e in ext)
-    if n > MAX_TILE_GRID:
-        raise MedvitError(f"the points span {ext[0]:.4g} m x {ext[1]:.4g} m, {n:.3g} tile positions of {tile_size:g} m "
-                          f"(at most {MAX_TILE_GRID:,}): stray points far from the rest? Crop them with point_range "
-                          "in the config, or use larger tiles")
-
-
 class PointScene:
-    """Overlapping xy tiles over one scene.
+    """The engine's domain for one scene: gathers each planned tile's points and accumulates
+    the net's logits per point.
 
     Args:
         xyz: ``(N, 3)`` coordinates in metres (float64 kept for UTM-size scenes).
         features: ``(N, F)`` float32 per-point features given to the net.
-        tile_size: tile edge in metres.
-        overlap: fraction of a tile shared with its neighbour, in [0, 1); or give ``stride``.
+        tile_size: tile edge in metres (default 50).
+        overlap: fraction of a tile shared with its neighbour, in [0, 1) (default 0.25); or give
+            ``stride``.
         stride: tile step in metres.
-        max_points: points budget per tile; denser tiles are cut across their longer side into
+        max_points: points budget per tile (default 200,000); denser tiles are cut into
             overlapping pieces until they fit. It also sizes the net's calls: consecutive tiles
             are packed into one call while they hold at most ``batch_size * max_points`` points
             together (see :meth:`batch_len`).
+        plan: the tiles to run, planned by :func:`~pipelines.engine.tiling.plan_tiles` from
+            ``xyz[:, :2]``; instead of ``tile_size``, ``overlap``, ``stride`` and ``max_points``,
+            from which the scene plans its own.
         num_classes: logits per point (checked against the net's output).
         coords_in_features: put the tile-relative ``x, y, z`` before the features given to the net.
+
+    Raises:
+        MedvitError: coordinates or features of the wrong shape, non-finite coordinates, or
+            tiling options :func:`~pipelines.engine.tiling.plan_tiles` refuses.
+        TypeError: both a plan and tiling options.
+        ValueError: a plan made for another number of points.
     """
 
     def __init__(
@@ -183,10 +128,11 @@ class PointScene:
         xyz: np.ndarray | torch.Tensor,
         features: np.ndarray | torch.Tensor,
         *,
-        tile_size: float = 50.0,
-        overlap: float = 0.25,
+        tile_size: float | None = None,
+        overlap: float | None = None,
         stride: float | None = None,
-        max_points: int = 200_000,
+        max_points: int | None = None,
+        plan: TilePlan | None = None,
         num_classes: int | None = None,
         coords_in_features: bool = False,
     ):
@@ -198,52 +144,26 @@ class PointScene:
             raise MedvitError(f"features must be (N={len(xyz)}, F), got shape {feats.shape}")
         if not np.isfinite(xyz).all():
             raise MedvitError("the scene has NaN or inf coordinates; drop them when reading")
-        if not (math.isfinite(tile_size) and tile_size > 0):
-            raise MedvitError(f"tile size must be a positive number of metres, got {tile_size}")
-        if stride is None:
-            if not 0 <= overlap < 1:
-                raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
-            stride = tile_size * (1 - overlap)
-        if not 0 < stride <= tile_size:
-            raise MedvitError(f"stride must lie in (0, tile size], got {stride}")
-        if not (math.isfinite(max_points) and max_points >= 1):
-            raise MedvitError(f"the points budget per tile must be at least 1, got {max_points}")
-        check_scene_extent(xyz, tile_size, stride)
+        if plan is None:
+            plan = plan_tiles(xyz[:, :2], tile_size=50.0 if tile_size is None else tile_size,
+                              overlap=0.25 if overlap is None else overlap, stride=stride,
+                              budget=200_000 if max_points is None else max_points)
+        elif (tile_size, overlap, stride, max_points) != (None,) * 4:
+            raise TypeError("give PointScene a plan or the tiling options (tile_size, overlap, stride, max_points), not both")
+        elif plan.n != len(xyz):
+            raise ValueError(f"the plan was made for {plan.n} points, the scene has {len(xyz)}")
         self.n = len(xyz)
-        # no sorted copies of the scene: the x-sort order and the sorted x (16 bytes a point)
         self.xyz, self.feats = xyz, feats
-        # x relative to the scene's minimum fits float32 to a fraction of a millimetre over
-        # kilometres, and the order fits int32: 8 bytes a point for the sweep index
-        self.x0 = float(xyz[:, 0].min())
-        rel = (xyz[:, 0] - self.x0).astype(np.float32)
-        order = np.argsort(rel, kind="stable")
-        self.order = order.astype(np.int32) if self.n < 2**31 else order
-        del order
-        self.xs = rel[self.order]
-        del rel
-        self._columns: dict[tuple[float, float], tuple[int, np.ndarray, np.ndarray]] = {}
-        self._columns_lock = threading.Lock()  # gather runs on the runner's copy thread
-        self._ready: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (members, weights), from gather
-        self.tile_size, self.stride, self.max_points = float(tile_size), float(stride), int(max_points)
-        self.overlap = 1 - self.stride / self.tile_size  # also when the stride was given
-        # the overlap a dense tile's pieces get, at most 0.5: near 1, pieces overlapping that much
-        # are countless (planning a 40 m scene at overlap 0.999999999 did not end)
-        self.cut_overlap = min(self.overlap, 0.5)
-        self.cut_share = 2 * self.cut_overlap / (1 + self.cut_overlap)  # of a piece, shared with its neighbour
+        self.plan = plan
+        self.tiles = plan.tiles
+        self.order = plan.order  # sorted index i is point order[i]
+        self.tile_size, self.stride, self.max_points, self.overlap = plan.tile_size, plan.stride, plan.budget, plan.overlap
         self.num_classes = num_classes
         self.coords_in_features = coords_in_features
         self.window_shape = ("tile", self.max_points)
-        self.tiles = self._plan()
-        self._col_lo: dict[int, int] = {}  # first sorted index any tile of a column can hold
-        for t in self.tiles:
-            self._col_lo[t.column] = min(self._col_lo.get(t.column, t.lo), t.lo)
-        # Ring size: before a tile is added, points below its column's start are final, so
-        # the live band is [done, largest index added so far); its widest extent over the
-        # run, replayed here in run order, is all the ring needs.
-        done, self._cap = 0, 1
-        for t in self.tiles:
-            done = max(done, self._col_lo[t.column])
-            self._cap = max(self._cap, t.hi - done)
+        self._col_lo = plan.column_lo  # first sorted index any tile of a column can hold
+        self._cap = plan.ring  # every tile's points lie in [_done, _done + _cap) when it is added
+        self._ready: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (members, weights), from gather
         self._next = 0
         self._done = 0  # sorted points [0, _done) are final
         self._acc: torch.Tensor | None = None  # (_cap, K) ring: sorted point i lives at row i % _cap
@@ -251,187 +171,6 @@ class PointScene:
         self._wsum = np.zeros(0, dtype=np.float32)
         self.uncovered = 0
         self.labels: np.ndarray | None = None
-
-    # ------------------------------------------------------------------ planning
-    def _column(self, x0: float, size: float) -> tuple[int, np.ndarray, np.ndarray]:
-        """Points with x in [x0, x0 + size]: (first sorted index, their y sorted, positions in that order).
-
-        Built once per column and kept while tiles of nearby columns run, so a tile's
-        members come from two binary searches instead of a scan of the column.
-        """
-        key = (x0, size)
-        with self._columns_lock:
-            return self._columns.get(key) or self._build_column(key)
-
-    def _build_column(self, key: tuple[float, float]) -> tuple[int, np.ndarray, np.ndarray]:
-        x0, size = key
-        # widened by one float32 step each way, so rounding never drops an edge point
-        lo = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 - self.x0), np.float32(-np.inf)), "left"))
-        hi = int(np.searchsorted(self.xs, np.nextafter(np.float32(x0 + size - self.x0), np.float32(np.inf)), "right"))
-        y = self.xyz[self.order[lo:hi], 1]
-        perm = np.argsort(y, kind="stable")
-        if len(self._columns) >= 8:  # columns are visited in x order: forget the oldest
-            self._columns.pop(next(iter(self._columns)))
-        self._columns[key] = (lo, y[perm], perm)
-        return self._columns[key]
-
-    def _members(self, x0: float, y0: float, width: float, height: float) -> np.ndarray:
-        """Sorted-order indices of the points in the tile [x0, x0 + width] × [y0, y0 + height]."""
-        lo, ys, perm = self._column(x0, width)
-        # widened a few float64 steps each way: the last tile's (hi - size) + size can round a
-        # couple of steps below hi (x is widened by a float32 step of its relative coordinate)
-        tol = 4 * np.finfo(np.float64).eps * (abs(y0) + height)
-        a, b = np.searchsorted(ys, y0 - tol, "left"), np.searchsorted(ys, y0 + height + tol, "right")
-        return lo + perm[a:b]
-
-    def _split(self, col: int, x0: float, y0: float, width: float, height: float, out: list[Tile],
-               depth: int, seen: set[tuple[float, float, float, float]], crowded: bool = False,
-               idx: np.ndarray | None = None) -> None:
-        """Append the tile [x0, x0 + width] × [y0, y0 + height] to ``out``, or its pieces when it
-        holds more than the budget; ``idx``: its members, when the caller has them already."""
-        if idx is None:
-            idx = self._members(x0, y0, width, height)
-        n = len(idx)
-        if n == 0:
-            return
-        if n > self.max_points and depth < 32:
-            # across the longer side, else across the other (points in a band along the longer one)
-            for along_x in ((width >= height, width < height) if not crowded else ()):
-                pieces, spread = self._pieces(x0, y0, width, height, n, along_x)
-                members = [self._members(*p) for p in pieces]
-                if not self._copies_too_many(members, n, spread) and max(map(len, members)) <= 0.9 * n:
-                    for p, m in zip(pieces, members):
-                        self._split(col, *p, out, depth + 1, seen, idx=m)
-                    return
-            # A poor cut: a dense cluster lies in the pieces' overlap, and cutting on would copy it
-            # into every piece, or in one piece, and the cut gained nothing. From here on this
-            # tile's pieces are cut at the points instead. (At 1.5x this also fired on the demo
-            # maps at 50k points a tile and cost mIoU; at 1.9x their plans were unchanged.)
-            # Far over budget, the points are cut into several runs at once (halving at the points
-            # level after level grew them by 1 + overlap a level: a 20k-point blob at 1,000 a tile and
-            # overlap 0.5 ran 86x its points); else, or when those runs' boxes overlap too much
-            # (a heavy coordinate value), into two.
-            for cut in (self._cut_at_ranks, lambda i: (self._cut_at_points(i, prefer_x=width >= height), None)):
-                pieces, spread = cut(idx)
-                members = [self._members(*box) for box in pieces]
-                # A piece's members are found by box, with x widened by a float32 step of the scene's
-                # x: points apart by less than that (micrometres a kilometre out) part in the cut but
-                # not in the boxes, and a piece holding them all made no progress; with it in `seen`,
-                # they were dropped from every tile.
-                if not pieces or not all(len(m) < n for m in members):
-                    continue
-                if spread is not None and self._copies_too_many(members, n, spread):
-                    continue
-                for box, m in zip(pieces, members):
-                    if box not in seen:  # another branch or tile may reach the same piece
-                        seen.add(box)
-                        self._split(col, *box, out, depth + 1, seen, crowded=True, idx=m)
-                return
-            # points sharing one xy position (to float32 precision) cannot be separated: their
-            # tile stays over budget
-        lo = self._column(x0, width)[0]  # the same (widened) bound the members come from
-        out.append(Tile(len(out), col, x0, y0, width, height, lo, int(idx.max()) + 1, n))
-
-    def _copies_too_many(self, members: list[np.ndarray], n: int, spread: float) -> bool:
-        """Whether pieces hold more of the tile's ``n`` points than a cut of an evenly filled tile
-        would, ``spread`` times them, allows: 1.9x the tile's points for two pieces, as many more
-        for more pieces as their wider overlap takes (a dense cluster in the overlap is copied
-        into every piece)."""
-        return sum(map(len, members)) > 1.9 * n * spread / (1 + self.cut_overlap)
-
-    def _pieces(self, x0: float, y0: float, width: float, height: float, n: int,
-                along_x: bool) -> tuple[list[tuple[float, float, float, float]], float]:
-        """Overlapping pieces of a tile along x (or y), as few as would each fit the budget if the
-        tile's ``n`` points were spread evenly, and how many times its points they hold then.
-
-        The target piece is square (side ``sqrt(area * budget / n)``) unless the tile is thinner
-        than that, so a tile far over budget is cut once into strips here and each strip once
-        across: the points the pieces hold grow linearly with the cuts, where halving again and
-        again multiplied them by ``1 + overlap`` per level (a 50 m tile of 1,500 points at 150 a
-        tile and overlap 0.5 ran 72x its points through the net). Neighbouring pieces share
-        ``2 overlap / (1 + overlap)`` of a piece, so two pieces are the halves the tile had before
-        (overlapping by the grid's overlap fraction of the tile; ``overlap`` here is
-        ``cut_overlap``, at most 0.5). A piece still over budget is cut again.
-        """
-        long, short = (width, height) if along_x else (height, width)
-        share = self.cut_share
-        target = max(math.sqrt(long * short * self.max_points / n), long * self.max_points / n)
-        k = max(2, math.ceil(1 + (long / target - 1) / (1 - share) - 1e-9))
-        size = long / ((k - 1) * (1 - share) + 1)
-        starts = [long - size if i == k - 1 else i * (long - size) / (k - 1) for i in range(k)]
-        if along_x:
-            pieces = [(x0 + a, y0, size, height) for a in starts]
-        else:
-            pieces = [(x0, y0 + a, width, size) for a in starts]
-        return pieces, k * size / long
-
-    def _cut_at_ranks(self, idx: np.ndarray) -> tuple[list[tuple[float, float, float, float]], float]:
-        """Three or more pieces of consecutive points along the longer side of the points' box,
-        as :meth:`_pieces` cuts a tile but counted in points rather than metres (each piece the
-        box of its run of points, neighbouring runs sharing ``2 overlap / (1 + overlap)`` of a
-        run), and how many times the points they hold; none when two pieces would do
-        (:meth:`_cut_at_points` makes those)."""
-        n = len(idx)
-        p = self.xyz[self.order[idx], :2]
-        ext = p.max(0) - p.min(0)
-        axis = 0 if ext[0] >= ext[1] else 1
-        long, short = float(ext[axis]), float(ext[1 - axis])
-        if long <= 0:
-            return [], 1.0
-        share = self.cut_share
-        frac = max(math.sqrt(short * self.max_points / (long * n)), self.max_points / n)
-        k = math.ceil(1 + (1 / frac - 1) / (1 - share) - 1e-9)
-        if k < 3:
-            return [], 1.0
-        run = math.ceil(n / ((k - 1) * (1 - share) + 1))
-        order = np.argsort(p[:, axis], kind="stable")
-        pieces = []
-        for i in range(k):
-            q = p[order[round(i * (n - run) / (k - 1)):][:run]]
-            a, b = q.min(0), q.max(0)
-            pieces.append((float(a[0]), float(a[1]), float(b[0] - a[0]), float(b[1] - a[1])))
-        return pieces, k * run / n
-
-    def _cut_at_points(self, idx: np.ndarray, prefer_x: bool) -> list[tuple[float, float, float, float]]:
-        """Two pieces cut at the points' quantiles rather than the tile's middle, for points
-        crowded into one spot: along x (or y), one piece holds the points up to the
-        ``0.5 + overlap / 2`` quantile and the other those from the ``0.5 - overlap / 2`` one, so each
-        holds about ``(1 + overlap) / 2`` of them as halves of an evenly filled tile do; each
-        piece is the box of its points. Empty when the points share one position on both axes.
-
-        ``overlap`` here is ``cut_overlap``. When more points than that share the band (many at
-        one coordinate: a pole, the scanner's origin), or the overlapping pieces would not part
-        the points (three points, two on one x), the cut is made without overlap instead: copied
-        into both pieces at every depth, such a group filled dozens of over-budget tiles (a
-        1,500-point pole among 1,500 points, 150 a tile: 20 tiles held it whole, 12x the scene's
-        points through the net)."""
-        p = self.xyz[self.order[idx], :2]
-        f = self.cut_overlap / 2
-        for axis in ((0, 1) if prefer_x else (1, 0)):
-            v = p[:, axis]
-            lo_q, hi_q = np.quantile(v, [0.5 - f, 0.5 + f])
-            parts = [p[v <= hi_q], p[v >= lo_q]]
-            heavy = len(parts[0]) + len(parts[1]) > (1 + self.cut_overlap) * len(p) + 1  # a heavy value in the band
-            if heavy or not all(0 < len(q) < len(p) for q in parts):  # or too few points to overlap
-                m = np.median(v)
-                cuts = [(v <= m, v > m), (v < m, v >= m)]  # the heavy value on one side only
-                parts = min(([p[a], p[b]] for a, b in cuts), key=lambda q: (min(map(len, q)) == 0, max(map(len, q))))
-            if all(0 < len(q) < len(p) for q in parts):
-                return [(float(a[0]), float(a[1]), float(b[0] - a[0]), float(b[1] - a[1]))
-                        for a, b in ((q.min(0), q.max(0)) for q in parts)]
-        return []
-
-    def _plan(self) -> list[Tile]:
-        lo, hi = self.xyz.min(0), self.xyz.max(0)
-        tiles: list[Tile] = []
-        seen: set[tuple[float, float, float, float]] = set()  # point boxes already cut
-        for col, x0 in enumerate(_starts(lo[0], hi[0], self.tile_size, self.stride)):
-            for y0 in _starts(lo[1], hi[1], self.tile_size, self.stride):
-                self._split(col, x0, y0, self.tile_size, self.tile_size, tiles, 0, seen)
-        # tiles run column by column; within a split column its pieces sort by x
-        tiles.sort(key=lambda t: (t.column, t.x0, t.y0))
-        self._columns.clear()
-        return [Tile(i, t.column, t.x0, t.y0, t.width, t.height, t.lo, t.hi, t.n_points) for i, t in enumerate(tiles)]
 
     # ---------------------------------------------------------------- domain API
     def windows(self) -> list[Tile]:
@@ -443,9 +182,8 @@ class PointScene:
 
         A tile holds at most ``max_points`` (unless its points share one xy position), so a call
         holds at least ``batch_size`` tiles (the budget the memory bound was set for), and a sparse
-        scene's many small tiles share calls instead of paying the net's per-call cost each
-        (the 1,065-point ``simple.las`` at 50 m tiles: 1,797 tiles, one call each, 18 s). The
-        nets treat each tile of a call as its own cloud.
+        scene's many small tiles share calls instead of paying the net's per-call cost each. The
+        nets treat each tile of a call as its own cloud. Always at least 1.
         """
         budget = batch_size * self.max_points
         last = min(len(self.tiles), start + batch_size * MAX_TILES_PER_CALL)
@@ -457,7 +195,7 @@ class PointScene:
 
     def _tile_points(self, t: Tile) -> tuple[np.ndarray, np.ndarray]:
         """Sorted indices of the tile's points and their weights."""
-        idx = self._members(t.x0, t.y0, t.width, t.height)
+        idx = self.plan.members(t)
         p = self.xyz[self.order[idx]]
         hx, hy = max(t.width / 2, 1e-9), max(t.height / 2, 1e-9)  # a cut point box can be a line
         dx = np.abs(p[:, 0] - (t.x0 + hx)) / hx

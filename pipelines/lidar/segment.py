@@ -16,7 +16,8 @@ from medvit.errors import InputError, about, listed
 from medvit.io import check_output_folder
 from medvit.io.writers import check_writable
 from pipelines.engine import EngineReport
-from pipelines.engine.points import check_scene_extent, segment_scene
+from pipelines.engine.points import segment_scene
+from pipelines.engine.tiling import check_scene_extent
 from pointcloud.checkpoint import LoadedPointNet
 from pointcloud.config import LAS_UNLABELLED, LAS_USER_CODES, LidarConfig
 from pointcloud.io import PointCloud, points_in_range, read_points, to_file_order, write_labels, write_las

@@ -17,7 +17,8 @@ import torch
 
 from medvit.data.datalist import read_datalist
 from medvit.errors import ConfigError, InputError, about, listed
-from pipelines.engine.points import check_scene_extent, segment_scene
+from pipelines.engine.points import segment_scene
+from pipelines.engine.tiling import check_scene_extent
 from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pipelines.lidar.segment import checkpoint_units, net_features, scan_features, train_labels
 from pointcloud.checkpoint import build_from_config, save_point_checkpoint
