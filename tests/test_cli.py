@@ -394,11 +394,8 @@ def test_skip_below_hu_and_tta(ckpt, phantom, tmp_path, capsys):
 def test_segment_says_when_it_runs_a_smaller_batch_after_out_of_memory(ckpt, phantom, tmp_path, capsys, monkeypatch):
     from pipelines.engine import runner
 
-    class Remembered(dict):  # every window shape on every device: batch 1 fitted last time
-        def setdefault(self, key, default=None):
-            return super().setdefault(key, runner._Learnt(batch=1))
-
-    monkeypatch.setattr(runner, "_LEARNT", Remembered())
+    # the command's engine has learnt, for every window shape on every device, that batch 1 fitted
+    monkeypatch.setattr(runner.Engine, "learnt", lambda self, device, shape: runner._Learnt(batch=1))
     code, stdout, err = run_cli(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
                                  "--batch-size", "2"], capsys)
     assert code == 0, err

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from medvit.errors import MedvitError, NonFiniteOutput
-from pipelines.engine.runner import EngineReport, ring_runs, run_windows
+from pipelines.engine.runner import Engine, EngineReport, ring_runs
+from pipelines.engine.settings import check_overlap
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,7 @@ class PointScene:
         if not (math.isfinite(tile_size) and tile_size > 0):
             raise MedvitError(f"tile size must be a positive number of metres, got {tile_size}")
         if stride is None:
-            if not 0 <= overlap < 1:
-                raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
-            stride = tile_size * (1 - overlap)
+            stride = tile_size * (1 - check_overlap(overlap))
         if not 0 < stride <= tile_size:
             raise MedvitError(f"stride must lie in (0, tile size], got {stride}")
         if not (math.isfinite(max_points) and max_points >= 1):
@@ -484,12 +483,12 @@ class PointScene:
         n = sum(t.n_points for t in ts)
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise MedvitError(f"the point net returned {got} for {n} points in {len(ts)} tile(s); expected ({n}, K)")
+            raise ValueError(f"the point net returned {got} for {n} points in {len(ts)} tile(s); expected ({n}, K)")
         if out.shape[1] < 1:
-            raise MedvitError(f"the point net returned 0 classes for {n} points; expected one logit per class")
+            raise ValueError(f"the point net returned 0 classes for {n} points; expected one logit per class")
         k = self.num_classes
         if k is not None and out.shape[1] != k:
-            raise MedvitError(f"the point net returned {out.shape[1]} classes per point; expected {k}")
+            raise ValueError(f"the point net returned {out.shape[1]} classes per point; expected {k}")
         if not bool(torch.isfinite(out).all()):
             bad = ts[0]
             start = 0
@@ -552,7 +551,7 @@ class PointScene:
             self._finalize_until(self._col_lo[t.column])
             idx, w = ready if ready is not None else self._tile_points(t)
             if t.hi - self._done > self._cap:  # the plan sized the ring for run order
-                raise MedvitError(f"tile {t.index} reaches past the accumulator ring of {self._cap} points; this is a tiling bug")
+                raise RuntimeError(f"tile {t.index} reaches past the accumulator ring of {self._cap} points; this is a tiling bug")
             pos = idx % self._cap
             rel = torch.as_tensor(pos, device=self._acc.device)
             wt = torch.as_tensor(w, device=self._acc.device)
@@ -563,29 +562,28 @@ class PointScene:
     def finalize(self) -> np.ndarray:
         self._finalize_until(self.n)
         if self.uncovered:
-            raise MedvitError(f"{self.uncovered} of {self.n} points were not covered by any tile; this is a tiling bug")
+            raise RuntimeError(f"{self.uncovered} of {self.n} points were not covered by any tile; this is a tiling bug")
         return self.labels
 
 
 def segment_scene(
+    engine: Engine,
     xyz: np.ndarray,
     features: np.ndarray,
     net,
     *,
     tile_size: float = 50.0,
-    overlap: float = 0.25,
     max_points: int = 200_000,
-    batch_size: int = 1,
-    device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     coords_in_features: bool = False,
 ):
-    """Per-point labels for a whole scene through the engine; returns ``(labels (N,), report)``."""
-    scene = PointScene(xyz, features, tile_size=tile_size, overlap=overlap, max_points=max_points,
+    """Per-point labels for a whole scene through ``engine`` (its settings give the tiles' overlap,
+    the batch size, the device and autocast); returns ``(labels (N,), report)``."""
+    if not isinstance(engine, Engine):
+        raise TypeError(f"segment_scene takes an Engine first, got {type(engine).__name__}")
+    scene = PointScene(xyz, features, tile_size=tile_size, overlap=engine.settings.overlap, max_points=max_points,
                        coords_in_features=coords_in_features)
     rep = EngineReport(windows_planned=len(scene.tiles))
     with bounded_onednn_cache():
-        labels, rep = run_windows(scene, net, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
-                                  progress=progress, desc="tiles", report=rep)
+        labels, rep = engine.run(scene, net, progress=progress, desc="tiles", report=rep)
     return labels, rep
