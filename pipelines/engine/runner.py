@@ -248,120 +248,127 @@ class Engine:
         Raises MedvitError when one window does not fit the device even with accumulation on the
         CPU; whatever the predictor or the domain raises passes through.
         """
-        settings = self.settings
-        batch_size, device, amp_dtype = settings.batch_size, settings.device, settings.amp_dtype
-        rep = report or EngineReport()
-        wins = list(domain.windows())
-        rep.windows_run = len(wins)
-        learnt = self.learnt(device, domain.window_shape)
-        bs = min(batch_size, learnt.batch or batch_size)
-        if bs < batch_size:
-            rep.notes.append(f"batch {bs}: remembered from an earlier out-of-memory error")
-        single = learnt.single  # one window a call: set by an out-of-memory error at batch 1 on a packed batch
-        if single:
-            rep.notes.append("one window a call: remembered from an earlier out-of-memory error")
-        classes: int | None = None  # the output's channels, once the net has answered
-        pin = device.type == "cuda"
+        return _run_windows(self, domain, predictor, progress=progress, prefetch=prefetch, desc=desc, report=report,
+                            full_batches=full_batches)
 
-        def load(ws: Sequence[Any]) -> Any:
-            x = domain.gather(ws)
-            if not isinstance(x, torch.Tensor):  # a record (a scene's tiles): made into tensors by `take`
-                return x
-            if pin and x.device.type == "cpu":
-                x = x.pin_memory()
-            return x.to(device, non_blocking=pin)
 
-        def take(pending: Future | Callable[[], Any]) -> Any:
-            x = pending.result() if isinstance(pending, Future) else pending()
-            # records become tensors here, on this thread: torch ops on the copy thread start a
-            # second OpenMP thread team that slows the net's small ops (measured: scene.TileBatch)
-            return x if isinstance(x, torch.Tensor) else x.to(device)
+def _run_windows(engine: Engine, domain: Domain, predictor: Callable[[torch.Tensor], torch.Tensor], *, progress: bool,
+                 prefetch: bool, desc: str, report: EngineReport | None, full_batches: bool) -> tuple[Any, EngineReport]:
+    """:meth:`Engine.run`'s loop."""
+    settings = engine.settings
+    batch_size, device, amp_dtype = settings.batch_size, settings.device, settings.amp_dtype
+    rep = report or EngineReport()
+    wins = list(domain.windows())
+    rep.windows_run = len(wins)
+    learnt = engine.learnt(device, domain.window_shape)
+    bs = min(batch_size, learnt.batch or batch_size)
+    if bs < batch_size:
+        rep.notes.append(f"batch {bs}: remembered from an earlier out-of-memory error")
+    single = learnt.single  # one window a call: set by an out-of-memory error at batch 1 on a packed batch
+    if single:
+        rep.notes.append("one window a call: remembered from an earlier out-of-memory error")
+    classes: int | None = None  # the output's channels, once the net has answered
+    pin = device.type == "cuda"
 
-        pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    def load(ws: Sequence[Any]) -> Any:
+        x = domain.gather(ws)
+        if not isinstance(x, torch.Tensor):  # a record (a scene's tiles): made into tensors by `take`
+            return x
+        if pin and x.device.type == "cpu":
+            x = x.pin_memory()
+        return x.to(device, non_blocking=pin)
 
-        def submit(start: int, size: int) -> tuple[int, Future | Callable[[], Any]] | None:
-            """Start loading the batch at ``start`` on the copy thread, or (no prefetch) defer it to
-            ``take``, inside the loop's out-of-memory handling: a crop of an input already on the GPU
-            can run out of memory too. Returns (its window count, its future or loader)."""
-            if start >= len(wins):
-                return None
-            n = _batch_len(domain, wins, start, size, single)
-            ws = wins[start : start + n]
-            return n, (pool.submit(load, ws) if pool is not None else lambda: load(ws))
+    def take(pending: Future | Callable[[], Any]) -> Any:
+        x = pending.result() if isinstance(pending, Future) else pending()
+        # records become tensors here, on this thread: torch ops on the copy thread start a
+        # second OpenMP thread team that slows the net's small ops (measured: scene.TileBatch)
+        return x if isinstance(x, torch.Tensor) else x.to(device)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(wins), disable=not progress, desc=desc, unit="win", dynamic_ncols=True)
-        i = 0
-        pending = submit(0, bs)
-        with AdaptiveThreads() as threads:  # fewer torch threads while other jobs hold cores
-            try:
-                while i < len(wins):
-                    n, loading = pending
-                    batch = wins[i : i + n]
-                    x = None
-                    try:
-                        x = take(loading)  # inside the try: the copy to the device may not fit either
-                        pending = submit(i + n, bs)  # the next batch loads while this one runs
-                        filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
-                        if filled:  # inside the try: on a GPU the full batch may not fit
-                            x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
-                        tm = time.perf_counter()
-                        with torch.no_grad(), autocast_context(device, amp_dtype):
-                            out = full_resolution(predictor(x))
-                            if filled:
-                                out = out[: len(batch)]
-                        sync_device(device)
-                        rep.model_seconds += time.perf_counter() - tm
-                        domain.check(batch, out)
-                        if classes is None:
-                            classes = int(out.shape[1])
-                            size = _accumulator_bytes(domain, classes)
-                            if learnt.cpu_from is not None and size is not None and size >= learnt.cpu_from:
-                                if domain.accumulate_on_cpu():
-                                    rep.notes.append("accumulating on the CPU: remembered from an earlier out-of-memory error")
-                        domain.accumulate(batch, out)
-                    except torch.OutOfMemoryError:
-                        rep.oom_events += 1
-                        x = out = None
-                        if pending is not None and isinstance(pending[1], Future):
-                            pending[1].cancel()
-                            with contextlib.suppress(Exception):
-                                pending[1].result()
-                        pending = None
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        if bs > 1:
-                            bs //= 2
-                            learnt.batch = bs
-                            rep.notes.append(f"out of memory: batch size lowered to {bs}")
-                        elif len(batch) > 1 and not single:
-                            single = learnt.single = True
-                            rep.notes.append("out of memory at batch 1: one window a call")
-                        elif domain.accumulate_on_cpu():
-                            size = _accumulator_bytes(domain, classes) if classes is not None else None
-                            if size is not None:
-                                learnt.cpu_from = size if learnt.cpu_from is None else min(learnt.cpu_from, size)
-                            rep.notes.append("out of memory at batch 1: accumulating on the CPU")
-                        else:
-                            raise MedvitError(
-                                f"out of memory on {device} with one window of {tuple(domain.window_shape)} and "
-                                "accumulation already on the CPU; use a smaller window or another device"
-                            ) from None
-                        pending = submit(i, bs)
-                        continue
-                    i += len(batch)
-                    rep.calls += 1
-                    bar.update(len(batch))
-                    threads.tick()
-                result = domain.finalize()
-            finally:
-                bar.close()
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
-        rep.seconds = time.perf_counter() - t0
-        rep.batch_size = bs
-        if device.type == "cuda":
-            rep.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))
-        return result, rep
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+
+    def submit(start: int, size: int) -> tuple[int, Future | Callable[[], Any]] | None:
+        """Start loading the batch at ``start`` on the copy thread, or (no prefetch) defer it to
+        ``take``, inside the loop's out-of-memory handling: a crop of an input already on the GPU
+        can run out of memory too. Returns (its window count, its future or loader)."""
+        if start >= len(wins):
+            return None
+        n = _batch_len(domain, wins, start, size, single)
+        ws = wins[start : start + n]
+        return n, (pool.submit(load, ws) if pool is not None else lambda: load(ws))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(wins), disable=not progress, desc=desc, unit="win", dynamic_ncols=True)
+    i = 0
+    pending = submit(0, bs)
+    with AdaptiveThreads() as threads:  # fewer torch threads while other jobs hold cores
+        try:
+            while i < len(wins):
+                n, loading = pending
+                batch = wins[i : i + n]
+                x = None
+                try:
+                    x = take(loading)  # inside the try: the copy to the device may not fit either
+                    pending = submit(i + n, bs)  # the next batch loads while this one runs
+                    filled = full_batches and isinstance(x, torch.Tensor) and x.shape[0] < bs
+                    if filled:  # inside the try: on a GPU the full batch may not fit
+                        x = torch.cat([x, x[-1:].expand(bs - x.shape[0], *x.shape[1:])])
+                    tm = time.perf_counter()
+                    with torch.no_grad(), autocast_context(device, amp_dtype):
+                        out = full_resolution(predictor(x))
+                        if filled:
+                            out = out[: len(batch)]
+                    sync_device(device)
+                    rep.model_seconds += time.perf_counter() - tm
+                    domain.check(batch, out)
+                    if classes is None:
+                        classes = int(out.shape[1])
+                        size = _accumulator_bytes(domain, classes)
+                        if learnt.cpu_from is not None and size is not None and size >= learnt.cpu_from:
+                            if domain.accumulate_on_cpu():
+                                rep.notes.append("accumulating on the CPU: remembered from an earlier out-of-memory error")
+                    domain.accumulate(batch, out)
+                except torch.OutOfMemoryError:
+                    rep.oom_events += 1
+                    x = out = None
+                    if pending is not None and isinstance(pending[1], Future):
+                        pending[1].cancel()
+                        with contextlib.suppress(Exception):
+                            pending[1].result()
+                    pending = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if bs > 1:
+                        bs //= 2
+                        learnt.batch = bs
+                        rep.notes.append(f"out of memory: batch size lowered to {bs}")
+                    elif len(batch) > 1 and not single:
+                        single = learnt.single = True
+                        rep.notes.append("out of memory at batch 1: one window a call")
+                    elif domain.accumulate_on_cpu():
+                        size = _accumulator_bytes(domain, classes) if classes is not None else None
+                        if size is not None:
+                            learnt.cpu_from = size if learnt.cpu_from is None else min(learnt.cpu_from, size)
+                        rep.notes.append("out of memory at batch 1: accumulating on the CPU")
+                    else:
+                        raise MedvitError(
+                            f"out of memory on {device} with one window of {tuple(domain.window_shape)} and "
+                            "accumulation already on the CPU; use a smaller window or another device"
+                        ) from None
+                    pending = submit(i, bs)
+                    continue
+                i += len(batch)
+                rep.calls += 1
+                bar.update(len(batch))
+                threads.tick()
+            result = domain.finalize()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    rep.seconds = time.perf_counter() - t0
+    rep.batch_size = bs
+    if device.type == "cuda":
+        rep.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))
+    return result, rep
