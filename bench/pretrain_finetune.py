@@ -39,12 +39,14 @@ def _curve(run: Path) -> tuple[list[float], list[tuple[int, float]]]:
 def _test_dice(ckpt: Path, phantoms: Path, test: list[dict], labels: dict, out: Path) -> float:
     from medvit.checkpoint import load_checkpoint
     from pipelines.volume.evaluate import evaluate_files
-    from pipelines.volume.segment import segment_case
+    from pipelines.engine import Engine
+    from pipelines.volume.segment import segment_case, volume_settings
 
     model = load_checkpoint(ckpt)
+    engine = Engine(volume_settings(model.config, device="cpu"))
     scores = []
     for item in test:
-        r = segment_case([str(phantoms / item["image"])], model, out, device="cpu")
+        r = segment_case([str(phantoms / item["image"])], model, out, engine=engine)
         rep = evaluate_files(r.labels_path, phantoms / item["label"], labels=labels)
         scores.append(np.mean([rep["labels"][labels[k]]["dice"] for k in sorted(labels) if k]))
     return float(np.mean(scores))

@@ -49,6 +49,7 @@ from medvit.io import atomic_path, make_output_folder
 from medvit.checkpoint import nonfinite_key
 from medvit.io.writers import check_writable
 from pipelines.ddp import shard
+from pipelines.engine.settings import autocast_dtype
 from pipelines.threads import AdaptiveThreads
 
 if TYPE_CHECKING:
@@ -113,8 +114,9 @@ class TrainResult:
 
 
 def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """Autocast on CUDA in :func:`~pipelines.engine.settings.autocast_dtype` when ``enabled``; off otherwise."""
+    dtype = autocast_dtype(device) if enabled else None
+    if dtype is not None:
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast(device.type, enabled=False)
 
@@ -227,7 +229,7 @@ def fit(task: Task, net: torch.nn.Module, tc: TrainConfig, *, device: str | torc
     total_steps = steps_per_epoch * tc.epochs
     warmup = steps_per_epoch * tc.warmup_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=warmup, total=total_steps))
-    scaler = torch.amp.GradScaler("cuda", enabled=tc.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.amp and autocast_dtype(device) == torch.float16)
 
     epoch, batch_in_epoch, global_step = 0, 0, 0
     best_metric, best_epoch = None, None

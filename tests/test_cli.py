@@ -1,6 +1,7 @@
 """The command line: user errors exit 2 with one line and no traceback, and write nothing."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,27 @@ def test_segment_output_that_is_a_file_or_cannot_be_made(ckpt, phantom, tmp_path
     for hu in ("nan", "inf"):  # nan skipped every window and wrote all background
         assert_user_error(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
                            "--skip-below-hu", hu], capsys, "--skip-below-hu must be a finite HU value", out_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize("command", ["segment", "batch"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--overlap", "1.5", "--overlap must lie in [0, 1), got 1.5"),
+    ("--overlap", "-0.1", "--overlap must lie in [0, 1), got -0.1"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+])
+def test_bad_inference_options_name_the_option_before_the_checkpoint_is_read(command, option, value, message, phantom,
+                                                                             tmp_path, capsys):
+    """Checked before the checkpoint (here a file that does not exist) is loaded."""
+    err = assert_user_error([command, str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "none"),
+                             option, value], capsys, message, out_dir=tmp_path / "o")
+    assert "none" not in err
+
+
+def test_lidar_segment_names_a_bad_overlap_before_the_checkpoint_is_read(tmp_path, capsys):
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.zeros((4, 3), np.float32))
+    assert_user_error(["lidar", "segment", str(scan), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "none"),
+                       "--overlap", "1.0"], capsys, "--overlap must lie in [0, 1), got 1.0", out_dir=tmp_path / "o")
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +354,37 @@ def test_console_script_exit_status(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 
+BROKEN_ENGINE = """
+import sys
+
+from pipelines.engine.dense import DenseGrid
+
+DenseGrid.windows = lambda self: []  # the runner is handed no window of a grid that has windows to run
+from pipelines.cli import main
+
+main(sys.argv[1:])
+"""
+
+
+def test_a_broken_invariant_is_a_bug_with_a_traceback_not_a_user_error(ckpt, phantom, tmp_path):
+    """Our own bug (an engine invariant broken, here by the wrapper script) exits 1 with its
+    traceback; a user error through the same script still exits 2 with one line."""
+    script = tmp_path / "broken_engine.py"
+    script.write_text(BROKEN_ENGINE)
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's code, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, str(script), "segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+            "--no-progress"]
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" in r.stderr and "RuntimeError: finalize before any window was accumulated" in r.stderr
+    assert "medvit: error" not in r.stderr
+    assert not (tmp_path / "o" / "case_seg.nii.gz").exists()
+    r = subprocess.run(args + ["--overlap", "1.5"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == "medvit: error: --overlap must lie in [0, 1), got 1.5\n"
+
+
 def test_skip_below_hu_and_tta(ckpt, phantom, tmp_path, capsys):
     out = tmp_path / "o"
     code, stdout, err = run_cli(["segment", str(phantom), "-o", str(out), "--checkpoint", str(ckpt), "--skip-below-hu", "5000"], capsys)
@@ -347,11 +400,8 @@ def test_skip_below_hu_and_tta(ckpt, phantom, tmp_path, capsys):
 def test_segment_says_when_it_runs_a_smaller_batch_after_out_of_memory(ckpt, phantom, tmp_path, capsys, monkeypatch):
     from pipelines.engine import runner
 
-    class Remembered(dict):  # every window shape on every device: batch 1 fitted last time
-        def setdefault(self, key, default=None):
-            return super().setdefault(key, runner._Learnt(batch=1))
-
-    monkeypatch.setattr(runner, "_LEARNT", Remembered())
+    # the command's engine has learnt, for every window shape on every device, that batch 1 fitted
+    monkeypatch.setattr(runner.Engine, "learnt", lambda self, device, shape: runner._Learnt(batch=1))
     code, stdout, err = run_cli(["segment", str(phantom), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
                                  "--batch-size", "2"], capsys)
     assert code == 0, err

@@ -8,9 +8,20 @@ import pytest
 import torch
 
 from medvit.errors import MedvitError
-from pipelines.engine import PointScene, run_windows, segment_scene
+from pipelines.engine import Engine, InferenceSettings, PointScene, segment_scene
 from pipelines.engine import points as scene_module
 from pipelines.engine.tiling import plan_tiles
+
+
+def run(domain, net, batch_size=4, engine=None):
+    """A domain through a fresh engine with ``batch_size`` (or ``engine``, keeping what it learnt)."""
+    settings = InferenceSettings(batch_size=batch_size)
+    return (Engine(settings) if engine is None else engine.with_settings(settings)).run(domain, net)
+
+
+def labels_of(xyz, feats, net, *, overlap=0.25, batch_size=1, **kw):
+    """``segment_scene`` through a fresh engine with these settings."""
+    return segment_scene(Engine(InferenceSettings(overlap=overlap, batch_size=batch_size)), xyz, feats, net, **kw)
 
 
 class LinearPointNet(torch.nn.Module):
@@ -53,7 +64,7 @@ def test_labels_equal_full_memory_reference_and_input_order():
     xyz, feats = scene()
     net = LinearPointNet()
     sc = PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000)
-    labels, rep = run_windows(sc, net, batch_size=3)
+    labels, rep = run(sc, net, batch_size=3)
     assert labels.shape == (len(xyz),) and labels.dtype == np.uint8
     ref = reference_labels(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net)
     assert (labels == ref).mean() > 0.999  # float32 vs float64 sums may flip exact ties only
@@ -66,7 +77,7 @@ def test_labels_follow_points_through_the_sort():
     cls = np.random.default_rng(2).integers(0, 5, len(xyz))
     feats = np.c_[feats, cls].astype(np.float32)
     onehot = lambda p: torch.nn.functional.one_hot(p.feat[:, 2].long(), 5).float()  # noqa: E731
-    labels, _ = segment_scene(xyz, feats, onehot, tile_size=25.0, overlap=0.3, max_points=500, batch_size=2)
+    labels, _ = labels_of(xyz, feats, onehot, tile_size=25.0, overlap=0.3, max_points=500, batch_size=2)
     assert np.array_equal(labels, cls)
 
 
@@ -83,7 +94,7 @@ def test_small_tiles_share_calls_up_to_the_points_budget():
 
     sc = PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=40)
     assert len(sc.tiles) > 300
-    labels, rep = run_windows(sc, counting, batch_size=2)
+    labels, rep = run(sc, counting, batch_size=2)
     assert sum(b for b, _ in sizes) == len(sc.tiles) == rep.windows_run and rep.calls == len(sizes)
     assert len(sizes) < len(sc.tiles) / 5
     assert max(n for _, n in sizes) <= 2 * 40
@@ -97,9 +108,6 @@ def test_small_tiles_share_calls_up_to_the_points_budget():
 def test_one_tile_a_call_after_out_of_memory_is_remembered_for_the_next_scene(monkeypatch):
     """Packed calls that run out of memory at batch 1 fall back to one tile a call; the next
     scene on the same device and budget starts there instead of paying the error again."""
-    from pipelines.engine import runner
-
-    monkeypatch.setattr(runner, "_LEARNT", {})
     xyz, feats = scene(n=600, extent=(400.0, 200.0), seed=6)
     net = LinearPointNet(seed=6)
 
@@ -109,10 +117,11 @@ def test_one_tile_a_call_after_out_of_memory_is_remembered_for_the_next_scene(mo
         return net(p)
 
     kw = dict(tile_size=20.0, overlap=0.25, max_points=40)
-    ref, _ = run_windows(PointScene(xyz, feats, **kw), net, batch_size=1)
-    first, rep = run_windows(PointScene(xyz, feats, **kw), one_tile_only, batch_size=1)
+    ref, _ = run(PointScene(xyz, feats, **kw), net, batch_size=1)
+    engine = Engine()
+    first, rep = run(PointScene(xyz, feats, **kw), one_tile_only, batch_size=1, engine=engine)
     assert rep.oom_events == 1 and "one window a call" in rep.notes[-1]
-    again, rep2 = run_windows(PointScene(xyz, feats, **kw), one_tile_only, batch_size=1)
+    again, rep2 = run(PointScene(xyz, feats, **kw), one_tile_only, batch_size=1, engine=engine)
     assert rep2.oom_events == 0 and rep2.calls == rep2.windows_run and "remembered" in rep2.notes[0]
     assert np.array_equal(first, ref) and np.array_equal(again, ref)
 
@@ -146,7 +155,7 @@ def test_labels_over_cut_tiles_equal_the_full_memory_reference(kind):
     sc = PointScene(xyz, feats, **kw)
     assert any(t.width < kw["tile_size"] or t.height < kw["tile_size"] for t in sc.tiles)
     net = LinearPointNet()
-    labels, _ = run_windows(sc, net, batch_size=2)
+    labels, _ = run(sc, net, batch_size=2)
     assert sc.uncovered == 0
     np.testing.assert_array_equal(labels, reference_labels(sc, net))
 
@@ -158,8 +167,8 @@ def test_a_plan_made_apart_runs_to_the_same_labels():
     sc = PointScene(xyz, feats, plan=plan)
     assert sc.tiles is plan.tiles and sc.max_points == 800 and sc.window_shape == ("tile", 800)
     net = LinearPointNet(seed=3)
-    got, _ = run_windows(sc, net, batch_size=2)
-    want, _ = run_windows(PointScene(xyz, feats, **kw), net, batch_size=2)
+    got, _ = run(sc, net, batch_size=2)
+    want, _ = run(PointScene(xyz, feats, **kw), net, batch_size=2)
     np.testing.assert_array_equal(got, want)
     with pytest.raises(TypeError, match="not both"):
         PointScene(xyz, feats, plan=plan, tile_size=30.0)
@@ -178,7 +187,7 @@ def test_accumulator_holds_a_band_not_the_scene():
         peak[0] = max(peak[0], sc._acc.shape[0])
 
     sc.accumulate = spy
-    run_windows(sc, LinearPointNet(), batch_size=1)
+    run(sc, LinearPointNet(), batch_size=1)
     assert peak[0] < len(xyz) / 5  # about two tile widths of a 400 m scene
 
 
@@ -194,24 +203,28 @@ def test_center_weights_favour_the_tile_a_point_is_central_in():
     [
         (np.zeros((0, 3)), {}, "N > 0"),
         (np.array([[0.0, np.nan, 0.0]]), {}, "NaN"),
-        (np.zeros((3, 3)), {"overlap": 1.0}, "overlap"),
         (np.zeros((3, 3)), {"max_points": 0}, "budget"),
-        (np.zeros((3, 3)), {"tile_size": 0}, "tile size"),
-        (np.zeros((3, 3)), {"tile_size": float("nan")}, "tile size"),
+        (np.zeros((3, 3)), {"tile_size": 0}, "tile_size"),
+        (np.zeros((3, 3)), {"tile_size": float("nan")}, "tile_size"),
         (np.zeros((3, 3)), {"max_points": float("nan")}, "budget"),
     ],
 )
 def test_bad_scenes(xyz, kwargs, match):
-    with pytest.raises(MedvitError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         PointScene(xyz, np.zeros((len(xyz), 1)), **kwargs)
+
+
+def test_a_bad_overlap_is_a_bad_argument():
+    with pytest.raises(ValueError, match=r"overlap must lie in \[0, 1\), got 1.0"):
+        PointScene(np.zeros((3, 3)), np.zeros((3, 1)), overlap=1.0)
 
 
 def test_bad_net_outputs_are_named():
     xyz, feats = scene(n=500)
-    with pytest.raises(MedvitError, match="expected"):
-        segment_scene(xyz, feats, lambda p: torch.zeros(3, 4), tile_size=50.0)
-    with pytest.raises(MedvitError, match="0 classes"):
-        segment_scene(xyz, feats, lambda p: torch.zeros(p.num_points, 0), tile_size=50.0)
+    with pytest.raises(ValueError, match="expected"):
+        labels_of(xyz, feats, lambda p: torch.zeros(3, 4), tile_size=50.0)
+    with pytest.raises(ValueError, match="0 classes"):
+        labels_of(xyz, feats, lambda p: torch.zeros(p.num_points, 0), tile_size=50.0)
 
     def nan_net(p):
         out = torch.zeros(p.num_points, 3)
@@ -219,7 +232,7 @@ def test_bad_net_outputs_are_named():
         return out
 
     with pytest.raises(MedvitError, match=r"NaN or inf for the tile at x="):
-        segment_scene(xyz, feats, nan_net, tile_size=50.0)
+        labels_of(xyz, feats, nan_net, tile_size=50.0)
 
 
 def test_points_on_tile_edges_at_utm_scale():
@@ -231,7 +244,7 @@ def test_points_on_tile_edges_at_utm_scale():
     feats = rng.uniform(0, 1, (len(x), 1)).astype(np.float32)
     net = LinearPointNet()
     sc = PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=400)
-    labels, _ = run_windows(sc, net, batch_size=2)
+    labels, _ = run(sc, net, batch_size=2)
     ref = reference_labels(PointScene(xyz, feats, tile_size=20.0, overlap=0.25, max_points=400), net)
     assert sc.uncovered == 0 and (labels == ref).mean() > 0.999
 
@@ -254,13 +267,13 @@ def test_accumulator_ring_is_as_wide_as_the_widest_band_and_wraps():
         widest[0] = max(widest[0], reached[0] - sc._done)  # live band: [done, furthest point added)
 
     sc.accumulate = spy
-    labels, _ = run_windows(sc, onehot, batch_size=2)
+    labels, _ = run(sc, onehot, batch_size=2)
     assert sc._acc.shape[0] == sc._cap == widest[0]
     assert len(xyz) > 10 * sc._cap  # wrapped many times
     assert np.array_equal(labels, cls) and sc.uncovered == 0
     assert not sc._acc.any() and not sc._wsum.any()  # every row cleared when its point was final
     net = LinearPointNet()
-    labels, _ = run_windows(PointScene(xyz, feats[:, :2], tile_size=10.0, overlap=0.25, max_points=60), net, batch_size=3)
+    labels, _ = run(PointScene(xyz, feats[:, :2], tile_size=10.0, overlap=0.25, max_points=60), net, batch_size=3)
     ref = reference_labels(PointScene(xyz, feats[:, :2], tile_size=10.0, overlap=0.25, max_points=60), net)
     assert (labels == ref).mean() > 0.999
 
@@ -275,12 +288,12 @@ def test_onednn_cache_bound_holds_for_the_run_only(monkeypatch):
         return torch.zeros(p.num_points, 3)
 
     xyz, feats = scene(n=500)
-    segment_scene(xyz, feats, net, tile_size=50.0)
+    labels_of(xyz, feats, net, tile_size=50.0)
     assert seen and set(seen) == {str(scene_module.ONEDNN_CACHE_CAPACITY)}
     assert var not in os.environ  # removed afterwards: child processes do not inherit it
     monkeypatch.setenv(var, "1024")  # a value the user set wins and stays
     seen.clear()
-    segment_scene(xyz, feats, net, tile_size=50.0)
+    labels_of(xyz, feats, net, tile_size=50.0)
     assert set(seen) == {"1024"} and os.environ[var] == "1024"
 
 
@@ -294,7 +307,7 @@ def test_tile_members_are_found_once_and_survive_an_out_of_memory_retry(monkeypa
     original = PointScene._tile_points
     monkeypatch.setattr(PointScene, "_tile_points", lambda self, t: calls.append(t.index) or original(self, t))
     sc = PointScene(xyz, feats, **kw)
-    ref, _ = run_windows(sc, net, batch_size=2)
+    ref, _ = run(sc, net, batch_size=2)
     assert sorted(calls) == [t.index for t in sc.tiles] and not sc._ready
 
     def picky(p):
@@ -303,7 +316,7 @@ def test_tile_members_are_found_once_and_survive_an_out_of_memory_retry(monkeypa
         return net(p)
 
     sc = PointScene(xyz, feats, **kw)
-    labels, rep = run_windows(sc, picky, batch_size=2)
+    labels, rep = run(sc, picky, batch_size=2)
     assert rep.oom_events >= 1 and np.array_equal(labels, ref) and not sc._ready
 
 
@@ -323,9 +336,9 @@ def test_tiles_are_gathered_as_arrays_and_made_into_tensors_on_the_runner_thread
         return to(self, device)
 
     net = LinearPointNet()
-    want, _ = run_windows(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net, batch_size=2)
+    want, _ = run(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net, batch_size=2)
     monkeypatch.setattr(scene_module.TileBatch, "to", spy)
-    got, _ = run_windows(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net, batch_size=2)
+    got, _ = run(PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000), net, batch_size=2)
     assert made_on and all(t is threading.main_thread() for t in made_on)
     np.testing.assert_array_equal(got, want)
 
@@ -333,13 +346,10 @@ def test_tiles_are_gathered_as_arrays_and_made_into_tensors_on_the_runner_thread
 def test_out_of_memory_while_the_ring_is_allocated_or_the_tiles_copied_is_retried(monkeypatch):
     """Out of memory in the accumulator's first allocation, or in the copy of a batch to the
     device, is handled like one in the net: the retry gives the same labels."""
-    from pipelines.engine import runner
-
     xyz, feats = scene(seed=5)
     net = LinearPointNet(seed=5)
     kw = dict(tile_size=30.0, overlap=0.5, max_points=1000)  # several calls, a few tiles each
-    monkeypatch.setattr(runner, "_LEARNT", {})  # each run starts at batch 2
-    ref, _ = run_windows(PointScene(xyz, feats, **kw), net, batch_size=2)
+    ref, _ = run(PointScene(xyz, feats, **kw), net, batch_size=2)
 
     zeros, failed = torch.zeros, []
 
@@ -350,10 +360,9 @@ def test_out_of_memory_while_the_ring_is_allocated_or_the_tiles_copied_is_retrie
         return zeros(*a, **k)
 
     monkeypatch.setattr(scene_module.torch, "zeros", zeros_once)
-    labels, rep = run_windows(PointScene(xyz, feats, **kw), net, batch_size=2)
+    labels, rep = run(PointScene(xyz, feats, **kw), net, batch_size=2)
     monkeypatch.setattr(scene_module.torch, "zeros", zeros)
     assert failed and rep.oom_events == 1 and np.array_equal(labels, ref)
-    runner._LEARNT.clear()
 
     to, copies = scene_module.TileBatch.to, []
 
@@ -364,5 +373,14 @@ def test_out_of_memory_while_the_ring_is_allocated_or_the_tiles_copied_is_retrie
         return to(self, device)
 
     monkeypatch.setattr(scene_module.TileBatch, "to", to_once)
-    labels, rep = run_windows(PointScene(xyz, feats, **kw), net, batch_size=2)
+    labels, rep = run(PointScene(xyz, feats, **kw), net, batch_size=2)
     assert rep.oom_events == 1 and np.array_equal(labels, ref)
+
+
+def test_a_broken_plan_is_a_bug_with_its_traceback_not_a_user_error():
+    xyz, feats = scene(n=2000)
+    sc = PointScene(xyz, feats, tile_size=30.0, overlap=0.5, max_points=10_000)
+    sc._cap = 1  # as if the plan had sized the accumulator ring too small
+    with pytest.raises(RuntimeError, match="this is a tiling bug") as e:
+        run(sc, LinearPointNet())
+    assert not isinstance(e.value, MedvitError)

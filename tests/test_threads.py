@@ -101,7 +101,7 @@ def test_bad_interval():
 
 
 def test_the_engine_gives_way_and_puts_threads_back(monkeypatch, two_threads):
-    from pipelines.engine import segment_volume
+    from pipelines.engine import Engine, InferenceSettings, segment_volume
 
     m = FakeMachine(monkeypatch)
     seen = []
@@ -112,6 +112,7 @@ def test_the_engine_gives_way_and_puts_threads_back(monkeypatch, two_threads):
             m.run(3.0, ours=1, others=1.5)  # another job holds more than a core while each window runs
             return torch.cat([-x, x], 1)
 
-    segment_volume(torch.zeros(1, 20, 8, 8), Net(), roi_size=(8, 8, 8), batch_size=1, overlap=0.0, progress=False)
+    engine = Engine(InferenceSettings(batch_size=1, overlap=0.0))
+    segment_volume(engine, torch.zeros(1, 20, 8, 8), Net(), roi_size=(8, 8, 8), progress=False)
     assert seen[0] == 2 and seen[-1] == 1  # the first window ran before anything was measured
     assert torch.get_num_threads() == 2

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from medvit.errors import MedvitError
-from pipelines.engine.runner import autocast_context, sync_device
+from pipelines.engine.runner import Engine, autocast_context, sync_device
+from pipelines.engine.settings import InferenceSettings
 
 NETS = {
     "unetr": dict(name="unetr", options={"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}),
@@ -115,19 +116,20 @@ def _timed(net, device: torch.device, model_s: list[float]):
     return timed
 
 
-def _ours(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, amp,
-          full_batches: bool = False) -> tuple[np.ndarray, dict]:
-    """Our engine on ``x``; ``skip`` is ``(skip_below, skip_source)`` from :func:`_input`;
-    ``full_batches`` for a compiled net (one batch shape, see ``run_windows``)."""
+def _ours(case: Case, net, x: torch.Tensor, skip: list, engine, full_batches: bool = False) -> tuple[np.ndarray, dict]:
+    """Our engine on ``x``; ``skip`` is ``(skip_below, skip_source)`` from :func:`_input`; ``engine``
+    the worker's (see :func:`worker`), run with ``case``'s batch and overlap; ``full_batches`` for a
+    compiled net (one batch shape, see :meth:`~pipelines.engine.runner.Engine.run`)."""
     from pipelines.engine import segment_volume
 
+    engine = engine.with_settings(batch_size=case.our_batch or case.batch, overlap=case.overlap)
+    device = engine.settings.device
     model_s = [0.0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    grid, rep = segment_volume(x, _timed(net, device, model_s), roi_size=(case.roi,) * 3, batch_size=case.our_batch or case.batch,
-                               overlap=case.overlap, output=case.output, skip_below=skip[0], skip_source=skip[1], device=device,
-                               amp_dtype=amp, full_batches=full_batches)
+    grid, rep = segment_volume(engine, x, _timed(net, device, model_s), roi_size=(case.roi,) * 3, output=case.output,
+                               skip_below=skip[0], skip_source=skip[1], full_batches=full_batches)
     out = grid.labels.numpy() if case.output == "labels" else grid.scores.numpy()
     return out, {"seconds": time.perf_counter() - t0, "model_seconds": model_s[0], "windows": rep.windows_run,
                  "skipped": rep.windows_skipped, "input_device": rep.input_device, "notes": rep.notes,
@@ -246,9 +248,10 @@ def _labels_agree(a: np.ndarray, b: np.ndarray, output: str) -> float:
     return float((a.argmax(0) == b.argmax(0)).mean() if output == "scores" else (a == b).mean())
 
 
-def _sped_up(case: Case, net, x: torch.Tensor, skip: list, device: torch.device, amp, labels: np.ndarray) -> dict:
+def _sped_up(case: Case, net, x: torch.Tensor, skip: list, engine, labels: np.ndarray) -> dict:
     """``case.speedups`` step by step on one batch, then our engine again with all that worked (at
     the fastest batch of ``case.batch_sweep``), and with ``fp32_reference`` once more in fp32."""
+    device, amp = engine.settings.device, engine.settings.amp_dtype
     rows, fast = model_steps(case, net, x, device, amp)
     extra: dict = {"steps": rows}
     if fast is None:
@@ -265,11 +268,11 @@ def _sped_up(case: Case, net, x: torch.Tensor, skip: list, device: torch.device,
     fast_batch = fast_case.our_batch or fast_case.batch
     if compiled and fast_batch != case.batch:  # compile for the engine's batch shape, untimed
         extra["compile_engine_batch_s"] = _time_batch(fast, _window_batch(case, x, fast_batch, device), device, amp, 1)[1]
-    fast_labels, fast_run = _ours(fast_case, fast, x, skip, device, amp, full_batches=compiled)
+    fast_labels, fast_run = _ours(fast_case, fast, x, skip, engine, full_batches=compiled)
     extra["fast"] = {**fast_run, "batch": fast_batch, "speedups": applied,
                      "labels_equal_plain": _labels_agree(fast_labels, labels, case.output)}
     if amp is not None and case.fp32_reference:
-        ref_labels, ref_run = _ours(case, net, x, skip, device, None)
+        ref_labels, ref_run = _ours(case, net, x, skip, engine.with_settings(amp=False))
         extra["fp32"] = {"seconds": ref_run["seconds"], "model_seconds": ref_run["model_seconds"],
                          "labels_equal_plain_bf16": _labels_agree(labels, ref_labels, case.output),
                          "labels_equal_fast": _labels_agree(fast_labels, ref_labels, case.output)}
@@ -290,10 +293,13 @@ def worker(impl: str, case: Case, out: Path) -> dict:
     rss_before = _peak_rss_bytes()
     extra: dict = {}
     if impl == "ours":
-        labels, run = _ours(case, net, x, skip, device, amp)
+        # one engine for the worker's runs: what out-of-memory taught the plain run carries over
+        engine = Engine(InferenceSettings(overlap=case.overlap, batch_size=case.our_batch or case.batch, device=device,
+                                          amp=amp if amp is not None else False))
+        labels, run = _ours(case, net, x, skip, engine)
         run["peak_rss"] = _peak_rss_bytes()  # before the speed-up runs add nets of their own
         if case.speedups:
-            extra = _sped_up(case, net, x, skip, device, amp, labels)
+            extra = _sped_up(case, net, x, skip, engine, labels)
     else:
         from monai.inferers import sliding_window_inference
 

@@ -110,11 +110,12 @@ def measure(kind: str, net, backbone: str, source: str, dev: torch.device, tile:
         tiles = calls = 1
         notes: list[str] = []
     else:
+        from pipelines.engine import Engine, InferenceSettings
         from pipelines.engine.points import segment_scene
 
+        engine = Engine(InferenceSettings(overlap=0.25, batch_size=1, device=dev))
         t0 = time.perf_counter()
-        _, rep = segment_scene(xyz, feats, net, tile_size=tile, overlap=0.25, max_points=150_000, device=dev,
-                               coords_in_features=True)
+        _, rep = segment_scene(engine, xyz, feats, net, tile_size=tile, max_points=150_000, coords_in_features=True)
         seconds = time.perf_counter() - t0
         tiles, calls, notes = rep.windows_run, rep.calls, rep.notes  # notes: out-of-memory fallbacks
     return {"kind": kind, "backbone": backbone, "source": source, "points": int(len(xyz)), "seconds": seconds,

@@ -11,9 +11,7 @@ import typer
 from medvit.errors import MedvitError
 from pipelines.cli.app import bench_app
 from pipelines.cli.options import (
-    check_hu,
     check_output_file,
-    check_overlap,
     json_writer,
     parse_triple,
     pick_device,
@@ -43,6 +41,7 @@ def bench_engine(
 ) -> None:
     """Our engine against MONAI's sliding_window_inference: time, model floor, windows, peak memory, agreement."""
     from pipelines.bench.engine import NETS, Case, compare, format_result, machine
+    from pipelines.engine import check_options
 
     if model not in NETS:
         raise MedvitError(f"--model must be one of {', '.join(NETS)}, got {model!r}")
@@ -50,10 +49,10 @@ def bench_engine(
         raise MedvitError(f"{input}: no such file or DICOM folder")
     if output not in ("labels", "scores"):
         raise MedvitError(f"--output must be labels or scores, got {output!r}")
-    check_hu(skip_below_hu)
+    check_options(skip_below_hu=skip_below_hu)
     if skip_below_hu is not None and input is None:
         raise MedvitError("--skip-below-hu needs --input (a CT in HU); random input has no HU")
-    check_overlap(overlap)
+    check_options(overlap=overlap)
     if classes < 1:
         raise MedvitError(f"--classes must be at least 1, got {classes}")
     if batch < 1 or (our_batch is not None and our_batch < 1):

@@ -12,7 +12,6 @@ import typer
 from medvit.errors import MedvitError
 from pipelines.cli.app import lidar_app
 from pipelines.cli.options import (
-    check_overlap,
     echo_trained,
     naming_config,
     notes_line,
@@ -66,14 +65,11 @@ def lidar_segment(
     progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
 ) -> None:
     """Per-point labels for each scan, in the scan's point order and count."""
-    from pipelines.lidar.segment import check_scan_outputs, segment_scan
+    from pipelines.engine import Engine, check_options
+    from pipelines.lidar.segment import check_scan_outputs, scene_settings, segment_scan
     from pointcloud.checkpoint import load_point_checkpoint
 
-    check_overlap(overlap)
-    if tile_size is not None and not (math.isfinite(tile_size) and tile_size > 0):
-        raise MedvitError(f"--tile-size must be a positive number of metres, got {tile_size}")
-    if max_points is not None and max_points < 1:
-        raise MedvitError(f"--max-points must be at least 1, got {max_points}")
+    check_options(overlap=overlap, tile_size=tile_size, max_points=max_points)
     if bin_columns is not None and not 3 <= bin_columns <= 64:
         raise MedvitError(f"--bin-columns must be 3..64 (x, y, z and up to 61 more), got {bin_columns}")
     if not math.isfinite(z_offset):
@@ -84,6 +80,7 @@ def lidar_segment(
     protect = check_scan_outputs(scans, out, label_format)
     dev = pick_device(device)
     model = load_point_checkpoint(checkpoint, device=dev)
+    engine = Engine(scene_settings(model.config, device=dev, overlap=overlap))
     fills = _parse_fill(fill or [], model.config.features, checkpoint)
     if intensity_scale != 1.0 and "intensity" not in model.config.features:
         raise MedvitError(f"--intensity-scale: {checkpoint} reads no intensity (its features: "
@@ -91,7 +88,7 @@ def lidar_segment(
     for s in scans:  # a scan that fails stops the run here; the earlier scans' outputs stay
         r = segment_scan(s, model, out, label_format=label_format, protect=protect, bin_columns=bin_columns,
                          z_offset=z_offset, intensity_scale=intensity_scale, strict=strict, fill=fills,
-                         tile_size=tile_size, overlap=overlap, max_points=max_points, device=dev, progress=progress)
+                         engine=engine, tile_size=tile_size, max_points=max_points, progress=progress)
         extra = []
         if r.n_dropped:
             extra.append(f"{r.n_dropped:,} with NaN/inf coordinates")

@@ -1,10 +1,11 @@
-"""Options and checks the commands share: typer option types, the device, overlap and HU checks."""
+"""Options and checks the commands share: typer option types, the device check. The inference
+options (``--overlap``, ``--batch-size``, ``--skip-below-hu``) are checked by
+:func:`pipelines.engine.settings.check_options`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -67,16 +68,6 @@ def naming_config(config: Path):
         if str(e).startswith(str(config)):
             raise
         raise ConfigError(f"{config}: {e}") from None
-
-
-def check_overlap(overlap: float | None) -> None:
-    if overlap is not None and not 0 <= overlap < 1:
-        raise MedvitError(f"--overlap must lie in [0, 1), got {overlap}")
-
-
-def check_hu(skip_below_hu: float | None) -> None:
-    if skip_below_hu is not None and not math.isfinite(skip_below_hu):  # nan skipped every window, silently
-        raise MedvitError(f"--skip-below-hu must be a finite HU value such as -500, got {skip_below_hu}")
 
 
 def echo_trained(res, metric: str) -> None:

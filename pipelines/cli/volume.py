@@ -23,9 +23,7 @@ from pipelines.cli.options import (
     SkipBelowHuOpt,
     Tilt,
     TtaOpt,
-    check_hu,
     check_output_file,
-    check_overlap,
     echo_trained,
     naming_config,
     notes_line,
@@ -110,20 +108,19 @@ def segment(
     """Segment INPUTS; writes NAME_seg.nii.gz label maps in each input's geometry, each with a NAME_seg.json of its provenance."""
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
-    from pipelines.volume.segment import segment_inputs
+    from pipelines.engine import Engine, check_options
+    from pipelines.volume.segment import segment_inputs, volume_settings
 
-    if batch_size is not None and batch_size < 1:
-        raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
-    check_overlap(overlap)
-    check_hu(skip_below_hu)
+    check_options(batch_size=batch_size, overlap=overlap, skip_below_hu=skip_below_hu)  # before a slow load
     if seg_type is not None and not dicom_seg:
         raise MedvitError("--seg-type chooses the DICOM SEG's type; it needs --dicom-seg")
     dev = pick_device(device)
     cfg = load_config(config) if config is not None else None
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
-    kw = dict(device=dev, overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite.value,
-              stats=stats, preview=preview, resample=resample.value, skip_below_hu=skip_below_hu, tta=tta,
-              progress=progress, strict=strict, tilt=tilt.value, dicom_seg=dicom_seg,
+    engine = Engine(volume_settings(model.config, device=dev, overlap=overlap, batch_size=batch_size,
+                                    skip_below_hu=skip_below_hu, tta=tta))
+    kw = dict(engine=engine, series=series, nonfinite=nonfinite.value, stats=stats, preview=preview,
+              resample=resample.value, progress=progress, strict=strict, tilt=tilt.value, dicom_seg=dicom_seg,
               seg_type=(seg_type or SegType.binary).value, rtstruct=rtstruct)
     results = segment_inputs([i.split(",") for i in inputs], model, out, overwrite=overwrite,
                              record={"config": str(config.resolve()) if config is not None else None}, **kw)
@@ -166,14 +163,13 @@ def batch(
 ) -> int:
     """Segment a cohort on Ray: one folder per case id, a cohort table, reruns skip the cases done.
     Exit status 0 when every case is done, 10 + the number of failed cases (at most 109) otherwise."""
+    from pipelines.engine import check_options
     from pipelines.volume.batch import exit_status, run_batch
 
-    if batch_size is not None and batch_size < 1:
-        raise MedvitError(f"--batch-size must be at least 1, got {batch_size}")
+    check_options(batch_size=batch_size)
     if threads is not None and threads < 1:
         raise MedvitError(f"--threads must be at least 1, got {threads}")
-    check_overlap(overlap)
-    check_hu(skip_below_hu)
+    check_options(overlap=overlap, skip_below_hu=skip_below_hu)
     if seg_type is not None and not dicom_seg:
         raise MedvitError("--seg-type chooses the DICOM SEG's type; it needs --dicom-seg")
     res = run_batch(source, out, checkpoint, config=config, root=root, split=split, workers=workers, address=address,

@@ -24,18 +24,10 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-from medvit.errors import MedvitError, NonFiniteOutput
-from pipelines.engine.runner import EngineReport, check_batch_size, mirrored, ring_runs, run_windows
-
-_IMPORTANCE: dict[tuple, torch.Tensor] = {}
-
-
-def importance_map(roi: tuple[int, ...], mode: str, sigma_scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """MONAI's importance map for ``roi``, cached per (roi, mode, sigma, dtype, device)."""
-    key = (tuple(roi), mode, float(sigma_scale), dtype, str(device))
-    if key not in _IMPORTANCE:
-        _IMPORTANCE[key] = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device=device, dtype=dtype)
-    return _IMPORTANCE[key]
+from medvit.errors import NonFiniteOutput
+from pipelines.engine.runner import Engine, EngineReport, mirrored, ring_runs
+from pipelines.engine.checks import per_axis
+from pipelines.engine.settings import MODES, InferenceSettings
 
 
 def scan_interval(image: Sequence[int], roi: Sequence[int], overlap: Sequence[float]) -> tuple[int, ...]:
@@ -50,12 +42,50 @@ class Window:
     """First voxel of the window in the padded volume."""
 
 
+def as_roi(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """``roi_size`` (one size for all three axes, or three) as three positive ints; ValueError otherwise."""
+    roi = (int(roi_size),) * 3 if isinstance(roi_size, (int, np.integer)) else tuple(int(r) for r in roi_size)
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"roi_size must be three positive sizes, got {roi_size}")
+    return roi
+
+
+def plan_windows(shape: Sequence[int], roi_size: int | Sequence[int], overlap: float | Sequence[float] = 0.5, *,
+                 step: int | Sequence[int] | None = None) -> list[Window]:
+    """The windows over a volume of spatial ``shape``, as MONAI's ``sliding_window_inference`` places them.
+
+    The volume is first padded to at least ``roi_size`` along each axis (as MONAI and
+    :class:`DenseGrid` do); window starts are voxels of that padded volume. Windows are evenly
+    spaced, ``int(roi * (1 - overlap))`` apart (at least 1; the roi where it fills the axis), the
+    last flush with the end, and returned sorted by start (``index`` is their position), so that
+    every voxel lies in some window. ``step`` (voxels per axis, at most the roi) replaces
+    ``overlap``. A pure function of its arguments; ValueError for a bad one.
+    """
+    roi = as_roi(roi_size)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be three positive sizes, got {tuple(shape)}")
+    padded = tuple(max(int(s), r) for s, r in zip(shape, roi))
+    if step is not None:
+        steps = (int(step),) * 3 if isinstance(step, (int, np.integer)) else tuple(int(s) for s in step)
+        if len(steps) != 3 or min(steps) < 1:
+            raise ValueError(f"step must be three sizes of at least 1 voxel, got {step}")
+        if any(s > r for s, r in zip(steps, roi)):
+            raise ValueError(f"step {steps} is larger than the roi {roi} in an axis: voxels between "
+                             "windows would get no score")
+    else:
+        steps = scan_interval(padded, roi, per_axis(overlap))
+    slices = dense_patch_slices(padded, roi, steps, return_slice=False)
+    starts = sorted(tuple(int(v) for v in s[:, 0]) for s in np.asarray(slices))
+    return [Window(i, s) for i, s in enumerate(starts)]
+
+
 def label_dtype(n_classes: int) -> torch.dtype:
+    """The label map's dtype for ``n_classes``: uint8, or int32 past 256; ValueError past 65536."""
     if n_classes <= 256:
         return torch.uint8
     if n_classes <= 65536:
         return torch.int32  # stored as uint16 on disk; torch's uint16 lacks argmax/indexing support
-    raise MedvitError(f"{n_classes} classes do not fit a 16-bit label map")
+    raise ValueError(f"{n_classes} classes do not fit a 16-bit label map")
 
 
 class DenseGrid:
@@ -77,6 +107,12 @@ class DenseGrid:
         skip_source: ``(C', D, H, W)`` on the image's grid to test ``skip_below`` on instead of
             the image (say, HU before a clipping window, which cannot tell -500 from -1000).
         accumulate_device: where the float slab lives; default the device windows run on.
+        importance: ``(roi, mode, sigma_scale, dtype, device) -> map``, the source of the blending
+            weights (an :class:`~pipelines.engine.runner.Engine`'s cached ``importance_map``);
+            default MONAI's, computed once per device by this grid.
+
+    Raises ValueError (TypeError for an image that is not a tensor) for a bad argument; the
+    windows come from :func:`plan_windows`.
     """
 
     def __init__(
@@ -94,30 +130,23 @@ class DenseGrid:
         skip_source: torch.Tensor | None = None,
         accumulate_device: torch.device | str | None = None,
         pad_value: float = 0.0,
+        importance: Callable[..., torch.Tensor] | None = None,
     ):
-        if not isinstance(image, torch.Tensor) or image.ndim != 4:
-            got = f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
-            raise MedvitError(f"DenseGrid takes a (C, D, H, W) torch tensor, got {got}")
-        roi = (int(roi_size),) * 3 if isinstance(roi_size, (int, np.integer)) else tuple(int(r) for r in roi_size)
-        if len(roi) != 3 or min(roi) < 1:
-            raise MedvitError(f"roi_size must be three positive sizes, got {roi_size}")
-        ov = tuple(float(o) for o in (overlap if isinstance(overlap, Sequence) else (overlap,) * 3))
-        if len(ov) == 1:
-            ov *= 3
-        if len(ov) != 3:  # zip would silently plan windows on fewer axes and leave voxels unscored
-            raise MedvitError(f"overlap must be one value or one per spatial axis (3), got {overlap}")
-        if any(not 0 <= o < 1 for o in ov):
-            raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
-        if mode not in ("gaussian", "constant"):
-            raise MedvitError(f"mode must be gaussian or constant, got {mode!r}")
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"DenseGrid takes a (C, D, H, W) torch tensor, got {type(image).__name__}")
+        if image.ndim != 4:
+            raise ValueError(f"DenseGrid takes a (C, D, H, W) torch tensor, got shape {tuple(image.shape)}")
+        roi = as_roi(roi_size)
+        if mode not in MODES:
+            raise ValueError(f"mode must be gaussian or constant, got {mode!r}")
         if output not in ("labels", "scores", "both"):
-            raise MedvitError(f"output must be labels, scores or both, got {output!r}")
+            raise ValueError(f"output must be labels, scores or both, got {output!r}")
         self.original_shape = tuple(image.shape[1:])
         # MONAI's padding: split the shortfall, the smaller half first
         self.pad = [((max(r - s, 0)) // 2, max(r - s, 0) - (max(r - s, 0)) // 2) for s, r in zip(self.original_shape, roi)]
         if skip_source is not None and (skip_source.ndim != 4 or tuple(skip_source.shape[1:]) != self.original_shape):
-            raise MedvitError(f"skip_source must be (C, {', '.join(map(str, self.original_shape))}) like the image, "
-                              f"got {tuple(skip_source.shape)}")
+            raise ValueError(f"skip_source must be (C, {', '.join(map(str, self.original_shape))}) like the image, "
+                             f"got {tuple(skip_source.shape)}")
         flat = [p for a, b in reversed(self.pad) for p in (a, b)]
         if skip_below is not None and skip_source is None and any(flat):
             skip_source = image  # tested apart from the image, so that its zero padding cannot count as foreground
@@ -129,26 +158,17 @@ class DenseGrid:
         self.shape = tuple(image.shape[1:])
         self.window_shape = (image.shape[0], *roi)
         self.roi = roi
-        if step is not None:
-            self.step = (int(step),) * 3 if isinstance(step, (int, np.integer)) else tuple(int(s) for s in step)
-            if len(self.step) != 3 or min(self.step) < 1:
-                raise MedvitError(f"step must be three sizes of at least 1 voxel, got {step}")
-            if any(s > r for s, r in zip(self.step, roi)):
-                raise MedvitError(f"step {self.step} is larger than the roi {roi} in an axis: voxels between "
-                                  "windows would get no score")
-        else:
-            self.step = scan_interval(self.shape, roi, ov)
-        slices = dense_patch_slices(self.shape, roi, self.step, return_slice=False)
-        starts = sorted(tuple(int(v) for v in s[:, 0]) for s in np.asarray(slices))
+        self.all_windows = plan_windows(self.original_shape, roi, overlap, step=step)
         self.mode, self.sigma_scale = mode, sigma_scale
+        self._importance = importance if importance is not None else self._own_importance
+        self._maps: dict[tuple, torch.Tensor] = {}
         self.output, self.scores_path = output, Path(scores_path) if scores_path is not None else None
         self._scores_tmp: Path | None = None  # the memory map is written here and renamed by finalize
         if self.scores_path is not None and self.scores_path.suffix != ".npy":  # np.load reads it back; nothing else here
-            raise MedvitError(f"{self.scores_path}: class scores are written as a .npy file")
+            raise ValueError(f"{self.scores_path}: class scores are written as a .npy file")
         if self.scores_path is not None and not self.scores_path.parent.is_dir():
-            raise MedvitError(f"{self.scores_path.parent}: no such folder for the class scores")
+            raise ValueError(f"{self.scores_path.parent}: no such folder for the class scores")
         self.acc_device = torch.device(accumulate_device) if accumulate_device is not None else None
-        self.all_windows = [Window(i, s) for i, s in enumerate(starts)]
         if skip_below is not None:
             src = self.image if skip_source is None else skip_source
             self.run = [w for w in self.all_windows if bool((self._crop(w, src) > skip_below).any())]
@@ -163,6 +183,12 @@ class DenseGrid:
         self.n_classes: int | None = None
         self.labels: torch.Tensor | None = None
         self.scores: torch.Tensor | np.ndarray | None = None
+
+    def _own_importance(self, roi, mode, sigma_scale, dtype, device) -> torch.Tensor:
+        key = (dtype, str(device))
+        if key not in self._maps:
+            self._maps[key] = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device=device, dtype=dtype)
+        return self._maps[key]
 
     # ---------------------------------------------------------------- domain API
     def windows(self) -> list[Window]:
@@ -179,11 +205,11 @@ class DenseGrid:
         want = (len(ws), *self.roi)
         if not isinstance(out, torch.Tensor) or out.ndim != 5 or (out.shape[0], *out.shape[2:]) != want:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise MedvitError(f"the predictor returned {got} for a batch of {len(ws)} windows; expected ({len(ws)}, K, {', '.join(map(str, self.roi))})")
+            raise ValueError(f"the predictor returned {got} for a batch of {len(ws)} windows; expected ({len(ws)}, K, {', '.join(map(str, self.roi))})")
         if out.shape[1] < 1:
-            raise MedvitError(f"the predictor returned 0 channels for a batch of {len(ws)} windows; expected one per class")
+            raise ValueError(f"the predictor returned 0 channels for a batch of {len(ws)} windows; expected one per class")
         if self.n_classes is not None and out.shape[1] != self.n_classes:
-            raise MedvitError(f"the predictor returned {out.shape[1]} channels, earlier windows had {self.n_classes}")
+            raise ValueError(f"the predictor returned {out.shape[1]} channels, earlier windows had {self.n_classes}")
         finite = torch.isfinite(out).flatten(1).all(1)
         if not bool(finite.all()):
             bad = ws[int((~finite).nonzero()[0])]
@@ -242,7 +268,7 @@ class DenseGrid:
         if self.n_classes is None:
             self._setup(out)
         dev = self.acc_device
-        imp = importance_map(self.roi, self.mode, self.sigma_scale, torch.float32, dev)
+        imp = self._importance(self.roi, self.mode, self.sigma_scale, torch.float32, dev)
         weighted = out.to(dev, torch.float32) * imp  # allocated before any sum changes
         rd, rh, rx = self.roi
         for j, w in enumerate(ws):
@@ -292,8 +318,8 @@ class DenseGrid:
             self._lo = c1  # per chunk: a retry after an out-of-memory error resumes here
 
     def finalize(self) -> DenseGrid:
-        if self.n_classes is None:
-            raise MedvitError("no window was run: every window was skipped as empty, so there is no output to stitch")
+        if self.n_classes is None:  # segment_volume finishes an all-skipped grid without the runner
+            raise RuntimeError("finalize before any window was accumulated: no output to stitch")
         self._finalize_until(self.shape[0])  # (already done after the last window; a no-op then)
         self._publish_scores()
         return self
@@ -307,8 +333,8 @@ class DenseGrid:
             self.labels = empty_result_labels(self.original_shape)
         if self.output in ("scores", "both"):
             if n_classes is None:
-                raise MedvitError("every window was skipped as empty, so the predictor never said how many classes "
-                                  "it has: pass n_classes for the zero class scores")
+                raise ValueError("every window was skipped as empty, so the predictor never said how many classes "
+                                 "it has: pass n_classes for the zero class scores")
             self.scores = self._zero_scores((int(n_classes), *self.original_shape))
             self._publish_scores()
         return self
@@ -337,62 +363,62 @@ def fits_on_device(image: torch.Tensor, device: torch.device) -> bool:
 
 
 def segment_volume(
+    engine: Engine,
     image: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
     *,
     roi_size: int | Sequence[int],
-    batch_size: int = 4,
-    overlap: float = 0.5,
-    mode: str = "gaussian",
     output: Literal["labels", "scores", "both"] = "labels",
     scores_path: str | Path | None = None,
     skip_below: float | None = None,
     skip_source: torch.Tensor | None = None,
-    mirror_axes: Sequence[int] = (),
-    device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
+    n_classes: int | None = None,
     input_on_device: bool | None = None,
     full_batches: bool = False,
-    n_classes: int | None = None,
+    progress: bool = False,
 ) -> tuple[DenseGrid, EngineReport]:
-    """Sliding-window inference over one ``(C, D, H, W)`` volume through the engine.
+    """Sliding-window inference over one ``(C, D, H, W)`` volume through ``engine``.
 
+    The engine's settings give the overlap, blending mode and sigma, batch size, device,
+    autocast and mirror axes (flip test-time augmentation); its cache gives the importance map.
     Returns the finished :class:`DenseGrid` (``.labels`` and/or ``.scores``, ``.skipped``)
-    and the run's :class:`EngineReport`. ``mirror_axes`` turns on flip test-time
-    augmentation over those spatial axes. ``input_on_device``: copy the whole input to the
+    and the run's :class:`EngineReport`. ``skip_below``/``skip_source``: see :class:`DenseGrid`.
+    ``input_on_device``: copy the whole input to the
     GPU once and crop windows there, with no copy thread (default: when it takes at most
     :data:`INPUT_ON_DEVICE_SHARE` of the GPU's free memory); otherwise each batch is cropped on
     the CPU and copied by a thread while the previous one runs. On the CPU, windows are cropped
     in turn with no thread. ``full_batches``: run the last batch at the
-    full batch size too (see :func:`~pipelines.engine.runner.run_windows`), for a compiled predictor.
+    full batch size too (see :meth:`~pipelines.engine.runner.Engine.run`), for a compiled predictor.
     ``n_classes``: the predictor's class count, needed only for the zero scores of a volume whose
     windows are all skipped. ``scores_path`` is written under a temporary name and renamed at the end.
+    Raises TypeError/ValueError for bad arguments (a predictor's output of the wrong shape
+    included), NonFiniteOutput (a MedvitError) when the predictor returns NaN or inf.
     """
+    if not isinstance(engine, Engine):
+        raise TypeError(f"segment_volume takes an Engine first, got {type(engine).__name__}")
     if not isinstance(image, torch.Tensor):
-        raise MedvitError(f"segment_volume takes a (C, D, H, W) torch tensor, got {type(image).__name__}")
-    check_batch_size(batch_size)  # here too: a volume whose windows are all skipped never reaches the runner
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+        raise TypeError(f"segment_volume takes a (C, D, H, W) torch tensor, got {type(image).__name__}")
+    settings = engine.settings
+    dev = settings.device
     if input_on_device is None:
         input_on_device = dev.type == "cuda" and image.device.type == "cpu" and fits_on_device(image, dev)
     if input_on_device and dev.type != "cpu":
         image = image.to(dev)
-    grid = DenseGrid(image, roi_size, overlap=overlap, mode=mode, output=output, scores_path=scores_path,
-                     skip_below=skip_below, skip_source=skip_source)
+    grid = DenseGrid(image, roi_size, overlap=settings.overlap, mode=settings.mode, sigma_scale=settings.sigma_scale,
+                     output=output, scores_path=scores_path, skip_below=skip_below, skip_source=skip_source,
+                     importance=engine.importance_map)
     rep = EngineReport(windows_planned=len(grid.all_windows), windows_skipped=grid.skipped)
     rep.input_device = str(image.device)
-    pred = mirrored(predictor, mirror_axes) if mirror_axes else predictor  # (checks the axes even if none runs)
+    pred = mirrored(predictor, settings.mirror_axes) if settings.mirror_axes else predictor
     if not grid.run:
         rep.notes.append("every window was skipped as empty")
         return grid.finalize_all_skipped(n_classes), rep
     # A copy thread only where there is a copy: cropping on the GPU is a few kernel launches (a
     # thread would compete with the launching one for the GIL), and on the CPU there is nothing
-    # to overlap while a thread running torch ops adds a second OpenMP thread team (UNETR on the
-    # 2-core CPU: 20.1 / 19.7 s with the thread, 19.9 / 18.8 s without)
+    # to overlap while a thread running torch ops adds a second OpenMP thread team
     try:
-        grid, rep = run_windows(grid, pred, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
-                                progress=progress, report=rep, prefetch=image.device.type == "cpu" and dev.type != "cpu",
-                                full_batches=full_batches)
+        grid, rep = engine.run(grid, pred, progress=progress, report=rep,
+                               prefetch=image.device.type == "cpu" and dev.type != "cpu", full_batches=full_batches)
     except BaseException:
         grid.discard()
         raise
@@ -400,30 +426,44 @@ def segment_volume(
     return grid, rep
 
 
-def _per_case(inputs: torch.Tensor, predictor, output: str, **kwargs) -> list[DenseGrid]:
-    if inputs.ndim != 5:
-        raise MedvitError(f"sliding-window inference takes (B, C, D, H, W), got shape {tuple(inputs.shape)}")
-    return [segment_volume(inputs[b], predictor, output=output, **kwargs)[0] for b in range(inputs.shape[0])]
+def _per_case(inputs: torch.Tensor, predictor, output: str, engine: Engine | None, options: dict,
+              progress: bool = False) -> list[DenseGrid]:
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 5:
+        got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise ValueError(f"sliding-window inference takes (B, C, D, H, W), got {got}")
+    given = {k: v for k, v in options.items() if v is not None and k != "roi_size"}
+    if engine is None:
+        defaults = dict(sw_batch_size=4, overlap=0.5, mode="gaussian", device=inputs.device)
+        o = {**defaults, **given}
+        engine = Engine(InferenceSettings(overlap=o["overlap"], batch_size=o["sw_batch_size"], mode=o["mode"],
+                                          device=o["device"]))
+    elif given:
+        raise TypeError(f"give either an engine or {', '.join(sorted(given))}, not both: the engine's settings decide")
+    return [segment_volume(engine, inputs[b], predictor, roi_size=options["roi_size"], output=output,
+                           progress=progress)[0] for b in range(inputs.shape[0])]
 
 
 def sliding_window(
     inputs: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
     *,
-    roi_size: Sequence[int],
-    sw_batch_size: int = 4,
-    overlap: float = 0.5,
-    mode: str = "gaussian",
+    roi_size: int | Sequence[int],
+    sw_batch_size: int | None = None,
+    overlap: float | None = None,
+    mode: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    engine: Engine | None = None,
 ) -> torch.Tensor:
     """Blended class scores for a ``(B, C, D, H, W)`` batch, like MONAI's ``sliding_window_inference``.
 
-    Returns ``(B, K, D, H, W)`` float32 on the CPU. Windows run on ``device`` (default: the
-    input's device).
+    Returns ``(B, K, D, H, W)`` float32 on the CPU. Without ``engine``, a fresh one runs with
+    ``sw_batch_size`` (default 4), ``overlap`` (0.5), ``mode`` (gaussian) on ``device`` (default:
+    the input's device); with one, its settings decide and those options must be left out
+    (TypeError otherwise).
     """
-    grids = _per_case(inputs, predictor, "scores", roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
-                      mode=mode, device=device or inputs.device, progress=progress)
+    grids = _per_case(inputs, predictor, "scores", engine, dict(roi_size=roi_size, sw_batch_size=sw_batch_size,
+                                                                overlap=overlap, mode=mode, device=device), progress)
     return torch.stack([g.scores for g in grids])
 
 
@@ -431,20 +471,20 @@ def sliding_window_labels(
     inputs: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
     *,
-    roi_size: Sequence[int],
-    sw_batch_size: int = 4,
-    overlap: float = 0.5,
-    mode: str = "gaussian",
+    roi_size: int | Sequence[int],
+    sw_batch_size: int | None = None,
+    overlap: float | None = None,
+    mode: str | None = None,
     device: torch.device | str | None = None,
+    engine: Engine | None = None,
 ) -> torch.Tensor:
-    """Argmax labels ``(B, D, H, W)`` without ever holding the full class-score volume."""
-    grids = _per_case(inputs, predictor, "labels", roi_size=roi_size, batch_size=sw_batch_size, overlap=overlap,
-                      mode=mode, device=device or inputs.device)
+    """Argmax labels ``(B, D, H, W)`` without ever holding the full class-score volume; the
+    options as for :func:`sliding_window`."""
+    grids = _per_case(inputs, predictor, "labels", engine, dict(roi_size=roi_size, sw_batch_size=sw_batch_size,
+                                                                overlap=overlap, mode=mode, device=device))
     return torch.stack([g.labels.long() for g in grids])
 
 
 def windows_for(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """How many windows a volume of ``shape`` needs (after padding to the roi)."""
-    padded = [max(s, r) for s, r in zip(shape, roi_size)]
-    step = scan_interval(padded, roi_size, (overlap,) * 3)
-    return math.prod(math.ceil((s - r) / t) + 1 if s > r else 1 for s, r, t in zip(padded, roi_size, step))
+    """How many windows a volume of ``shape`` needs (after padding to the roi): :func:`plan_windows`' count."""
+    return len(plan_windows(shape, roi_size, overlap))

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medvit.errors import MedvitError, NonFiniteOutput
-from pipelines.engine.runner import EngineReport, ring_runs, run_windows
+from medvit.errors import NonFiniteOutput
+from pipelines.engine.runner import Engine, EngineReport, ring_runs
 from pipelines.engine.tiling import Tile, TilePlan, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,10 @@ class PointScene:
         coords_in_features: put the tile-relative ``x, y, z`` before the features given to the net.
 
     Raises:
-        MedvitError: coordinates or features of the wrong shape, non-finite coordinates, or
-            tiling options :func:`~pipelines.engine.tiling.plan_tiles` refuses.
+        ValueError: coordinates or features of the wrong shape, non-finite coordinates (readers
+            drop them), a plan made for another number of points, or tiling options
+            :func:`~pipelines.engine.tiling.plan_tiles` refuses.
         TypeError: both a plan and tiling options.
-        ValueError: a plan made for another number of points.
     """
 
     def __init__(
@@ -139,11 +139,11 @@ class PointScene:
         xyz = np.asarray(xyz, dtype=np.float64)
         feats = np.asarray(features, dtype=np.float32)
         if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
-            raise MedvitError(f"a scene needs (N, 3) coordinates with N > 0, got shape {xyz.shape}")
+            raise ValueError(f"a scene needs (N, 3) coordinates with N > 0, got shape {xyz.shape}")
         if feats.ndim != 2 or len(feats) != len(xyz):
-            raise MedvitError(f"features must be (N={len(xyz)}, F), got shape {feats.shape}")
+            raise ValueError(f"features must be (N={len(xyz)}, F), got shape {feats.shape}")
         if not np.isfinite(xyz).all():
-            raise MedvitError("the scene has NaN or inf coordinates; drop them when reading")
+            raise ValueError("the scene has NaN or inf coordinates; drop them when reading")
         if plan is None:
             plan = plan_tiles(xyz[:, :2], tile_size=50.0 if tile_size is None else tile_size,
                               overlap=0.25 if overlap is None else overlap, stride=stride,
@@ -222,12 +222,12 @@ class PointScene:
         n = sum(t.n_points for t in ts)
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise MedvitError(f"the point net returned {got} for {n} points in {len(ts)} tile(s); expected ({n}, K)")
+            raise ValueError(f"the point net returned {got} for {n} points in {len(ts)} tile(s); expected ({n}, K)")
         if out.shape[1] < 1:
-            raise MedvitError(f"the point net returned 0 classes for {n} points; expected one logit per class")
+            raise ValueError(f"the point net returned 0 classes for {n} points; expected one logit per class")
         k = self.num_classes
         if k is not None and out.shape[1] != k:
-            raise MedvitError(f"the point net returned {out.shape[1]} classes per point; expected {k}")
+            raise ValueError(f"the point net returned {out.shape[1]} classes per point; expected {k}")
         if not bool(torch.isfinite(out).all()):
             bad = ts[0]
             start = 0
@@ -290,7 +290,7 @@ class PointScene:
             self._finalize_until(self._col_lo[t.column])
             idx, w = ready if ready is not None else self._tile_points(t)
             if t.hi - self._done > self._cap:  # the plan sized the ring for run order
-                raise MedvitError(f"tile {t.index} reaches past the accumulator ring of {self._cap} points; this is a tiling bug")
+                raise RuntimeError(f"tile {t.index} reaches past the accumulator ring of {self._cap} points; this is a tiling bug")
             pos = idx % self._cap
             rel = torch.as_tensor(pos, device=self._acc.device)
             wt = torch.as_tensor(w, device=self._acc.device)
@@ -301,29 +301,28 @@ class PointScene:
     def finalize(self) -> np.ndarray:
         self._finalize_until(self.n)
         if self.uncovered:
-            raise MedvitError(f"{self.uncovered} of {self.n} points were not covered by any tile; this is a tiling bug")
+            raise RuntimeError(f"{self.uncovered} of {self.n} points were not covered by any tile; this is a tiling bug")
         return self.labels
 
 
 def segment_scene(
+    engine: Engine,
     xyz: np.ndarray,
     features: np.ndarray,
     net,
     *,
     tile_size: float = 50.0,
-    overlap: float = 0.25,
     max_points: int = 200_000,
-    batch_size: int = 1,
-    device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     coords_in_features: bool = False,
 ):
-    """Per-point labels for a whole scene through the engine; returns ``(labels (N,), report)``."""
-    scene = PointScene(xyz, features, tile_size=tile_size, overlap=overlap, max_points=max_points,
+    """Per-point labels for a whole scene through ``engine`` (its settings give the tiles' overlap,
+    the batch size, the device and autocast); returns ``(labels (N,), report)``."""
+    if not isinstance(engine, Engine):
+        raise TypeError(f"segment_scene takes an Engine first, got {type(engine).__name__}")
+    scene = PointScene(xyz, features, tile_size=tile_size, overlap=engine.settings.overlap, max_points=max_points,
                        coords_in_features=coords_in_features)
     rep = EngineReport(windows_planned=len(scene.tiles))
     with bounded_onednn_cache():
-        labels, rep = run_windows(scene, net, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
-                                  progress=progress, desc="tiles", report=rep)
+        labels, rep = engine.run(scene, net, progress=progress, desc="tiles", report=rep)
     return labels, rep

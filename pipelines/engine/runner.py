@@ -6,11 +6,15 @@ what no later window touches. The runner owns everything else: batching, moving 
 the device (the next batch is gathered, and a tensor batch copied, on a worker thread while
 the current one runs), autocast, a progress bar, and adapting to out-of-memory errors.
 
+An :class:`Engine` holds the run's :class:`~pipelines.engine.settings.InferenceSettings` and
+what earlier runs taught it; a long-lived caller (``medvit segment`` over many cases, a batch
+worker, validation during training) keeps one engine so that this carries over between cases.
+
 Out of memory (``torch.OutOfMemoryError`` only; nothing else is caught): the batch is
 halved and retried; at batch 1 a domain that packs several windows into a call (a scene's
 small tiles) runs one window a call, and then the domain moves its accumulators to the CPU. What
-worked is remembered per (device, window shape) for the next case: the batch size, one window a
-call, and the accumulator size from which accumulation starts on the CPU.
+worked is remembered by the engine per (device, window shape) for the next case: the batch size,
+one window a call, and the accumulator size from which accumulation starts on the CPU.
 
 A predictor that returns a tuple or list (a deep-supervision net, full resolution first) is
 read by its first element: inference uses the full-resolution output only.
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +34,8 @@ import torch
 from tqdm import tqdm
 
 from medvit.errors import MedvitError
+from pipelines.engine.checks import check_mirror_axes
+from pipelines.engine.settings import InferenceSettings
 from pipelines.threads import AdaptiveThreads
 
 @dataclass
@@ -42,9 +49,6 @@ class _Learnt:
     cpu_from: int | None = None
     """Accumulator bytes that did not fit beside the net: an accumulator this large or larger
     starts on the CPU."""
-
-
-_LEARNT: dict[tuple[str, tuple[Any, ...]], _Learnt] = {}
 
 
 class Domain(Protocol):
@@ -154,13 +158,10 @@ def full_resolution(out: Any) -> Any:
 def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Test-time augmentation: the mean of ``predictor`` over every flip combination of ``axes``.
 
-    ``axes`` are spatial axes (0 is the first spatial axis). Outputs are flipped back before
-    averaging, so the result lines up with the unflipped input.
+    ``axes`` are spatial axes (0 is the first spatial axis; ValueError otherwise). Outputs are
+    flipped back before averaging, so the result lines up with the unflipped input.
     """
-    if any(int(a) != a or not 0 <= a <= 2 for a in axes) or len(set(axes)) != len(axes):
-        # a negative axis would flip the class channel: labels wrong with no error
-        raise MedvitError(f"mirror axes must be distinct spatial axes among 0, 1, 2, got {tuple(axes)}")
-    dims = [int(a) + 2 for a in axes]
+    dims = [a + 2 for a in check_mirror_axes(axes)]
     combos = [[d for j, d in enumerate(dims) if (m >> j) & 1] for m in range(1 << len(dims))]
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -174,36 +175,93 @@ def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[i
     return predict
 
 
-def check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise MedvitError(f"batch size must be at least 1, got {batch_size}")
+class Engine:
+    """Runs domains' windows through a predictor with one set of :class:`InferenceSettings`.
 
-
-def run_windows(
-    domain: Domain,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
-    prefetch: bool = True,
-    desc: str = "windows",
-    report: EngineReport | None = None,
-    full_batches: bool = False,
-) -> tuple[Any, EngineReport]:
-    """Run ``predictor`` over ``domain``'s windows and return ``(domain.finalize(), report)``.
-
-    ``full_batches``: a short last batch of tensor windows is filled up to the batch size with
-    copies of its last window, whose outputs are dropped, so that a predictor compiled for one
-    batch shape (``torch.compile`` with static shapes) never sees a second shape and recompiles.
+    An engine owns what out-of-memory errors taught it, per (device, window shape): the batch
+    that fitted, one window a call, the accumulator size that starts on the CPU (see the module
+    docstring); and a bounded LRU cache of volume importance maps (``cache_size`` entries). Keep
+    one engine across cases for both to carry over; :meth:`with_settings` gives an engine with
+    other settings that shares them.
     """
-    check_batch_size(batch_size)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def __init__(self, settings: InferenceSettings | None = None, *, cache_size: int = 8):
+        if settings is not None and not isinstance(settings, InferenceSettings):
+            raise TypeError(f"Engine takes InferenceSettings, got {type(settings).__name__}")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.settings = settings if settings is not None else InferenceSettings()
+        self.cache_size = cache_size
+        self._learnt: dict[tuple[str, tuple[Any, ...]], _Learnt] = {}
+        self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    def with_settings(self, settings: InferenceSettings | None = None, **changes: Any) -> Engine:
+        """An engine with ``settings`` (or these settings with ``changes``) that shares this one's
+        out-of-memory lessons and importance-map cache."""
+        new = Engine((settings or self.settings).replace(**changes) if changes else (settings or self.settings),
+                     cache_size=self.cache_size)
+        new._learnt, new._cache = self._learnt, self._cache
+        return new
+
+    def learnt(self, device: torch.device | str, window_shape: Sequence[Any]) -> _Learnt:
+        """What out-of-memory errors taught about ``window_shape`` on ``device`` (a fresh record
+        the first time; the runner updates it in place)."""
+        return self._learnt.setdefault((str(torch.device(device)), tuple(window_shape)), _Learnt())
+
+    def cached(self, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()`` kept under ``key`` among the :attr:`cache_size` most recently used entries."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = self._cache[key] = make()
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return value
+
+    def importance_map(self, roi: Sequence[int], mode: str, sigma_scale: float, dtype: torch.dtype,
+                       device: torch.device | str) -> torch.Tensor:
+        """MONAI's importance map for windows of ``roi`` (cached, see :meth:`cached`)."""
+        from monai.data.utils import compute_importance_map
+
+        key = ("importance", tuple(roi), mode, float(sigma_scale), dtype, str(device))
+        return self.cached(key, lambda: compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale,
+                                                               device=device, dtype=dtype))
+
+    def run(
+        self,
+        domain: Domain,
+        predictor: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        progress: bool = False,
+        prefetch: bool = True,
+        desc: str = "windows",
+        report: EngineReport | None = None,
+        full_batches: bool = False,
+    ) -> tuple[Any, EngineReport]:
+        """Run ``predictor`` over ``domain``'s windows with this engine's settings (batch size,
+        device, autocast) and return ``(domain.finalize(), report)``.
+
+        ``prefetch``: gather the next batch (and copy a tensor batch) on a worker thread while
+        the current one runs. ``full_batches``: a short last batch of tensor windows is filled up
+        to the batch size with copies of its last window, whose outputs are dropped, so that a
+        predictor compiled for one batch shape (``torch.compile`` with static shapes) never sees
+        a second shape and recompiles. ``report``: the record to fill (a new one by default).
+        Raises MedvitError when one window does not fit the device even with accumulation on the
+        CPU; whatever the predictor or the domain raises passes through.
+        """
+        return _run_windows(self, domain, predictor, progress=progress, prefetch=prefetch, desc=desc, report=report,
+                            full_batches=full_batches)
+
+
+def _run_windows(engine: Engine, domain: Domain, predictor: Callable[[torch.Tensor], torch.Tensor], *, progress: bool,
+                 prefetch: bool, desc: str, report: EngineReport | None, full_batches: bool) -> tuple[Any, EngineReport]:
+    """:meth:`Engine.run`'s loop."""
+    settings = engine.settings
+    batch_size, device, amp_dtype = settings.batch_size, settings.device, settings.amp_dtype
     rep = report or EngineReport()
     wins = list(domain.windows())
     rep.windows_run = len(wins)
-    learnt = _LEARNT.setdefault((str(device), tuple(domain.window_shape)), _Learnt())
+    learnt = engine.learnt(device, domain.window_shape)
     bs = min(batch_size, learnt.batch or batch_size)
     if bs < batch_size:
         rep.notes.append(f"batch {bs}: remembered from an earlier out-of-memory error")

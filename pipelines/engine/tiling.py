@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medvit.errors import MedvitError
+from pipelines.engine.checks import check_overlap, check_points_budget, check_tile_size
 
 MAX_TILE_GRID = 4_000_000
 """Tile positions a scene's xy extent may span (2,000 x 2,000: 75 km square at 50 m tiles and 0.25
@@ -222,24 +223,21 @@ def plan_tiles(xy: np.ndarray, *, tile_size: float, overlap: float = 0.25, strid
         The :class:`TilePlan` (see the module docstring for what it guarantees).
 
     Raises:
-        MedvitError: empty or non-finite ``xy``, a tile size, overlap, stride or budget out of
-            range, or an extent past :data:`MAX_TILE_GRID` tile positions.
+        ValueError, TypeError: empty or non-finite ``xy``, or a tile size, overlap, stride or
+            budget out of range (the commands check the user's values before, naming the option).
+        MedvitError: an extent past :data:`MAX_TILE_GRID` tile positions (the user's scan).
     """
     xy = np.asarray(xy, dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0:
-        raise MedvitError(f"a scene needs (N, 2) xy coordinates with N > 0, got shape {xy.shape}")
+        raise ValueError(f"a scene needs (N, 2) xy coordinates with N > 0, got shape {xy.shape}")
     if not np.isfinite(xy).all():
-        raise MedvitError("the scene has NaN or inf coordinates; drop them when reading")
-    if not (math.isfinite(tile_size) and tile_size > 0):
-        raise MedvitError(f"tile size must be a positive number of metres, got {tile_size}")
+        raise ValueError("the scene has NaN or inf coordinates; drop them when reading")
+    tile_size = check_tile_size(tile_size)
     if stride is None:
-        if not 0 <= overlap < 1:
-            raise MedvitError(f"overlap must lie in [0, 1), got {overlap}")
-        stride = tile_size * (1 - overlap)
+        stride = tile_size * (1 - check_overlap(overlap))
     if not 0 < stride <= tile_size:
-        raise MedvitError(f"stride must lie in (0, tile size], got {stride}")
-    if not (math.isfinite(budget) and budget >= 1):
-        raise MedvitError(f"the points budget per tile must be at least 1, got {budget}")
+        raise ValueError(f"stride must lie in (0, tile size], got {stride}")
+    budget = check_points_budget(budget, "budget")
     check_scene_extent(xy, tile_size, stride)
     tile_size, stride, budget = float(tile_size), float(stride), int(budget)
     index = _SortedX(xy)

@@ -75,7 +75,8 @@ def write_scene_set(folder: Path, *, seed: int, n_train: int = N_TRAIN_MAPS, tra
 def run_lidar_demo(out: Path, *, device: str = "cpu", seed: int = 0, config: dict | None = None,
                    scene_sizes: tuple[int, int, int] = (N_TRAIN_MAPS, TRAIN_MAP_POINTS, HELD_OUT_POINTS)) -> dict:
     """Run the LiDAR demo into ``out``; returns the summary it prints."""
-    from pipelines.lidar.segment import segment_scan
+    from pipelines.engine import Engine
+    from pipelines.lidar.segment import scene_settings, segment_scan
     from pipelines.lidar.train import train_lidar
     from pipelines.lidar.report import write_bev
     from pointcloud.checkpoint import load_point_checkpoint
@@ -106,7 +107,7 @@ def run_lidar_demo(out: Path, *, device: str = "cpu", seed: int = 0, config: dic
     print(f"[3/4] segmenting the held-out map {scan.name} through tiling", flush=True)
     model = load_point_checkpoint(ckpt, device=device)
     t0 = time.time()
-    r = segment_scan(str(scan), model, out / "segmentations", device=device)
+    r = segment_scan(str(scan), model, out / "segmentations", engine=Engine(scene_settings(model.config, device=device)))
     t_seg = time.time() - t0
     truth = read_points(scan, label_path=scan.with_suffix(".label"))
     pred = read_points(scan, label_path=r.labels_path).labels

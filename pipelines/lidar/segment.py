@@ -15,7 +15,7 @@ import torch
 from medvit.errors import InputError, about, listed
 from medvit.io import check_output_folder
 from medvit.io.writers import check_writable
-from pipelines.engine import EngineReport
+from pipelines.engine import Engine, EngineReport, InferenceSettings
 from pipelines.engine.points import segment_scene
 from pipelines.engine.tiling import check_scene_extent
 from pointcloud.checkpoint import LoadedPointNet
@@ -122,13 +122,24 @@ class ScanResult:
     """The id (LAS: ASPRS class) the unsegmented points were written as."""
 
 
-def segment_points(cloud: PointCloud, model: LoadedPointNet, *, feats: np.ndarray | None = None,
-                   tile_size: float | None = None, overlap: float | None = None, max_points: int | None = None,
-                   device: str | torch.device = "cpu", progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
+def scene_settings(cfg: LidarConfig, *, device: str | torch.device = "cpu",
+                   overlap: float | None = None) -> InferenceSettings:
+    """The settings ``medvit lidar segment`` runs a LiDAR config ``cfg`` with: its ``infer`` section
+    (overlap, batch size) under ``--overlap`` (None: the config's), autocast on CUDA. A bad override
+    raises MedvitError naming its option."""
+    return InferenceSettings.from_sources(cfg.infer, device=device, overlap=overlap)
+
+
+def segment_points(cloud: PointCloud, model: LoadedPointNet, *, engine: Engine | None = None,
+                   feats: np.ndarray | None = None, tile_size: float | None = None, max_points: int | None = None,
+                   progress: bool = False) -> tuple[np.ndarray, int, EngineReport, int]:
     """Train ids ``(N,)`` for the cloud's points, the count outside ``point_range``, the engine's
     report, and the count whose net features are NaN or infinite; both kinds are left -1.
+    ``engine`` runs the tiles with its settings (overlap, batch size, device; default a fresh one
+    with :func:`scene_settings` on the CPU); ``tile_size``/``max_points`` default to the config's.
     ``feats``: the net's ``(N, F)`` features (:func:`net_features`), made from the cloud when None."""
     cfg = model.config
+    engine = engine if engine is not None else Engine(scene_settings(cfg))
     inside = points_in_range(cloud, cfg.point_range) if cfg.point_range is not None else np.ones(len(cloud), bool)
     n_out = int((~inside).sum())
     if feats is None:  # a missing field is an error even when no point is in range
@@ -143,14 +154,11 @@ def segment_points(cloud: PointCloud, model: LoadedPointNet, *, feats: np.ndarra
     labels = np.full(len(cloud), -1, dtype=np.int64)
     rep = EngineReport()
     if inside.any():
-        dev = torch.device(device)
-        amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
         with about(cloud.source):  # the engine's errors (a stray far point, NaN from the net) name the scan
-            lab, rep = segment_scene(cloud.xyz[inside], feats[inside], model.net,
+            lab, rep = segment_scene(engine, cloud.xyz[inside], feats[inside], model.net,
                                      tile_size=tile_size or cfg.infer.tile_size,
-                                     overlap=cfg.infer.overlap if overlap is None else overlap,
-                                     max_points=max_points or cfg.infer.max_points, batch_size=cfg.infer.batch_size,
-                                     device=dev, amp_dtype=amp, progress=progress, coords_in_features=True)
+                                     max_points=max_points or cfg.infer.max_points, progress=progress,
+                                     coords_in_features=True)
         labels[inside] = lab
     return labels, n_out, rep, n_bad
 
@@ -222,8 +230,11 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     (``model.stats``) is compared with the scan (:func:`pointcloud.ranges.range_findings`): each
     problem is a warning, or with ``strict`` an InputError. Every refusal comes before any warning.
     ``fill``: feature name -> constant for a feature the scan lacks (a warning says it costs accuracy).
+    ``kwargs`` are :func:`segment_points`' (``engine``, ``tile_size``, ``max_points``, ``progress``).
     """
     cfg = model.config
+    if kwargs.get("engine") is None:
+        kwargs["engine"] = Engine(scene_settings(cfg))
     target = scan_output(path, Path(out_dir), label_format)
     is_las = target.suffix.lower() in (".las", ".laz")
     if is_las:
@@ -283,9 +294,9 @@ def segment_scan(path: str, model: LoadedPointNet, out_dir: Path, *, label_forma
     feats = net_features(columns, cfg, len(cloud))
     usable = inside & np.isfinite(feats).all(1)
     if usable.any():  # the engine's own refusal of a scene too wide to tile, before any warning
-        tile, overlap = kwargs.get("tile_size") or cfg.infer.tile_size, kwargs.get("overlap")
+        tile = kwargs.get("tile_size") or cfg.infer.tile_size
         with about(path):
-            check_scene_extent(seen.xyz[usable], tile, tile * (1 - (cfg.infer.overlap if overlap is None else overlap)))
+            check_scene_extent(seen.xyz[usable], tile, tile * (1 - kwargs["engine"].settings.overlap))
     for record in held:
         logging.getLogger(record.name).handle(record)
     if dropped:

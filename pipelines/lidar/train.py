@@ -17,6 +17,7 @@ import torch
 
 from medvit.data.datalist import read_datalist
 from medvit.errors import ConfigError, InputError, about, listed
+from pipelines.engine import Engine, InferenceSettings
 from pipelines.engine.points import segment_scene
 from pipelines.engine.tiling import check_scene_extent
 from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
@@ -144,6 +145,7 @@ class ScanTask:
                                     list(cfg.features), [sc.sources for sc in self.scans])
         self.loss_fn = CELovaszLoss(ce_weight=cfg.loss.ce_weight, lovasz_weight=cfg.loss.lovasz_weight,
                                     ignore_index=self.IGNORE)
+        self.engine: Engine | None = None
 
     def train_samples(self) -> SeededSamples:
         # each scan appears samples_per_scan times; every occurrence is its own seeded crop
@@ -160,11 +162,13 @@ class ScanTask:
 
         cfg = self.cfg
         metric = SegMetric(cfg.num_classes, ignore_index=self.IGNORE)
+        if self.engine is None or self.engine.settings.device != torch.device(device):
+            # one engine for every validation, so what out-of-memory taught carries over; fp32
+            self.engine = Engine(InferenceSettings.from_sources(cfg.infer, device=device, amp=False))
         net.eval()
         for scan in self.val:
-            pred, _ = segment_scene(scan.xyz, scan.feats, net, tile_size=cfg.infer.tile_size, overlap=cfg.infer.overlap,
-                                    max_points=cfg.infer.max_points, batch_size=cfg.infer.batch_size, device=device,
-                                    coords_in_features=True)
+            pred, _ = segment_scene(self.engine, scan.xyz, scan.feats, net, tile_size=cfg.infer.tile_size,
+                                    max_points=cfg.infer.max_points, coords_in_features=True)
             metric.update(pred.astype(np.int64), scan.labels)
         res = metric.compute()
         per = {cfg.labels[i]: (None if not np.isfinite(v) else float(v)) for i, v in enumerate(res.iou)}

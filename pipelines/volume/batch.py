@@ -101,8 +101,15 @@ class _Held(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoint: dict, device: str = "cpu") -> dict:
+ENGINE_OPTIONS = ("overlap", "batch_size", "skip_below_hu", "tta")
+"""The options of :data:`SEGMENT_OPTIONS` that make the engine's settings (:func:`~pipelines.volume.segment.volume_settings`)."""
+
+
+def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoint: dict, engine) -> dict:
     """Segment ``case`` into ``OUT/.<id>.tmp-XXXX``, write its done record, rename it to ``OUT/<id>``.
+
+    ``engine`` (a :class:`~pipelines.engine.Engine`) runs the net; its settings come from
+    :data:`ENGINE_OPTIONS`, the rest of ``options`` go to ``segment_case``.
 
     Returns ``{"case_id", "status": "ok", "record", "warnings", "seconds"}`` or, for any error,
     ``{"case_id", "status": "error", "message"}`` with nothing of the case left in ``out``.
@@ -118,9 +125,9 @@ def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoi
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tmp.mkdir(parents=True)
-            kw = {k: options[k] for k in SEGMENT_OPTIONS if k != "stats"}
+            kw = {k: options[k] for k in SEGMENT_OPTIONS if k not in ("stats", *ENGINE_OPTIONS)}
             check_case(list(case.paths), model, **kw)
-            result = segment_case(list(case.paths), model, tmp, name=case.case_id, device=device,
+            result = segment_case(list(case.paths), model, tmp, name=case.case_id, engine=engine,
                                   stats=True, progress=False, checkpoint=checkpoint, **kw)
         notes = [redact(m, case) for m in held.messages + [str(w.message) for w in caught]]
         stats_csv, stats_json = result.stats_paths
@@ -158,7 +165,8 @@ def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoi
 
 
 class CaseWorker:
-    """A Ray actor: the checkpoint loaded once, then :func:`run_case` per case."""
+    """A Ray actor: the checkpoint loaded once, then :func:`run_case` per case, all through one
+    engine, so what out-of-memory errors taught it carries over from case to case."""
 
     def __init__(self, checkpoint: str, config: str | None, device: str, threads: int):
         import torch
@@ -173,12 +181,18 @@ class CaseWorker:
         self.checkpoint = checkpoint_record(self.model)
         self.load_seconds = time.perf_counter() - start
         self.device = device
+        self.engine = None
 
     def load_time(self) -> float:
         return self.load_seconds
 
     def run(self, case: Case, out: str, options: dict, expect: dict) -> dict:
-        return run_case(self.model, case, Path(out), options, expect, self.checkpoint, self.device)
+        from pipelines.engine import Engine
+        from pipelines.volume.segment import volume_settings
+
+        settings = volume_settings(self.model.config, device=self.device, **{k: options[k] for k in ENGINE_OPTIONS})
+        self.engine = Engine(settings) if self.engine is None else self.engine.with_settings(settings)
+        return run_case(self.model, case, Path(out), options, expect, self.checkpoint, self.engine)
 
 
 @dataclass

@@ -193,9 +193,10 @@ def run_demo(
     """
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
+    from pipelines.engine import Engine
     from pipelines.volume.evaluate import evaluate_files
     from pipelines.volume.train import train
-    from pipelines.volume.segment import segment_case
+    from pipelines.volume.segment import segment_case, volume_settings
 
     t_start = time.time()
     out, raw, cfg_path = write_run_config(out, config or DEMO_CONFIG, seed=seed, data="phantoms", name="config.yaml")
@@ -217,9 +218,10 @@ def run_demo(
     seg_dir = out / "segmentations"
     test = json.loads((out / "phantoms" / "datalist.json").read_text())["test"]
     per_case = []
+    engine = Engine(volume_settings(model.config, device=device))
     for item in test:
         img = out / "phantoms" / item["image"]
-        r = segment_case([str(img)], model, seg_dir, device=device, stats=True, preview=True)
+        r = segment_case([str(img)], model, seg_dir, engine=engine, stats=True, preview=True)
         per_case.append(evaluate_files(r.labels_path, out / "phantoms" / item["label"], labels=cfg.labels))
     names = [LABELS[k] for k in sorted(LABELS) if k]
     dice = {n: float(np.mean([c["labels"][n]["dice"] for c in per_case])) for n in names}
@@ -232,7 +234,7 @@ def run_demo(
     real = shared_data_dir() / "totalsegmentator" / "example_ct.nii.gz"
     real_out = None
     if real.is_file():
-        r = segment_case([str(real)], model, out / "real_ct", device=device, stats=True, preview=True)
+        r = segment_case([str(real)], model, out / "real_ct", engine=engine, stats=True, preview=True)
         real_out = str(r.labels_path)
         print(f"      {real} -> {r.labels_path} (same geometry as the input)")
     else:

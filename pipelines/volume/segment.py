@@ -22,7 +22,7 @@ from medvit.io.common import sha256_file
 from medvit.io.reader import channel_mismatch, source_format
 from medvit.io.writers import atomic_path, check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
-from pipelines.engine import EngineReport, segment_volume
+from pipelines.engine import Engine, EngineReport, InferenceSettings, segment_volume
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -266,6 +266,20 @@ def _is_2d_nifti(paths: list[str]) -> bool:
     return len(nib.load(paths[0]).shape) == 2  # the header alone
 
 
+def volume_settings(cfg, *, device: str | torch.device = "cpu", overlap: float | None = None,
+                    batch_size: int | None = None, skip_below_hu: float | None = None,
+                    tta: bool = False) -> InferenceSettings:
+    """The settings ``medvit segment`` runs a volume checkpoint's config ``cfg`` with: its ``infer``
+    section under the command's overrides (None: the config's), autocast on CUDA, and on the CPU one
+    window a call unless ``batch_size`` says otherwise. A bad override raises MedvitError naming
+    its option (see :meth:`InferenceSettings.from_sources`)."""
+    dev = torch.device(device)
+    if batch_size is None and dev.type == "cpu":
+        batch_size = 1  # on the CPU larger batches are no faster and hold more activations
+    return InferenceSettings.from_sources(cfg.infer, device=dev, overlap=overlap, batch_size=batch_size,
+                                          skip_below_hu=skip_below_hu, tta=tta)
+
+
 def _choose_resample(resample: str, n_classes: int, in_grid_voxels: int) -> str:
     if resample == "auto":
         return "probs" if n_classes * in_grid_voxels * 4 <= PROB_RESAMPLE_BUDGET else "labels"
@@ -278,9 +292,7 @@ def segment_case(
     out_dir: Path,
     *,
     name: str | None = None,
-    device: str | torch.device = "cpu",
-    overlap: float | None = None,
-    batch_size: int | None = None,
+    engine: Engine | None = None,
     series: str | None = None,
     nonfinite: Literal["error", "replace"] = "error",
     stats: bool = False,
@@ -288,8 +300,6 @@ def segment_case(
     resample: Literal["auto", "probs", "labels"] = "auto",
     progress: bool = False,
     protect: list[str] | None = None,
-    skip_below_hu: float | None = None,
-    tta: bool = False,
     strict: bool = False,
     checkpoint: dict | None = None,
     record: dict | None = None,
@@ -299,6 +309,11 @@ def segment_case(
     rtstruct: bool = False,
 ) -> CaseResult:
     """Segment one case (one path, or one path per channel) and write its label map.
+
+    ``engine`` runs the net with its settings (overlap, batch size, device, ``skip_below_hu``,
+    mirror axes for test-time augmentation); default a fresh one with :func:`volume_settings` on
+    the CPU. Pass the same engine for every case of a run so that what out-of-memory errors
+    taught it carries over.
 
     The label map is ``OUT_DIR/NAME_seg.nii.gz`` in the input's geometry; with ``stats``,
     ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``; with
@@ -310,7 +325,8 @@ def segment_case(
     Every label map records its provenance: the NIfTI ``descrip`` (:func:`nifti_description`),
     and ``NAME_seg.json``, written last, holding the source path(s) (and DICOM series), the
     checkpoint (``checkpoint``, else :func:`checkpoint_record`), the medvit version, the options
-    (these keyword arguments, the defaults they resolved to, and ``record``) and the date.
+    (these keyword arguments and the engine's settings, the defaults they resolved to, and
+    ``record``) and the date.
     A gantry-tilted DICOM series is, by ``tilt``, resampled onto an orthogonal grid that every
     output is then on, segmented on its sheared grid, or refused (see :func:`medvit.io.read_image`).
 
@@ -319,6 +335,9 @@ def segment_case(
     right after the NIfTI; its segments and the labels left out go into the sidecar.
     """
     cfg = model.config
+    engine = engine if engine is not None else Engine(volume_settings(cfg))
+    settings = engine.settings
+    skip_below_hu = settings.skip_below_hu
     name = name or case_name(paths[0])
     key_in = paths if len(paths) > 1 else paths[0]
     loaded = LoadVolumed(keys="image", series=series, nonfinite=nonfinite, tilt=tilt)({"image": key_in})
@@ -331,27 +350,17 @@ def segment_case(
     keep = original.clone() if (stats or preview) else None
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
     check_net_extent(prep.image.shape[1:], cfg.model.roi_size, ", ".join(paths), cfg.preprocess.orientation)
-    dev = torch.device(device)
-    # On the CPU one window at a time: measured as fast as 4 and a quarter of the activations
-    batch_size = batch_size or (1 if dev.type == "cpu" else cfg.infer.sw_batch_size)
-    overlap = cfg.infer.overlap if overlap is None else overlap
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
-    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev.type == "cuda" else None
     # an engine error (say NaN from the net) names the case and the checkpoint
     with about(", ".join(paths), f"; window positions are on the preprocessed grid; checkpoint {model.meta.get('checkpoint')}"):
         grid, report = segment_volume(
+            engine,
             prep.image,
             model.net,
             roi_size=cfg.model.roi_size,
-            batch_size=batch_size,
-            overlap=overlap,
-            mode=cfg.infer.mode,
             output="scores" if how == "probs" else "labels",
             skip_below=prep.skip_below,
             skip_source=prep.skip_source,
-            mirror_axes=(0, 1, 2) if tta else (),
-            device=dev,
-            amp_dtype=amp,
             progress=progress,
             n_classes=int(cfg.model.out_channels),
         )
@@ -394,8 +403,9 @@ def segment_case(
         result.rtstruct_path = out_dir / f"{name}_rtstruct.dcm"
         result.rtstruct_rois = write_case_rtstruct(labels, affine, Path(paths[0]), series, result.rtstruct_path, model,
                                                    checkpoint, protect=list(paths) + list(protect or []))
-    options = dict(device=str(dev), overlap=overlap, batch_size=batch_size, series=series, nonfinite=nonfinite,
-                   resample=resample, skip_below_hu=skip_below_hu, tta=tta, stats=stats, preview=preview,
+    options = dict(device=str(settings.device), overlap=settings.overlap, batch_size=settings.batch_size, series=series,
+                   nonfinite=nonfinite, resample=resample, skip_below_hu=skip_below_hu, tta=bool(settings.mirror_axes),
+                   stats=stats, preview=preview,
                    strict=strict, dicom_seg=dicom_seg, seg_type=seg_type if dicom_seg else None, rtstruct=rtstruct,
                    **(record or {}))
     result.sidecar_path = out_dir / f"{name}_seg.json"
@@ -551,5 +561,7 @@ def segment_inputs(
         check_writable(out_dir / f"{next(iter(names))}{outputs[0]}")
     digest = checkpoint_record(model)
     record = {**(record or {}), "overwrite": overwrite}
+    if kwargs.get("engine") is None:  # one engine for every case: what out-of-memory taught carries over
+        kwargs["engine"] = Engine(volume_settings(model.config))
     return [segment_case(case, model, out_dir, name=n, protect=every, checkpoint=digest, record=record, **kwargs)
             for n, (_, case) in names.items()]

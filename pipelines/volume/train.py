@@ -29,7 +29,7 @@ from medvit.losses import HungarianMaskLoss
 from medvit.nets import build_net
 from medvit.nets.mask_transformer import MaskPrediction
 from medvit.transforms import run_chain, train_transforms, val_transforms
-from pipelines.engine import sliding_window_labels
+from pipelines.engine import Engine, InferenceSettings, sliding_window_labels
 from pipelines.fit import SeededSamples, TrainResult, _autocast, fit, lr_factor, prepared_output  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,14 @@ def split_random(chain: Compose) -> tuple[Compose, Compose]:
     return Compose(ts[:first]), Compose(ts[first:])
 
 
-def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, amp: bool) -> dict[str, Any]:
+def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, amp: bool,
+             engine: Engine | None = None) -> dict[str, Any]:
     """Mean and per-label Dice of argmax predictions on the preprocessed validation grid (a label
     absent from a case's ground truth is left out of that label's mean, as MONAI's DiceMetric with
-    ``ignore_empty`` reduces with ``mean_batch``)."""
+    ``ignore_empty`` reduces with ``mean_batch``). ``engine`` runs the windows (default a fresh one
+    with the config's ``infer`` settings on ``device``; autocast is ``amp``'s, around it)."""
+    if engine is None:
+        engine = Engine(InferenceSettings.from_sources(cfg.infer, device=device, amp=False))
     n_classes = int(cfg.model.out_channels)
     # MONAI's functional Dice, not DiceMetric, whose buffers gather from every rank of a process
     # group: under DDP rank 0 validates alone
@@ -55,14 +59,7 @@ def validate(net: torch.nn.Module, loader, cfg: Config, device: torch.device, am
         for batch in loader:
             image = batch["image"].to(device)
             with _autocast(device, amp):
-                pred = sliding_window_labels(
-                    image,
-                    net,
-                    roi_size=cfg.model.roi_size,
-                    sw_batch_size=cfg.infer.sw_batch_size,
-                    overlap=cfg.infer.overlap,
-                    mode=cfg.infer.mode,
-                )[:, None].to(device)
+                pred = sliding_window_labels(image, net, roi_size=cfg.model.roi_size, engine=engine)[:, None].to(device)
             label = torch.as_tensor(batch["label"]).to(device).long()
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], n_classes).movedim(-1, 1)  # noqa: E731
             scores.append(compute_dice(onehot(pred), onehot(label), include_background=False, ignore_empty=True))
@@ -161,6 +158,7 @@ class VolumeTask:
             vds = CheckedCases(val_files, val_transforms(cfg), cache=tc.cache)
             self.val_loader = DataLoader(vds, batch_size=1, num_workers=0)
         self.loss_fn = SegmentationLoss(int(cfg.model.out_channels))
+        self.engine: Engine | None = None  # one for every validation: what out-of-memory taught carries over
 
     def train_samples(self) -> SeededSamples:
         return SeededSamples(self.cases, self.rand, self.cfg.train.seed)
@@ -171,7 +169,9 @@ class VolumeTask:
     def validate(self, net: torch.nn.Module, device: torch.device, amp: bool) -> dict[str, Any] | None:
         if self.val_loader is None:
             return None
-        v = validate(net, self.val_loader, self.cfg, device, amp)
+        if self.engine is None or self.engine.settings.device != torch.device(device):
+            self.engine = Engine(InferenceSettings.from_sources(self.cfg.infer, device=device, amp=False))
+        v = validate(net, self.val_loader, self.cfg, device, amp, self.engine)
         return {"score": v["mean_dice"], "per_label": v["per_label"]}
 
     def save(self, net: torch.nn.Module, path: Path, extra: dict[str, Any]) -> None:
