@@ -30,7 +30,7 @@ from torch import nn
 
 import medvit
 from medvit.config import Config, ModelConfig, dump_config, parse_config
-from medvit.errors import CheckpointError, ConfigError
+from medvit.core.errors import CheckpointError, ConfigError
 from medvit.io import atomic_path
 from medvit.nets import build_net
 

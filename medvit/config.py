@@ -2,7 +2,7 @@
 
 One file describes one task/model pair: labels, how a volume is preprocessed, the net,
 training and inference settings. Unknown keys and values of the wrong type are refused
-with a one-line :class:`~medvit.errors.ConfigError` naming the file and the key.
+with a one-line :class:`~medvit.core.errors.ConfigError` naming the file and the key.
 
 Example (see ``configs/``)::
 
@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 
 Triple = tuple[float, float, float]
 M = TypeVar("M", bound=BaseModel)

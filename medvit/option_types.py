@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 
 
 def check_option(key: str, value: Any, hints: Mapping[str, Any]) -> None:

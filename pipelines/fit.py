@@ -44,7 +44,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from medvit.config import TrainConfig
-from medvit.errors import InputError, MedvitError, NonFiniteOutput
+from medvit.core.errors import InputError, MedvitError, NonFiniteOutput
 from medvit.io import atomic_path, make_output_folder
 from medvit.checkpoint import nonfinite_key
 from medvit.io.writers import check_writable

@@ -18,7 +18,7 @@ from torch import nn
 
 import medvit
 from medvit.checkpoint import FORMAT, FORMAT_VERSION, check_fit, checkpoint_sidecar, read_weights, write_weights
-from medvit.errors import CheckpointError, ConfigError
+from medvit.core.errors import CheckpointError, ConfigError
 from pointcloud.config import LidarConfig, parse_lidar_config
 from pointcloud.nets import build_point_net
 

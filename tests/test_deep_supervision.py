@@ -12,7 +12,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
 from medvit.config import ModelConfig, load_config
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets import build_net
 from medvit.nets import registry as registry_module
 from medvit.nets.registry import construct

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.engine import PointScene, run_windows, segment_scene
 from pipelines.engine import points as scene_module
 

@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io import list_dicom_series, read_image, read_label
 
 DATA = Path(os.environ.get("MEDVIT_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -8,7 +8,7 @@ from monai.networks.nets import UNETR, BasicUNet, SwinUNETR
 from torch import nn
 
 from medvit.config import ModelConfig
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets import available, build_net, register
 from medvit.nets import registry as registry_module
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from pointcloud.nets import build_point_net
 from pointcloud.nets.condaformer import (
     PLANES,

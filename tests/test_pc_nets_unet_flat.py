@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from pointcloud.nets import available_point_nets, build_point_net
 from pointcloud.nets.flatformer import FlatBlock, GroupAttention, sincos_position_encoding
 from pointcloud.nets.serialize import (

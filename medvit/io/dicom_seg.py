@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import LPS_TO_RAS, RawVolume, corner_offset_mm, source_info, tilt_degrees
 from medvit.io.dicom import DicomSeries, list_dicom_series, select_series, series_affine
 

@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import SUPPORTED, RawVolume
 from medvit.io.dicom import DICOM_SUFFIXES, Tilt, read_dicom
 from medvit.io.itk_formats import itk_format, read_itk

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import DSfloat
 
-from medvit.errors import InputError, MedvitError, listed
+from medvit.core.errors import InputError, MedvitError, listed
 from medvit.io.common import LPS_TO_RAS, RawVolume, corner_offset_mm, source_info, tilt_degrees
 from medvit.io.dicom import DicomSeries, list_dicom_series, select_series, series_affine
 from medvit.io.label_colors import label_color

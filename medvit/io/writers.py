@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import corner_offset_mm
 
 PathLike = str | os.PathLike

@@ -93,7 +93,7 @@ from monai.networks.layers import DropPath
 from torch import Tensor, nn
 
 from medvit.attention import GridAttention, dilated_attention, full_attention, window_attention
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets.blocks import Mlp, check_block_options
 from medvit.nets.registry import construct, register
 

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from medvit.config import ModelConfig
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.option_types import check_option, conforms, type_hints
 
 Builder = Callable[..., nn.Module]

@@ -10,7 +10,7 @@ from typing import Any
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets.registry import check_bottleneck, check_roi, construct, register
 
 

@@ -96,7 +96,7 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock
 from torch import Tensor, nn
 
 from medvit.attention import GridAttention, full_attention
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets.mask_transformer import MaskPrediction, MaskTransformerDecoder, semantic_scores
 from medvit.nets.registry import construct, register
 

@@ -7,7 +7,7 @@ from typing import Any
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets.registry import check_bottleneck, check_roi, construct, register
 
 MIN_SIZE = 16

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.bench.engine import USER_ERROR, run_worker
 
 WINDOW = (96, 96, 96)

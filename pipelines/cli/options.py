@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medvit.errors import InputError, MedvitError
+from medvit.core.errors import InputError, MedvitError
 
 
 class NonFinite(str, Enum):
@@ -59,7 +59,7 @@ def override_train(cfg, config: Path, **overrides) -> None:
 @contextlib.contextmanager
 def naming_config(config: Path):
     """A config error raised past loading (the net's own checks of model.*) names the config file too."""
-    from medvit.errors import ConfigError
+    from medvit.core.errors import ConfigError
 
     try:
         yield

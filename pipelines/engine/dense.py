@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-from medvit.errors import MedvitError, NonFiniteOutput
+from medvit.core.errors import MedvitError, NonFiniteOutput
 from pipelines.engine.runner import EngineReport, check_batch_size, mirrored, ring_runs, run_windows
 
 _IMPORTANCE: dict[tuple, torch.Tensor] = {}

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medvit.errors import MedvitError, NonFiniteOutput
+from medvit.core.errors import MedvitError, NonFiniteOutput
 from pipelines.engine.runner import EngineReport, ring_runs, run_windows
 
 log = logging.getLogger(__name__)

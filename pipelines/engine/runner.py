@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.threads import AdaptiveThreads
 
 @dataclass

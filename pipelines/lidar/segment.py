@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvit.errors import InputError, about, listed
+from medvit.core.errors import InputError, about, listed
 from medvit.io import check_output_folder
 from medvit.io.writers import check_writable
 from pipelines.engine import EngineReport

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError, InputError, about, listed
+from medvit.core.errors import ConfigError, InputError, about, listed
 from pipelines.engine.points import check_scene_extent, segment_scene
 from pipelines.fit import SeededSamples, TrainResult, fit, prepared_output
 from pipelines.lidar.segment import checkpoint_units, net_features, scan_features, train_labels

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvit.errors import InputError, MedvitError
+from medvit.core.errors import InputError, MedvitError
 
 from pipelines.volume.cohort import CASES, DONE, Case, finished, list_cases, output_hashes, remove_stale, sources_digest, \
     table_rows, write_cases, write_table

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from medvit.data.phantom import LABELS, make_phantom
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.io import atomic_path, make_output_folder, write_image, write_label_map
 
 DEMO_CONFIG: dict = {
@@ -110,7 +110,7 @@ N_TRAIN, N_VAL, N_TEST = 12, 2, 4
 def demo_config(net: str) -> dict:
     """:data:`DEMO_CONFIG` (a deep copy) with ``net``'s model block and training keys from :data:`DEMO_NETS`.
 
-    Raises :class:`~medvit.errors.ConfigError` naming ``--net`` and the nets that have a demo
+    Raises :class:`~medvit.core.errors.ConfigError` naming ``--net`` and the nets that have a demo
     configuration when ``net`` is not one of them.
     """
     from medvit.nets import available

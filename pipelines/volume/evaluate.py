@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medvit.errors import InputError, MedvitError, listed
+from medvit.core.errors import InputError, MedvitError, listed
 from medvit.io.common import corner_offset_mm, tilt_degrees
 
 log = logging.getLogger(__name__)

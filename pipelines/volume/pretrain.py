@@ -41,7 +41,7 @@ from tqdm import tqdm
 import medvit
 from medvit.checkpoint import FORMAT, FORMAT_VERSION, PRETRAIN_KIND, write_weights
 from medvit.config import Config, dump_config
-from medvit.errors import ConfigError, InputError, MedvitError
+from medvit.core.errors import ConfigError, InputError, MedvitError
 from medvit.nets import build_net
 from medvit.nets.encoders import Encoder, encoder_of
 from pipelines.fit import _mix, lr_factor

@@ -14,7 +14,7 @@ import torch
 
 import medvit
 from medvit.checkpoint import LoadedModel, checkpoint_sidecar
-from medvit.errors import InputError, MedvitError, about
+from medvit.core.errors import InputError, MedvitError, about
 from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
 from medvit.io.dicom import DicomSeries, select_series
 from medvit.io.common import sha256_file

@@ -15,7 +15,7 @@ import laspy
 import numpy as np
 from laspy.vlrs.known import GeoAsciiParamsVlr, GeoDoubleParamsVlr, GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pointcloud.io.cloud import PointCloud
 
 logger = logging.getLogger(__name__)

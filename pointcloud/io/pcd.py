@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pointcloud.io.cloud import PointCloud, integer_labels
 from pointcloud.io.lzf import LZFError, lzf_compress, lzf_decompress
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from medvit.errors import InputError, listed
+from medvit.core.errors import InputError, listed
 from pointcloud.io.cloud import PointCloud, drop_nonfinite, integer_labels, logger
 from pointcloud.io.kitti import RAW_LAYOUTS, read_label_file, read_raw_scan, sibling_label_path
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 
 
 def write_labels(labels, path: str | os.PathLike, *, instance=None, protect: Sequence[str | os.PathLike] = ()) -> Path:

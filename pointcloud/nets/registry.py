@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.option_types import check_option, type_hints
 
 __all__ = ["available_point_nets", "build_point_net", "register"]
