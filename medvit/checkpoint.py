@@ -31,7 +31,7 @@ from torch import nn
 import medvit
 from medvit.config import Config, ModelConfig, dump_config, parse_config
 from medvit.core.errors import CheckpointError, ConfigError
-from medvit.io import atomic_path
+from medvit.core.files import atomic_path
 from medvit.nets import build_net
 
 FORMAT = "medvit-checkpoint"

@@ -45,9 +45,8 @@ from tqdm import tqdm
 
 from medvit.config import TrainConfig
 from medvit.core.errors import InputError, MedvitError, NonFiniteOutput
-from medvit.io import atomic_path, make_output_folder
+from medvit.core.files import atomic_path, check_writable, make_output_folder
 from medvit.checkpoint import nonfinite_key
-from medvit.io.writers import check_writable
 from pipelines.ddp import shard
 from pipelines.threads import AdaptiveThreads
 

@@ -164,7 +164,7 @@ def write_rtstruct(
     from rt_utils import ds_helper
     from rt_utils.utils import ROIData
 
-    from medvit.io.writers import atomic_path, refuse_protected
+    from medvit.core.files import atomic_path, refuse_protected
 
     lab = np.asarray(labels)
     where = series.files[0].parent

@@ -125,7 +125,7 @@ def check_output_file(path: Path | None, inputs: list[Path], option: str = "--js
     that replaces no input (a folder input protects every file in it)."""
     if path is None:
         return
-    from medvit.io.writers import check_output_folder, check_writable, refuse_protected
+    from medvit.core.files import check_output_folder, check_writable, refuse_protected
 
     if path.is_dir():
         raise InputError(path, f"is a folder; {option} takes a file name")
@@ -142,7 +142,7 @@ def json_writer(path: Path | None):
 
     def write(res: dict) -> None:
         if path is not None:
-            from medvit.io.writers import atomic_path
+            from medvit.core.files import atomic_path
 
             with atomic_path(path) as tmp:
                 Path(tmp).write_text(json.dumps(res, indent=1))

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from medvit.core.errors import InputError, about, listed
-from medvit.io import check_output_folder
-from medvit.io.writers import check_writable
+from medvit.core.files import check_output_folder, check_writable
 from pipelines.engine import EngineReport
 from pipelines.engine.points import check_scene_extent, segment_scene
 from pointcloud.checkpoint import LoadedPointNet

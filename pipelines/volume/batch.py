@@ -209,7 +209,7 @@ def run_batch(source: str | Path, out: str | Path, checkpoint: str | Path, *, co
     """
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
-    from medvit.io.writers import check_writable, make_output_folder
+    from medvit.core.files import check_writable, make_output_folder
     from pipelines.volume.segment import checkpoint_record
 
     start = time.perf_counter()

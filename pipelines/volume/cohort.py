@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvit.core.errors import InputError
+from medvit.core.files import atomic_path
 from medvit.io.common import sha256_file
-from medvit.io.writers import atomic_path
 
 DONE = "done.json"
 CASES = "cases.csv"

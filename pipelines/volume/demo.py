@@ -22,7 +22,8 @@ import yaml
 
 from medvit.data.phantom import LABELS, make_phantom
 from medvit.core.errors import ConfigError
-from medvit.io import atomic_path, make_output_folder, write_image, write_label_map
+from medvit.core.files import atomic_path, make_output_folder
+from medvit.io import write_image, write_label_map
 
 DEMO_CONFIG: dict = {
     "labels": LABELS,

@@ -284,7 +284,7 @@ def pretrain(cfg: Config, *, device: str | torch.device = "cpu", progress: bool 
     encoder = encoder_of(net, cfg.model.name)
     model = Pretrainer(net, encoder, cfg)
 
-    from medvit.io import make_output_folder
+    from medvit.core.files import make_output_folder
 
     out = Path(pc.output_dir)
     if (out / "metrics.jsonl").exists() or (out / CHECKPOINT).exists():
