@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from medvit.config import TrainConfig
+from medvit.core.config import TrainConfig
 from medvit.core.errors import InputError, MedvitError, NonFiniteOutput
 from medvit.core.files import atomic_path, check_writable, make_output_folder
 from medvit.checkpoint import nonfinite_key

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from medvit.config import TrainConfig
+from medvit.core.config import TrainConfig
 from medvit.core.errors import InputError, MedvitError
 from pipelines.ddp import World, shard, world_from_env
 from pipelines.fit import SeededSamples, fit, prepare_output
