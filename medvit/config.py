@@ -104,7 +104,7 @@ class AugmentConfig(StrictModel):
 
 class ModelConfig(StrictModel):
     name: str
-    """A registered net: see ``medvit.nets.available()``."""
+    """A registered net: see ``medvit.nets.NETS.names()``."""
     in_channels: int = Field(1, ge=1)
     out_channels: int | None = Field(None, ge=2)
     """Defaults to the number of labels (background included)."""

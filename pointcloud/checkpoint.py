@@ -20,7 +20,7 @@ import medvit
 from medvit.checkpoint import FORMAT, FORMAT_VERSION, check_fit, checkpoint_sidecar, read_weights, write_weights
 from medvit.core.errors import CheckpointError, ConfigError
 from pointcloud.config import LidarConfig, parse_lidar_config
-from pointcloud.nets import build_point_net
+from pointcloud.nets import POINT_NETS
 
 
 @dataclass
@@ -36,8 +36,9 @@ class LoadedPointNet:
 
 
 def build_from_config(cfg: LidarConfig) -> nn.Module:
-    return build_point_net(cfg.model.name, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                           voxel_size=cfg.voxel_size, options=cfg.model.options)
+    """The fresh net ``cfg.model`` names, for ``cfg``'s features, classes and voxel size."""
+    return POINT_NETS.build(cfg.model.name, cfg.model.options, in_channels=cfg.in_channels,
+                            out_channels=cfg.num_classes, voxel_size=cfg.voxel_size)
 
 
 def save_point_checkpoint(net: nn.Module, path: str | Path, *, config: LidarConfig, extra: dict | None = None,
@@ -68,6 +69,6 @@ def load_point_checkpoint(path: str | Path, *, device: str | torch.device = "cpu
         raise CheckpointError(str(e)) from None
     except KeyError as e:
         raise CheckpointError(f"{checkpoint_sidecar(path)}: missing key {e}") from None
-    check_fit(path, state, net, f"{cfg.model.name}(in_channels={cfg.in_channels}, num_classes={cfg.num_classes})")
+    check_fit(path, state, net, f"{cfg.model.name}(in_channels={cfg.in_channels}, out_channels={cfg.num_classes})")
     net.load_state_dict(state, strict=True)
     return LoadedPointNet(net=net.to(device).eval(), config=cfg, meta={**meta, "checkpoint": str(path)})

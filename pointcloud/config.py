@@ -42,7 +42,7 @@ LAS_REFUSED_CODES = {0: "'created, never classified'", LAS_UNLABELLED: "'unclass
 
 class PointModelConfig(StrictModel):
     name: str
-    """A registered point net: see ``pointcloud.nets.available_point_nets()``."""
+    """A registered point net: see ``pointcloud.nets.POINT_NETS.names()``."""
     options: dict[str, Any] = Field(default_factory=dict)
 
 

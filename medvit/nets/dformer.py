@@ -95,7 +95,7 @@ from torch import Tensor, nn
 from medvit.attention import GridAttention, dilated_attention, full_attention, window_attention
 from medvit.core.errors import ConfigError
 from medvit.nets.blocks import Mlp, check_block_options
-from medvit.nets.registry import construct, register
+from medvit.nets.registry import NETS, construct
 
 __all__ = ["DFormer", "dformer"]
 
@@ -368,7 +368,7 @@ class DFormer(nn.Module):
         return full, aux[0], aux[1]
 
 
-@register("dformer")
+@NETS.register("dformer")
 def dformer(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options: Any) -> nn.Module:
     """D-Former mapping ``(B, in_channels, *roi_size)`` to logits ``(B, out_channels, *roi_size)``.
 

@@ -114,11 +114,11 @@ def demo_config(net: str) -> dict:
     Raises :class:`~medvit.core.errors.ConfigError` naming ``--net`` and the nets that have a demo
     configuration when ``net`` is not one of them.
     """
-    from medvit.nets import available
+    from medvit.nets import NETS
 
-    runnable = [n for n in available() if n in DEMO_NETS]
+    runnable = [n for n in NETS.names() if n in DEMO_NETS]
     if net not in runnable:
-        why = "is registered but has no demo configuration" if net in available() else "is not a registered net"
+        why = "is registered but has no demo configuration" if net in NETS else "is not a registered net"
         raise ConfigError(f"--net {net!r} {why}; choose one of: {', '.join(runnable)}")
     entry = DEMO_NETS[net]
     cfg = copy.deepcopy(DEMO_CONFIG)
