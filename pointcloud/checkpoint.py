@@ -1,4 +1,5 @@
-"""Point-net checkpoints: ``NAME.safetensors`` + ``NAME.json``, the same pair as the volume side.
+"""Point-net checkpoints: ``NAME.safetensors`` + ``NAME.json``, the same pair as the volume side
+(:mod:`medvit.core.weights`).
 
 The sidecar says ``"kind": "lidar"`` and carries the whole LiDAR config (labels, label map,
 features and their scales, voxel size, net, inference tiling), so a checkpoint alone is
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 import medvit
-from medvit.checkpoint import FORMAT, FORMAT_VERSION, check_fit, checkpoint_sidecar, read_weights, write_weights
 from medvit.core.errors import CheckpointError, ConfigError
+from medvit.core.weights import FORMAT, FORMAT_VERSION, check_fit, checkpoint_sidecar, read_weights, write_weights
 from pointcloud.config import LidarConfig, parse_lidar_config
 from pointcloud.nets import POINT_NETS
 

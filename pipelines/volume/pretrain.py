@@ -39,9 +39,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import medvit
-from medvit.checkpoint import FORMAT, FORMAT_VERSION, PRETRAIN_KIND, write_weights
+from medvit.checkpoint import PRETRAIN_KIND
 from medvit.config import Config, dump_config
 from medvit.core.errors import ConfigError, InputError, MedvitError
+from medvit.core.weights import FORMAT, FORMAT_VERSION, write_weights
 from medvit.nets import build_net
 from medvit.nets.encoders import Encoder, encoder_of
 from pipelines.fit import _mix, lr_factor

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 import medvit
-from medvit.checkpoint import LoadedModel, checkpoint_sidecar
+from medvit.checkpoint import LoadedModel
 from medvit.core.errors import InputError, MedvitError, about
 from medvit.core.files import atomic_path, check_output_folder, check_writable
+from medvit.core.weights import checkpoint_sidecar
 from medvit.io import LoadVolumed, list_dicom_series, write_label_map
 from medvit.io.dicom import DicomSeries, select_series
 from medvit.io.common import sha256_file
