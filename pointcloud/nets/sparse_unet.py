@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medvit.core.values import triple
 from pointcloud.nets.registry import POINT_NETS
 from pointcloud.sparse import devoxelize, inverse_conv, sparse_conv, subm_conv, voxelize
 from pointcloud.structure import Point, SparseVoxels
@@ -155,13 +156,6 @@ def voxelize_for_net(
     return voxels, inverse, feat
 
 
-def _triple(v: float | Sequence[float]) -> tuple[float, float, float]:
-    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(t) != 3 or not all(x > 0 for x in t):
-        raise ValueError(f"voxel_size must be a positive number or three (x, y, z), got {v}")
-    return t  # type: ignore[return-value]
-
-
 def _per_stage(value: int | Sequence[int], n: int, name: str, minimum: int = 0) -> tuple[int, ...]:
     t = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
     if len(t) != n or any(v < minimum for v in t):
@@ -205,7 +199,7 @@ class SparseUNetBase(nn.Module):
         self.decoder_layers = _per_stage(decoder_layers, max(n - 1, 1), "decoder_layers")
         if point_mlp < 0:
             raise ValueError(f"point_mlp must be >= 0, got {point_mlp}")
-        self.voxel_size = _triple(voxel_size)
+        self.voxel_size = triple(voxel_size, "voxel_size", kind=float)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.point_offsets = point_offsets
