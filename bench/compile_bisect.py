@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from medvit.io.writers import atomic_path
+from medvit.core.files import atomic_path
 from medvit.nets.speedups import use_sdpa
 from pipelines.bench.engine import Case, _input, _net, _time_batch, _window_batch, within_bf16_tolerance
 

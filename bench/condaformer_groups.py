@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from medvit.io.writers import atomic_path
+from medvit.core.files import atomic_path
 from pipelines.bench import lidar as bench_lidar
 from pointcloud.nets import condaformer
 

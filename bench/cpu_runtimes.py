@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from medvit.config import ModelConfig
-from medvit.errors import MedvitError
-from medvit.nets import available, build_net
+from medvit.core.errors import MedvitError
+from medvit.nets import NETS, build_net
 from medvit.runtimes import (
     CONVERTED,
     backends,
@@ -135,7 +135,7 @@ def fmt(row: dict, key: str, spec: str, width: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="96,96,96", help="the window D,H,W (or one size for all three)")
-    ap.add_argument("--nets", default=",".join(n for n in available()), help="comma-separated registered net names")
+    ap.add_argument("--nets", default=",".join(n for n in NETS.names()), help="comma-separated registered net names")
     ap.add_argument("--size", choices=("tiny", "default"), default="default")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--classes", type=int, default=3)
@@ -149,9 +149,9 @@ def main() -> None:
     if len(roi) != 3:
         ap.error(f"--shape: expected one or three sizes, got {args.shape}")
     nets = [n for n in args.nets.split(",") if n]
-    unknown = [n for n in nets if n not in available()]
+    unknown = [n for n in nets if n not in NETS.names()]
     if unknown:
-        ap.error(f"--nets: unknown {', '.join(unknown)}; registered: {', '.join(available())}")
+        ap.error(f"--nets: unknown {', '.join(unknown)}; registered: {', '.join(NETS.names())}")
     args.threads = args.threads or cpu_threads()
     torch.set_num_threads(args.threads)
 

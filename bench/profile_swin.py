@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from medvit.io.writers import atomic_path
+from medvit.core.files import atomic_path
 from medvit.nets.speedups import speed_up
 from pipelines.bench.engine import Case, _input, _net, _time_batch, _window_batch
 from pipelines.engine.runner import autocast_context, sync_device

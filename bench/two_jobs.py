@@ -41,13 +41,13 @@ def _lidar_step():
     from pipelines.lidar.demo import DEMO_LIDAR_CONFIG
     from pointcloud.data.synthetic import make_scene
     from pointcloud.losses import CELovaszLoss
-    from pointcloud.nets import build_point_net
+    from pointcloud.nets import POINT_NETS
     from pointcloud.structure import Point
 
     cfg = DEMO_LIDAR_CONFIG
     torch.manual_seed(0)
-    net = build_point_net(cfg["model"]["name"], in_channels=4, num_classes=len(cfg["labels"]),
-                          voxel_size=cfg["voxel_size"], options=cfg["model"]["options"])
+    net = POINT_NETS.build(cfg["model"]["name"], cfg["model"]["options"], in_channels=4, out_channels=len(cfg["labels"]),
+                           voxel_size=cfg["voxel_size"])
     cloud = make_scene(np.random.default_rng(0))
     rng = np.random.default_rng(1)
     crops = []

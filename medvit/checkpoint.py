@@ -1,4 +1,4 @@
-"""Checkpoints: our ``NAME.safetensors`` + ``NAME.json`` pairs, and MONAI bundle ``model.pt`` state dicts.
+"""Volume checkpoints: our ``NAME.safetensors`` + ``NAME.json`` pairs, and MONAI bundle ``model.pt`` state dicts.
 
 Our checkpoint is two files. ``NAME.safetensors`` holds the weights (no pickle, so loading one runs no
 code); ``NAME.json``, the sidecar, says what they are for: the net's config, the label names, the
@@ -11,39 +11,46 @@ is read with ``torch.load(weights_only=True)``, which refuses pickled code; it d
 net it is for, so it needs a config.
 
 Every load checks keys and tensor shapes against the net before copying anything, and names the
-first key that does not fit.
+first key that does not fit. The file format itself (writing, reading, the fit check) is
+:mod:`medvit.core.weights`, shared with the LiDAR checkpoints; this module builds volume nets.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
 import medvit
 from medvit.config import Config, ModelConfig, dump_config, parse_config
-from medvit.errors import CheckpointError, ConfigError
-from medvit.io import atomic_path
+from medvit.core.errors import CheckpointError, ConfigError
+from medvit.core.weights import (
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_SUFFIX,
+    check_fit,
+    checkpoint_file,
+    checkpoint_sidecar,
+    load_torch_file,
+    nonfinite_key,
+    read_safetensors,
+    read_sidecar,
+    read_weights,
+    shape_text,
+    write_weights,
+)
 from medvit.nets import build_net
 
-FORMAT = "medvit-checkpoint"
-FORMAT_VERSION = 1
-WEIGHTS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".pth")
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net")
 """Keys under which training scripts (MONAI's CheckpointSaver among them) nest the state dict."""
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes added by DistributedDataParallel/DataParallel and torch.compile."""
 PRETRAIN_KIND = "pretrain"
 """The sidecar ``kind`` of an encoder checkpoint written by ``medvit pretrain``."""
-"""Key prefixes added by DistributedDataParallel/DataParallel and torch.compile."""
 
 
 @dataclass
@@ -58,11 +65,6 @@ class LoadedModel:
     net: nn.Module
     config: Config
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def checkpoint_sidecar(path: str | Path) -> Path:
-    """The JSON sidecar of the weights file ``path``: ``NAME.safetensors`` -> ``NAME.json``."""
-    return Path(path).with_suffix(".json")
 
 
 def describe_net(model: ModelConfig) -> str:
@@ -93,64 +95,6 @@ def save_checkpoint(net: nn.Module, path: str | Path, *, config: Config, extra: 
     return write_weights(net, path, sidecar)
 
 
-def write_weights(net: nn.Module, path: str | Path, sidecar: dict[str, Any], *,
-                  prefixes: tuple[str, ...] | None = None) -> Path:
-    """Weights to ``path`` (``.safetensors``), then ``sidecar`` as JSON beside it; both atomic.
-
-    The shared writer for every kind of checkpoint (volume nets here, point nets in
-    ``pointcloud.checkpoint``, encoders from ``medvit pretrain``); ``sidecar`` must carry ``format``,
-    ``format_version``, ``net``, ``labels``. With ``prefixes`` only the keys starting with one of them
-    are written (an encoder's).
-    """
-    path = Path(path)
-    if path.suffix != WEIGHTS_SUFFIX:
-        raise CheckpointError(f"{path}: checkpoints are written as {WEIGHTS_SUFFIX} files")
-    # serialise before touching the disk: a value JSON cannot hold fails here, leaving old files intact
-    text = json.dumps(sidecar, indent=2) + "\n"
-    tensors = _portable_state_dict(net)
-    if prefixes is not None:
-        tensors = {k: t for k, t in tensors.items() if k.startswith(prefixes)}
-    with atomic_path(path) as tmp:
-        # bytes written by us, not save_file: its own temporary file is made 0600 (unreadable to
-        # colleagues on a shared server) and its write errors are not OSErrors
-        Path(tmp).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    with atomic_path(checkpoint_sidecar(path)) as tmp:
-        Path(tmp).write_text(text)
-    return path
-
-
-def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict and sidecar of a ``.safetensors`` checkpoint of ``kind`` (volume or lidar)."""
-    path = _checkpoint_file(path)
-    if path.suffix != WEIGHTS_SUFFIX:
-        raise CheckpointError(f"{path}: expected a {WEIGHTS_SUFFIX} checkpoint with its .json sidecar")
-    meta = _read_sidecar(path)
-    have = meta.get("kind", "volume")
-    if have != kind:
-        raise CheckpointError(f"{path}: this is a {have} checkpoint, not a {kind} one")
-    return _read_safetensors(path), meta
-
-
-def nonfinite_key(state: dict[str, torch.Tensor]) -> str | None:
-    """The first key of ``state`` whose floating tensor holds NaN or inf, else None."""
-    return next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-
-
-def _checkpoint_file(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; give the checkpoint file in it (a .safetensors with its .json "
-                              "sidecar, or a MONAI bundle's models/model.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    return path
-
-
-def check_fit(path: str | Path, state: dict[str, torch.Tensor], net: nn.Module, net_desc: str) -> None:
-    """Raise :class:`CheckpointError` naming the first key of ``state`` that does not fit ``net``."""
-    _check_fit(Path(path), state, net, net_desc)
-
-
 def load_checkpoint(
     path: str | Path, *, config: Config | None = None, device: str | torch.device = "cpu"
 ) -> LoadedModel:
@@ -162,9 +106,9 @@ def load_checkpoint(
     Raises :class:`CheckpointError` for a missing, unreadable or unsafe file, a missing sidecar, or
     weights that do not fit the net (naming the first key that does not).
     """
-    path = _checkpoint_file(path)
+    path = checkpoint_file(path)
     if path.suffix == WEIGHTS_SUFFIX:
-        meta = _read_sidecar(path)
+        meta = read_sidecar(path)
         if meta.get("kind", "volume") == PRETRAIN_KIND:
             raise CheckpointError(f"{path}: holds an encoder from 'medvit pretrain', not a trained net; start a training "
                                   "from it with model.pretrained")
@@ -173,7 +117,7 @@ def load_checkpoint(
         cfg = _config_from_sidecar(meta, checkpoint_sidecar(path))
         if config is not None:
             _check_same_net(path, cfg.model, config.model)
-        state = _read_safetensors(path)
+        state = read_safetensors(path)
     elif path.suffix in TORCH_SUFFIXES:
         if config is None:
             raise CheckpointError(f"{path}: a .pt state dict does not say which net it is for; pass --config")
@@ -192,55 +136,9 @@ def load_checkpoint(
         if config is not None and cfg is config:
             raise  # the user's config is at fault, and the error already names its key
         raise CheckpointError(f"{checkpoint_sidecar(path)}: {e}") from None
-    _check_fit(path, state, net, describe_net(cfg.model))
+    check_fit(path, state, net, describe_net(cfg.model))
     net.load_state_dict(state, strict=True)
     return LoadedModel(net=net.to(device).eval(), config=cfg, meta=meta)
-
-
-def _portable_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as contiguous CPU tensors that each own their storage (safetensors refuses shared ones)."""
-    if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        net = net.module
-    net = getattr(net, "_orig_mod", net)  # torch.compile wraps the module; save the module's own keys
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, t in net.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        # tied weights and views share storage; a copy makes each tensor its own
-        if ptr and (ptr in seen or storage.nbytes() != t.nbytes):
-            t = t.clone()
-        else:
-            seen.add(ptr)
-        out[key] = t
-    return out
-
-
-def _read_sidecar(path: Path) -> dict[str, Any]:
-    sidecar = checkpoint_sidecar(path)
-    if not sidecar.is_file():
-        raise CheckpointError(
-            f"{path}: its sidecar {sidecar} is missing; a .safetensors checkpoint needs the .json written beside it"
-        )
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{sidecar}: cannot read the checkpoint sidecar ({e})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{sidecar}: not valid JSON (line {e.lineno})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar}: not a medvit checkpoint sidecar (no \"format\": \"{FORMAT}\")")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{sidecar}: checkpoint format_version {version!r} is newer than this medvit reads ({FORMAT_VERSION}); "
-            f"it was written by medvit {meta.get('medvit_version', '?')}"
-        )
-    for key in ("net", "labels"):
-        if key not in meta:
-            raise CheckpointError(f"{sidecar}: missing key '{key}'")
-    return meta
 
 
 def _config_from_sidecar(meta: dict[str, Any], sidecar: Path) -> Config:
@@ -262,30 +160,6 @@ def _check_same_net(path: Path, have: ModelConfig, want: ModelConfig) -> None:
             raise CheckpointError(
                 f"{path}: checkpoint's {have.name} has model.{key} {fmt(a)} but the config asks for {fmt(b)}"
             )
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(str(path), device="cpu")
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def load_torch_file(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with a corrupt, truncated or unsafe file
-    as a one-line :class:`CheckpointError`."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {_unpickler_reason(e)}") from None
-    except (RuntimeError, OSError, EOFError, struct.error, ValueError, IndexError, KeyError, AssertionError) as e:
-        # what torch.load raised on truncated or damaged files in our trials: the zip reader raises
-        # RuntimeError or OSError (EINVAL); the unpickler EOFError, struct.error, UnicodeDecodeError,
-        # IndexError or a failed assertion, depending on which byte is wrong
-        first = (e.strerror if isinstance(e, OSError) else str(e).split(". ")[0]) or "unexpected end of data"
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from None
 
 
 def _read_torch_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -316,59 +190,6 @@ def _is_state_dict(obj: dict) -> bool:
 def _preview(obj: dict, n: int = 5) -> str:
     keys = [repr(k) for k in list(obj)[:n]]
     return "[" + ", ".join(keys) + (", ...]" if len(obj) > n else "]")
-
-
-SAFE_LOAD = "only tensors and plain containers are loaded, never pickled objects or code"
-
-
-def _unpickler_reason(e: pickle.UnpicklingError) -> str:
-    """The line of torch's long weights_only message that says what was refused."""
-    marker = "WeightsUnpickler error:"
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
-    for line in str(e).splitlines():
-        line = line.split(marker, 1)[1] if marker in line else line
-        line = line.strip()
-        if line and not line.startswith(boilerplate):
-            return line.split(". Please")[0].rstrip(".") + f" ({SAFE_LOAD})"
-    return SAFE_LOAD
-
-
-def _shape(t: torch.Tensor) -> str:
-    return str(tuple(t.shape))
-
-
-def _check_fit(path: Path, state: dict[str, torch.Tensor], net: nn.Module, net_desc: str) -> None:
-    """CheckpointError naming the first key whose presence or shape differs between ``state`` and ``net``."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    unexpected = [k for k in state if k not in expected]
-    if not (missing or reshaped or unexpected):
-        # fits: a diverged run's NaN weights would only show as an error deep inside the first window
-        bad_values = nonfinite_key(state)
-        if bad_values is not None:
-            raise CheckpointError(f"{path}: key '{bad_values}' holds NaN or infinite values (saved from a diverged run?)")
-        return
-    bad = set(missing) | set(reshaped)
-    first = next((k for k in expected if k in bad), None)
-    if first is None:
-        problem = f"key '{unexpected[0]}' is not a parameter of {net_desc}"
-    elif first in missing:
-        problem = f"key '{first}' is missing from the checkpoint"
-    else:
-        problem = (
-            f"key '{first}' has shape {_shape(state[first])} in the checkpoint "
-            f"but {_shape(expected[first])} in {net_desc}"
-        )
-    n_diff = len(bad) + len(unexpected)
-    counts = f"{len(missing)} missing, {len(reshaped)} of another shape, {len(unexpected)} unexpected"
-    if n_diff > max(len(expected), len(state)) / 2:
-        raise CheckpointError(
-            f"{path}: looks like a checkpoint for another net than {net_desc} "
-            f"({counts} of its {len(expected)} keys); first: {problem}"
-        )
-    more = f" ({counts} keys)" if n_diff > 1 else ""
-    raise CheckpointError(f"{path}: {problem}{more}")
 
 
 @dataclass
@@ -415,8 +236,8 @@ def load_pretrained(net: nn.Module, model: ModelConfig) -> PretrainedLoad:
             raise CheckpointError(f"{where}: key '{key}' is not a parameter of {describe_net(model)} (built with other "
                                   f"options than the pretrained {have.get('options')}?)")
         if t.shape != expected[key].shape:
-            raise CheckpointError(f"{where}: key '{key}' has shape {_shape(t)} in the checkpoint but "
-                                  f"{_shape(expected[key])} in {describe_net(model)}; model.options must build the "
+            raise CheckpointError(f"{where}: key '{key}' has shape {shape_text(t)} in the checkpoint but "
+                                  f"{shape_text(expected[key])} in {describe_net(model)}; model.options must build the "
                                   f"encoder it was pretrained with ({have.get('options')})")
     bad = nonfinite_key(state)
     if bad is not None:

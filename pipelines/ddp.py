@@ -25,7 +25,7 @@ from datetime import timedelta
 
 import torch
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 
 TIMEOUT = timedelta(hours=1)
 """How long a rank waits at a collective: the other ranks wait this long for rank 0's validation."""

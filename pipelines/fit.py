@@ -43,11 +43,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from medvit.config import TrainConfig
-from medvit.errors import InputError, MedvitError, NonFiniteOutput
-from medvit.io import atomic_path, make_output_folder
-from medvit.checkpoint import nonfinite_key
-from medvit.io.writers import check_writable
+from medvit.core.config import TrainConfig
+from medvit.core.errors import InputError, MedvitError, NonFiniteOutput
+from medvit.core.files import atomic_path, check_writable, make_output_folder
+from medvit.core.weights import nonfinite_key
 from pipelines.ddp import shard
 from pipelines.engine.settings import autocast_dtype
 from pipelines.threads import AdaptiveThreads
@@ -192,7 +191,7 @@ def prepared_output(tc: TrainConfig, *, resume: bool, restart: bool = False) -> 
 
 
 def _load_state(path: Path, net: torch.nn.Module) -> dict[str, Any]:
-    from medvit.checkpoint import check_fit, load_torch_file
+    from medvit.core.weights import check_fit, load_torch_file
 
     st = load_torch_file(path)
     missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]

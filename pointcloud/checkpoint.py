@@ -1,4 +1,5 @@
-"""Point-net checkpoints: ``NAME.safetensors`` + ``NAME.json``, the same pair as the volume side.
+"""Point-net checkpoints: ``NAME.safetensors`` + ``NAME.json``, the same pair as the volume side
+(:mod:`medvit.core.weights`).
 
 The sidecar says ``"kind": "lidar"`` and carries the whole LiDAR config (labels, label map,
 features and their scales, voxel size, net, inference tiling), so a checkpoint alone is
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 
 import medvit
-from medvit.checkpoint import FORMAT, FORMAT_VERSION, check_fit, checkpoint_sidecar, read_weights, write_weights
-from medvit.errors import CheckpointError, ConfigError
+from medvit.core.errors import CheckpointError, ConfigError
+from medvit.core.weights import FORMAT, FORMAT_VERSION, check_fit, checkpoint_sidecar, read_weights, write_weights
 from pointcloud.config import LidarConfig, parse_lidar_config
-from pointcloud.nets import build_point_net
+from pointcloud.nets import POINT_NETS
 
 
 @dataclass
@@ -36,8 +37,9 @@ class LoadedPointNet:
 
 
 def build_from_config(cfg: LidarConfig) -> nn.Module:
-    return build_point_net(cfg.model.name, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                           voxel_size=cfg.voxel_size, options=cfg.model.options)
+    """The fresh net ``cfg.model`` names, for ``cfg``'s features, classes and voxel size."""
+    return POINT_NETS.build(cfg.model.name, cfg.model.options, in_channels=cfg.in_channels,
+                            out_channels=cfg.num_classes, voxel_size=cfg.voxel_size)
 
 
 def save_point_checkpoint(net: nn.Module, path: str | Path, *, config: LidarConfig, extra: dict | None = None,
@@ -68,6 +70,6 @@ def load_point_checkpoint(path: str | Path, *, device: str | torch.device = "cpu
         raise CheckpointError(str(e)) from None
     except KeyError as e:
         raise CheckpointError(f"{checkpoint_sidecar(path)}: missing key {e}") from None
-    check_fit(path, state, net, f"{cfg.model.name}(in_channels={cfg.in_channels}, num_classes={cfg.num_classes})")
+    check_fit(path, state, net, f"{cfg.model.name}(in_channels={cfg.in_channels}, out_channels={cfg.num_classes})")
     net.load_state_dict(state, strict=True)
     return LoadedPointNet(net=net.to(device).eval(), config=cfg, meta={**meta, "checkpoint": str(path)})

@@ -1,4 +1,5 @@
-"""Typed, validated LiDAR configs (YAML), the scene-side twin of :mod:`medvit.config`.
+"""Typed, validated LiDAR configs (YAML), the scene-side twin of :mod:`medvit.config`,
+both on :mod:`medvit.core.config`.
 
 Example (see ``configs/lidar/*.yaml``)::
 
@@ -24,8 +25,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from medvit.config import TrainConfig, _Strict, check_unique_names, read_yaml, validate_mapping
-
+from medvit.core.config import StrictModel, TrainConfig, check_unique_names, read_yaml, validate_mapping
 
 MIN_VOXEL_SIZE = 1e-3
 """Metres: finer voxels would overflow the integer voxel grid over a scene's extent."""
@@ -40,13 +40,13 @@ LAS_REFUSED_CODES = {0: "'created, never classified'", LAS_UNLABELLED: "'unclass
 """ASPRS LAS 1.4 R15 classes a segmented class may not be written as."""
 
 
-class PointModelConfig(_Strict):
+class PointModelConfig(StrictModel):
     name: str
-    """A registered point net: see ``pointcloud.nets.available_point_nets()``."""
+    """A registered point net: see ``pointcloud.nets.POINT_NETS.names()``."""
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class PointAugmentConfig(_Strict):
+class PointAugmentConfig(StrictModel):
     """Training-time sampling and augmentation of scans."""
 
     samples_per_scan: int = Field(1, ge=1)
@@ -69,7 +69,7 @@ class PointAugmentConfig(_Strict):
         return self
 
 
-class SceneInferConfig(_Strict):
+class SceneInferConfig(StrictModel):
     tile_size: float = Field(50.0, gt=0)
     overlap: float = Field(0.25, ge=0, lt=1)
     max_points: int = Field(200_000, ge=1)
@@ -79,7 +79,7 @@ class SceneInferConfig(_Strict):
     output's id space (raw ids when the config has a ``label_map``), so never an id a class is written as."""
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     ce_weight: float = Field(1.0, ge=0)
     lovasz_weight: float = Field(1.0, ge=0)
 
@@ -90,7 +90,9 @@ class LossConfig(_Strict):
         return self
 
 
-class LidarConfig(_Strict):
+class LidarConfig(StrictModel):
+    RELATIVE_PATHS = {"train": ("datalist", "data_root")}
+
     labels: dict[int, str]
     """Train id -> name, ids 0..K-1."""
     label_map: dict[int, int] | None = None

@@ -21,7 +21,7 @@ import torch
 from medvit.checkpoint import save_checkpoint
 from medvit.config import parse_config
 from medvit.data.phantom import LABELS, make_phantom
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.nets import build_net
 from pipelines.volume.cohort import hashed_id, list_cases
 from tests.helpers import TINY, run_cli

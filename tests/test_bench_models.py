@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medvit.config import ModelConfig
-from medvit.nets import available, build_net
+from medvit.nets import NETS, build_net
 from pipelines.bench import models as bench_models
 from pipelines.bench.models import COLUMNS, PAPER, Paper, count_flops, format_table, run
 from pipelines.cli import main
@@ -110,7 +110,7 @@ def test_flops_count_attention_on_meta_and_on_the_cpu_alike():
 
 
 def test_paper_table_covers_the_registered_nets_and_dformer():
-    assert set(available()) <= set(PAPER)
+    assert set(NETS.names()) <= set(PAPER)
     assert PAPER["dformer"].window == (64, 128, 128) and PAPER["dformer"].figures["params"] == 50.56e6
     assert PAPER["cswin_unet3d"].in_channels == 3 and PAPER["cswin_unet3d"].options == {}  # its defaults
     assert PAPER["unetr"].options == {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}

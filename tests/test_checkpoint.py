@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 import medvit
-from medvit.checkpoint import LoadedModel, checkpoint_sidecar, load_checkpoint, save_checkpoint
+from medvit.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from medvit.config import Config, parse_config
-from medvit.errors import CheckpointError, InputError
+from medvit.core.errors import CheckpointError, InputError
+from medvit.core.weights import checkpoint_sidecar
 from medvit.nets import build_net
 
 TINY_UNETR = {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from medvit.config import dump_config, load_config, parse_config
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {"labels": {0: "background", 1: "liver"}, "model": {"name": "unetr"}}

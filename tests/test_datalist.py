@@ -6,7 +6,7 @@ import pytest
 
 from medvit.data.datalist import read_datalist
 from medvit.data.manifest import build_datalist, read_manifest
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from medvit.config import TrainConfig
-from medvit.errors import InputError, MedvitError
+from medvit.core.config import TrainConfig
+from medvit.core.errors import InputError, MedvitError
 from pipelines.ddp import World, shard, world_from_env
 from pipelines.fit import SeededSamples, fit, prepare_output
 from tests.helpers import blob_batch, tiny_config, write_tiny_set

@@ -12,9 +12,8 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
 from medvit.config import ModelConfig, load_config
-from medvit.errors import ConfigError
-from medvit.nets import build_net
-from medvit.nets import registry as registry_module
+from medvit.core.errors import ConfigError
+from medvit.nets import NETS, build_net
 from medvit.nets.registry import construct
 from pipelines.volume.train import SegmentationLoss, train
 from tests.helpers import tiny_config, write_tiny_set
@@ -45,7 +44,7 @@ def tiny_deep(in_channels: int, out_channels: int, roi_size: tuple[int, int, int
 @pytest.fixture
 def registered(monkeypatch):
     """``tiny_deep`` in the registry for this test only."""
-    monkeypatch.setitem(registry_module._REGISTRY, "tiny_deep", tiny_deep)  # removed again after the test
+    monkeypatch.setitem(NETS._builders, "tiny_deep", tiny_deep)  # removed again after the test
 
 
 def test_loss_is_the_weighted_sum_of_dicece_at_each_scale():

@@ -9,7 +9,7 @@ import pytest
 
 from medvit.data.phantom import LABELS, make_phantom, phantom_axcodes
 from medvit.config import ModelConfig
-from medvit.nets import available, build_net
+from medvit.nets import NETS, build_net
 from pipelines.cli import main
 from pipelines.volume.demo import DEMO_CONFIG, DEMO_NETS, default_output, demo_config, run_demo
 from tests.helpers import TINY_UNETR
@@ -56,9 +56,9 @@ def test_demo_path_on_a_tiny_set(tmp_path, capsys):
 
 
 def test_every_registered_net_has_a_demo_configuration_that_builds():
-    assert set(available()) <= set(DEMO_NETS), "a registered volume net without a DEMO_NETS entry"
+    assert set(NETS.names()) <= set(DEMO_NETS), "a registered volume net without a DEMO_NETS entry"
     assert demo_config("unetr") == DEMO_CONFIG  # the default job is unchanged
-    for name in available():
+    for name in NETS.names():
         cfg = demo_config(name)
         assert cfg["model"]["name"] == name and cfg["labels"] == DEMO_CONFIG["labels"]
         net = build_net(ModelConfig(**cfg["model"], out_channels=len(LABELS)))
@@ -88,7 +88,7 @@ def test_unknown_demo_net_is_one_line_listing_the_nets(name, says, tmp_path, mon
     assert done.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and says in err and f"--net {name!r}" in err
-    assert err.endswith("choose one of: " + ", ".join(n for n in available() if n in DEMO_NETS))
+    assert err.endswith("choose one of: " + ", ".join(n for n in NETS.names() if n in DEMO_NETS))
     assert not list(tmp_path.iterdir())  # nothing made
 
 

@@ -449,7 +449,7 @@ def test_training_renumbers_seg_segments_to_the_config_ids_by_name(ts_seg):
 
 
 def test_training_refuses_a_seg_segment_the_config_does_not_name(ts_seg):
-    from medvit.errors import InputError
+    from medvit.core.errors import InputError
     from medvit.io.loader import LoadVolumed
     from medvit.transforms.checks import CheckCased
 
@@ -462,7 +462,7 @@ def test_training_refuses_a_seg_segment_the_config_does_not_name(ts_seg):
 
 
 def test_a_nifti_given_as_the_seg_source_is_one_line(data_dir):
-    from medvit.errors import InputError
+    from medvit.core.errors import InputError
 
     d = data_dir / "dcmqi" / "segmentations"
     with pytest.raises(InputError) as e:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.engine import DenseGrid, Engine, InferenceSettings, plan_windows, segment_volume, sliding_window
 from pipelines.engine.runner import mirrored
 

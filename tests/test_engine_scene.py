@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.engine import Engine, InferenceSettings, PointScene, segment_scene
 from pipelines.engine import points as scene_module
 from pipelines.engine.tiling import plan_tiles

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pipelines.volume.evaluate import (
     STATUS_ABSENT,
     STATUS_MISSING_PRED,

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io import list_dicom_series, read_image, read_label
 from tests.helpers_dicom import write_slice
 

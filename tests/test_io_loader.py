@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io import LoadVolumed, write_image, write_label_map
 
 KEYS = ["image", "label"]

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io import read_image, read_label, write_image
 
 DATA = Path(os.environ.get("MEDVIT_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from medvit.errors import InputError
-from medvit.io import atomic_path, read_image, read_label, write_image, write_label_map
+from medvit.core.errors import InputError
+from medvit.core.files import atomic_path
+from medvit.io import read_image, read_label, write_image, write_label_map
 
 DATA = Path(os.environ.get("MEDVIT_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

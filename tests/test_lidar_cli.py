@@ -32,7 +32,7 @@ def test_checkpoint_round_trip(ckpt):
     m = load_point_checkpoint(ckpt)
     assert m.config.num_classes == 5 and m.config.in_channels == 4
     from medvit.checkpoint import load_checkpoint
-    from medvit.errors import CheckpointError
+    from medvit.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="lidar checkpoint"):
         load_checkpoint(ckpt)

@@ -267,7 +267,7 @@ def test_survey_heights_against_a_point_range_name_the_offset(tmp_path, capsys):
 
 
 def test_a_label_file_of_another_length_names_the_width_that_fits(tmp_path):
-    from medvit.errors import InputError
+    from medvit.core.errors import InputError
     from pointcloud.io import read_points, write_labels
 
     rng = np.random.default_rng(4)

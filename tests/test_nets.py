@@ -8,9 +8,8 @@ from monai.networks.nets import UNETR, BasicUNet, SwinUNETR
 from torch import nn
 
 from medvit.config import ModelConfig
-from medvit.errors import ConfigError
-from medvit.nets import available, build_net, register
-from medvit.nets import registry as registry_module
+from medvit.core.errors import ConfigError
+from medvit.nets import NETS, build_net
 
 TINY = {
     "unetr": ({"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}, (32, 32, 32)),
@@ -25,8 +24,8 @@ TINY = {
 }
 
 
-def test_available_lists_the_nets():
-    assert available() == ["cswin_unet3d", "dformer", "swin_unetr", "transunet3d", "unet", "unetr"]
+def test_names_lists_the_nets():
+    assert NETS.names() == ["cswin_unet3d", "dformer", "swin_unetr", "transunet3d", "unet", "unetr"]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -167,14 +166,14 @@ def test_out_channels_must_be_set():
 
 
 def test_register_adds_a_builder(monkeypatch):
-    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    monkeypatch.setattr(NETS, "_builders", dict(NETS._builders))
 
-    @register("conv1")
+    @NETS.register("conv1")
     def conv1(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options) -> nn.Module:
         return nn.Conv3d(in_channels, out_channels, kernel_size=1, **options)
 
-    assert "conv1" in available()
+    assert "conv1" in NETS.names()
     net = build_net(ModelConfig(name="conv1", in_channels=3, out_channels=5, roi_size=(4, 4, 4), options={"bias": False}))
     assert net.weight.shape == (5, 3, 1, 1, 1) and net.bias is None
     with pytest.raises(ValueError, match="already registered"):
-        register("conv1")(lambda *a, **k: nn.Identity())
+        NETS.register("conv1")(lambda *a, **k: nn.Identity())

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from medvit.attention import CrossStripeAttention
 from medvit.checkpoint import load_checkpoint
 from medvit.config import ModelConfig, load_config, parse_config
-from medvit.errors import CheckpointError, ConfigError
+from medvit.core.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.cswin_unet3d import CSwinUNet3D, FullAttentionLePE, stage_grids
 from tests.helpers import assert_checkpoint_round_trip, fit_losses, train_and_segment

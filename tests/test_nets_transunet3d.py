@@ -12,7 +12,7 @@ import torch
 
 from medvit.checkpoint import load_checkpoint, save_checkpoint
 from medvit.config import ModelConfig, load_config, parse_config
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets import build_net
 from medvit.losses.hungarian import HungarianMaskLoss
 from medvit.nets.mask_transformer import MaskPrediction, semantic_scores

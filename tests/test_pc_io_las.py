@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pointcloud.io import PointCloud, crop_to_range, read_points, write_las
 
 DATA = Path(os.environ.get("MEDVIT_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

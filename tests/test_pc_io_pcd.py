@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pointcloud.io import PointCloud, read_points, write_pcd
 from pointcloud.io.lzf import LZFError, lzf_compress, lzf_decompress
 

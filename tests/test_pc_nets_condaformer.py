@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from medvit.errors import ConfigError
-from pointcloud.nets import build_point_net
+from medvit.core.errors import ConfigError
+from pointcloud.nets import POINT_NETS
 from pointcloud.nets.condaformer import (
     PLANES,
     ConDaFormer,
@@ -50,7 +50,7 @@ def scene(n: int = 2400, seed: int = 0) -> tuple[Point, torch.Tensor]:
 def test_output_shape_and_input_order():
     torch.manual_seed(0)
     point, pts = scene()
-    net = build_point_net("condaformer", in_channels=4, num_classes=5, voxel_size=0.1, options=TINY)
+    net = POINT_NETS.build("condaformer", in_channels=4, out_channels=5, voxel_size=0.1, options=TINY)
     assert isinstance(net, ConDaFormer)
     net.eval()
     with torch.no_grad():
@@ -260,10 +260,10 @@ def test_lse_is_truly_depthwise():
 
 def test_bad_options_name_the_key():
     with pytest.raises(ConfigError, match=r"model\.options\.channels"):
-        build_point_net("condaformer", in_channels=3, num_classes=2, voxel_size=0.1,
-                        options={"channels": (8, 16, 32), "depths": (0, 1, 1)})
+        POINT_NETS.build("condaformer", in_channels=3, out_channels=2, voxel_size=0.1,
+                         options={"channels": (8, 16, 32), "depths": (0, 1, 1)})
     with pytest.raises(ConfigError, match=r"model\.options\.window"):
-        build_point_net("condaformer", in_channels=3, num_classes=2, voxel_size=0.1, options={"window": 4})
+        POINT_NETS.build("condaformer", in_channels=3, out_channels=2, voxel_size=0.1, options={"window": 4})
     with pytest.raises(ValueError, match="multiple of 3"):
         DisassembledWindowAttention(4, 8, 4)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medvit.errors import ConfigError
-from pointcloud.nets import available_point_nets, build_point_net
+from medvit.core.errors import ConfigError
+from pointcloud.nets import POINT_NETS
 from pointcloud.nets.flatformer import FlatBlock, GroupAttention, sincos_position_encoding
 from pointcloud.nets.serialize import (
     FLAT_ORDERS,
@@ -71,10 +71,10 @@ def two_clouds(seed: int = 0) -> Point:
     return Point.from_clouds(coords, feats)
 
 
-def tiny(name: str, in_channels: int = 4, num_classes: int = 3, voxel_size: float = 0.15) -> torch.nn.Module:
+def tiny(name: str, in_channels: int = 4, out_channels: int = 3, voxel_size: float = 0.15) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_point_net(name, in_channels=in_channels, num_classes=num_classes, voxel_size=voxel_size,
-                           options=TINY[name])
+    return POINT_NETS.build(name, in_channels=in_channels, out_channels=out_channels, voxel_size=voxel_size,
+                            options=TINY[name])
 
 
 # --- nets -------------------------------------------------------------------------------------
@@ -134,8 +134,8 @@ def test_nonfinite_points_do_not_crash(name):
 def test_grid_is_grown_so_strided_convs_keep_every_voxel():
     # 5 voxels along x: a k2 s2 conv on a 5-wide grid has no output for x = 4
     xyz = torch.tensor([[i * 0.1 + 0.05, 0.05, 0.05] for i in range(5)])
-    net = build_point_net("sparse_unet", in_channels=3, num_classes=2, voxel_size=0.1,
-                          options={"channels": [4, 4, 4], "point_mlp": 0}).eval()
+    net = POINT_NETS.build("sparse_unet", in_channels=3, out_channels=2, voxel_size=0.1,
+                           options={"channels": [4, 4, 4], "point_mlp": 0}).eval()
     seen = []
     net.downs[0].register_forward_hook(lambda m, i, o: seen.append(o.indices[:, 3].tolist()))
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_flatformer_overfits_ground_vs_above():
     xyz, labels = scene()
     point = Point.from_clouds([xyz], [torch.ones(len(xyz), 1)])
     torch.manual_seed(0)
-    net = build_point_net("flatformer", in_channels=1, num_classes=2, voxel_size=0.2, options=TINY["flatformer"])
+    net = POINT_NETS.build("flatformer", in_channels=1, out_channels=2, voxel_size=0.2, options=TINY["flatformer"])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     acc = 0.0
     for step in range(150):
@@ -341,23 +341,23 @@ def test_padding_overhead_on_real_scans(scan):
 
 
 def test_registry_lists_and_builds():
-    assert {"sparse_unet", "flatformer"} <= set(available_point_nets())
-    net = build_point_net("flatformer", in_channels=4, num_classes=5, voxel_size=[0.1, 0.1, 0.2],
-                          options={"channels": [8, 16], "heads": [1, 2], "flat_blocks": [0, 2]})
+    assert {"sparse_unet", "flatformer"} <= set(POINT_NETS.names())
+    net = POINT_NETS.build("flatformer", in_channels=4, out_channels=5, voxel_size=[0.1, 0.1, 0.2],
+                           options={"channels": [8, 16], "heads": [1, 2], "flat_blocks": [0, 2]})
     assert net.head.out_features == 5 and net.voxel_size == (0.1, 0.1, 0.2)
 
 
 @pytest.mark.parametrize("name,options,message", [
     ("pointnet9", {}, "model.name: unknown point-cloud net 'pointnet9'; available: "),
-    ("sparse_unet", {"chanels": [8]}, "model.options.chanels: point net sparse_unet takes no option 'chanels'"),
-    ("flatformer", {"num_classes": 3}, "model.options.num_classes: flatformer sets num_classes from model."),
+    ("sparse_unet", {"chanels": [8]}, "model.options.chanels: sparse_unet (SparseUNet) takes no option 'chanels'"),
+    ("flatformer", {"out_channels": 3}, "model.options.out_channels: flatformer sets out_channels from labels"),
     ("flatformer", {"group_size": "big"}, "model.options.group_size: expected int, got 'big'"),
     ("flatformer", {"channels": [8, 12], "heads": 5}, "model.options.heads: flatformer: heads (5) must divide"),
     ("sparse_unet", {"channels": [8, 16], "layers": [1, 1, 1]}, "model.options.layers: sparse_unet: layers must"),
 ])
 def test_registry_errors(name, options, message):
     with pytest.raises(ConfigError) as err:
-        build_point_net(name, in_channels=4, num_classes=3, voxel_size=0.1, options=options)
+        POINT_NETS.build(name, in_channels=4, out_channels=3, voxel_size=0.1, options=options)
     assert str(err.value).startswith(message), str(err.value)
     if name == "pointnet9":
         assert "flatformer" in str(err.value) and "sparse_unet" in str(err.value)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from pointcloud.sparse import spconv_compat
 from pointcloud.sparse.conv import SubMConv3d
 from pointcloud.sparse.spconv_compat import (

@@ -15,7 +15,7 @@ import yaml
 
 from medvit.config import load_config, parse_config
 from medvit.data.phantom import LABELS
-from medvit.errors import CheckpointError, ConfigError
+from medvit.core.errors import CheckpointError, ConfigError
 from medvit.nets import build_net
 from medvit.nets.encoders import encoder_of
 from pipelines.cli import main

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io import read_label
 from medvit.io.common import LPS_TO_RAS
 from medvit.io.dicom import list_dicom_series, select_series, series_affine
@@ -348,7 +348,7 @@ def test_a_training_entry_takes_an_rtstruct_label_renumbered_by_name(ct3, tmp_pa
 def test_without_rt_utils_rtstruct_is_one_line_with_the_install_command(ct3, monkeypatch):
     import sys
 
-    from medvit.errors import MedvitError
+    from medvit.core.errors import MedvitError
     from medvit.io.rtstruct import check_rtstruct_source
 
     monkeypatch.setitem(sys.modules, "rt_utils", None)  # an import of it now fails

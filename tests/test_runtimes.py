@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medvit.config import ModelConfig
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from medvit.nets import build_net
 from medvit.runtimes import (
     RTOL,

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pipelines.volume.segment import check_net_extent
 from tests.helpers import assert_user_error, run_cli
 

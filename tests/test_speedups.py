@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medvit.config import ModelConfig
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from medvit.nets import build_net
 from medvit.nets.speedups import speed_up, use_sdpa
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.engine.tiling import (
     MAX_TILE_GRID,
     TilePlan,

@@ -14,7 +14,7 @@ import torch
 
 from medvit.checkpoint import LoadedModel
 from medvit.config import parse_config
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io import read_image, read_label, write_image, write_label_map
 from medvit.io.common import corner_offset_mm, itk_affine
 from medvit.io.dicom import orthogonal_grid, tilt_degrees

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medvit.config import load_config
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pipelines.volume.train import SeededSamples, lr_factor, split_random, train
 from tests.helpers import tiny_config, write_tiny_set
 

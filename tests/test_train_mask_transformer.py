@@ -13,8 +13,7 @@ from torch import nn
 
 from medvit.config import load_config
 from medvit.losses import HungarianMaskLoss
-from medvit.nets import build_net
-from medvit.nets import registry as registry_module
+from medvit.nets import NETS, build_net
 from medvit.nets.mask_transformer import MaskPrediction, MaskTransformerDecoder, semantic_scores
 from medvit.nets.registry import construct
 from pipelines.volume.train import SegmentationLoss, train
@@ -54,7 +53,7 @@ def tiny_mask(in_channels: int, out_channels: int, roi_size: tuple[int, int, int
 @pytest.fixture
 def registered(monkeypatch):
     """``tiny_mask`` in the registry for this test only."""
-    monkeypatch.setitem(registry_module._REGISTRY, "tiny_mask", tiny_mask)  # removed again after the test
+    monkeypatch.setitem(NETS._builders, "tiny_mask", tiny_mask)  # removed again after the test
 
 
 def test_segmentation_loss_sends_a_mask_prediction_to_the_hungarian_loss():

@@ -6,7 +6,7 @@ import torch
 
 from medvit.config import parse_config
 from medvit.data.phantom import make_phantom
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from medvit.transforms import infer_transforms
 from pipelines.volume.segment import preprocess_case
 from tests.helpers import TINY

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 
 
 def read_datalist(path: str | Path, key: str = "training", *, base_dir: str | Path | None = None, required: bool = True,

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import sha256_file
 
 log = logging.getLogger(__name__)

@@ -4,23 +4,20 @@ Every reader returns a MONAI ``MetaTensor``, channel-first ``(C, X, Y, Z)``, who
 maps voxel indices to RAS mm (nibabel's convention, float64). NIfTI goes through nibabel,
 NRRD/MetaImage through SimpleITK, DICOM series through pydicom (grouping, sorting, gap checks)
 and SimpleITK/GDCM (pixels, JPEG 2000 included); which suffix goes to which reader is one table,
-:data:`medvit.io.formats.FORMATS`. Writers write a temporary file beside the
-target and rename it, and refuse to overwrite a protected input.
+:data:`medvit.io.formats.FORMATS`. Writers write a temporary file beside the target and rename it
+(:mod:`medvit.core.files`), and refuse to overwrite a protected input.
 """
 
 import importlib
 
-# Names load on first use (PEP 562), so a writer or ``atomic_path`` alone does not pull in
-# pydicom, SimpleITK and GDCM (the GPU bench machine, for one, has none of them).
+# Names load on first use (PEP 562), so a writer alone does not pull in pydicom, SimpleITK and
+# GDCM (the GPU bench machine, for one, has none of them).
 _WHERE = {
     "DicomSeries": "medvit.io.dicom",
     "list_dicom_series": "medvit.io.dicom",
     "LoadVolumed": "medvit.io.loader",
     "read_image": "medvit.io.reader",
     "read_label": "medvit.io.reader",
-    "atomic_path": "medvit.io.writers",
-    "check_output_folder": "medvit.io.writers",
-    "make_output_folder": "medvit.io.writers",
     "write_image": "medvit.io.writers",
     "write_label_map": "medvit.io.writers",
 }

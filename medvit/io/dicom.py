@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import LPS_TO_RAS, RawVolume, source_info, tilt_degrees
 from medvit.io.formats import by_key
 from medvit.io.itk_formats import sitk_to_raw

@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import LPS_TO_RAS, RawVolume, corner_offset_mm, source_info, tilt_degrees
 from medvit.io.dicom import DicomSeries, list_dicom_series, select_series, series_affine
 
@@ -191,7 +191,7 @@ def write_dicom_seg(
     colors: Mapping[int, tuple[int, int, int]] | None = None,
 ) -> SegWritten:
     """Write ``labels`` (``(X, Y, Z)`` integers on ``read_dicom(source)``'s grid, RAS ``affine``) as
-    a DICOM SEG at ``path`` (through :func:`medvit.io.writers.atomic_path`).
+    a DICOM SEG at ``path`` (through :func:`medvit.core.files.atomic_path`).
 
     Args:
         names: label number -> name (the checkpoint's label table; 0 is background and ignored).
@@ -210,7 +210,7 @@ def write_dicom_seg(
     import highdicom as hd
 
     import medvit
-    from medvit.io.writers import atomic_path, refuse_protected
+    from medvit.core.files import atomic_path, refuse_protected
 
     if seg_type not in SEG_TYPES:
         raise ValueError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import RawVolume, itk_affine, source_info
 from medvit.io.formats import by_name
 

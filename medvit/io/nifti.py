@@ -11,7 +11,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import RawVolume, corner_offset_mm, native, source_info
 
 log = logging.getLogger(__name__)

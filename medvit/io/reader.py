@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from medvit.io.common import RawVolume
 from medvit.io.dicom import Tilt
 from medvit.io.formats import SUPPORTED, by_key, by_name

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import DSfloat
 
-from medvit.errors import InputError, MedvitError, listed
+from medvit.core.errors import InputError, MedvitError, listed
 from medvit.io.common import LPS_TO_RAS, RawVolume, corner_offset_mm, source_info, tilt_degrees
 from medvit.io.dicom import DicomSeries, list_dicom_series, select_series, series_affine
 from medvit.io.label_colors import label_color
@@ -164,7 +164,7 @@ def write_rtstruct(
     from rt_utils import ds_helper
     from rt_utils.utils import ROIData
 
-    from medvit.io.writers import atomic_path, refuse_protected
+    from medvit.core.files import atomic_path, refuse_protected
 
     lab = np.asarray(labels)
     where = series.files[0].parent

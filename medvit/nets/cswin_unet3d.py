@@ -79,9 +79,9 @@ from monai.networks.layers import DropPath
 from torch import Tensor, nn
 
 from medvit.attention import CrossStripeAttention, GridAttention, full_attention
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets.blocks import Mlp, check_block_options
-from medvit.nets.registry import construct, register
+from medvit.nets.registry import NETS, construct
 
 __all__ = ["CSwinUNet3D", "cswin_unet3d"]
 
@@ -329,7 +329,7 @@ class CSwinUNet3D(nn.Module):
         return full, aux[0], aux[1]
 
 
-@register("cswin_unet3d")
+@NETS.register("cswin_unet3d")
 def cswin_unet3d(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options: Any) -> nn.Module:
     """CSwin UNet mapping ``(B, in_channels, *roi_size)`` to logits ``(B, out_channels, *roi_size)``.
 

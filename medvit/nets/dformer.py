@@ -93,9 +93,10 @@ from monai.networks.layers import DropPath
 from torch import Tensor, nn
 
 from medvit.attention import GridAttention, dilated_attention, full_attention, window_attention
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
+from medvit.core.values import triple
 from medvit.nets.blocks import Mlp, check_block_options
-from medvit.nets.registry import construct, register
+from medvit.nets.registry import NETS, construct
 
 __all__ = ["DFormer", "dformer"]
 
@@ -224,13 +225,6 @@ class Head(nn.Module):
         return self.conv(self.expand(x).permute(0, 4, 1, 2, 3))
 
 
-def _triple(name: str, value: Sequence[int]) -> tuple[int, int, int]:
-    t = tuple(value)
-    if len(t) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t):
-        raise ValueError(f"{name} needs three positive integers (D, H, W), got {list(t)}")
-    return t  # type: ignore[return-value]
-
-
 class DFormer(nn.Module):
     """D-Former mapping ``(B, in_channels, D, H, W)`` to logits ``(B, out_channels, D, H, W)``.
 
@@ -269,8 +263,8 @@ class DFormer(nn.Module):
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("embed_dim", embed_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        patch = _triple("patch_size", patch_size)
-        group = _triple("group_size", group_size)
+        patch = triple(patch_size, "patch_size", scalar=False, axes="D, H, W")
+        group = triple(group_size, "group_size", scalar=False, axes="D, H, W")
         depths, num_heads = list(depths), list(num_heads)
         for name, seq in (("depths", depths), ("num_heads", num_heads)):
             if len(seq) != STAGES or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in seq):
@@ -368,7 +362,7 @@ class DFormer(nn.Module):
         return full, aux[0], aux[1]
 
 
-@register("dformer")
+@NETS.register("dformer")
 def dformer(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options: Any) -> nn.Module:
     """D-Former mapping ``(B, in_channels, *roi_size)`` to logits ``(B, out_channels, *roi_size)``.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

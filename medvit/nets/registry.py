@@ -1,51 +1,28 @@
-"""The net registry: a name in ``model.name`` -> a builder that configures one of MONAI's nets.
+"""The volume net registry: :data:`NETS`, a :class:`~medvit.core.registry.Registry`.
 
-A builder has the signature ``(in_channels, out_channels, roi_size, **options) -> nn.Module`` and
-turns ``model.options`` into constructor keyword arguments through :func:`construct`, which checks
-each option against the constructor's signature so a typo or a wrong type names its key.
+A builder has the signature ``(in_channels, out_channels, roi_size, **options) -> nn.Module``
+and turns ``model.options`` into constructor keyword arguments through :func:`construct`, which
+checks each option against the constructor's signature so a typo or a wrong type names its key.
+:func:`build_net` builds the net a :class:`~medvit.config.ModelConfig` names. The window checks
+(:func:`check_roi`, :func:`check_bottleneck`) are the volume nets' own.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from medvit.config import ModelConfig
-from medvit.errors import ConfigError
-from medvit.option_types import check_option, conforms, type_hints
+from medvit.core import registry as core_registry
+from medvit.core.errors import ConfigError
+from medvit.core.registry import Registry, conforms
 
-Builder = Callable[..., nn.Module]
-
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering ``builder`` under ``name`` (the value of ``model.name``).
-
-    Example::
-
-        @register("unetr")
-        def unetr(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options) -> nn.Module:
-            ...
-    """
-
-    def deco(builder: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
-            # two modules claiming one name is a programming error, not a user's
-            raise ValueError(f"a net named {name!r} is already registered ({_REGISTRY[name].__module__})")
-        _REGISTRY[name] = builder
-        return builder
-
-    return deco
-
-
-def available() -> list[str]:
-    """The registered net names, sorted."""
-    return sorted(_REGISTRY)
+NETS = Registry("net", {"in_channels": "model.in_channels", "out_channels": "model.out_channels",
+                        "roi_size": "model.roi_size"}, refused=())
+"""The volume nets by ``model.name``; builders register with ``@NETS.register(name)``. Builders
+convert their constructors' refusals themselves (:func:`construct`), so the registry converts none."""
 
 
 def build_net(cfg: ModelConfig) -> nn.Module:
@@ -54,19 +31,13 @@ def build_net(cfg: ModelConfig) -> nn.Module:
     The net maps ``(B, cfg.in_channels, *cfg.roi_size)`` to logits ``(B, cfg.out_channels, *cfg.roi_size)``.
     Raises :class:`ConfigError` naming ``model.name``, ``model.roi_size`` or ``model.options.<key>``.
     """
-    builder = _REGISTRY.get(cfg.name)
-    if builder is None:
-        raise ConfigError(f"model.name: unknown net {cfg.name!r}; available: {', '.join(available())}")
+    NETS.get(cfg.name)
     if cfg.out_channels is None:
         raise ConfigError("model.out_channels: not set (a full config sets it to the number of label ids)")
     roi = tuple(int(r) for r in cfg.roi_size)
     if len(roi) != 3 or min(roi) < 1:
         raise ConfigError(f"model.roi_size: expected three positive sizes, got {list(roi)}")
-    for key in ("in_channels", "out_channels", "roi_size"):
-        # the builder takes these positionally; as options they would collide
-        if key in cfg.options:
-            raise ConfigError(f"model.options.{key}: {cfg.name} sets {key} from model.{key}; remove it from the options")
-    return builder(cfg.in_channels, cfg.out_channels, roi, **cfg.options)
+    return NETS.build(cfg.name, cfg.options, in_channels=cfg.in_channels, out_channels=cfg.out_channels, roi_size=roi)
 
 
 def check_roi(net_name: str, roi_size: Sequence[int], *, multiple: int = 1, minimum: int = 1) -> None:
@@ -106,43 +77,24 @@ def construct(
     fixed: Mapping[str, Any],
     fixed_from: Mapping[str, str] | None = None,
 ) -> nn.Module:
-    """``cls(**fixed, **options)`` after checking each option against ``cls.__init__``'s signature.
+    """``cls(**fixed, **options)`` through :func:`medvit.core.registry.construct`, with the volume nets' rules.
 
     ``fixed`` holds the arguments that come from elsewhere in the config (channels, roi); an option
-    naming one of them is refused, pointing at ``fixed_from[key]`` (e.g. ``model.roi_size``). Values are
-    checked against simple annotations (int, float, bool, str, sequences and unions of them); a
-    ``ValueError``/``AssertionError`` MONAI's constructor raises about a value becomes a ConfigError.
+    naming one of them is refused, pointing at ``fixed_from[key]`` (e.g. ``model.roi_size``). An int
+    option below 1 is refused (every int option of these nets is a size or a count). A
+    ``ValueError``/``AssertionError`` the constructor raises about a value becomes a ConfigError
+    naming the option; a ``ZeroDivisionError``/``RuntimeError`` one saying the options cannot
+    build the net.
     """
-    params = inspect.signature(cls.__init__).parameters
-    takes = [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    hints = type_hints(cls.__init__)
-    fixed_from = dict(fixed_from or {})
-    for key, value in options.items():
-        if key in fixed:
-            where = fixed_from.get(key, "the net builder")
-            raise ConfigError(f"model.options.{key}: {net_name} sets {key} from {where}; remove it from the options")
-        if key not in takes:
-            opts = ", ".join(n for n in takes if n not in fixed)
-            raise ConfigError(f"model.options.{key}: {net_name} ({cls.__name__}) takes no option {key!r}; it takes: {opts}")
-        check_option(key, value, hints)
-        # every int option of these nets is a size or a count; a zero or negative one reached
-        # arithmetic or torch.empty as a traceback, or built a net with empty layers
-        # (MONAI reads mlp_dim 0 as "hidden_size"); a float option (a rate, a ratio) may be 0
-        if _below_one(value) and not (key == "mlp_dim" and value == 0) and conforms(0.5, hints.get(key)) is not True:
-            raise ConfigError(f"model.options.{key}: {net_name} needs sizes of at least 1, got {value!r}")
-    try:
-        return cls(**fixed, **options)
-    except (ValueError, AssertionError) as e:
-        # MONAI checks values (divisibility, ranges) in its constructors; name the option the message
-        # is about: by its name, else by a string value it quotes
-        msg = str(e)
-        named = [k for k in options if re.search(rf"\b{re.escape(k)}\b", msg)]
-        named += [k for k, v in options.items() if isinstance(v, str) and len(v) > 1 and repr(v) in msg]
-        key = f"model.options.{named[0]}" if named else "model.options"
-        raise ConfigError(f"{key}: {net_name}: {e}") from None
-    except (ZeroDivisionError, RuntimeError) as e:
-        raise ConfigError(f"model.options: {net_name} could not be built from these options: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return core_registry.construct(cls, net_name, options, fixed=fixed, fixed_from=fixed_from, check_value=_check_size,
+                                   refused=(ValueError, AssertionError), failed=(ZeroDivisionError, RuntimeError))
+
+
+def _check_size(net_name: str, key: str, value: Any, hint: Any) -> None:
+    # a zero or negative size reached arithmetic or torch.empty as a traceback, or built a net with
+    # empty layers (MONAI reads mlp_dim 0 as "hidden_size"); a float option (a rate, a ratio) may be 0
+    if _below_one(value) and not (key == "mlp_dim" and value == 0) and conforms(0.5, hint) is not True:
+        raise ConfigError(f"model.options.{key}: {net_name} needs sizes of at least 1, got {value!r}")
 
 
 def _below_one(value: Any) -> bool:

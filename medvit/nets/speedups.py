@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 
 STEPS = ("sdpa", "cudnn_benchmark", "channels_last", "compile")
 

@@ -10,11 +10,11 @@ from typing import Any
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
-from medvit.errors import ConfigError
-from medvit.nets.registry import check_bottleneck, check_roi, construct, register
+from medvit.core.errors import ConfigError
+from medvit.nets.registry import NETS, check_bottleneck, check_roi, construct
 
 
-@register("swin_unetr")
+@NETS.register("swin_unetr")
 def swin_unetr(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options: Any) -> nn.Module:
     """Swin UNETR mapping ``(B, in_channels, *roi_size)`` to logits ``(B, out_channels, *roi_size)``.
 

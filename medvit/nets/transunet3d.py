@@ -96,9 +96,9 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock
 from torch import Tensor, nn
 
 from medvit.attention import GridAttention, full_attention
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.nets.mask_transformer import MaskPrediction, MaskTransformerDecoder, semantic_scores
-from medvit.nets.registry import construct, register
+from medvit.nets.registry import NETS, construct
 
 __all__ = ["TransUNet3D", "transunet3d"]
 
@@ -357,7 +357,7 @@ class TransUNet3D(nn.Module):
         return (full, *(head(levels[i + 1]) for i, head in enumerate(self.aux_heads)))
 
 
-@register("transunet3d")
+@NETS.register("transunet3d")
 def transunet3d(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options: Any) -> nn.Module:
     """3D TransUNet mapping ``(B, in_channels, *roi_size)`` to logits ``(B, out_channels, *roi_size)``.
 

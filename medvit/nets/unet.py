@@ -7,14 +7,14 @@ from typing import Any
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-from medvit.errors import ConfigError
-from medvit.nets.registry import check_bottleneck, check_roi, construct, register
+from medvit.core.errors import ConfigError
+from medvit.nets.registry import NETS, check_bottleneck, check_roi, construct
 
 MIN_SIZE = 16
 """Four 2x poolings: a smaller window would pool a side to nothing."""
 
 
-@register("unet")
+@NETS.register("unet")
 def unet(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options: Any) -> nn.Module:
     """BasicUNet mapping ``(B, in_channels, *roi_size)`` to logits ``(B, out_channels, *roi_size)``.
 

@@ -10,13 +10,13 @@ from typing import Any
 from monai.networks.nets import UNETR
 from torch import nn
 
-from medvit.nets.registry import check_roi, construct, register
+from medvit.nets.registry import NETS, check_roi, construct
 
 PATCH = 16
 """MONAI's UNETR embeds fixed 16³ patches, so the window must tile into them exactly."""
 
 
-@register("unetr")
+@NETS.register("unetr")
 def unetr(in_channels: int, out_channels: int, roi_size: tuple[int, int, int], **options: Any) -> nn.Module:
     """UNETR mapping ``(B, in_channels, *roi_size)`` to logits ``(B, out_channels, *roi_size)``.
 

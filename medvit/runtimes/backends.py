@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
 """Every runtime :func:`medvit.runtimes.compile_predictor` accepts, besides ``auto``."""

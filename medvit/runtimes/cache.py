@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medvit.errors import InputError
-from medvit.io.writers import atomic_path, check_writable
+from medvit.core.errors import InputError
+from medvit.core.files import atomic_path, check_writable
 
 
 def default_cache_dir() -> Path:

@@ -20,7 +20,7 @@ choice and the timings are cached beside the export for the same runtime version
 
 The LiDAR nets are not converted: their sparse convolutions (spconv) and voxel hashing have no
 ONNX form these runtimes run, so asking for OpenVINO or ONNX Runtime on one is a
-:class:`~medvit.errors.MedvitError` and ``auto`` keeps torch.
+:class:`~medvit.core.errors.MedvitError` and ``auto`` keeps torch.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medvit.errors import MedvitError
-from medvit.io.writers import atomic_path
+from medvit.core.errors import MedvitError
+from medvit.core.files import atomic_path
 from medvit.runtimes import backends, cache
 
 log = logging.getLogger(__name__)

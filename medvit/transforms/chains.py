@@ -36,7 +36,7 @@ from monai.transforms import (
 )
 
 from medvit.config import Config, PreprocessConfig
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
-from medvit.errors import InputError, listed
+from medvit.core.errors import InputError, listed
 from medvit.io.common import corner_offset_mm
 
 LABEL_GRID_TOLERANCE = 0.05

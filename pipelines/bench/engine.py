@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.engine.runner import Engine, autocast_context, sync_device
 from pipelines.engine.settings import InferenceSettings
 

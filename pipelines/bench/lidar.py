@@ -60,10 +60,10 @@ def _reset_peak() -> bool:
 
 
 def _net(name: str, device: torch.device) -> torch.nn.Module:
-    from pointcloud.nets import build_point_net
+    from pointcloud.nets import POINT_NETS
 
     torch.manual_seed(0)
-    return build_point_net(name, in_channels=4, num_classes=5, voxel_size=VOXEL, options={"channels": WIDTH}).to(device).eval()
+    return POINT_NETS.build(name, {"channels": WIDTH}, in_channels=4, out_channels=5, voxel_size=VOXEL).to(device).eval()
 
 
 def write_synthetic(n: int, folder: Path) -> Path:

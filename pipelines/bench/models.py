@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.bench.engine import USER_ERROR, run_worker
 
 WINDOW = (96, 96, 96)
@@ -228,13 +228,13 @@ def run(nets: list[str] | None = None, *, papers: dict[str, Paper] | None = None
     without a row is measured with its defaults and 14 classes. A net's :data:`VARIANTS` rows follow its own. ``on_row(result so far)`` is called after each net.
     Raises :class:`MedvitError` for a name that is not registered.
     """
-    from medvit.nets import available
+    from medvit.nets import NETS
 
     table = {**PAPER, **(papers or {})}
-    names = list(nets) if nets else available()
-    unknown = [n for n in names if n not in available()]
+    names = list(nets) if nets else NETS.names()
+    unknown = [n for n in names if n not in NETS]
     if unknown:
-        raise MedvitError(f"--nets: {', '.join(map(repr, unknown))} not registered; available: {', '.join(available())}")
+        raise MedvitError(f"--nets: {', '.join(map(repr, unknown))} not registered; available: {', '.join(NETS.names())}")
     threads = threads or all_threads()
     res: dict[str, Any] = {"window": list(window), "repeats": repeats, "threads": threads, "rows": []}
     for name in names:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 
 app = typer.Typer(
     name="medvit",

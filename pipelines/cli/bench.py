@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.cli.app import bench_app
 from pipelines.cli.options import (
     check_output_file,

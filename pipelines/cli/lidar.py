@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.cli.app import lidar_app
 from pipelines.cli.options import (
     echo_trained,

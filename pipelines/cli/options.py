@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medvit.errors import InputError, MedvitError
+from medvit.core.errors import InputError, MedvitError
 
 
 class NonFinite(str, Enum):
@@ -60,7 +60,7 @@ def override_train(cfg, config: Path, **overrides) -> None:
 @contextlib.contextmanager
 def naming_config(config: Path):
     """A config error raised past loading (the net's own checks of model.*) names the config file too."""
-    from medvit.errors import ConfigError
+    from medvit.core.errors import ConfigError
 
     try:
         yield
@@ -116,7 +116,7 @@ def check_output_file(path: Path | None, inputs: list[Path], option: str = "--js
     that replaces no input (a folder input protects every file in it)."""
     if path is None:
         return
-    from medvit.io.writers import check_output_folder, check_writable, refuse_protected
+    from medvit.core.files import check_output_folder, check_writable, refuse_protected
 
     if path.is_dir():
         raise InputError(path, f"is a folder; {option} takes a file name")
@@ -133,7 +133,7 @@ def json_writer(path: Path | None):
 
     def write(res: dict) -> None:
         if path is not None:
-            from medvit.io.writers import atomic_path
+            from medvit.core.files import atomic_path
 
             with atomic_path(path) as tmp:
                 Path(tmp).write_text(json.dumps(res, indent=1))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.cli.app import app
 from pipelines.cli.options import (
     BatchSizeOpt,
@@ -249,7 +249,7 @@ def datalist(
     import json
 
     from medvit.data.manifest import build_datalist, datalist_files
-    from medvit.io.writers import atomic_path, refuse_protected
+    from medvit.core.files import atomic_path, refuse_protected
 
     check_output_file(out, [manifest], option="-o")  # before hashing a whole dataset
     dl = build_datalist(manifest, root, fold=fold, sha256=sha256)

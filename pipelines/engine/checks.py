@@ -3,7 +3,7 @@ planner uses them too).
 
 A ``check_*`` function is for values code passes: it returns the value normalised or raises
 ``ValueError``/``TypeError`` naming the argument. :func:`check_options` is for the user's
-values: the same checks, raised as the one-line :class:`~medvit.errors.MedvitError` naming the
+values: the same checks, raised as the one-line :class:`~medvit.core.errors.MedvitError` naming the
 command-line option.
 """
 
@@ -14,7 +14,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 
 
 def check_overlap(overlap: Any, name: str = "overlap") -> float:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-from medvit.errors import NonFiniteOutput
+from medvit.core.errors import NonFiniteOutput
 from pipelines.engine.runner import Engine, EngineReport, mirrored, ring_runs
 from pipelines.engine.checks import per_axis
 from pipelines.engine.settings import MODES, InferenceSettings

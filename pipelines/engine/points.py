@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medvit.errors import NonFiniteOutput
+from medvit.core.errors import NonFiniteOutput
 from pipelines.engine.runner import Engine, EngineReport, ring_runs
 from pipelines.engine.tiling import Tile, TilePlan, plan_tiles
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.engine.checks import check_mirror_axes
 from pipelines.engine.settings import InferenceSettings
 from pipelines.threads import AdaptiveThreads

@@ -3,7 +3,7 @@
 Code builds the settings directly (a bad value is a bug: ``ValueError`` or ``TypeError``);
 the commands build them with :meth:`InferenceSettings.from_sources` from a checkpoint's
 ``infer`` section and the command-line overrides, where a bad override is the user's error
-(:class:`~medvit.errors.MedvitError` naming the option, such as ``--overlap``).
+(:class:`~medvit.core.errors.MedvitError` naming the option, such as ``--overlap``).
 """
 
 from __future__ import annotations

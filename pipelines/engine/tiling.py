@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medvit.errors import MedvitError
+from medvit.core.errors import MedvitError
 from pipelines.engine.checks import check_overlap, check_points_budget, check_tile_size
 
 MAX_TILE_GRID = 4_000_000

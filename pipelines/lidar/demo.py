@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.io import atomic_path, make_output_folder
+from medvit.core.files import atomic_path, make_output_folder
 
 DEMO_LIDAR_CONFIG: dict = {
     "labels": {0: "ground", 1: "building", 2: "car", 3: "pole", 4: "vegetation"},

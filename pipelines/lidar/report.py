@@ -17,7 +17,7 @@ def write_bev(xyz: np.ndarray, labels: np.ndarray, path: str | Path, *, names: d
     The resolution is chosen so the longer side of the scene spans at most ``max_side``
     pixels; a legend names the colours. Written atomically.
     """
-    from medvit.io import atomic_path
+    from medvit.core.files import atomic_path
 
     xyz = np.asarray(xyz, dtype=np.float64)
     labels = np.asarray(labels)

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvit.errors import InputError, about, listed
-from medvit.io import check_output_folder
-from medvit.io.writers import check_writable
+from medvit.core.errors import InputError, about, listed
+from medvit.core.files import check_output_folder, check_writable
 from pipelines.engine import Engine, EngineReport, InferenceSettings
 from pipelines.engine.points import segment_scene
 from pipelines.engine.tiling import check_scene_extent

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError, InputError, about, listed
+from medvit.core.errors import ConfigError, InputError, about, listed
 from pipelines.engine import Engine, InferenceSettings
 from pipelines.engine.points import segment_scene
 from pipelines.engine.tiling import check_scene_extent

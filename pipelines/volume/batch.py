@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvit.errors import InputError, MedvitError
+from medvit.core.errors import InputError, MedvitError
 
 from pipelines.volume.cohort import CASES, DONE, Case, finished, list_cases, output_hashes, remove_stale, sources_digest, \
     table_rows, write_cases, write_table
@@ -223,7 +223,7 @@ def run_batch(source: str | Path, out: str | Path, checkpoint: str | Path, *, co
     """
     from medvit.checkpoint import load_checkpoint
     from medvit.config import load_config
-    from medvit.io.writers import check_writable, make_output_folder
+    from medvit.core.files import check_writable, make_output_folder
     from pipelines.volume.segment import checkpoint_record
 
     start = time.perf_counter()

@@ -21,9 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
+from medvit.core.files import atomic_path
 from medvit.io.common import sha256_file
-from medvit.io.writers import atomic_path
 
 DONE = "done.json"
 CASES = "cases.csv"

@@ -21,8 +21,9 @@ import numpy as np
 import yaml
 
 from medvit.data.phantom import LABELS, make_phantom
-from medvit.errors import ConfigError
-from medvit.io import atomic_path, make_output_folder, write_image, write_label_map
+from medvit.core.errors import ConfigError
+from medvit.core.files import atomic_path, make_output_folder
+from medvit.io import write_image, write_label_map
 
 DEMO_CONFIG: dict = {
     "labels": LABELS,
@@ -110,14 +111,14 @@ N_TRAIN, N_VAL, N_TEST = 12, 2, 4
 def demo_config(net: str) -> dict:
     """:data:`DEMO_CONFIG` (a deep copy) with ``net``'s model block and training keys from :data:`DEMO_NETS`.
 
-    Raises :class:`~medvit.errors.ConfigError` naming ``--net`` and the nets that have a demo
+    Raises :class:`~medvit.core.errors.ConfigError` naming ``--net`` and the nets that have a demo
     configuration when ``net`` is not one of them.
     """
-    from medvit.nets import available
+    from medvit.nets import NETS
 
-    runnable = [n for n in available() if n in DEMO_NETS]
+    runnable = [n for n in NETS.names() if n in DEMO_NETS]
     if net not in runnable:
-        why = "is registered but has no demo configuration" if net in available() else "is not a registered net"
+        why = "is registered but has no demo configuration" if net in NETS else "is not a registered net"
         raise ConfigError(f"--net {net!r} {why}; choose one of: {', '.join(runnable)}")
     entry = DEMO_NETS[net]
     cfg = copy.deepcopy(DEMO_CONFIG)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medvit.errors import InputError, MedvitError, listed
+from medvit.core.errors import InputError, MedvitError, listed
 from medvit.io.common import corner_offset_mm, tilt_degrees
 
 log = logging.getLogger(__name__)
@@ -341,8 +341,7 @@ def format_table(result: dict) -> str:
 def write_json(result: dict, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
     """Write a result as JSON through a temporary file and a rename; returns the path. Refuses to
     overwrite a path in ``protect`` (the label maps evaluated)."""
-    from medvit.io import atomic_path
-    from medvit.io.writers import refuse_protected
+    from medvit.core.files import atomic_path, refuse_protected
 
     path = Path(path)
     refuse_protected(path, protect)

@@ -39,9 +39,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import medvit
-from medvit.checkpoint import FORMAT, FORMAT_VERSION, PRETRAIN_KIND, write_weights
+from medvit.checkpoint import PRETRAIN_KIND
 from medvit.config import Config, dump_config
-from medvit.errors import ConfigError, InputError, MedvitError
+from medvit.core.errors import ConfigError, InputError, MedvitError
+from medvit.core.weights import FORMAT, FORMAT_VERSION, write_weights
 from medvit.io.formats import by_key, by_name
 from medvit.nets import build_net
 from medvit.nets.encoders import Encoder, encoder_of
@@ -284,7 +285,7 @@ def pretrain(cfg: Config, *, device: str | torch.device = "cpu", progress: bool 
     encoder = encoder_of(net, cfg.model.name)
     model = Pretrainer(net, encoder, cfg)
 
-    from medvit.io import make_output_folder
+    from medvit.core.files import make_output_folder
 
     out = Path(pc.output_dir)
     if (out / "metrics.jsonl").exists() or (out / CHECKPOINT).exists():

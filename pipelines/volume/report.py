@@ -112,7 +112,7 @@ def label_stats(
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    from medvit.io import atomic_path
+    from medvit.core.files import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
@@ -318,7 +318,7 @@ def write_preview(
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
 
-    from medvit.io import atomic_path
+    from medvit.core.files import atomic_path
 
     with atomic_path(Path(path)) as tmp:
         Path(tmp).write_bytes(buf.getvalue())

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 
 import medvit
-from medvit.checkpoint import LoadedModel, checkpoint_sidecar
-from medvit.errors import InputError, MedvitError, about
-from medvit.io import LoadVolumed, check_output_folder, list_dicom_series, write_label_map
+from medvit.checkpoint import LoadedModel
+from medvit.core.errors import InputError, MedvitError, about
+from medvit.core.files import atomic_path, check_output_folder, check_writable
+from medvit.core.weights import checkpoint_sidecar
+from medvit.io import LoadVolumed, list_dicom_series, write_label_map
 from medvit.io.dicom import DicomSeries, select_series
 from medvit.io.formats import strip_suffix
 from medvit.io.common import sha256_file
 from medvit.io.reader import channel_mismatch, source_format
-from medvit.io.writers import atomic_path, check_writable
 from medvit.transforms import infer_transforms, invert_prediction, run_chain
 from pipelines.engine import Engine, EngineReport, InferenceSettings, segment_volume
 

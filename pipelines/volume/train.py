@@ -24,7 +24,7 @@ from monai.transforms import Compose, Randomizable
 from medvit.checkpoint import load_pretrained, save_checkpoint
 from medvit.config import Config
 from medvit.data.datalist import read_datalist
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from medvit.losses import HungarianMaskLoss
 from medvit.nets import build_net
 from medvit.nets.mask_transformer import MaskPrediction

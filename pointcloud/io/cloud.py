@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pointcloud.io.cloud import PointCloud
 
 # format key -> per-point float32 columns after x, y, z

@@ -15,7 +15,8 @@ import laspy
 import numpy as np
 from laspy.vlrs.known import GeoAsciiParamsVlr, GeoDoubleParamsVlr, GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
+from medvit.core.files import atomic_path, refuse_protected
 from pointcloud.io.cloud import PointCloud
 
 logger = logging.getLogger(__name__)
@@ -228,8 +229,6 @@ def write_las(cloud: PointCloud, labels, path: str | os.PathLike, *,
     a warning when GeoTIFF keys cannot be converted). ``.laz`` output is compressed through lazrs.
     Refuses to overwrite ``cloud.source`` or any path in ``protect``.
     """
-    from medvit.io.writers import atomic_path, refuse_protected  # imports torch/monai: only when writing
-
     path = Path(path)
     if path.suffix.lower() not in (".las", ".laz"):
         raise InputError(path, "LAS output must be named .las or .laz")

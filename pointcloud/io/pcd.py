@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
+from medvit.core.files import atomic_path, refuse_protected
 from pointcloud.io.cloud import PointCloud, integer_labels
 from pointcloud.io.lzf import LZFError, lzf_compress, lzf_decompress
 
@@ -261,8 +262,6 @@ def write_pcd(cloud: PointCloud, path: str | os.PathLike, *, data: str = "binary
     Python LZF encoder (about a second per megabyte of points). Refuses to overwrite ``cloud.source``
     or any path in ``protect``.
     """
-    from medvit.io.writers import atomic_path, refuse_protected  # imports torch/monai: only when writing
-
     path = Path(path)
     if data not in _ENCODINGS:
         raise ValueError(f"data must be one of {_ENCODINGS}, got {data!r}")

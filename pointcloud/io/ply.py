@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
 from pointcloud.io.cloud import PointCloud, integer_labels
 
 _SIZES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,

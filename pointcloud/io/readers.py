@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from medvit.errors import InputError, listed
+from medvit.core.errors import InputError, listed
 from pointcloud.io.cloud import PointCloud, drop_nonfinite, integer_labels, logger
 from pointcloud.io.kitti import read_label_file, sibling_label_path
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.errors import InputError
+from medvit.core.errors import InputError
+from medvit.core.files import atomic_path, refuse_protected
 
 
 def write_labels(labels, path: str | os.PathLike, *, instance=None, protect: Sequence[str | os.PathLike] = ()) -> Path:
@@ -19,8 +20,6 @@ def write_labels(labels, path: str | os.PathLike, *, instance=None, protect: Seq
     or, with ``instance``, an ``(N, 2)`` int64 array ``[semantic, instance]``.
     Refuses (InputError) to overwrite any path in ``protect``.
     """
-    from medvit.io.writers import atomic_path, refuse_protected  # imports torch/monai: only when writing
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".label", ".npy"):

@@ -1,10 +1,11 @@
 """Point-cloud nets for semantic segmentation, registered by name.
 
-Each net maps a :class:`pointcloud.structure.Point` to per-point logits ``(N, num_classes)``
-in the input point order. Build one with :func:`build_point_net`.
+Each net maps a :class:`pointcloud.structure.Point` to per-point logits ``(N, out_channels)``
+in the input point order. Build one with ``POINT_NETS.build(name, options, in_channels=...,
+out_channels=..., voxel_size=...)``.
 """
 
-from pointcloud.nets.registry import available_point_nets, build_point_net, register
+from pointcloud.nets.registry import POINT_NETS
 from pointcloud.nets import flatformer, sparse_unet  # noqa: E402,F401  (registers the nets)
 from pointcloud.nets.flatformer import FlatFormerUNet
 from pointcloud.nets.sparse_unet import SparseUNet
@@ -15,4 +16,4 @@ except ModuleNotFoundError as e:
     if e.name != "pointcloud.nets.condaformer":
         raise
 
-__all__ = ["FlatFormerUNet", "SparseUNet", "available_point_nets", "build_point_net", "register"]
+__all__ = ["POINT_NETS", "FlatFormerUNet", "SparseUNet"]

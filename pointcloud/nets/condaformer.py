@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pointcloud.nets.layers import DropPath, feed_forward, per_level
-from pointcloud.nets.registry import register
+from pointcloud.nets.registry import POINT_NETS
 from pointcloud.nets.sparse_unet import ResidualBlock, SparseUNetBase
 from pointcloud.sparse import depthwise_conv
 from pointcloud.structure import SparseVoxels
@@ -399,13 +399,13 @@ class ConDaFormerStage(nn.Module):
         return x
 
 
-@register("condaformer")
+@POINT_NETS.register("condaformer")
 class ConDaFormer(SparseUNetBase):
-    """ConDaFormer segmentation net: :class:`Point` ``(N, C)`` -> logits ``(N, num_classes)``.
+    """ConDaFormer segmentation net: :class:`Point` ``(N, C)`` -> logits ``(N, out_channels)``.
 
     Args:
         in_channels: point feature width C.
-        num_classes: K.
+        out_channels: K.
         voxel_size: voxel edge in metres, one number or ``(x, y, z)``.
         channels: width per level, finest first (level ``l`` has voxels ``2^l`` times larger).
         depths: ConDaFormer blocks per level (an int for all). A level with blocks needs
@@ -425,7 +425,7 @@ class ConDaFormer(SparseUNetBase):
     def __init__(
         self,
         in_channels: int,
-        num_classes: int,
+        out_channels: int,
         voxel_size: float | Sequence[float],
         channels: Sequence[int] = (16, 24, 48, 96),
         depths: int | Sequence[int] = (0, 2, 2, 2),
@@ -459,7 +459,7 @@ class ConDaFormer(SparseUNetBase):
         total = max(sum(depths) - 1, 1)
         self._drop_rates = [drop_path * i / total for i in range(sum(depths))]
         self._depths = depths
-        super().__init__(in_channels, num_classes, voxel_size, channels=channels, layers=depths,
+        super().__init__(in_channels, out_channels, voxel_size, channels=channels, layers=depths,
                          decoder_layers=decoder_layers, point_mlp=point_mlp, point_offsets=point_offsets)
         self.depths = depths
 

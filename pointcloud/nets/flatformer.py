@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pointcloud.nets.layers import feed_forward, per_level
-from pointcloud.nets.registry import register
+from pointcloud.nets.registry import POINT_NETS
 from pointcloud.nets.serialize import FLAT_ORDERS, FlatGrouping, flat_grouping, grid_offset
 from pointcloud.nets.sparse_unet import ResidualBlock, SparseUNetBase
 from pointcloud.structure import SparseVoxels
@@ -180,12 +180,12 @@ class _FlatStage(nn.Module):
         return x
 
 
-@register("flatformer")
+@POINT_NETS.register("flatformer")
 class FlatFormerUNet(SparseUNetBase):
     """Sparse U-Net whose downsampled encoder levels run FlatFormer blocks.
 
     Args:
-        in_channels, num_classes, voxel_size, channels, decoder_layers, point_mlp,
+        in_channels, out_channels, voxel_size, channels, decoder_layers, point_mlp,
             point_offsets: as :class:`~pointcloud.nets.sparse_unet.SparseUNetBase`.
         layers: residual conv blocks per encoder level, before its FlatFormer blocks
             (default: 1 at level 0, none elsewhere).
@@ -197,13 +197,13 @@ class FlatFormerUNet(SparseUNetBase):
         ffn_ratio: FFN hidden width / width.
         dropout: dropout on attention weights and residual branches.
 
-    ``forward(point)``: :class:`Point` ``(N, C)`` -> logits ``(N, num_classes)`` in input order.
+    ``forward(point)``: :class:`Point` ``(N, C)`` -> logits ``(N, out_channels)`` in input order.
     """
 
     def __init__(
         self,
         in_channels: int,
-        num_classes: int,
+        out_channels: int,
         voxel_size: float | Sequence[float],
         channels: Sequence[int] = (16, 32, 64, 64),
         layers: int | Sequence[int] | None = None,
@@ -235,7 +235,7 @@ class FlatFormerUNet(SparseUNetBase):
         for level, c in enumerate(channels):
             if self.flat_blocks[level] and int(c) % self.heads[level]:
                 raise ValueError(f"heads ({self.heads[level]}) must divide channels[{level}] ({c})")
-        super().__init__(in_channels, num_classes, voxel_size, channels=channels, layers=layers,
+        super().__init__(in_channels, out_channels, voxel_size, channels=channels, layers=layers,
                          decoder_layers=decoder_layers, point_mlp=point_mlp, point_offsets=point_offsets)
 
     def make_stage(self, level: int, channels: int) -> nn.Module:

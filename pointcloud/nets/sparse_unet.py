@@ -33,8 +33,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medvit.core.values import triple
 from pointcloud.nets.layers import per_level
-from pointcloud.nets.registry import register
+from pointcloud.nets.registry import POINT_NETS
 from pointcloud.sparse import devoxelize, inverse_conv, sparse_conv, subm_conv, voxelize
 from pointcloud.structure import Point, SparseVoxels
 
@@ -156,11 +157,6 @@ def voxelize_for_net(
     return voxels, inverse, feat
 
 
-def _triple(v: float | Sequence[float]) -> tuple[float, float, float]:
-    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(t) != 3 or not all(x > 0 for x in t):
-        raise ValueError(f"voxel_size must be a positive number or three (x, y, z), got {v}")
-    return t  # type: ignore[return-value]
 
 
 class SparseUNetBase(nn.Module):
@@ -168,7 +164,7 @@ class SparseUNetBase(nn.Module):
 
     Args:
         in_channels: point feature width C.
-        num_classes: K.
+        out_channels: K.
         voxel_size: voxel edge in metres, one number or ``(x, y, z)``.
         channels: width of each level, finest first; ``len(channels)`` levels.
         layers: residual blocks per encoder level (an int for all).
@@ -180,7 +176,7 @@ class SparseUNetBase(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        num_classes: int,
+        out_channels: int,
         voxel_size: float | Sequence[float],
         channels: Sequence[int] = (16, 32, 64, 64),
         layers: int | Sequence[int] = 1,
@@ -189,8 +185,8 @@ class SparseUNetBase(nn.Module):
         point_offsets: bool = True,
     ) -> None:
         super().__init__()
-        if in_channels < 1 or num_classes < 1:
-            raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
         self.channels = tuple(int(c) for c in channels)
         if len(self.channels) < 1 or min(self.channels) < 1:
             raise ValueError(f"channels must be one or more positive widths, got {channels}")
@@ -199,9 +195,9 @@ class SparseUNetBase(nn.Module):
         self.decoder_layers = per_level(decoder_layers, max(n - 1, 1), "decoder_layers")
         if point_mlp < 0:
             raise ValueError(f"point_mlp must be >= 0, got {point_mlp}")
-        self.voxel_size = _triple(voxel_size)
+        self.voxel_size = triple(voxel_size, "voxel_size", kind=float)
         self.in_channels = in_channels
-        self.num_classes = num_classes
+        self.out_channels = out_channels
         self.point_offsets = point_offsets
         c_in = in_channels + (3 if point_offsets else 0)
         c0 = self.channels[0]
@@ -224,14 +220,14 @@ class SparseUNetBase(nn.Module):
             if point_mlp
             else None
         )
-        self.head = nn.Linear(c0 + point_mlp, num_classes)
+        self.head = nn.Linear(c0 + point_mlp, out_channels)
 
     def make_stage(self, level: int, channels: int) -> nn.Module:
         """The body of encoder level ``level`` (after its downsampling): SparseVoxels -> SparseVoxels."""
         return nn.Sequential(*(ResidualBlock(channels, channels, f"subm{level}") for _ in range(self.layers[level])))
 
     def forward(self, point: Point) -> torch.Tensor:
-        """``point`` (N points, C features) -> logits ``(N, num_classes)`` in the input order."""
+        """``point`` (N points, C features) -> logits ``(N, out_channels)`` in the input order."""
         if point.feat.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} point features, "
                              f"got {point.feat.shape[1]}")
@@ -252,10 +248,10 @@ class SparseUNetBase(nn.Module):
         return self.head(feats)
 
 
-@register("sparse_unet")
+@POINT_NETS.register("sparse_unet")
 class SparseUNet(SparseUNetBase):
     """MinkUNet-style sparse conv U-Net: every encoder level runs ``layers[l]`` residual blocks.
 
     See :class:`SparseUNetBase` for the arguments and the module docstring for the layout.
-    ``forward(point)``: :class:`Point` ``(N, C)`` -> logits ``(N, num_classes)``.
+    ``forward(point)``: :class:`Point` ``(N, C)`` -> logits ``(N, out_channels)``.
     """

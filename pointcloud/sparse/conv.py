@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medvit.core.values import triple
 from pointcloud.structure import SparseVoxels
 
 __all__ = [
@@ -44,13 +45,6 @@ __all__ = [
 ]
 
 Triple = tuple[int, int, int]
-
-
-def _triple(v: int | Sequence[int], name: str, minimum: int) -> Triple:
-    t = (int(v),) * 3 if isinstance(v, int) else tuple(int(x) for x in v)
-    if len(t) != 3 or any(x < minimum for x in t):
-        raise ValueError(f"{name} must be an int >= {minimum} or three of them (z, y, x), got {v}")
-    return t  # type: ignore[return-value]
 
 
 @dataclass(eq=False)
@@ -317,10 +311,10 @@ class _SparseConvBase(nn.Module):
             raise ValueError(f"channels must be >= 1, got in={in_channels} out={out_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _triple(kernel_size, "kernel_size", 1)
-        self.stride = _triple(stride, "stride", 1)
-        self.padding = _triple(padding, "padding", 0)
-        self.dilation = _triple(dilation, "dilation", 1)
+        self.kernel_size = triple(kernel_size, "kernel_size", minimum=1, axes="z, y, x")
+        self.stride = triple(stride, "stride", minimum=1, axes="z, y, x")
+        self.padding = triple(padding, "padding", minimum=0, axes="z, y, x")
+        self.dilation = triple(dilation, "dilation", minimum=1, axes="z, y, x")
         self.indice_key = indice_key
         self.weight = nn.Parameter(torch.empty(out_channels, *self.kernel_size, in_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -476,10 +470,10 @@ class DepthwiseSubMConv3d(nn.Module):
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.channels = channels
-        self.kernel_size = _triple(kernel_size, "kernel_size", 1)
+        self.kernel_size = triple(kernel_size, "kernel_size", minimum=1, axes="z, y, x")
         if any(k % 2 == 0 for k in self.kernel_size):
             raise ValueError(f"submanifold convolution needs odd kernel sizes, got {self.kernel_size}")
-        self.dilation = _triple(dilation, "dilation", 1)
+        self.dilation = triple(dilation, "dilation", minimum=1, axes="z, y, x")
         self.indice_key = indice_key
         self.weight = nn.Parameter(torch.empty(math.prod(self.kernel_size), channels))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from medvit.errors import ConfigError
+from medvit.core.errors import ConfigError
 from pointcloud.sparse.conv import DepthwiseSubMConv3d, SparseConv3d, SparseInverseConv3d, SubMConv3d, same_sites
 from pointcloud.sparse.voxelize import from_spconv, to_spconv
 from pointcloud.structure import SparseVoxels

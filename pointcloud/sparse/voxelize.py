@@ -16,19 +16,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from medvit.core.values import triple
 from pointcloud.structure import Point, SparseVoxels
 
 if TYPE_CHECKING:  # spconv stays optional
     from spconv.pytorch import SparseConvTensor
 
 __all__ = ["devoxelize", "from_spconv", "to_spconv", "voxel_centers", "voxelize"]
-
-
-def _triple(v: float | Sequence[float], name: str) -> tuple[float, float, float]:
-    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(t) != 3 or not all(x > 0 for x in t):
-        raise ValueError(f"{name} must be a positive number or three positive numbers (x, y, z), got {v}")
-    return t  # type: ignore[return-value]
 
 
 def _cells(extent: float, size: float) -> int:
@@ -78,9 +72,9 @@ def voxelize(
             raise ValueError("point.grid_coord has negative indices")
         inside = torch.ones(point.num_points, dtype=torch.bool, device=device)
         shape_xyz = (grid.amax(0) + 1).tolist() if grid.numel() else [1, 1, 1]
-        vs = None if point.grid_size is None else _triple(point.grid_size, "point.grid_size")
+        vs = None if point.grid_size is None else triple(point.grid_size, "point.grid_size", kind=float)
     else:
-        vs = _triple(voxel_size, "voxel_size")
+        vs = triple(voxel_size, "voxel_size", kind=float)
         size = torch.tensor(vs, dtype=torch.float64, device=device)
         if point_range is not None:
             if len(point_range) != 6 or not all(point_range[i + 3] > point_range[i] for i in range(3)):
