@@ -170,3 +170,35 @@ def test_engine_predictor_is_the_net_on_torch_and_compiled_once_per_engine(tmp_p
     x = torch.randn(3, 1, 8, 8, 8)  # a full batch and a short one
     with torch.no_grad():
         torch.testing.assert_close(p(x), net(x), rtol=0, atol=1e-3 * float(net(x).abs().max()))
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="onnxruntime is not installed")
+def test_bench_engine_times_each_runtime_against_torch(tmp_path, capsys, cache):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", "engine", "--model", "small", "--shape", "40,40,32", "--classes", "3",
+                                 "--runtime", "torch,onnxruntime", "--no-peer", "--json", str(out)], capsys)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    head = lines.index("runtimes (ours; speed-ups and labels against ours on torch fp32):")
+    assert lines[head + 1].split()[:3] == ["runtime", "wall", "s"]
+    assert lines[head + 2].split()[0] == "torch" and lines[head + 3].split()[0] == "onnxruntime"
+    res = json.loads(out.read_text())
+    (run,) = res["runtimes"]
+    assert run["runtime"] == run["runtime_ran"] == "onnxruntime" and run["windows"] == res["ours"]["windows"] == 1
+    assert run["labels_equal_torch"] >= 0.99  # random weights: near ties (see NEAR_TIES)
+    assert lines[head + 3].rstrip().endswith(f"{100 * run['labels_equal_torch']:.4f}%")
+    assert len(list(cache.rglob("*.onnx"))) == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--runtime", "torch,tvm"], "--runtime must be one of torch, openvino, onnxruntime, auto, got 'tvm'"),
+    (["--runtime", "onnxruntime", "--amp"], "leave out --amp"),
+])
+def test_bench_engine_bad_runtime_options(args, needle, capsys):
+    assert_user_error(["bench", "engine", "--model", "small", *args], capsys, needle)
+
+
+def test_bench_engine_missing_runtime_package(capsys, monkeypatch):
+    monkeypatch.setattr(backends, "installed", lambda package: package != "onnxruntime")
+    assert_user_error(["bench", "engine", "--model", "small", "--runtime", "torch,onnxruntime"], capsys,
+                      "pip install 'medvit[cpu-runtimes]'")
