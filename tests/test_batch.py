@@ -23,6 +23,7 @@ from medvit.config import parse_config
 from medvit.data.phantom import LABELS, make_phantom
 from medvit.core.errors import InputError
 from medvit.nets import build_net
+from medvit.runtimes import missing_packages
 from pipelines.volume.cohort import hashed_id, list_cases
 from tests.helpers import TINY, run_cli
 from tests.helpers_dicom import CANARIES, find_canaries, write_canary_series
@@ -209,6 +210,35 @@ def test_failed_cases_are_error_rows_and_the_exit_status_counts_them(ray_session
     assert json.loads((out / first / f"{first}_seg.json").read_text())["outputs"] == []
     failed_lines = [line for line in err.splitlines() if line.startswith("medvit: case ")]
     assert sorted(failed_lines) == sorted(f"medvit: case {i} failed: {m}" for i, m in errors.items())
+
+
+@pytest.mark.skipif(bool(missing_packages("onnxruntime")), reason="onnxruntime is not installed")
+def test_batch_on_onnxruntime_gives_torchs_labels_and_converts_once(ray_session, ckpt, tmp_path, capfd, monkeypatch):
+    """Two cases on one worker with --runtime onnxruntime: the labels ``segment`` gives on torch
+    (random weights: near ties allow a few voxels, as in test_runtime_cli), each sidecar saying
+    onnxruntime ran, one export in the cache ``MEDVIT_CACHE`` names (the workers get it from the
+    driver), and a rerun on torch redoes the cases (the runtime is a recorded option)."""
+    monkeypatch.setenv("MEDVIT_CACHE", str(tmp_path / "cache"))
+    paths = _phantoms(tmp_path / "cases", 2)
+    out = tmp_path / "out"
+    args = ["batch", str(tmp_path / "cases"), "-o", str(out), "--checkpoint", str(ckpt), "--workers", "1"]
+    code, stdout, err = run_cli(args + ["--runtime", "onnxruntime"], capfd)
+    assert code == 0, err
+    assert "2 cases: 2 segmented" in stdout
+    assert len(list((tmp_path / "cache").rglob("*.onnx"))) == 1
+    for p in paths:
+        i = hashed_id([str(p)])
+        sidecar = json.loads((out / i / f"{i}_seg.json").read_text())
+        assert sidecar["options"]["runtime"] == "onnxruntime"
+        assert sidecar["runtime"] == {"requested": "onnxruntime", "ran": "onnxruntime", "note": ""}
+        code, _, err = run_cli(["segment", str(p), "-o", str(tmp_path / "one" / i), "--checkpoint", str(ckpt),
+                                "--no-progress"], capfd)
+        assert code == 0, err
+        alone = np.asarray(nib.load(next((tmp_path / "one" / i).glob("*_seg.nii.gz"))).dataobj)
+        batched = np.asarray(nib.load(out / i / f"{i}_seg.nii.gz").dataobj)
+        assert (alone != batched).mean() <= 1e-3
+    code, stdout, err = run_cli(args, capfd)
+    assert code == 0 and "2 cases: 2 segmented, 0 already done" in stdout, (stdout, err)
 
 
 def test_closed_port_as_address_fails_at_once(ckpt, tmp_path, capfd, monkeypatch):

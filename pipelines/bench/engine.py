@@ -4,7 +4,9 @@ Each engine runs in a fresh subprocess so its peak RSS is its own; both see the 
 seeded net and input. Ours returns labels (argmax per slab); MONAI returns the blended
 float volume, which a user then reduces with ``argmax`` — that is what we time and
 measure for it. The printed table gives wall time, time inside the model, windows run,
-peak RSS (and peak GPU memory on a GPU), and how the two outputs compare.
+peak RSS (and peak GPU memory on a GPU), and how the two outputs compare. With ``--runtime``,
+ours runs again in a fresh worker per runtime asked for (OpenVINO, ONNX Runtime, auto), its
+labels compared with ours on torch.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Case:
     fp32_reference: bool = False
     """With ``amp`` and ``speedups``: also run our engine once in fp32, so that the bf16 runs' labels,
     plain and sped up, are both compared with the unmodified net's fp32 labels."""
+    runtime: str = "torch"
+    """What runs the net in our engine (``Engine.predictor``): torch, openvino, onnxruntime or auto."""
 
 
 def _net(case: Case, device: torch.device, options: dict | None = None) -> torch.nn.Module:
@@ -295,11 +299,18 @@ def worker(impl: str, case: Case, out: Path) -> dict:
     if impl == "ours":
         # one engine for the worker's runs: what out-of-memory taught the plain run carries over
         engine = Engine(InferenceSettings(overlap=case.overlap, batch_size=case.our_batch or case.batch, device=device,
-                                          amp=amp if amp is not None else False))
-        labels, run = _ours(case, net, x, skip, engine)
+                                          amp=amp if amp is not None else False, runtime=case.runtime))
+        pred = net
+        if case.runtime != "torch":  # converted (or read from the cache) before the timed run
+            from medvit.runtimes import state_sha256
+
+            t0 = time.perf_counter()
+            pred = engine.predictor(net, roi=(case.roi,) * 3, in_channels=1, checkpoint_sha256=state_sha256(net))
+            extra = {"runtime_ran": pred.runtime, "runtime_note": pred.note, "compile_seconds": time.perf_counter() - t0}
+        labels, run = _ours(case, pred, x, skip, engine)
         run["peak_rss"] = _peak_rss_bytes()  # before the speed-up runs add nets of their own
         if case.speedups:
-            extra = _sped_up(case, net, x, skip, engine, labels)
+            extra.update(_sped_up(case, net, x, skip, engine, labels))
     else:
         from monai.inferers import sliding_window_inference
 
@@ -364,19 +375,28 @@ def _gib(b: int | None) -> str:
 
 
 def compare(case: Case, *, peer: bool = True, peer_outputs: tuple[str | None, ...] | None = None,
-            on_result=None) -> dict:
-    """Run ours, then MONAI (when ``peer``) once per output device in ``peer_outputs``
-    (default: ``case.output_device``); returns every measurement and the comparisons.
-    ``on_result(partial result)`` is called after each run, so that a run stopped by a time
-    limit (a GPU machine's) still leaves what it measured."""
+            on_result=None, runtimes: tuple[str, ...] = ()) -> dict:
+    """Run ours (on torch, in fp32 unless ``case.amp``), then ours once per runtime of ``runtimes``
+    other than torch (each in its own worker: its conversion, wall and model time, peak RSS, and
+    the share of voxels whose label equals the torch run's), then MONAI (when ``peer``) once per
+    output device in ``peer_outputs`` (default: ``case.output_device``); returns every
+    measurement and the comparisons. ``on_result(partial result)`` is called after each run, so
+    that a run stopped by a time limit (a GPU machine's) still leaves what it measured."""
     on_result = on_result or (lambda res: None)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = _spawn("ours", case, Path(tmp) / "ours.npy")
+        ours = _spawn("ours", replace(case, runtime="torch"), Path(tmp) / "ours.npy")
         res = {"case": case.__dict__, "ours": ours}
         on_result(res)
+        a = np.load(Path(tmp) / "ours.npy")
+        for r in (r for r in runtimes if r != "torch"):
+            other = replace(case, runtime=r, speedups=(), batch_sweep=(), fp32_reference=False)
+            run = _spawn("ours", other, Path(tmp) / f"{r}.npy")
+            run["runtime"] = r
+            run["labels_equal_torch"] = _labels_agree(np.load(Path(tmp) / f"{r}.npy"), a, case.output)
+            res.setdefault("runtimes", []).append(run)
+            on_result(res)
         if not peer:
             return res
-        a = np.load(Path(tmp) / "ours.npy")
         body = _input(case)[0][0].numpy() > 0 if case.input is not None else None  # above -175 HU
         runs: list[dict] = []
         for od in peer_outputs or (case.output_device,):
@@ -458,11 +478,36 @@ def format_result(res: dict) -> str:
         r = o["fp32"]
         out.append(f"ours in fp32 (the unmodified net's reference): {r['seconds']:.2f} s; its labels equal the bf16 run's on "
                    f"{100 * r['labels_equal_plain_bf16']:.4f} % of voxels, the sped-up run's on {100 * r['labels_equal_fast']:.4f} %")
+    if res.get("runtimes"):
+        out.extend(format_runtimes(res))
     if not runs:
         vox = int(np.prod(o["shape"]))
         out.append(f"MONAI not run (--no-peer); its float output alone would need {c['classes'] * vox * 4 / 1e9:.1f} GB "
                    f"(+ {vox * 4 / 1e9:.1f} GB count map), computed, not measured")
     return "\n".join(out)
+
+
+def format_runtimes(res: dict) -> list[str]:
+    """The runtimes' table: ours on torch first, then each runtime asked for, against it."""
+    o = res["ours"]
+    rows = [f"{'runtime':<24} {'wall s':>8} {'model s':>8} {'ms/window':>10} {'peak RSS GiB':>13} {'speed-up':>9} "
+            f"{'model speed-up':>15} {'labels = torch':>15}"]
+
+    def row(name: str, r: dict, equal: float) -> str:
+        per = 1e3 * r["model_seconds"] / max(r["windows"], 1)
+        return (f"{name:<24} {r['seconds']:>8.2f} {r['model_seconds']:>8.2f} {per:>10.1f} {_gib(r['peak_rss']):>13} "
+                f"{o['seconds'] / r['seconds']:>8.2f}x {o['model_seconds'] / max(r['model_seconds'], 1e-9):>14.2f}x "
+                f"{100 * equal:>14.4f}%")
+
+    rows.append(row("torch", o, 1.0))
+    notes = []
+    for r in res["runtimes"]:
+        ran = r.get("runtime_ran", r["runtime"])
+        rows.append(row(r["runtime"] if ran == r["runtime"] else f"{r['runtime']} (ran {ran})", r,
+                        r["labels_equal_torch"]))
+        line = f"  {r['runtime']}: conversion or cache load {r.get('compile_seconds', 0.0):.1f} s (untimed)"
+        notes.append(line + (f"; {r['runtime_note']}" if r.get("runtime_note") else ""))
+    return ["runtimes (ours; speed-ups and labels against ours on torch fp32):", *rows, *notes]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,7 @@ def bench_engine(
     speedups: Annotated[str, typer.Option(help="Ours, as a second run: comma-separated model speed-ups (sdpa, cudnn_benchmark, channels_last, compile), each timed.")] = "",
     batch_sweep: Annotated[str, typer.Option(help="With eager --speedups: also time the sped-up net at these batch sizes (e.g. 8,16); its engine run uses the fastest per window.")] = "",
     fp32_reference: Annotated[bool, typer.Option(help="With --amp and --speedups: also run ours in fp32 and compare both bf16 runs' labels with it.")] = False,
+    runtime: Annotated[str, typer.Option(help="Comma-separated runtimes for ours (torch, openvino, onnxruntime, auto), each in its own worker, against torch fp32 (which always runs).")] = "torch",
     peer: Annotated[bool, typer.Option(help="Also run MONAI (off when its buffer cannot fit).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON.")] = None,
 ) -> None:
@@ -81,6 +82,17 @@ def bench_engine(
         raise MedvitError("--batch-sweep takes positive batch sizes and needs eager --speedups (compile would recompile per size)")
     if fp32_reference and not (amp and steps):
         raise MedvitError("--fp32-reference compares bf16 runs with fp32: it needs --amp and --speedups")
+    runtimes = tuple(dict.fromkeys(v.strip() for v in runtime.split(",") if v.strip())) or ("torch",)
+    for r in runtimes:
+        check_options(runtime=r, device=device)
+    converted = [r for r in runtimes if r != "torch"]
+    if converted and amp:
+        raise MedvitError("--runtime compares each runtime with ours on torch fp32; leave out --amp")
+    for r in converted:
+        if r != "auto":
+            from medvit.runtimes.backends import require
+
+            require(r)  # before any worker starts
     outputs = ("cpu", "cuda") if output_device == "both" else (output_device,)
     if output_device == "both":
         output_device = None
@@ -91,7 +103,7 @@ def bench_engine(
     save = json_writer(json_out)
     # the machine is named at the end: naming the GPU starts CUDA in this process, which
     # should not hold GPU memory while the workers are measured
-    res = compare(case, peer=peer, peer_outputs=outputs, on_result=save)
+    res = compare(case, peer=peer, peer_outputs=outputs, on_result=save, runtimes=runtimes)
     res["machine"] = machine()
     save(res)
     typer.echo(f"machine: {res['machine']}")

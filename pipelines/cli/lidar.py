@@ -64,7 +64,8 @@ def lidar_segment(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over tiles.")] = True,
 ) -> None:
-    """Per-point labels for each scan, in the scan's point order and count."""
+    """Per-point labels for each scan, in the scan's point order and count. Runs on torch only: the sparse
+    convolutions of the LiDAR nets do not convert to OpenVINO or ONNX Runtime (no --runtime)."""
     from pipelines.engine import Engine, check_options
     from pipelines.lidar.segment import check_scan_outputs, scene_settings, segment_scan
     from pointcloud.checkpoint import load_point_checkpoint

@@ -1,6 +1,6 @@
 """Options and checks the commands share: typer option types, the device check. The inference
-options (``--overlap``, ``--batch-size``, ``--skip-below-hu``) are checked by
-:func:`pipelines.engine.settings.check_options`."""
+options (``--overlap``, ``--batch-size``, ``--skip-below-hu``, ``--runtime``) are checked by
+:func:`pipelines.engine.checks.check_options`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,34 @@ NonFiniteOpt = Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, o
 ResampleOpt = Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")]
 SkipBelowHuOpt = Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")]
 TtaOpt = Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")]
+
+
+class Runtime(str, Enum):
+    torch = "torch"
+    openvino = "openvino"
+    onnxruntime = "onnxruntime"
+    auto = "auto"
+
+
+RuntimeOpt = Annotated[Runtime, typer.Option(help="What runs the net: torch, or its export (converted once, cached) on "
+                                                  "OpenVINO or ONNX Runtime (CPU only), or auto (the fastest that matches torch).")]
+
+
+def runtime_device(runtime: str, device: str | None) -> str:
+    """``--device`` for ``--runtime``: a CPU-only runtime without ``--device`` runs on the CPU (not on
+    a GPU it cannot use); with ``--device cuda`` it is a MedvitError naming both options. Also refuses,
+    before any slow load, a runtime whose package is not installed (saying how to install it)."""
+    from pipelines.engine import check_options
+    from pipelines.engine.checks import CPU_ONLY_RUNTIMES
+
+    if runtime in CPU_ONLY_RUNTIMES:
+        from medvit.runtimes.backends import require
+
+        check_options(runtime=runtime, device=device)
+        require(runtime)
+        if device is None:
+            return "cpu"
+    return pick_device(device)
 
 
 def override_train(cfg, config: Path, **overrides) -> None:

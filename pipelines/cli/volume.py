@@ -19,6 +19,8 @@ from pipelines.cli.options import (
     OverlapOpt,
     Resample,
     ResampleOpt,
+    Runtime,
+    RuntimeOpt,
     SegType,
     SkipBelowHuOpt,
     Tilt,
@@ -29,6 +31,7 @@ from pipelines.cli.options import (
     notes_line,
     override_train,
     pick_device,
+    runtime_device,
 )
 
 
@@ -97,6 +100,7 @@ def segment(
     resample: ResampleOpt = Resample.auto,
     skip_below_hu: SkipBelowHuOpt = None,
     tta: TtaOpt = False,
+    runtime: RuntimeOpt = Runtime.torch,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs an earlier run left in OUT (refused otherwise).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse an input whose DICOM Modality or intensities do not fit the checkpoint's CT/MRI (else a warning).")] = False,
     tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample onto an orthogonal grid (outputs on it), keep its sheared grid, or refuse.")] = Tilt.resample,
@@ -114,11 +118,11 @@ def segment(
     check_options(batch_size=batch_size, overlap=overlap, skip_below_hu=skip_below_hu)  # before a slow load
     if seg_type is not None and not dicom_seg:
         raise MedvitError("--seg-type chooses the DICOM SEG's type; it needs --dicom-seg")
-    dev = pick_device(device)
+    dev = runtime_device(runtime.value, device)
     cfg = load_config(config) if config is not None else None
     model = load_checkpoint(checkpoint, config=cfg, device=dev)
     engine = Engine(volume_settings(model.config, device=dev, overlap=overlap, batch_size=batch_size,
-                                    skip_below_hu=skip_below_hu, tta=tta))
+                                    skip_below_hu=skip_below_hu, tta=tta, runtime=runtime.value))
     kw = dict(engine=engine, series=series, nonfinite=nonfinite.value, stats=stats, preview=preview,
               resample=resample.value, progress=progress, strict=strict, tilt=tilt.value, dicom_seg=dicom_seg,
               seg_type=(seg_type or SegType.binary).value, rtstruct=rtstruct)
@@ -154,6 +158,7 @@ def batch(
     resample: ResampleOpt = Resample.auto,
     skip_below_hu: SkipBelowHuOpt = None,
     tta: TtaOpt = False,
+    runtime: RuntimeOpt = Runtime.torch,
     strict: Annotated[bool, typer.Option("--strict", help="Fail a case whose DICOM Modality or intensities do not fit the checkpoint (else a warning).")] = False,
     tilt: Annotated[Tilt, typer.Option(help="A gantry-tilted DICOM series: resample, keep its sheared grid, or fail the case.")] = Tilt.resample,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write a DICOM SEG per case (a case that is not a DICOM series fails).")] = False,
@@ -172,9 +177,10 @@ def batch(
     check_options(overlap=overlap, skip_below_hu=skip_below_hu)
     if seg_type is not None and not dicom_seg:
         raise MedvitError("--seg-type chooses the DICOM SEG's type; it needs --dicom-seg")
+    dev = runtime_device(runtime.value, device)
     res = run_batch(source, out, checkpoint, config=config, root=root, split=split, workers=workers, address=address,
-                    threads=threads, device=pick_device(device), progress=progress, overlap=overlap,
-                    batch_size=batch_size, series=series, nonfinite=nonfinite.value, resample=resample.value,
+                    threads=threads, device=dev, progress=progress, overlap=overlap,
+                    batch_size=batch_size, runtime=runtime.value, series=series, nonfinite=nonfinite.value, resample=resample.value,
                     skip_below_hu=skip_below_hu, tta=tta, strict=strict, tilt=tilt.value, dicom_seg=dicom_seg,
                     seg_type=(seg_type or SegType.binary).value if dicom_seg else None, rtstruct=rtstruct,
                     stats=stats, preview=preview)

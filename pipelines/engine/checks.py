@@ -78,23 +78,54 @@ def check_points_budget(value: Any, name: str = "max_points") -> int:
     return int(value)
 
 
+RUNTIMES = ("torch", "openvino", "onnxruntime", "auto")
+"""What runs the volume net (:mod:`medvit.runtimes`): torch itself, an ONNX export on OpenVINO or
+ONNX Runtime, or ``auto``, the fastest of them that matches torch."""
+CPU_ONLY_RUNTIMES = ("openvino", "onnxruntime")
+"""The runtimes that run on the CPU only."""
+
+
+def check_runtime(value: Any, name: str = "runtime") -> str:
+    """``value`` as one of :data:`RUNTIMES`; ValueError (TypeError for a non-string) naming ``name``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if value not in RUNTIMES:
+        raise ValueError(f"{name} must be one of {', '.join(RUNTIMES)}, got {value!r}")
+    return value
+
+
+def check_runtime_device(runtime: str, device: str, names: tuple[str, str] = ("runtime", "device")) -> None:
+    """ValueError naming both when ``runtime`` runs on the CPU only and ``device`` (``cpu``,
+    ``cuda``, ``cuda:N``) is not the CPU."""
+    if runtime in CPU_ONLY_RUNTIMES and str(device).split(":")[0] != "cpu":
+        raise ValueError(f"{names[0]} {runtime} runs on the CPU only, but {names[1]} is {device}; "
+                         f"use {names[1]} cpu or {names[0]} torch")
+
+
 _OPTION_CHECKS = {"overlap": check_overlap, "batch_size": check_batch_size, "skip_below_hu": check_skip_below_hu,
-                  "tile_size": check_tile_size, "max_points": check_points_budget}
+                  "tile_size": check_tile_size, "max_points": check_points_budget, "runtime": check_runtime}
 
 
 def check_options(**options: Any) -> None:
     """The user's values of ``--overlap``, ``--batch-size``, ``--skip-below-hu``, ``--tile-size``,
-    ``--max-points`` (keyword names
-    ``overlap``, ``batch_size``, ``skip_below_hu``, ``tile_size``, ``max_points``; None: not
+    ``--max-points``, ``--runtime`` (keyword names
+    ``overlap``, ``batch_size``, ``skip_below_hu``, ``tile_size``, ``max_points``, ``runtime``; None: not
     given): MedvitError naming the option,
-    such as ``--overlap must lie in [0, 1), got 1.5``. The commands call it before a slow load, and
-    :meth:`InferenceSettings.from_sources` again with the same checks."""
+    such as ``--overlap must lie in [0, 1), got 1.5``. With ``runtime`` and ``device`` (``--device``'s
+    value) both given, a CPU-only runtime on a GPU is refused naming both options. The commands call
+    it before a slow load, and :meth:`InferenceSettings.from_sources` again with the same checks."""
+    device = options.pop("device", None)
     for key, value in options.items():
         if value is None:
             continue
         try:
             _OPTION_CHECKS[key](value, "--" + key.replace("_", "-"))
         except (TypeError, ValueError) as e:
+            raise MedvitError(str(e)) from None
+    if options.get("runtime") is not None and device is not None:
+        try:
+            check_runtime_device(options["runtime"], device, ("--runtime", "--device"))
+        except ValueError as e:
             raise MedvitError(str(e)) from None
 
 

@@ -180,26 +180,34 @@ class Engine:
 
     An engine owns what out-of-memory errors taught it, per (device, window shape): the batch
     that fitted, one window a call, the accumulator size that starts on the CPU (see the module
-    docstring); and a bounded LRU cache of volume importance maps (``cache_size`` entries). Keep
-    one engine across cases for both to carry over; :meth:`with_settings` gives an engine with
-    other settings that shares them.
+    docstring); and a bounded LRU cache (``cache_size`` entries) of volume importance maps and of
+    the predictors :meth:`predictor` compiled. Keep one engine across cases for both to carry
+    over; :meth:`with_settings` gives an engine with other settings that shares them.
+    ``runtime_threads`` and ``runtime_cache`` are :meth:`predictor`'s thread count and cache root
+    (None: :func:`~medvit.runtimes.compile_predictor`'s defaults, the CPUs this process may use and
+    :func:`~medvit.runtimes.default_cache_dir`).
     """
 
-    def __init__(self, settings: InferenceSettings | None = None, *, cache_size: int = 8):
+    def __init__(self, settings: InferenceSettings | None = None, *, cache_size: int = 8,
+                 runtime_threads: int | None = None, runtime_cache: str | None = None):
         if settings is not None and not isinstance(settings, InferenceSettings):
             raise TypeError(f"Engine takes InferenceSettings, got {type(settings).__name__}")
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        if runtime_threads is not None and runtime_threads < 1:
+            raise ValueError(f"runtime_threads must be at least 1, got {runtime_threads}")
         self.settings = settings if settings is not None else InferenceSettings()
         self.cache_size = cache_size
+        self.runtime_threads = runtime_threads
+        self.runtime_cache = runtime_cache
         self._learnt: dict[tuple[str, tuple[Any, ...]], _Learnt] = {}
-        self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[Hashable, Any] = OrderedDict()
 
     def with_settings(self, settings: InferenceSettings | None = None, **changes: Any) -> Engine:
         """An engine with ``settings`` (or these settings with ``changes``) that shares this one's
         out-of-memory lessons and importance-map cache."""
         new = Engine((settings or self.settings).replace(**changes) if changes else (settings or self.settings),
-                     cache_size=self.cache_size)
+                     cache_size=self.cache_size, runtime_threads=self.runtime_threads, runtime_cache=self.runtime_cache)
         new._learnt, new._cache = self._learnt, self._cache
         return new
 
@@ -208,7 +216,7 @@ class Engine:
         the first time; the runner updates it in place)."""
         return self._learnt.setdefault((str(torch.device(device)), tuple(window_shape)), _Learnt())
 
-    def cached(self, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """``make()`` kept under ``key`` among the :attr:`cache_size` most recently used entries."""
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -226,6 +234,28 @@ class Engine:
         key = ("importance", tuple(roi), mode, float(sigma_scale), dtype, str(device))
         return self.cached(key, lambda: compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale,
                                                                device=device, dtype=dtype))
+
+    def predictor(self, net: torch.nn.Module, *, roi: Sequence[int], in_channels: int,
+                  checkpoint_sha256: str) -> Callable[[torch.Tensor], Any]:
+        """What runs ``net``'s windows under this engine's ``runtime`` setting: ``net`` itself for
+        torch; else :func:`medvit.runtimes.compile_predictor` for windows of ``roi`` with
+        ``in_channels`` channels at this engine's batch size (a ``Predictor``, which says in
+        ``.runtime`` and ``.note`` what ran and why), kept in the engine's cache so that every case
+        of a run reuses one compiled model. ``checkpoint_sha256`` keys the on-disk cache (see
+        :mod:`medvit.runtimes.cache`). Only the predictor changes: windows, weights and
+        accumulation stay the same. Raises MedvitError when the runtime's package is missing.
+        """
+        runtime = self.settings.runtime
+        if runtime == "torch":
+            return net
+        from medvit.runtimes import compile_predictor
+
+        roi = tuple(int(r) for r in roi)
+        batch = self.settings.batch_size
+        key = ("predictor", id(net), runtime, roi, batch, int(in_channels), checkpoint_sha256)
+        return self.cached(key, lambda: compile_predictor(
+            net, runtime=runtime, roi=roi, batch=batch, in_channels=int(in_channels),
+            checkpoint_sha256=checkpoint_sha256, cache_dir=self.runtime_cache, threads=self.runtime_threads))
 
     def run(
         self,

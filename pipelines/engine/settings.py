@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 import torch
 
-from pipelines.engine.checks import check_batch_size, check_mirror_axes, check_options, check_overlap, check_skip_below_hu
+from pipelines.engine.checks import (
+    check_batch_size,
+    check_mirror_axes,
+    check_options,
+    check_overlap,
+    check_runtime,
+    check_runtime_device,
+    check_skip_below_hu,
+)
 
 MODES = ("gaussian", "constant")
 
@@ -51,6 +59,10 @@ class InferenceSettings:
     """Autocast: False, True (:func:`autocast_dtype` of the device: none on the CPU), or a dtype."""
     device: torch.device = torch.device("cpu")
     """Where the predictor runs."""
+    runtime: str = "torch"
+    """What runs a volume net (:data:`~pipelines.engine.checks.RUNTIMES`): torch, or its export on
+    OpenVINO or ONNX Runtime (the CPU only), or ``auto`` (see :meth:`Engine.predictor
+    <pipelines.engine.runner.Engine.predictor>`)."""
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalised values are set once, here
@@ -68,6 +80,8 @@ class InferenceSettings:
         if not isinstance(self.device, (torch.device, str)):
             raise TypeError(f"device must be a torch.device or a string, got {type(self.device).__name__}")
         put(self, "device", torch.device(self.device))
+        check_runtime(self.runtime)
+        check_runtime_device(self.runtime, str(self.device))
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -83,15 +97,17 @@ class InferenceSettings:
     @classmethod
     def from_sources(cls, infer_cfg: Any = None, *, device: torch.device | str = "cpu", amp: bool | torch.dtype = True,
                      overlap: float | None = None, batch_size: int | None = None,
-                     skip_below_hu: float | None = None, tta: bool = False) -> InferenceSettings:
+                     skip_below_hu: float | None = None, tta: bool = False, runtime: str | None = None) -> InferenceSettings:
         """Settings from a config's ``infer`` section (a volume's ``InferConfig``: ``overlap``,
         ``sw_batch_size``, ``mode``; a scene's ``SceneInferConfig``: ``overlap``, ``batch_size``) with
         the command-line overrides on top (None: the config's). ``tta`` mirrors over the three axes.
+        ``runtime``: ``--runtime`` (None: torch).
 
         A bad override raises MedvitError naming its option (:func:`check_options`); a bad config
         value cannot reach here (the config's own schema refuses it).
         """
-        check_options(batch_size=batch_size, overlap=overlap, skip_below_hu=skip_below_hu)
+        check_options(batch_size=batch_size, overlap=overlap, skip_below_hu=skip_below_hu, runtime=runtime,
+                      device=str(torch.device(device)))
         base: dict[str, Any] = {}
         if infer_cfg is not None:
             base["overlap"] = infer_cfg.overlap
@@ -102,6 +118,6 @@ class InferenceSettings:
         given = {"overlap": overlap, "batch_size": batch_size}
         base.update({k: v for k, v in given.items() if v is not None})
         return cls(**base, skip_below_hu=skip_below_hu, mirror_axes=(0, 1, 2) if tta else (), amp=amp,
-                   device=torch.device(device))
+                   device=torch.device(device), runtime=runtime or "torch")
 
 

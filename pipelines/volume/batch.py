@@ -36,7 +36,7 @@ PROBE_TIMEOUT_S = 2.0
 """How long ``--address`` may take to accept a TCP connection before the batch gives up."""
 FAILED_BASE = 10
 """Exit status with failed cases: FAILED_BASE + their count, at most FAILED_BASE + 99."""
-SEGMENT_OPTIONS = ("overlap", "batch_size", "series", "nonfinite", "resample", "skip_below_hu", "tta", "strict", "tilt",
+SEGMENT_OPTIONS = ("overlap", "batch_size", "runtime", "series", "nonfinite", "resample", "skip_below_hu", "tta", "strict", "tilt",
                    "dicom_seg", "seg_type", "rtstruct", "stats", "preview")
 """The options recorded in each done record; a rerun with other values redoes the case."""
 
@@ -101,7 +101,7 @@ class _Held(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-ENGINE_OPTIONS = ("overlap", "batch_size", "skip_below_hu", "tta")
+ENGINE_OPTIONS = ("overlap", "batch_size", "skip_below_hu", "tta", "runtime")
 """The options of :data:`SEGMENT_OPTIONS` that make the engine's settings (:func:`~pipelines.volume.segment.volume_settings`)."""
 
 
@@ -166,9 +166,12 @@ def run_case(model, case: Case, out: Path, options: dict, expect: dict, checkpoi
 
 class CaseWorker:
     """A Ray actor: the checkpoint loaded once, then :func:`run_case` per case, all through one
-    engine, so what out-of-memory errors taught it carries over from case to case."""
+    engine, so what out-of-memory errors taught it, and a net converted for ``--runtime``, carry
+    over from case to case. The converted runtime runs on ``threads`` threads, as torch does;
+    ``runtime_cache`` is its cache root (None: the worker's default)."""
 
-    def __init__(self, checkpoint: str, config: str | None, device: str, threads: int):
+    def __init__(self, checkpoint: str, config: str | None, device: str, threads: int,
+                 runtime_cache: str | None = None):
         import torch
 
         from medvit.checkpoint import load_checkpoint
@@ -181,6 +184,8 @@ class CaseWorker:
         self.checkpoint = checkpoint_record(self.model)
         self.load_seconds = time.perf_counter() - start
         self.device = device
+        self.threads = threads
+        self.runtime_cache = runtime_cache
         self.engine = None
 
     def load_time(self) -> float:
@@ -191,7 +196,8 @@ class CaseWorker:
         from pipelines.volume.segment import volume_settings
 
         settings = volume_settings(self.model.config, device=self.device, **{k: options[k] for k in ENGINE_OPTIONS})
-        self.engine = Engine(settings) if self.engine is None else self.engine.with_settings(settings)
+        self.engine = Engine(settings, runtime_threads=self.threads, runtime_cache=self.runtime_cache) \
+            if self.engine is None else self.engine.with_settings(settings)
         return run_case(self.model, case, Path(out), options, expect, self.checkpoint, self.engine)
 
 
@@ -289,8 +295,15 @@ def _run_on_ray(ray, todo: list[Case], out: Path, options: dict, expect: dict, r
     gpu = 1 if device.startswith("cuda") else 0
     actor = ray.remote(num_cpus=threads, num_gpus=gpu, max_restarts=0)(CaseWorker)
 
+    # a cache folder the user named reaches the workers; else each uses its own default
+    cache = None
+    if os.environ.get("MEDVIT_CACHE"):
+        from medvit.runtimes import default_cache_dir
+
+        cache = str(default_cache_dir())
+
     def start():
-        return actor.remote(checkpoint, config, device, threads)
+        return actor.remote(checkpoint, config, device, threads, cache)
 
     pool = [start() for _ in range(workers)]
     pending: dict = {}

@@ -53,6 +53,9 @@ class CaseResult:
     """Label ids written as RTSTRUCT ROIs (the labels present)."""
     warnings: list[str] = field(default_factory=list)
     sidecar_path: Path | None = None
+    runtime: dict = field(default_factory=dict)
+    """What ran the net: ``requested`` (``--runtime``), ``ran`` (torch after a fallback) and ``note``
+    (why it fell back, or what ``auto`` measured)."""
 
 
 def case_name(path: str | Path) -> str:
@@ -236,6 +239,8 @@ def _write_sidecar(path: Path, result: CaseResult, original, model: LoadedModel,
     }
     if result.dicom_seg is not None:
         doc["dicom_seg"] = result.dicom_seg
+    if result.runtime:
+        doc["runtime"] = result.runtime
     if result.rtstruct_path is not None:  # empty labels get no ROI: listed here
         doc["rtstruct"] = {"file": result.rtstruct_path.name, "rois": result.rtstruct_rois,
                            "empty_labels": [i for i in sorted(model.config.labels) if i and i not in result.rtstruct_rois]}
@@ -269,16 +274,29 @@ def _is_2d_nifti(paths: list[str]) -> bool:
 
 def volume_settings(cfg, *, device: str | torch.device = "cpu", overlap: float | None = None,
                     batch_size: int | None = None, skip_below_hu: float | None = None,
-                    tta: bool = False) -> InferenceSettings:
+                    tta: bool = False, runtime: str | None = None) -> InferenceSettings:
     """The settings ``medvit segment`` runs a volume checkpoint's config ``cfg`` with: its ``infer``
     section under the command's overrides (None: the config's), autocast on CUDA, and on the CPU one
-    window a call unless ``batch_size`` says otherwise. A bad override raises MedvitError naming
-    its option (see :meth:`InferenceSettings.from_sources`)."""
+    window a call unless ``batch_size`` says otherwise; ``runtime`` is ``--runtime`` (None: torch).
+    A bad override raises MedvitError naming its option (see :meth:`InferenceSettings.from_sources`)."""
     dev = torch.device(device)
     if batch_size is None and dev.type == "cpu":
         batch_size = 1  # on the CPU larger batches are no faster and hold more activations
     return InferenceSettings.from_sources(cfg.infer, device=dev, overlap=overlap, batch_size=batch_size,
-                                          skip_below_hu=skip_below_hu, tta=tta)
+                                          skip_below_hu=skip_below_hu, tta=tta, runtime=runtime)
+
+
+def runtime_key(model: LoadedModel, checkpoint: dict) -> str:
+    """The SHA-256 a converted net is cached under: of the checkpoint file's SHA-256 (of the weights,
+    :func:`medvit.runtimes.state_sha256`, for a model not loaded from a file) and the net's config,
+    since options such as the head count change the computation but not the weights."""
+    import hashlib
+
+    from medvit.runtimes import state_sha256
+
+    weights = checkpoint.get("sha256") or state_sha256(model.net)
+    net = json.dumps(model.config.model.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(f"{weights}\n{net}".encode()).hexdigest()
 
 
 def _choose_resample(resample: str, n_classes: int, in_grid_voxels: int) -> str:
@@ -312,9 +330,10 @@ def segment_case(
     """Segment one case (one path, or one path per channel) and write its label map.
 
     ``engine`` runs the net with its settings (overlap, batch size, device, ``skip_below_hu``,
-    mirror axes for test-time augmentation); default a fresh one with :func:`volume_settings` on
+    mirror axes for test-time augmentation, runtime: the net itself on torch, else
+    :meth:`Engine.predictor`'s conversion); default a fresh one with :func:`volume_settings` on
     the CPU. Pass the same engine for every case of a run so that what out-of-memory errors
-    taught it carries over.
+    taught it, and a converted net, carry over.
 
     The label map is ``OUT_DIR/NAME_seg.nii.gz`` in the input's geometry; with ``stats``,
     ``NAME_stats.csv`` and ``NAME_stats.json``; with ``preview``, ``NAME_preview.png``; with
@@ -327,7 +346,7 @@ def segment_case(
     and ``NAME_seg.json``, written last, holding the source path(s) (and DICOM series), the
     checkpoint (``checkpoint``, else :func:`checkpoint_record`), the medvit version, the options
     (these keyword arguments and the engine's settings, the defaults they resolved to, and
-    ``record``) and the date.
+    ``record``), the runtime asked for and the one that ran (``runtime``) and the date.
     A gantry-tilted DICOM series is, by ``tilt``, resampled onto an orthogonal grid that every
     output is then on, segmented on its sheared grid, or refused (see :func:`medvit.io.read_image`).
 
@@ -352,12 +371,17 @@ def segment_case(
     prep = preprocess_case(cfg.preprocess, loaded, skip_below_hu)
     check_net_extent(prep.image.shape[1:], cfg.model.roi_size, ", ".join(paths), cfg.preprocess.orientation)
     how = _choose_resample(resample, int(cfg.model.out_channels), int(np.prod(original.shape[1:])))
+    checkpoint = checkpoint or checkpoint_record(model)
+    # torch, or the net converted once per run (cached in the engine) for OpenVINO/ONNX Runtime
+    predictor = engine.predictor(model.net, roi=cfg.model.roi_size, in_channels=int(cfg.model.in_channels),
+                                 checkpoint_sha256=runtime_key(model, checkpoint)) \
+        if settings.runtime != "torch" else model.net
     # an engine error (say NaN from the net) names the case and the checkpoint
     with about(", ".join(paths), f"; window positions are on the preprocessed grid; checkpoint {model.meta.get('checkpoint')}"):
         grid, report = segment_volume(
             engine,
             prep.image,
-            model.net,
+            predictor,
             roi_size=cfg.model.roi_size,
             output="scores" if how == "probs" else "labels",
             skip_below=prep.skip_below,
@@ -378,8 +402,9 @@ def segment_case(
     labels = labels.cpu().numpy().astype(np.int32)
 
     result = CaseResult(input=list(paths), labels_path=out_dir / f"{name}_seg.nii.gz", resampled=how, engine=report,
-                        warnings=[warning] if warning else [])
-    checkpoint = checkpoint or checkpoint_record(model)
+                        warnings=[warning] if warning else [],
+                        runtime={"requested": settings.runtime, "ran": getattr(predictor, "runtime", "torch"),
+                                 "note": getattr(predictor, "note", "")})
     # a 2D NIfTI was read as X x Y x 1; its label map is written back in the input's own shape
     write_label_map(labels[:, :, 0] if _is_2d_nifti(paths) else labels, affine, result.labels_path,
                     protect=list(paths) + list(protect or []), codes=codes, descrip=nifti_description(checkpoint))
@@ -406,6 +431,7 @@ def segment_case(
                                                    checkpoint, protect=list(paths) + list(protect or []))
     options = dict(device=str(settings.device), overlap=settings.overlap, batch_size=settings.batch_size, series=series,
                    nonfinite=nonfinite, resample=resample, skip_below_hu=skip_below_hu, tta=bool(settings.mirror_axes),
+                   runtime=settings.runtime,
                    stats=stats, preview=preview,
                    strict=strict, dicom_seg=dicom_seg, seg_type=seg_type if dicom_seg else None, rtstruct=rtstruct,
                    **(record or {}))
