@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from pipelines.bench.engine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +41,6 @@ def _run(args: list[str]) -> float:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     return wall
 
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _setup(folder: Path, n: int) -> Path:
@@ -81,7 +73,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     res: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "machine": f"{_cpu()}, {os.cpu_count()} CPUs", "load_average_at_start": os.getloadavg(),
+                 "machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "load_average_at_start": os.getloadavg(),
                  "cases": a.cases, "net": "demo UNETR (feature 16, hidden 96), 48³ windows, 3 mm"}
     with tempfile.TemporaryDirectory(prefix="medvit_batch_bench_") as tmp:
         folder = Path(tmp)

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ from medvit.runtimes import (
     missing_packages,
     state_sha256,
 )
+from pipelines.bench.engine import cpu_name
 
 TINY = {
     "unetr": {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 2},
@@ -63,15 +63,6 @@ def median_seconds(call, repeat: int) -> float:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class Notes(logging.Handler):

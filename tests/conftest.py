@@ -62,3 +62,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """Counts the ONNX exports ``medvit.runtimes`` makes (the expensive step its cache saves)."""
+    from medvit.runtimes import backends
+
+    made = []
+    real = backends.export_onnx
+
+    def counting(net, example, path):
+        made.append(path)
+        real(net, example, path)
+
+    monkeypatch.setattr(backends, "export_onnx", counting)
+    return made

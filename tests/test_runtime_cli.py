@@ -34,19 +34,6 @@ def cache(monkeypatch, tmp_path) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture
-def exports(monkeypatch):
-    made = []
-    real = backends.export_onnx
-
-    def counting(net, example, path):
-        made.append(path)
-        real(net, example, path)
-
-    monkeypatch.setattr(backends, "export_onnx", counting)
-    return made
-
-
 def _labels(folder: Path) -> np.ndarray:
     return np.asarray(nib.load(next(folder.glob("*_seg.nii.gz"))).dataobj)
 

@@ -59,20 +59,6 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got - want).abs().max().item() <= RTOL * want.abs().max().item()
 
 
-@pytest.fixture
-def exports(monkeypatch):
-    """Counts the ONNX exports made (the expensive step the cache saves)."""
-    made = []
-    real = backends.export_onnx
-
-    def counting(net, example, path):
-        made.append(path)
-        real(net, example, path)
-
-    monkeypatch.setattr(backends, "export_onnx", counting)
-    return made
-
-
 @ANY
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_registered_nets_give_torchs_logits_on_each_runtime(name, tmp_path, exports):
