@@ -12,11 +12,14 @@ import typer
 from medvit.core.errors import MedvitError
 from pipelines.cli.app import lidar_app
 from pipelines.cli.options import (
-    echo_trained,
-    naming_config,
+    DatalistOpt,
+    DataRootOpt,
+    OutputDirOpt,
+    ResumeOpt,
+    TrainDeviceOpt,
     notes_line,
-    override_train,
     pick_device,
+    run_training,
 )
 
 
@@ -106,27 +109,23 @@ def lidar_segment(
 @lidar_app.command("train")
 def lidar_train(
     config: Annotated[Path, typer.Argument(help="LiDAR YAML config with a 'train' section.")],
-    resume: Annotated[bool, typer.Option(help="Continue from the last resume checkpoint.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Overrides train.output_dir.")] = None,
-    datalist: Annotated[Optional[Path], typer.Option(help="Overrides train.datalist.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
+    resume: ResumeOpt = False,
+    device: TrainDeviceOpt = None,
+    output_dir: OutputDirOpt = None,
+    datalist: DatalistOpt = None,
+    data_root: DataRootOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a point net (cross-entropy + Lovász-softmax, mIoU validation, atomic checkpoints, resume).
     Under torchrun --nproc_per_node=N it trains on N processes (DDP; batch_size per process)."""
-    from pipelines.ddp import distributed
     from pipelines.lidar.train import train_lidar
     from pointcloud.config import load_lidar_config
 
-    cfg = load_lidar_config(config)
-    override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
     from pipelines.engine.points import bounded_onednn_cache
 
-    # training's varying crop shapes would fill oneDNN's cache as tiles do
-    with bounded_onednn_cache(), naming_config(config), distributed(pick_device(device)) as (world, dev):
-        res = train_lidar(cfg, device=dev, resume=resume, progress=progress and world.main)
-        if world.main:
-            echo_trained(res, "mIoU")
+    cfg = load_lidar_config(config)
+    with bounded_onednn_cache():  # training's varying crop shapes would fill oneDNN's cache as tiles do
+        run_training(train_lidar, cfg, config, device=device, resume=resume, progress=progress, metric="mIoU",
+                     output_dir=output_dir, datalist=datalist, data_root=data_root)
 
 

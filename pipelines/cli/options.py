@@ -46,6 +46,12 @@ NonFiniteOpt = Annotated[NonFinite, typer.Option(help="NaN/inf voxels: refuse, o
 ResampleOpt = Annotated[Resample, typer.Option(help="Back to the input grid: class scores (probs), nearest labels, or auto by size.")]
 SkipBelowHuOpt = Annotated[Optional[float], typer.Option("--skip-below-hu", help="Skip windows with no voxel above this HU (CT); they become background.")]
 TtaOpt = Annotated[bool, typer.Option(help="Mirror test-time augmentation over the three axes (8 passes).")]
+# the options `train` and `lidar train` share
+ResumeOpt = Annotated[bool, typer.Option(help="Continue from the last resume checkpoint in the output folder.")]
+TrainDeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default cuda when available.")]
+OutputDirOpt = Annotated[Optional[Path], typer.Option("--output-dir", help="Overrides train.output_dir.")]
+DatalistOpt = Annotated[Optional[Path], typer.Option(help="Overrides train.datalist.")]
+DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")]
 
 
 class Runtime(str, Enum):
@@ -103,6 +109,20 @@ def echo_trained(res, metric: str) -> None:
     typer.echo(f"trained {res.epochs_run} epochs, {res.global_step} steps; best validation {metric} {best}")
     names = (["best.safetensors"] if res.best_metric is not None else []) + ["last.safetensors"]  # no validation: no best
     typer.echo("checkpoints: " + ", ".join(str(res.output_dir / n) for n in names))
+
+
+def run_training(train_fn, cfg, config: Path, *, device: str | None, resume: bool, progress: bool, metric: str,
+                 **overrides) -> None:
+    """Shared by ``train`` and ``lidar train``: the CLI's ``--output-dir``/``--datalist``/``--data-root``
+    into ``cfg.train``, then ``train_fn(cfg, device=, resume=, progress=)`` on every torchrun rank
+    (one process without torchrun), rank 0 reporting the checkpoints; a config error names ``config``."""
+    from pipelines.ddp import distributed
+
+    override_train(cfg, config, **overrides)
+    with naming_config(config), distributed(pick_device(device)) as (world, dev):
+        res = train_fn(cfg, device=dev, resume=resume, progress=progress and world.main)
+        if world.main:
+            echo_trained(res, metric)
 
 
 def pick_device(device: str | None) -> str:

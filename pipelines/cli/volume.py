@@ -14,23 +14,27 @@ from pipelines.cli.options import (
     BatchSizeOpt,
     CheckpointOpt,
     ConfigOpt,
+    DatalistOpt,
+    DataRootOpt,
     NonFinite,
     NonFiniteOpt,
+    OutputDirOpt,
     OverlapOpt,
     Resample,
     ResampleOpt,
+    ResumeOpt,
     Runtime,
     RuntimeOpt,
     SegType,
     SkipBelowHuOpt,
     Tilt,
+    TrainDeviceOpt,
     TtaOpt,
     check_output_file,
-    echo_trained,
     naming_config,
     notes_line,
-    override_train,
     pick_device,
+    run_training,
     runtime_device,
 )
 
@@ -38,25 +42,20 @@ from pipelines.cli.options import (
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config with a 'train' section.")],
-    resume: Annotated[bool, typer.Option(help="Continue from the last resume checkpoint in the output folder.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default cuda when available.")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Overrides train.output_dir.")] = None,
-    datalist: Annotated[Optional[Path], typer.Option(help="Overrides train.datalist.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")] = None,
+    resume: ResumeOpt = False,
+    device: TrainDeviceOpt = None,
+    output_dir: OutputDirOpt = None,
+    datalist: DatalistOpt = None,
+    data_root: DataRootOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a net from CONFIG; checkpoints and metrics.jsonl go to the output folder.
     Under torchrun --nproc_per_node=N it trains on N processes (DDP; batch_size per process)."""
     from medvit.config import load_config
-    from pipelines.ddp import distributed
     from pipelines.volume.train import train as run_train
 
-    cfg = load_config(config)
-    override_train(cfg, config, output_dir=output_dir, datalist=datalist, data_root=data_root)
-    with naming_config(config), distributed(pick_device(device)) as (world, dev):
-        res = run_train(cfg, device=dev, resume=resume, progress=progress and world.main)
-        if world.main:
-            echo_trained(res, "mean Dice")
+    run_training(run_train, load_config(config), config, device=device, resume=resume, progress=progress,
+                 metric="mean Dice", output_dir=output_dir, datalist=datalist, data_root=data_root)
 
 
 @app.command()
@@ -254,8 +253,8 @@ def datalist(
     """Build a MONAI datalist for a local copy of a public dataset, checking every file exists."""
     import json
 
-    from medvit.data.manifest import build_datalist, datalist_files
     from medvit.core.files import atomic_path, refuse_protected
+    from medvit.data.manifest import build_datalist, datalist_files
 
     check_output_file(out, [manifest], option="-o")  # before hashing a whole dataset
     dl = build_datalist(manifest, root, fold=fold, sha256=sha256)
