@@ -89,6 +89,19 @@ def test_second_call_converts_nothing_and_gives_the_same_logits(tmp_path, export
     assert len(exports) == 2 and other_batch.runtime == runtime
 
 
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="openvino is not installed")
+def test_openvino_keeps_its_compiled_net_beside_the_export_and_survives_a_broken_one(tmp_path):
+    net, x = conv_net(), torch.randn(2, 1, *ROI)
+    first = compile_conv(net, tmp_path, "openvino")(x)
+    blobs = list(tmp_path.rglob(f"*.openvino-{backends.version('openvino')}.compiled/*"))
+    assert blobs and all(b.stat().st_size > 0 for b in blobs)
+    assert torch.equal(compile_conv(net, tmp_path, "openvino")(x), first)
+    for b in blobs:  # a blob cut short (a crash while OpenVINO wrote it): compiled again, same logits
+        b.write_bytes(b.read_bytes()[:64])
+    again = compile_conv(net, tmp_path, "openvino")
+    assert again.runtime == "openvino" and torch.equal(again(x), first)
+
+
 @ANY
 def test_another_version_is_rebuilt_not_loaded(tmp_path, exports, monkeypatch):
     net = conv_net()
@@ -186,10 +199,10 @@ def test_auto_skips_a_runtime_that_fails(tmp_path, monkeypatch):
     real = backends.session
     broken = INSTALLED[0]
 
-    def session(runtime, path, threads):
+    def session(runtime, *args):
         if runtime == broken:
             raise RuntimeError("unsupported Reshape")
-        return real(runtime, path, threads)
+        return real(runtime, *args)
 
     monkeypatch.setattr(backends, "session", session)
     p = compile_conv(conv_net(), tmp_path, "auto")

@@ -5,6 +5,8 @@ net, window and batch:
 
 - ``<stem>.onnx``: the export (``stem`` names torch's and onnxscript's versions and the opset,
   :func:`medvit.runtimes.backends.export_stem`), shared by both runtimes;
+- ``<stem>.openvino-<version>.compiled/``: OpenVINO's compiled blobs of that export (its
+  ``CACHE_DIR``; one per thread count, OpenVINO names and checks them);
 - ``<stem>.<runtime>-<version>.json``: the verdict of that runtime version on that export (it ran
   and matched torch within the tolerance, with the difference; or why not), so a later run neither
   checks again nor retries a conversion that failed;

@@ -289,8 +289,10 @@ class _Build:
             if f.lasting:
                 self.store(name, {**base, "ok": False, "why": str(f)})
             raise
+        compiled = self.entry / f"{self.stem}.{runtime}-{backends.version(runtime)}.compiled"
+        keep_compiled = runtime == "openvino" and path.parent == self.entry and self.writable()
         try:
-            run = backends.session(runtime, path, self.threads)
+            run = backends.session(runtime, path, self.threads, compiled if keep_compiled else None)
         except Exception as e:  # noqa: BLE001 - any compile error means: run on torch
             why = _why("compile", e)
             if not isinstance(e, _PASSING):
