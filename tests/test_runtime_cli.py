@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -189,3 +192,42 @@ def test_bench_engine_missing_runtime_package(capsys, monkeypatch):
     monkeypatch.setattr(backends, "installed", lambda package: package != "onnxruntime")
     assert_user_error(["bench", "engine", "--model", "small", "--runtime", "torch,onnxruntime"], capsys,
                       "pip install 'medvit[cpu-runtimes]'")
+
+
+WITHOUT_RUNTIMES = """
+import sys
+# as on a machine without the cpu-runtimes extra: importing these fails, find_spec finds nothing
+for name in ("openvino", "onnxruntime", "onnx", "onnxscript"):
+    sys.modules[name] = None
+from pipelines.cli.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def test_without_the_runtimes_installed_torch_and_auto_still_segment(ckpt, phantom, tmp_path, capsys):
+    """A fresh process where OpenVINO, ONNX Runtime and ONNX cannot be imported: the default and
+    ``auto`` segment on torch with the labels of a normal run; ``openvino`` is the install line."""
+    script = tmp_path / "without_runtimes.py"
+    script.write_text(WITHOUT_RUNTIMES)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "MEDVIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    want, _, _ = _segment(phantom, ckpt, tmp_path / "here", capsys)
+
+    def segment(out: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "segment", str(phantom), "-o", str(tmp_path / out),
+                               "--checkpoint", str(ckpt), "--no-progress", *extra], capture_output=True, text=True,
+                              env=env)
+
+    for out, extra in (("default", ()), ("auto", ("--runtime", "auto"))):
+        r = segment(out, *extra)
+        assert r.returncode == 0, r.stderr
+        assert np.array_equal(_labels(tmp_path / out), want)
+        ran = json.loads(next((tmp_path / out).glob("*_seg.json")).read_text())["runtime"]
+        assert ran["ran"] == "torch"
+    assert "neither OpenVINO nor ONNX Runtime is installed" in ran["note"]
+    assert not (tmp_path / "cache").exists()
+    r = segment("ov", "--runtime", "openvino")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "needs the Python packages openvino, onnx, onnxscript" in r.stderr and "medvit[cpu-runtimes]" in r.stderr
+    assert not (tmp_path / "ov").exists()
