@@ -6,7 +6,8 @@ segment`` on the held-out phantoms and on the real CT once on torch and twice pe
 runtime (the first run converts into an empty cache, the second finds the conversion there), each
 as its own process, as a user would. Prints, per net and runtime: the wall seconds of both runs,
 the runtime that ran (from the sidecar), the share of voxels whose label equals torch's (all held-out
-phantoms together, and the real CT), and the held-out mean Dice against the ground truth.
+phantoms together, and the real CT), and the held-out mean Dice against the ground truth
+(``medvit evaluate``'s, averaged over the cases).
 
     python bench/runtime_agreement.py --run unetr=/tmp/demo_unetr --run swin_unetr=/tmp/demo_swin \\
         --json bench/results/cpu_runtimes_trained.json
@@ -32,6 +33,8 @@ import numpy as np
 from medvit.runtimes import CONVERTED, backends
 from pipelines.bench.engine import cpu_name
 from pipelines.volume.demo import shared_data_dir
+from pipelines.volume.evaluate import evaluate_files
+from pipelines.volume.segment import case_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,24 +60,13 @@ def ran(folder: Path, case: str) -> str:
     return json.loads((folder / f"{case}_seg.json").read_text()).get("runtime", {}).get("ran", "torch")
 
 
-def mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean Dice over the foreground classes in the ground truth."""
-    scores = []
-    for c in np.unique(truth):
-        if c == 0:
-            continue
-        a, b = pred == c, truth == c
-        scores.append(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
-    return float(np.mean(scores)) if scores else float("nan")
-
-
 def bench_run(net: str, folder: Path, ct: Path, runtimes: list[str], tmp: Path) -> list[dict]:
     checkpoint = folder / "run" / "best.safetensors"
     phantoms = sorted(p for p in (folder / "phantoms" / "test").glob("phantom_*.nii.gz") if "_label" not in p.name)
     if not checkpoint.is_file() or not phantoms:
         raise SystemExit(f"{folder}: expected run/best.safetensors and phantoms/test/phantom_*.nii.gz (a medvit demo folder)")
-    cases = [p.name.removesuffix(".nii.gz") for p in phantoms]
-    ct_case = ct.name.removesuffix(".nii.gz")
+    cases = [case_name(p) for p in phantoms]
+    ct_case = case_name(ct)
     inputs = [*phantoms, ct]
     rows = []
     ref = None
@@ -89,14 +81,15 @@ def bench_run(net: str, folder: Path, ct: Path, runtimes: list[str], tmp: Path) 
             ref = got
         same = sum(int((got[c] == ref[c]).sum()) for c in cases)
         total = sum(ref[c].size for c in cases)
-        truth = {c: np.asarray(nib.load(folder / "phantoms" / "test" / f"{c}_label.nii.gz").dataobj) for c in cases}
         rows.append({
             "net": net, "runtime": runtime, "ran": sorted({ran(first, c) for c in [*cases, ct_case]}),
             "wall_first_s": walls[0], "wall_second_s": walls[-1] if len(walls) > 1 else None,
             "phantom_voxels": total, "phantom_voxels_differing": total - same, "phantom_equal": same / total,
             "ct_voxels": int(ref[ct_case].size), "ct_voxels_differing": int((got[ct_case] != ref[ct_case]).sum()),
             "ct_equal": float((got[ct_case] == ref[ct_case]).mean()),
-            "held_out_mean_dice": float(np.mean([mean_dice(got[c], truth[c]) for c in cases])),
+            "held_out_mean_dice": float(np.mean([
+                evaluate_files(first / f"{c}_seg.nii.gz", folder / "phantoms" / "test" / f"{c}_label.nii.gz")["mean_dice"]
+                for c in cases])),
             "cases": len(cases),
         })
         print(f"  {net} {runtime}: done", file=sys.stderr, flush=True)

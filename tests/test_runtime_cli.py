@@ -17,7 +17,7 @@ import torch
 from medvit.core.errors import MedvitError
 from medvit.runtimes import backends, missing_packages
 from pipelines.engine import Engine, InferenceSettings, check_options
-from pipelines.engine.checks import RUNTIMES
+from pipelines.engine.checks import CPU_ONLY_RUNTIMES, RUNTIMES
 from tests.helpers import assert_user_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,7 +131,7 @@ def test_an_unknown_runtime_is_a_usage_error(phantom, tmp_path, capsys):
 
 
 def test_runtime_setting_is_checked_in_one_place():
-    assert RUNTIMES == (*backends.RUNTIMES, "auto")
+    assert RUNTIMES == (*backends.RUNTIMES, "auto") and CPU_ONLY_RUNTIMES == backends.CONVERTED
     assert InferenceSettings().runtime == "torch"
     with pytest.raises(ValueError, match="runtime must be one of torch, openvino, onnxruntime, auto, got 'tvm'"):
         InferenceSettings(runtime="tvm")

@@ -278,21 +278,23 @@ class _Build:
 
     def converted(self, runtime: str) -> tuple[backends.Session, float]:
         """A checked session of ``runtime`` and its difference from torch; _Failed says why not."""
-        name = f"{self.stem}.{runtime}-{backends.version(runtime)}.json"
+        version = backends.version(runtime)
+        stem = f"{self.stem}.{runtime}-{version}"  # this runtime version's files: verdict, compiled blobs
+        name = f"{stem}.json"
         verdict = cache.read_json(self.entry / name)
         if verdict is not None and not verdict.get("ok"):
             raise _Failed(str(verdict.get("why", "failed before")))
-        base = {"runtime": runtime, "version": backends.version(runtime), "export": self.stem}
+        base = {"runtime": runtime, "version": version, "export": self.stem}
         try:
             path = self.onnx()
         except _Failed as f:
             if f.lasting:
                 self.store(name, {**base, "ok": False, "why": str(f)})
             raise
-        compiled = self.entry / f"{self.stem}.{runtime}-{backends.version(runtime)}.compiled"
         keep_compiled = runtime == "openvino" and path.parent == self.entry and self.writable()
+        compiled = self.entry / f"{stem}.compiled" if keep_compiled else None
         try:
-            run = backends.session(runtime, path, self.threads, compiled if keep_compiled else None)
+            run = backends.session(runtime, path, self.threads, compiled)
         except Exception as e:  # noqa: BLE001 - any compile error means: run on torch
             why = _why("compile", e)
             if not isinstance(e, _PASSING):

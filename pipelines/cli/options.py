@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from medvit.core.errors import InputError, MedvitError
+from pipelines.engine.checks import RUNTIMES
 
 
 class NonFinite(str, Enum):
@@ -54,11 +55,8 @@ DatalistOpt = Annotated[Optional[Path], typer.Option(help="Overrides train.datal
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Folder the datalist's relative paths start from.")]
 
 
-class Runtime(str, Enum):
-    torch = "torch"
-    openvino = "openvino"
-    onnxruntime = "onnxruntime"
-    auto = "auto"
+Runtime = Enum("Runtime", {r: r for r in RUNTIMES}, type=str)
+"""``--runtime``'s choices: the engine's own list, so the option offers exactly what it accepts."""
 
 
 RuntimeOpt = Annotated[Runtime, typer.Option(help="What runs the net: torch, or its export (converted once, cached) on "
